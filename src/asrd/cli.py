@@ -1,0 +1,209 @@
+"""The ``asrd`` command: serve, gateway, worker, transcribe."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from asrd.config import Config, ConfigError, load_config
+
+log = logging.getLogger("asrd")
+
+DEFAULT_CONFIG = "config.toml"
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _config_path(arg: str | None) -> str | None:
+    if arg:
+        return arg
+    return DEFAULT_CONFIG if Path(DEFAULT_CONFIG).is_file() else None
+
+
+def _load(args: argparse.Namespace, **overrides: dict[str, Any]) -> Config:
+    return load_config(_config_path(args.config), **overrides)
+
+
+async def _stop_on_signals(event: trio.Event, *, task_status: trio.TaskStatus[None]) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        task_status.started()
+        async for signum in signals:
+            log.info("received %s: stopping", signal.Signals(signum).name)
+            event.set()
+            return
+
+
+# --- serve / gateway ---------------------------------------------------------------------
+
+
+async def _run_gateway(
+    config: Config, config_path: str | None, nats_url: str | None, workers: int
+) -> None:
+    from asrd.auth import StaticAuthenticator
+    from asrd.bus.natsbus import open_nats_bus
+    from asrd.children import start_child, start_nats_server, worker_argv
+    from asrd.gateway import Gateway
+
+    async with trio.open_nursery() as children:
+        url = nats_url or config.nats.url
+        if not url:
+            _, url = await start_nats_server(children)
+        for i in range(workers):
+            await start_child(children, worker_argv(config_path, url), f"worker {i}")
+        async with open_nats_bus(config.nats, url, name="asrd-gateway") as bus:
+            gateway = Gateway(config, bus, StaticAuthenticator(config.auth))
+            async with trio.open_nursery() as nursery:
+                await nursery.start(_stop_on_signals, gateway.stop_requested)
+                await gateway.serve(wait_for_workers=workers)
+                nursery.cancel_scope.cancel()
+        children.cancel_scope.cancel()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    config = _load(
+        args,
+        server={"host": args.host, "port": args.port},
+        worker={"processes": args.workers},
+    )
+    workers = config.worker.processes or os.cpu_count() or 1
+    trio.run(_run_gateway, config, _config_path(args.config), None, workers)
+    return 0
+
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    config = _load(args, server={"host": args.host, "port": args.port}, nats={"url": args.nats_url})
+    if not config.nats.url:
+        raise ConfigError("asrd gateway needs a NATS server: set [nats] url or --nats-url")
+    trio.run(_run_gateway, config, None, config.nats.url, 0)
+    return 0
+
+
+# --- worker ------------------------------------------------------------------------------
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from asrd.engines import create_engine
+
+    config = _load(
+        args,
+        nats={"url": args.nats_url},
+        worker={"decoders": args.decoders, "pool": args.pool, "engine": args.engine},
+    )
+    if not config.nats.url:
+        raise ConfigError("asrd worker needs a NATS server: set [nats] url or --nats-url")
+    engine = create_engine(
+        config.worker.engine, decoders=config.worker.decoders, final_pass=config.worker.final_pass
+    )
+    trio.run(_run_worker, config, engine)
+    return 0
+
+
+async def _run_worker(config: Config, engine: Any) -> None:
+    from asrd.bus.natsbus import open_nats_bus
+    from asrd.worker import Worker
+
+    async with open_nats_bus(config.nats, config.nats.url, name="asrd-worker") as bus:
+        worker = Worker(config.worker, config.nats.subject_prefix, bus, engine)
+        stop = trio.Event()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(_stop_on_signals, stop)
+            await nursery.start(worker.run)
+            await stop.wait()
+            with trio.move_on_after(10):
+                await worker.drain()
+            nursery.cancel_scope.cancel()
+
+
+# --- transcribe --------------------------------------------------------------------------
+
+
+def cmd_transcribe(args: argparse.Namespace) -> int:
+    from asrd.client import run_transcribe
+
+    return run_transcribe(
+        args.file,
+        url=args.url,
+        token=args.token,
+        appkey=args.appkey,
+        realtime=args.realtime,
+        json_lines=args.json,
+    )
+
+
+# --- main --------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="asrd", description=__doc__)
+    p.add_argument("--log-level", default=os.environ.get("ASRD_LOG_LEVEL", "info"))
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="all-in-one: private nats-server, engine workers, gateway")
+    s.add_argument("--config", help="TOML file (default: ./config.toml if present)")
+    s.add_argument("--host")
+    s.add_argument("--port", type=int)
+    s.add_argument("--workers", type=int, help="engine worker processes (default: one per core)")
+    s.set_defaults(func=cmd_serve)
+
+    g = sub.add_parser("gateway", help="the WebSocket gateway alone, against an external NATS")
+    g.add_argument("--config")
+    g.add_argument("--host")
+    g.add_argument("--port", type=int)
+    g.add_argument("--nats-url")
+    g.set_defaults(func=cmd_gateway)
+
+    w = sub.add_parser("worker", help="one engine worker process, against an external NATS")
+    w.add_argument("--config")
+    w.add_argument("--nats-url")
+    w.add_argument("--decoders", type=int, help="decoders preloaded by this worker")
+    w.add_argument("--pool", help="the pool (language) served, e.g. en-US")
+    w.add_argument("--engine", help="engine name (pocketsphinx)")
+    w.set_defaults(func=cmd_worker)
+
+    t = sub.add_parser("transcribe", help="stream a WAV file to asrd and print the sentences")
+    t.add_argument("file")
+    t.add_argument("--url", default="ws://127.0.0.1:8080/ws/v1")
+    t.add_argument("--token", default=os.environ.get("ASRD_TOKEN"))
+    t.add_argument("--appkey", default=os.environ.get("ASRD_APPKEY", "default"))
+    speed = t.add_mutually_exclusive_group()
+    speed.add_argument(
+        "--realtime",
+        dest="realtime",
+        action="store_true",
+        default=True,
+        help="send audio at real time (default)",
+    )
+    speed.add_argument(
+        "--fast",
+        dest="realtime",
+        action="store_false",
+        help="send audio as fast as the server takes it",
+    )
+    t.add_argument("--json", action="store_true", help="print every event as a JSON line")
+    t.set_defaults(func=cmd_transcribe)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.log_level)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"asrd: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

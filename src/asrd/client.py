@@ -1,0 +1,464 @@
+"""``asrd transcribe``: a streaming client of the Alibaba NLS real-time transcription protocol.
+
+It speaks the protocol the way the official Python SDK does (protocols.md §1), so it doubles
+as a smoke test of the gateway. :func:`open_transcription` is the library API;
+:func:`run_transcribe` is the body of the CLI command.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from functools import partial
+from typing import Any, TextIO
+
+import trio
+import trio_websocket
+
+from asrd import __version__
+from asrd.audio import WavFormatError, convert_rate, read_wav_file
+from asrd.errors import AsrdError, ServerError
+
+__all__ = [
+    "LOCAL_FAILURE",
+    "NAMESPACE",
+    "TranscribeError",
+    "Transcription",
+    "open_transcription",
+    "run_transcribe",
+    "send_audio",
+    "start_message",
+    "stop_message",
+    "transcribe_and_print",
+]
+
+Event = dict[str, Any]
+
+NAMESPACE = "SpeechTranscriber"
+# Status reported for failures the server did not name (connection lost, timeout, garbage).
+LOCAL_FAILURE = ServerError.code
+# Rates the gateway accepts; anything else is resampled to 16 kHz before sending.
+NATIVE_RATES = (8000, 16000)
+_CLEAR_LINE = "\r\x1b[K"
+
+
+class TranscribeError(AsrdError):
+    """The transcription did not complete.
+
+    ``code``/``reason`` are the ``status``/``status_text`` of the server's ``TaskFailed``
+    (then ``event`` is that message), or :data:`LOCAL_FAILURE` with a description when the
+    connection failed, timed out, or the server broke the protocol (``event`` is ``None``).
+    """
+
+    def __init__(self, code: int, reason: str, *, event: Event | None = None) -> None:
+        super().__init__(reason, code=code)
+        self.event = event
+
+
+def _new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def _context() -> dict[str, object]:
+    return {"sdk": {"name": "asrd", "version": __version__, "language": "python"}}
+
+
+def start_message(
+    task_id: str, appkey: str, sample_rate: int, params: dict[str, object] | None = None
+) -> Event:
+    """``StartTranscription`` as the official SDK builds it; ``params`` override the defaults."""
+    payload: dict[str, object] = {
+        "format": "pcm",
+        "sample_rate": sample_rate,
+        "enable_intermediate_result": True,
+        "enable_punctuation_prediction": True,
+        "enable_inverse_text_normalization": True,
+        "enable_words": True,
+    }
+    payload.update(params or {})
+    return {
+        "header": _command_header(task_id, appkey, "StartTranscription"),
+        "payload": payload,
+        "context": _context(),
+    }
+
+
+def stop_message(task_id: str, appkey: str) -> Event:
+    """``StopTranscription`` with no ``payload`` key, as the Python and Go SDKs send it."""
+    return {"header": _command_header(task_id, appkey, "StopTranscription"), "context": _context()}
+
+
+def _command_header(task_id: str, appkey: str, name: str) -> dict[str, str]:
+    return {
+        "message_id": _new_id(),
+        "task_id": task_id,
+        "namespace": NAMESPACE,
+        "name": name,
+        "appkey": appkey,
+    }
+
+
+async def send_audio(
+    send: Callable[[bytes], Awaitable[object]],
+    pcm: bytes,
+    sample_rate: int,
+    *,
+    frame_ms: int = 100,
+    realtime: bool,
+) -> None:
+    """Send pcm16 mono in frames of ``frame_ms``.
+
+    With ``realtime`` each frame leaves when its last sample would have been captured live
+    (deadlines from one start time, so delays do not accumulate); otherwise frames go as
+    fast as ``send`` accepts them, i.e. at the pace of the server's backpressure.
+    """
+    frame_bytes = 2 * (sample_rate * frame_ms // 1000)
+    if frame_bytes <= 0:
+        raise ValueError(f"frame_ms={frame_ms} at {sample_rate} Hz is less than one sample")
+    bytes_per_second = 2 * sample_rate
+    t0 = trio.current_time()
+    for start in range(0, len(pcm), frame_bytes):
+        frame = pcm[start : start + frame_bytes]
+        if realtime:
+            await trio.sleep_until(t0 + (start + len(frame)) / bytes_per_second)
+        await send(frame)
+
+
+class Transcription:
+    """The server events of one running transcription, as an async iterator.
+
+    Iteration yields every event, starting with ``TranscriptionStarted`` and ending with
+    ``TranscriptionCompleted``; a ``TaskFailed`` or a lost connection raises
+    :class:`TranscribeError` instead.
+    """
+
+    def __init__(
+        self, ws: trio_websocket.WebSocketConnection, task_id: str, appkey: str, timeout: float
+    ) -> None:
+        self.task_id = task_id
+        self.session_id = ""
+        self.completed = False
+        self._ws = ws
+        self._appkey = appkey
+        self._timeout = timeout
+        self._pending: list[Event] = []
+        self._finished = False
+        self._started = False
+        self._stop_sent = False
+        self._receive_scope: trio.CancelScope | None = None
+
+    def __aiter__(self) -> Transcription:
+        return self
+
+    async def __anext__(self) -> Event:
+        if self._pending:
+            return self._pending.pop(0)
+        if self._finished:
+            raise StopAsyncIteration
+        event = await self._receive()
+        name = event["header"]["name"]
+        if name == "TaskFailed":
+            self._finished = True
+            raise _task_failed(event)
+        if name == "TranscriptionCompleted":
+            self._finished = self.completed = True
+        return event
+
+    async def _start(self, message: Event) -> None:
+        """Send ``StartTranscription`` and wait (bounded) for ``TranscriptionStarted``."""
+        try:
+            await self._ws.send_message(json.dumps(message))
+        except trio_websocket.ConnectionClosed as e:
+            raise _closed_error(e) from None
+        event = await self._receive()
+        name = event["header"]["name"]
+        if name == "TaskFailed":
+            self._finished = True
+            raise _task_failed(event)
+        if name != "TranscriptionStarted":
+            raise TranscribeError(LOCAL_FAILURE, f"expected TranscriptionStarted, got {name}")
+        payload = event.get("payload")
+        if isinstance(payload, dict) and isinstance(payload.get("session_id"), str):
+            self.session_id = payload["session_id"]
+        self._pending.append(event)
+        self._started = True
+
+    async def _stream(self, pcm: bytes, sample_rate: int, frame_ms: int, realtime: bool) -> None:
+        """Sender task: audio, then ``StopTranscription``; from then on replies are bounded."""
+        try:
+            await send_audio(
+                self._ws.send_message, pcm, sample_rate, frame_ms=frame_ms, realtime=realtime
+            )
+            await self._ws.send_message(json.dumps(stop_message(self.task_id, self._appkey)))
+        except trio_websocket.ConnectionClosed:
+            return  # the receiving side reports why
+        self._stop_sent = True
+        if self._receive_scope is not None:
+            self._receive_scope.deadline = trio.current_time() + self._timeout
+
+    async def _receive(self) -> Event:
+        """Next server message; unbounded while we stream, bounded before Start and after Stop."""
+        bounded = self._stop_sent or not self._started
+        message: str | bytes | None = None
+        with trio.CancelScope() as scope:
+            self._receive_scope = scope
+            if bounded:
+                scope.deadline = trio.current_time() + self._timeout
+            try:
+                message = await self._ws.get_message()
+            except trio_websocket.ConnectionClosed as e:
+                raise _closed_error(e) from None
+            finally:
+                self._receive_scope = None
+        if message is None:
+            raise TranscribeError(
+                LOCAL_FAILURE, f"no message from the server within {self._timeout:g} s"
+            )
+        return _parse_event(message)
+
+
+def _parse_event(message: str | bytes) -> Event:
+    if isinstance(message, bytes):
+        raise TranscribeError(LOCAL_FAILURE, "server sent a binary message")
+    try:
+        event = json.loads(message)
+    except ValueError:
+        raise TranscribeError(
+            LOCAL_FAILURE, f"server sent invalid JSON: {message[:200]!r}"
+        ) from None
+    header = event.get("header") if isinstance(event, dict) else None
+    if not isinstance(header, dict) or not isinstance(header.get("name"), str):
+        raise TranscribeError(
+            LOCAL_FAILURE, f"server message without header.name: {message[:200]!r}"
+        )
+    result: Event = event
+    return result
+
+
+def _task_failed(event: Event) -> TranscribeError:
+    header = event["header"]
+    status = header.get("status")
+    code = status if isinstance(status, int) else LOCAL_FAILURE
+    return TranscribeError(code, str(header.get("status_text", "TaskFailed")), event=event)
+
+
+def _closed_error(e: trio_websocket.ConnectionClosed) -> TranscribeError:
+    how = "connection closed"
+    if e.reason is not None:
+        how += f" (code {e.reason.code}{', ' + e.reason.reason if e.reason.reason else ''})"
+    return TranscribeError(LOCAL_FAILURE, f"{how} before TranscriptionCompleted")
+
+
+@contextmanager
+def _unwrap_single() -> Iterator[None]:
+    """Let a lone exception out of a nursery unwrapped, so callers can catch it by type."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
+
+
+@asynccontextmanager
+async def open_transcription(
+    url: str,
+    pcm: bytes,
+    sample_rate: int,
+    *,
+    token: str | None,
+    appkey: str,
+    realtime: bool,
+    frame_ms: int = 100,
+    params: dict[str, object] | None = None,
+    reply_timeout: float = 30.0,
+) -> AsyncIterator[Transcription]:
+    """Connect, start, and stream ``pcm`` (16-bit mono) in a background task.
+
+    Entering returns once the server answered ``TranscriptionStarted`` (or raises
+    :class:`TranscribeError`); the body iterates the events. Leaving closes the connection
+    and stops the sender, even mid-stream. ``reply_timeout`` bounds connecting, the answer to
+    Start, and each wait for a message after Stop; while audio is still going out the
+    server may stay silent as long as it likes.
+    """
+    task_id = _new_id()
+    headers = [(b"X-NLS-Token", token.encode())] if token else []
+    try:
+        connect = trio_websocket.open_websocket_url(
+            url,
+            extra_headers=headers,
+            connect_timeout=reply_timeout,
+            disconnect_timeout=reply_timeout,
+        )
+    except ValueError as e:
+        raise TranscribeError(LOCAL_FAILURE, f"bad URL {url!r}: {e}") from None
+    transcription: Transcription | None = None
+    try:
+        async with connect as ws:
+            transcription = Transcription(ws, task_id, appkey, reply_timeout)
+            await transcription._start(start_message(task_id, appkey, sample_rate, params))
+            with _unwrap_single():
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(transcription._stream, pcm, sample_rate, frame_ms, realtime)
+                    try:
+                        yield transcription
+                    finally:
+                        nursery.cancel_scope.cancel()
+    except trio_websocket.DisconnectionTimeout:
+        # Raised only when the body succeeded (trio-websocket lets a body's error win over it).
+        if transcription is None or not transcription.completed:
+            raise TranscribeError(LOCAL_FAILURE, "timed out closing the connection") from None
+    except trio_websocket.HandshakeError as e:
+        raise TranscribeError(LOCAL_FAILURE, f"cannot connect to {url}: {_describe(e)}") from e
+
+
+def _describe(e: trio_websocket.HandshakeError) -> str:
+    if isinstance(e, trio_websocket.ConnectionRejected):
+        return f"upgrade rejected with HTTP {e.status_code}"
+    if isinstance(e, trio_websocket.ConnectionTimeout):
+        return "timed out"
+    return str(e.__cause__ or e) or type(e).__name__
+
+
+# --- the CLI command -----------------------------------------------------------------------
+
+
+def run_transcribe(
+    file: str,
+    *,
+    url: str,
+    token: str | None,
+    appkey: str,
+    realtime: bool,
+    json_lines: bool,
+    params: dict[str, object] | None = None,
+) -> int:
+    """``asrd transcribe FILE``: exit status 0 done, 1 transcription failed, 2 unreadable file."""
+    try:
+        pcm, rate = read_wav_file(file)
+    except (OSError, WavFormatError) as e:
+        print(f"asrd transcribe: cannot read {file}: {e}", file=sys.stderr)
+        return 2
+    if rate not in NATIVE_RATES:
+        pcm, rate = convert_rate(pcm, rate, 16000), 16000
+    return trio.run(
+        partial(
+            transcribe_and_print,
+            pcm,
+            rate,
+            url=url,
+            token=token,
+            appkey=appkey,
+            realtime=realtime,
+            json_lines=json_lines,
+            params=params,
+        )
+    )
+
+
+async def transcribe_and_print(
+    pcm: bytes,
+    sample_rate: int,
+    *,
+    url: str,
+    token: str | None,
+    appkey: str,
+    realtime: bool,
+    json_lines: bool,
+    params: dict[str, object] | None = None,
+    frame_ms: int = 100,
+) -> int:
+    """Stream ``pcm`` and print as events arrive; return 0, or 1 after a failure (on stderr).
+
+    Separate from :func:`run_transcribe` so tests can run it inside their own trio loop.
+    """
+    out = sys.stdout
+    printer: _Printer = _JsonPrinter(out) if json_lines else _TextPrinter(out, live=out.isatty())
+    try:
+        async with open_transcription(
+            url,
+            pcm,
+            sample_rate,
+            token=token,
+            appkey=appkey,
+            realtime=realtime,
+            frame_ms=frame_ms,
+            params=params,
+        ) as transcription:
+            async for event in transcription:
+                printer.show(event)
+    except TranscribeError as e:
+        if e.event is not None:
+            printer.show(e.event)
+        printer.close()
+        print(f"asrd transcribe: failed with status {e.code}: {e.reason}", file=sys.stderr)
+        return 1
+    printer.close()
+    return 0
+
+
+class _Printer:
+    def show(self, event: Event) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Leave the terminal on a clean line."""
+
+
+class _JsonPrinter(_Printer):
+    def __init__(self, out: TextIO) -> None:
+        self._out = out
+
+    def show(self, event: Event) -> None:
+        self._out.write(json.dumps(event, ensure_ascii=False) + "\n")
+        self._out.flush()
+
+
+class _TextPrinter(_Printer):
+    """Final sentences as lines; on a terminal, the partial result on one rewritten line."""
+
+    def __init__(self, out: TextIO, *, live: bool) -> None:
+        self._out = out
+        self._live = live
+        self._begin_ms = 0
+        self._partial_shown = False
+
+    def show(self, event: Event) -> None:
+        name = event["header"]["name"]
+        payload = event.get("payload")
+        if not isinstance(payload, dict):
+            return
+        if name == "SentenceBegin":
+            self._begin_ms = _ms(payload.get("time"))
+        elif name == "TranscriptionResultChanged" and self._live:
+            line = _line(self._begin_ms, _ms(payload.get("time")), payload.get("result"))
+            width = shutil.get_terminal_size().columns - 1
+            if len(line) > width:
+                line = "…" + line[len(line) - width + 1 :]
+            self._out.write(_CLEAR_LINE + line)
+            self._out.flush()
+            self._partial_shown = True
+        elif name == "SentenceEnd":
+            self.close()
+            begin = _ms(payload.get("begin_time", self._begin_ms))
+            if payload.get("result"):
+                self._out.write(_line(begin, _ms(payload.get("time")), payload["result"]) + "\n")
+                self._out.flush()
+
+    def close(self) -> None:
+        if self._partial_shown:
+            self._out.write(_CLEAR_LINE)
+            self._out.flush()
+            self._partial_shown = False
+
+
+def _ms(value: object) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _line(begin_ms: int, end_ms: int, text: object) -> str:
+    return f"[{begin_ms / 1000:.2f}-{end_ms / 1000:.2f}] {text if text is not None else ''}"

@@ -1,0 +1,83 @@
+"""What an engine is, as the worker sees it.
+
+An :class:`Engine` owns a fixed pool of recognizers, preloaded because creating one is slow
+(a pocketsphinx decoder: ~0.3 s and ~91 MB). A session acquires one recognizer for its whole
+life, so per-speaker state (cepstral mean, noise estimate) carries from one utterance to the
+next, and releases it at the end. Recognizers are synchronous and CPU-bound: they run in
+worker processes, never on the gateway's event loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from asrd.errors import TooManyRequests
+
+__all__ = ["Engine", "EngineFull", "EngineWord", "Hypothesis", "Recognizer"]
+
+
+class EngineFull(TooManyRequests):
+    """Every recognizer of the engine is taken; the worker must not have been picked."""
+
+
+@dataclass(frozen=True, slots=True)
+class EngineWord:
+    """A recognised word; times in ms from the first sample of the utterance's audio."""
+
+    text: str
+    start_ms: int
+    end_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Hypothesis:
+    """A recognition result; ``text`` is ``words`` joined by single spaces."""
+
+    text: str
+    words: tuple[EngineWord, ...]
+    confidence: float  # 0.0 .. 1.0
+
+
+EMPTY_HYPOTHESIS = Hypothesis(text="", words=(), confidence=0.0)
+
+
+class Recognizer(Protocol):
+    """Recognises one utterance at a time: ``start``, ``accept``..., ``finish``, repeat."""
+
+    def start(self) -> None:
+        """Begin an utterance; times of its words count from its first accepted sample."""
+        ...
+
+    def accept(self, pcm: bytes) -> None:
+        """Feed PCM16LE mono at the acquired rate; any length, odd byte counts included."""
+        ...
+
+    def partial(self) -> Hypothesis | None:
+        """The current best guess, or None before anything is recognised. Cheap."""
+        ...
+
+    def finish(self) -> Hypothesis:
+        """End the utterance and return its final result."""
+        ...
+
+
+class Engine(Protocol):
+    """A pool of ``capacity`` recognizers of one kind."""
+
+    name: str
+    capacity: int
+    # CPU seconds that Recognizer.finish() may block for, per second of utterance audio (a
+    # second, full-utterance pass); the worker announces the pause so it is not taken for dead.
+    final_cost: float
+
+    def acquire(self, sample_rate: int, *, partials: bool = True) -> Recognizer:
+        """Take a free recognizer for audio at ``sample_rate``; raises :class:`EngineFull`.
+
+        ``partials`` False lets an engine skip work that only intermediate results need.
+        """
+        ...
+
+    def release(self, recognizer: Recognizer) -> None:
+        """Give a recognizer back (ending any utterance in progress)."""
+        ...

@@ -1,0 +1,204 @@
+"""The WebSocket gateway: accept loop, per-connection handshake, graceful shutdown.
+
+Shaped like hypercorn's trio worker: the accept loop and the connection handlers live in
+separate nurseries, so on shutdown we stop accepting, give running sessions a grace period,
+then end the rest with a clear error. Every connection handler catches everything: one
+connection's failure never reaches the server or another session.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+
+import trio
+import trio_websocket
+from trio_websocket import ConnectionClosed
+
+from asrd.auth import Authenticator
+from asrd.bus import Bus
+from asrd.config import Config
+from asrd.dialects.alibaba import AlibabaCodec
+from asrd.errors import NoWorkers, TooManyRequests
+from asrd.events import TaskFailed
+from asrd.handshake import (
+    HeadError,
+    RequestHead,
+    dedupe_head,
+    http_response,
+    parse_head,
+    split_head,
+)
+from asrd.registry import WorkerRegistry
+from asrd.session import GatewayState, Session
+
+log = logging.getLogger(__name__)
+
+ALIBABA_PATH = "/ws/v1"
+HANDSHAKE_TIMEOUT_S = 10.0
+
+
+class PrefixedStream(trio.abc.Stream):
+    """A stream whose first bytes were already read (and possibly rewritten) by us."""
+
+    def __init__(self, stream: trio.abc.Stream, prefix: bytes) -> None:
+        self._stream = stream
+        self._prefix = prefix
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._prefix:
+            data, self._prefix = self._prefix, b""
+            return data
+        return bytes(await self._stream.receive_some(max_bytes))
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self._stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._stream.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+
+class Gateway:
+    def __init__(self, config: Config, bus: Bus, auth: Authenticator) -> None:
+        self.config = config
+        self.registry = WorkerRegistry(
+            bus, config.nats.subject_prefix, config.server.worker_timeout_s
+        )
+        self.state = GatewayState(config, bus, self.registry, auth)
+        self.stop_requested = trio.Event()
+        self.draining = False
+        self.port = 0
+
+    async def serve(
+        self,
+        *,
+        wait_for_workers: int = 0,
+        task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Serve until :attr:`stop_requested` is set, then drain and return."""
+        server = self.config.server
+        async with trio.open_nursery() as outer:
+            await outer.start(self.registry.run)
+            if wait_for_workers:
+                await self._wait_for_workers(wait_for_workers)
+            listeners = await trio.open_tcp_listeners(server.port, host=server.host)
+            self.port = listeners[0].socket.getsockname()[1]
+            async with trio.open_nursery() as handlers:
+                accept_scope = trio.CancelScope()
+
+                async def accept() -> None:
+                    with accept_scope:
+                        await trio.serve_listeners(
+                            partial(self._handle), listeners, handler_nursery=handlers
+                        )
+
+                handlers.start_soon(accept)
+                log.info(
+                    "asrd gateway listening on ws://%s:%d%s", server.host, self.port, ALIBABA_PATH
+                )
+                task_status.started(self.port)
+                await self.stop_requested.wait()
+                log.info("draining: %d sessions running", self.state.active)
+                self.draining = True
+                accept_scope.cancel()
+                await self._wait_idle(server.shutdown_grace_s)
+                self.state.force_stop.set()
+                await self._wait_idle(3.0)
+                handlers.cancel_scope.cancel()
+            outer.cancel_scope.cancel()
+        log.info("gateway stopped")
+
+    async def _wait_for_workers(self, n: int, timeout_s: float = 300.0) -> None:
+        pool = self.config.server.default_language
+        with trio.move_on_after(timeout_s):
+            while len(self.registry.alive(pool)) < n:  # noqa: ASYNC110 - startup only
+                await trio.sleep(0.05)
+            return
+        raise NoWorkers(f"only {len(self.registry.alive(pool))} of {n} workers came up")
+
+    async def _wait_idle(self, timeout_s: float) -> None:
+        with trio.move_on_after(timeout_s):
+            if self.state.active:
+                await self.state.idle.wait()
+
+    # --- connections -----------------------------------------------------------------------
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        try:
+            await self._handle_connection(stream)
+        except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        except Exception:
+            log.exception("connection handler failed")
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                await stream.aclose()
+
+    async def _read_head(self, stream: trio.abc.Stream) -> tuple[bytes, bytes] | None:
+        buffer = b""
+        with trio.move_on_after(HANDSHAKE_TIMEOUT_S):
+            while True:
+                data = await stream.receive_some(4096)
+                if not data:
+                    return None
+                buffer += data
+                parts = split_head(buffer)
+                if parts is not None:
+                    return parts
+        return None
+
+    async def _handle_connection(self, stream: trio.SocketStream) -> None:
+        try:
+            parts = await self._read_head(stream)
+            if parts is None:
+                return
+            head = parse_head(parts[0])
+        except HeadError as exc:
+            await stream.send_all(http_response(400, "Bad Request", f"{exc}\n".encode()))
+            return
+        if not head.is_websocket:
+            await stream.send_all(self._http(head))
+            return
+        if self.draining:
+            await stream.send_all(http_response(503, "Service Unavailable", b"draining\n"))
+            return
+        limit = max(self.config.server.max_frame_bytes, self.config.server.max_text_bytes)
+        wrapped = PrefixedStream(stream, dedupe_head(parts[0]) + parts[1])
+        async with trio.open_nursery() as nursery:
+            request = await trio_websocket.wrap_server_stream(
+                nursery, wrapped, message_queue_size=4, max_message_size=4 * limit
+            )
+            if head.path != ALIBABA_PATH:
+                await request.reject(404, body=f"unknown path {head.path}\n".encode())
+            else:
+                ws = await request.accept()
+                await self._session(ws, head)
+            nursery.cancel_scope.cancel()
+
+    async def _session(self, ws: trio_websocket.WebSocketConnection, head: RequestHead) -> None:
+        codec = AlibabaCodec(max_text_bytes=self.config.server.max_text_bytes)
+        token = (head.header(b"x-nls-token") or b"").decode("latin-1") or head.query("token")
+        if self.state.active >= self.config.server.max_sessions:
+            err = TooManyRequests(
+                f"this gateway already runs {self.config.server.max_sessions} sessions"
+            )
+            await ws.send_message(codec.render(TaskFailed(err.code, err.reason)))
+            await ws.aclose()
+            return
+        self.state.session_started()
+        try:
+            await Session(self.state, ws, codec, token).run()
+        finally:
+            self.state.session_ended()
+
+    def _http(self, head: RequestHead) -> bytes:
+        if head.path == "/healthz":
+            return http_response(200, "OK", b"ok\n")
+        if head.path == "/readyz":
+            if self.state.bus.connected and not self.draining:
+                return http_response(200, "OK", b"ready\n")
+            return http_response(503, "Service Unavailable", b"not ready\n")
+        return http_response(404, "Not Found", f"unknown path {head.path}\n".encode())

@@ -1,0 +1,94 @@
+"""Sans-IO handling of the HTTP request head that opens every connection.
+
+The official Alibaba Python SDK sends two ``Sec-WebSocket-Key`` (and two
+``Sec-WebSocket-Version``) headers and checks ``Sec-WebSocket-Accept`` against the FIRST key,
+while wsproto answers the LAST one (protocols.md §1.2). :func:`dedupe_head` keeps the first of
+each so the SDK's handshake succeeds. Requests that are not WebSocket upgrades (health checks)
+are recognised here too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from urllib.parse import parse_qs, urlsplit
+
+MAX_HEAD_BYTES = 16 * 1024
+_SINGLE = (b"sec-websocket-key", b"sec-websocket-version")
+
+
+class HeadError(Exception):
+    """The request head is malformed or too large."""
+
+
+@dataclass(frozen=True, slots=True)
+class RequestHead:
+    method: str
+    target: str
+    headers: tuple[tuple[bytes, bytes], ...]  # lower-cased names
+
+    @property
+    def path(self) -> str:
+        return urlsplit(self.target).path
+
+    def query(self, key: str) -> str | None:
+        values = parse_qs(urlsplit(self.target).query).get(key)
+        return values[0] if values else None
+
+    def header(self, name: bytes) -> bytes | None:
+        for k, v in self.headers:
+            if k == name:
+                return v
+        return None
+
+    @property
+    def is_websocket(self) -> bool:
+        upgrade = self.header(b"upgrade") or b""
+        return upgrade.strip().lower() == b"websocket"
+
+
+def split_head(buffer: bytes) -> tuple[bytes, bytes] | None:
+    """``(head, rest)`` once the head is complete, else None (read more)."""
+    end = buffer.find(b"\r\n\r\n")
+    if end < 0:
+        if len(buffer) > MAX_HEAD_BYTES:
+            raise HeadError(f"request head larger than {MAX_HEAD_BYTES} bytes")
+        return None
+    return buffer[: end + 4], buffer[end + 4 :]
+
+
+def parse_head(head: bytes) -> RequestHead:
+    lines = head.split(b"\r\n")
+    try:
+        method, target, _version = lines[0].decode("ascii").split(" ", 2)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise HeadError("malformed request line") from exc
+    headers = []
+    for line in lines[1:]:
+        if not line:
+            continue
+        name, sep, value = line.partition(b":")
+        if not sep:
+            raise HeadError("malformed header line")
+        headers.append((name.strip().lower(), value.strip()))
+    return RequestHead(method, target, tuple(headers))
+
+
+def dedupe_head(head: bytes) -> bytes:
+    """Drop the second and later copies of headers that must occur once."""
+    seen: set[bytes] = set()
+    out = []
+    for line in head.split(b"\r\n"):
+        name = line.partition(b":")[0].strip().lower()
+        if name in _SINGLE:
+            if name in seen:
+                continue
+            seen.add(name)
+        out.append(line)
+    return b"\r\n".join(out)
+
+
+def http_response(status: int, reason: str, body: bytes, content_type: str = "text/plain") -> bytes:
+    return (
+        f"HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode() + body

@@ -1,0 +1,75 @@
+"""The gateway's view of the engine workers, built from their heartbeats.
+
+A worker that has not been heard from for ``timeout_s`` is declared dead: its sessions learn of
+it through :meth:`WorkerRegistry.dead` within about a second, whatever the reason it went
+(SIGKILL, OOM, host gone, network split). A worker about to run a long final pass, which holds
+the GIL and so silences its heartbeats, announces a ``grace_s`` that extends its deadline once.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import trio
+
+from asrd import wire
+from asrd.bus import Bus, heartbeat_subject
+from asrd.errors import BusError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _Entry:
+    beat: wire.Heartbeat
+    last_seen: float
+    dead: trio.Event = field(default_factory=trio.Event)
+
+
+class WorkerRegistry:
+    def __init__(self, bus: Bus, prefix: str, timeout_s: float) -> None:
+        self._bus = bus
+        self._prefix = prefix
+        self._timeout_s = timeout_s
+        self._workers: dict[str, _Entry] = {}
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        sub = await self._bus.subscribe(heartbeat_subject(self._prefix), max_pending=4096)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._reap_loop)
+            task_status.started()
+            async for msg in sub:
+                try:
+                    beat = wire.decode_heartbeat(msg.data)
+                except BusError as exc:
+                    log.warning("ignoring malformed heartbeat: %s", exc)
+                    continue
+                entry = self._workers.get(beat.worker_id)
+                if entry is None:
+                    log.info("engine worker %s (pool %s) is up", beat.worker_id, beat.pool)
+                    self._workers[beat.worker_id] = _Entry(beat, trio.current_time())
+                else:
+                    entry.beat = beat
+                    entry.last_seen = trio.current_time()
+
+    async def _reap_loop(self) -> None:
+        while True:
+            await trio.sleep(self._timeout_s / 5)
+            now = trio.current_time()
+            for worker_id, entry in list(self._workers.items()):
+                if entry.last_seen + max(self._timeout_s, entry.beat.grace_s) < now:
+                    log.warning("engine worker %s missed its heartbeats: declared dead", worker_id)
+                    entry.dead.set()
+                    del self._workers[worker_id]
+
+    def alive(self, pool: str) -> list[wire.Heartbeat]:
+        return [e.beat for e in self._workers.values() if e.beat.pool == pool]
+
+    def dead(self, worker_id: str) -> trio.Event:
+        """An event set when ``worker_id`` is declared dead (known from a claim reply)."""
+        entry = self._workers.get(worker_id)
+        if entry is None:  # replied to a claim before we heard its first heartbeat
+            entry = _Entry(wire.Heartbeat(worker_id, "", "", 0, 0), trio.current_time())
+            self._workers[worker_id] = entry
+        return entry.dead

@@ -1,0 +1,95 @@
+"""Sentence bookkeeping of one session: ordering and stream times of result events.
+
+The segmenter may open sentence n+1 while the engine still decodes sentence n, and results of
+a sentence may come twice after a worker failover. This pure state machine makes the client see
+``SentenceBegin(n) [ResultChanged(n)...] SentenceEnd(n) SentenceBegin(n+1) ...`` exactly once
+each, with engine word times (relative to the utterance audio) turned into stream times.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from asrd import wire
+from asrd.events import ResultChanged, SentenceBegin, SentenceEnd, ServerEvent, Word
+from asrd.params import SessionParams
+from asrd.textproc import postprocess
+
+
+@dataclass(slots=True)
+class _Sentence:
+    index: int
+    begin_ms: int
+    audio_start_ms: int
+    end_ms: int | None = None
+    timed_out: bool = False
+    begun: bool = False  # SentenceBegin sent
+
+
+class SentenceTracker:
+    def __init__(self, params: SessionParams) -> None:
+        self.params = params
+        self._open: dict[int, _Sentence] = {}  # begun or waiting, not yet finalised
+        self._next_to_begin = 1  # lowest index whose SentenceBegin is not sent
+        self.finalized = 0  # highest finalised index (they finalise in order)
+        self.sentences: list[SentenceEnd] = []
+
+    @property
+    def idle(self) -> bool:
+        """No sentence is waiting for its final result."""
+        return not self._open
+
+    def begin(self, index: int, begin_ms: int, audio_start_ms: int) -> list[ServerEvent]:
+        self._open[index] = _Sentence(index, begin_ms, audio_start_ms)
+        return self._release_begins()
+
+    def end(self, index: int, end_ms: int, timed_out: bool) -> None:
+        s = self._open[index]
+        s.end_ms, s.timed_out = end_ms, timed_out
+
+    def result(self, r: wire.Result) -> list[ServerEvent]:
+        s = self._open.get(r.utt)
+        if s is None or r.utt <= self.finalized:
+            return []  # duplicate after a replay, or unknown
+        if not r.final:
+            if not (self.params.enable_intermediate_result and s.begun):
+                return []
+            text, words = self._words(r, s)
+            return [ResultChanged(s.index, s.audio_start_ms + r.audio_ms, text, words)]
+        if s.end_ms is None:
+            return []  # a final for an utterance we have not closed: ignore (cannot happen)
+        out: list[ServerEvent] = []
+        if not s.begun:
+            out += self._release_begins()
+        text, words = self._words(r, s)
+        end = SentenceEnd(
+            s.index,
+            s.end_ms,
+            s.begin_ms,
+            text,
+            max(0.0, min(1.0, r.confidence)),
+            words,
+            s.timed_out,
+        )
+        out.append(end)
+        self.sentences.append(end)
+        del self._open[r.utt]
+        self.finalized = r.utt
+        return out + self._release_begins()
+
+    def _release_begins(self) -> list[ServerEvent]:
+        """SentenceBegin(n) goes out only once sentence n-1 is finalised."""
+        out: list[ServerEvent] = []
+        s = self._open.get(self._next_to_begin)
+        if s is not None and self._next_to_begin == self.finalized + 1 and not s.begun:
+            s.begun = True
+            out.append(SentenceBegin(s.index, s.begin_ms))
+            self._next_to_begin += 1
+        return out
+
+    def _words(self, r: wire.Result, s: _Sentence) -> tuple[str, tuple[Word, ...]]:
+        base = s.audio_start_ms
+        words = [Word(t, base + a, base + b) for t, a, b in r.words]
+        if not words:
+            return r.text, ()
+        return postprocess(words, self.params)

@@ -1,0 +1,341 @@
+"""One client session: a nursery of receive, process, results and send tasks.
+
+The tasks are joined by small bounded memory channels, so a client that sends faster than we
+process, or reads slower than we produce, is slowed down or failed rather than buffered without
+bound. The first error of any task cancels the nursery; the client then gets the dialect's
+TaskFailed with that error's code, and nothing escapes into the server.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection
+
+from asrd import wire
+from asrd.audio import WavStreamParser
+from asrd.auth import Authenticator
+from asrd.bus import Bus
+from asrd.config import Config
+from asrd.errors import (
+    AsrdError,
+    ClientDisconnected,
+    ClientError,
+    EngineFailed,
+    IdleTimeout,
+    InvalidMessage,
+    ServerError,
+    ShuttingDown,
+)
+from asrd.events import (
+    AudioReceived,
+    ClientEvent,
+    ControlRequested,
+    ServerEvent,
+    StartRequested,
+    StopRequested,
+    TaskFailed,
+    TranscriptionCompleted,
+    TranscriptionStarted,
+)
+from asrd.params import SessionParams
+from asrd.registry import WorkerRegistry
+from asrd.remote import RemoteRecognizer
+from asrd.segmentation import (
+    Segmenter,
+    SegmenterConfig,
+    UtteranceAudio,
+    UtteranceEnded,
+    UtteranceStarted,
+)
+from asrd.sentences import SentenceTracker
+
+log = logging.getLogger(__name__)
+
+
+class Codec(Protocol):
+    """What a session needs of a dialect codec (see asrd.dialects)."""
+
+    @property
+    def task_id(self) -> str: ...
+
+    def receive_text(self, text: str) -> ClientEvent: ...
+
+    def receive_binary(self, data: bytes) -> AudioReceived: ...
+
+    def render(self, event: ServerEvent) -> str: ...
+
+
+@dataclass
+class GatewayState:
+    """What sessions share: configuration, the bus, the worker registry, auth, counters."""
+
+    config: Config
+    bus: Bus
+    registry: WorkerRegistry
+    auth: Authenticator
+    force_stop: trio.Event = field(default_factory=trio.Event)
+    active: int = 0
+    idle: trio.Event = field(default_factory=trio.Event)  # set whenever active == 0
+    outcomes: dict[int, int] = field(default_factory=dict)  # status code -> sessions
+    audio_ms: int = 0
+
+    def session_started(self) -> None:
+        self.active += 1
+        if self.idle.is_set():
+            self.idle = trio.Event()
+
+    def session_ended(self) -> None:
+        self.active -= 1
+        if self.active == 0:
+            self.idle.set()
+
+
+class Session:
+    def __init__(
+        self, state: GatewayState, ws: WebSocketConnection, codec: Codec, token: str | None
+    ) -> None:
+        self.state = state
+        self.config = state.config
+        self.ws = ws
+        self.codec = codec
+        self.token = token
+        self.id = uuid.uuid4().hex
+        self.error: AsrdError | None = None
+        self.completed = False
+        self.params = SessionParams()
+        self.remote: RemoteRecognizer | None = None
+        self.segmenter: Segmenter | None = None
+        self.tracker: SentenceTracker | None = None
+        self.wav: WavStreamParser | None = None
+        self.audio_bytes = 0
+        self._utt = 0  # index of the latest sentence opened by the segmenter
+        self._stopping = False  # Stop received: no idle timeout any more
+        self._flushed = False  # Stop processed: no sentence will open any more
+        self._idle = trio.Event()  # set once flushed and every sentence is final
+        self._in_send, self._in_recv = trio.open_memory_channel[ClientEvent](16)
+        self._out_send, self._out_recv = trio.open_memory_channel[ServerEvent](64)
+        self._nursery: trio.Nursery | None = None
+
+    async def run(self) -> None:
+        started = time.monotonic()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                for task in (
+                    self._receive_loop,
+                    self._process_loop,
+                    self._send_loop,
+                    self._limits_loop,
+                ):
+                    nursery.start_soon(self._guard, task)
+        finally:
+            with trio.CancelScope(shield=True):
+                if self.remote is not None:
+                    await self.remote.aclose()
+                await self._finish()
+        code = self.error.code if self.error else 20000000
+        self.state.outcomes[code] = self.state.outcomes.get(code, 0) + 1
+        log.info(
+            "session %s task %s ended: %s (%s) after %.1f s, %.1f s of audio, %d sentences",
+            self.id,
+            self.codec.task_id or "-",
+            code,
+            self.error.reason if self.error else "completed",
+            time.monotonic() - started,
+            self.audio_bytes / (2 * self.params.sample_rate),
+            len(self.tracker.sentences) if self.tracker else 0,
+        )
+
+    async def _finish(self) -> None:
+        """Tell the client why we stop (unless it hung up) and close the socket."""
+        err = self.error
+        with trio.move_on_after(2):
+            if err is not None and not isinstance(err, ClientDisconnected):
+                try:
+                    await self.ws.send_message(self.codec.render(TaskFailed(err.code, err.reason)))
+                except ConnectionClosed:
+                    pass
+            await self.ws.aclose()
+
+    async def _guard(self, task: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await task()
+        except AsrdError as exc:
+            self._fail(exc)
+        except ConnectionClosed:
+            self._fail(ClientDisconnected("client disconnected before the task finished"))
+        except Exception:
+            log.exception("session %s: internal error", self.id)
+            self._fail(ServerError("internal server error"))
+
+    def _fail(self, exc: AsrdError) -> None:
+        if self.error is None and not self.completed:
+            self.error = exc
+        assert self._nursery is not None
+        self._nursery.cancel_scope.cancel()
+
+    # --- tasks ---------------------------------------------------------------------------
+
+    async def _receive_loop(self) -> None:
+        idle_s = self.config.server.idle_timeout_s
+        max_frame = self.config.server.max_frame_bytes
+        max_text = self.config.server.max_text_bytes
+        while True:
+            if self._stopping:
+                message = await self.ws.get_message()
+            else:
+                with trio.move_on_after(idle_s) as idle:
+                    message = await self.ws.get_message()
+                if idle.cancelled_caught:
+                    raise IdleTimeout(f"nothing received from the client for {idle_s:g} s")
+            event: ClientEvent
+            if isinstance(message, str):
+                if len(message) > max_text:
+                    raise InvalidMessage(
+                        f"text message of {len(message)} characters exceeds {max_text}"
+                    )
+                event = self.codec.receive_text(message)
+                if isinstance(event, StopRequested):
+                    self._stopping = True
+            else:
+                if len(message) > max_frame:
+                    raise ClientError(
+                        f"audio frame of {len(message)} bytes exceeds the limit of {max_frame}"
+                    )
+                event = self.codec.receive_binary(message)
+            await self._in_send.send(event)
+
+    async def _process_loop(self) -> None:
+        async for event in self._in_recv:
+            if isinstance(event, AudioReceived):
+                await self._audio(event.data)
+            elif isinstance(event, StartRequested):
+                await self._start(event)
+            elif isinstance(event, ControlRequested):
+                self._control(event)
+            elif isinstance(event, StopRequested):
+                await self._stop()
+                return
+
+    async def _send_loop(self) -> None:
+        async for event in self._out_recv:
+            await self.ws.send_message(self.codec.render(event))
+            if isinstance(event, TranscriptionCompleted):
+                self.completed = True
+                assert self._nursery is not None
+                self._nursery.cancel_scope.cancel()
+                return
+
+    async def _limits_loop(self) -> None:
+        with trio.move_on_after(self.config.server.max_session_s):
+            await self.state.force_stop.wait()
+            raise ShuttingDown("the server is shutting down; reconnect to another gateway")
+        raise ClientError(
+            f"session exceeded the maximum duration of {self.config.server.max_session_s:g} s"
+        )
+
+    async def _results_loop(self) -> None:
+        assert self.remote is not None and self.remote.results is not None
+        assert self.tracker is not None
+        async for msg in self.remote.results:
+            item = wire.decode_output(msg.data)
+            if isinstance(item, wire.Failure):
+                raise EngineFailed(item.reason, code=item.code)
+            for ev in self.tracker.result(item):
+                await self._out_send.send(ev)
+            if item.final:
+                self.remote.finalized(item.utt)
+            if self._flushed and self.tracker.idle:
+                self._idle.set()
+
+    # --- steps ---------------------------------------------------------------------------
+
+    async def _start(self, event: StartRequested) -> None:
+        await self.state.auth.authorize(self.token, event.appkey)
+        params = event.params
+        if params.language is None:
+            params = params.model_copy(update={"language": self.config.server.default_language})
+        self.params = params
+        seg = self.config.segmentation
+        self.segmenter = Segmenter(
+            SegmenterConfig(
+                sample_rate=params.sample_rate,
+                max_sentence_silence_ms=params.max_sentence_silence_ms,
+                speech_noise_threshold=params.speech_noise_threshold,
+                max_sentence_ms=seg.max_sentence_ms,
+                ignore_sentence_timeout=params.enable_ignore_sentence_timeout,
+                frame_ms=seg.frame_ms,
+                preroll_ms=seg.preroll_ms,
+            )
+        )
+        self.tracker = SentenceTracker(params)
+        if params.format == "wav":
+            self.wav = WavStreamParser(params.sample_rate)
+        assert params.language is not None
+        self.remote = RemoteRecognizer(
+            self.state.bus,
+            self.state.registry,
+            prefix=self.config.nats.subject_prefix,
+            session_id=self.id,
+            pool=params.language,
+            sample_rate=params.sample_rate,
+            partials=params.enable_intermediate_result,
+            claim_timeout_s=self.config.server.claim_timeout_s,
+        )
+        await self.remote.open()
+        assert self._nursery is not None
+        self._nursery.start_soon(self._guard, self._results_loop)
+        self._nursery.start_soon(self._guard, self.remote.watch_loop)
+        await self._out_send.send(TranscriptionStarted(self.id))
+
+    async def _audio(self, data: bytes) -> None:
+        assert self.segmenter is not None
+        if self.wav is not None:
+            data = self.wav.feed(data)
+        self.audio_bytes += len(data)
+        events = self.segmenter.feed(data)
+        if events:
+            await self._segment(events)
+
+    async def _segment(
+        self, events: list[UtteranceStarted | UtteranceAudio | UtteranceEnded]
+    ) -> None:
+        remote, tracker = self.remote, self.tracker
+        assert remote is not None and tracker is not None
+        for ev in events:
+            if isinstance(ev, UtteranceAudio):
+                remote.audio(self._utt, ev.pcm)
+            elif isinstance(ev, UtteranceStarted):
+                self._utt += 1
+                remote.begin(self._utt)
+                for out in tracker.begin(self._utt, ev.begin_ms, ev.audio_start_ms):
+                    await self._out_send.send(out)
+            else:
+                tracker.end(self._utt, ev.end_ms, ev.timed_out)
+                remote.end(self._utt)
+
+    def _control(self, event: ControlRequested) -> None:
+        changes = {k: v for k, v in event.changes.items() if k in SessionParams.model_fields}
+        try:
+            self.params = SessionParams.model_validate({**self.params.model_dump(), **changes})
+        except ValueError:
+            return  # the protocol says: tolerate junk, no reply
+        if self.tracker is not None:
+            self.tracker.params = self.params
+        if self.segmenter is not None and "max_sentence_silence_ms" in changes:
+            self.segmenter.set_max_sentence_silence(self.params.max_sentence_silence_ms)
+
+    async def _stop(self) -> None:
+        assert self.segmenter is not None and self.tracker is not None
+        await self._segment(self.segmenter.flush())
+        self._flushed = True
+        if not self.tracker.idle:
+            await self._idle.wait()
+        await self._out_send.send(TranscriptionCompleted())

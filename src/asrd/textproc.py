@@ -1,0 +1,378 @@
+"""Post-processing of recognised English words: what the client's session parameters ask for.
+
+Runs in the gateway on every partial and final result, so it works on the word list (text
+and times stay consistent: a merged number spans its words) with precompiled sets and plain
+string operations. Steps, in this order, each switched by a :class:`SessionParams` flag:
+
+1. ``disfluency``: drop filler words (uh, um, er, ...).
+2. ``special_word_filter``: remove listed words, mask others with ``*`` (plus a built-in list
+   of profanities with ``system_reserved_filter``); case-insensitive, whole words or phrases.
+3. ``enable_inverse_text_normalization``: spoken numbers to digits ("twenty three" -> "23").
+4. ``enable_punctuation_prediction``: rule based, because pocketsphinx emits no punctuation
+   and asrd has no punctuation model: capitalise the sentence and "I", end it with "?" when
+   it opens with a question word, "." otherwise.
+"""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Sequence
+from functools import lru_cache
+from typing import Protocol
+
+from asrd.events import Word
+from asrd.params import SessionParams, WordFilter
+
+__all__ = [
+    "FILLER_WORDS",
+    "QUESTION_WORDS",
+    "RESERVED_WORDS",
+    "TimedWord",
+    "apply_word_filter",
+    "inverse_normalize",
+    "postprocess",
+    "punctuate",
+    "remove_disfluencies",
+]
+
+
+class TimedWord(Protocol):
+    """Anything with a word's text and times: :class:`asrd.events.Word`, engine words."""
+
+    @property
+    def text(self) -> str: ...
+    @property
+    def start_ms(self) -> int: ...
+    @property
+    def end_ms(self) -> int: ...
+
+
+# Hesitations only: "oh", "well", "like" carry meaning too often to be dropped blindly, and
+# "mhm"/"uh-huh" mean yes.
+FILLER_WORDS = frozenset(
+    {
+        "uh", "uhh", "um", "umm", "uhm", "er", "err", "erm", "ah", "ahh", "eh", "hm", "hmm",
+        "mm", "mmm",
+    }
+)  # fmt: skip
+
+# system_reserved_filter: masked whole words (inflections listed, no substring matching, so
+# "scrap" or "class" are never hit).
+RESERVED_WORDS = frozenset(
+    {
+        "fuck", "fucks", "fucked", "fucking", "fucker", "fuckers", "motherfucker",
+        "motherfuckers", "shit", "shits", "shitty", "bullshit", "bitch", "bitches", "bastard",
+        "bastards", "asshole", "assholes", "cunt", "cunts", "dickhead", "dickheads", "twat",
+        "wanker", "wankers", "slut", "sluts", "whore", "whores", "damn", "goddamn",
+        "goddamned",
+    }
+)  # fmt: skip
+
+QUESTION_WORDS = frozenset(
+    {
+        "what", "who", "whom", "whose", "which", "when", "where", "why", "how",
+        "is", "are", "am", "was", "were", "do", "does", "did", "can", "could", "would",
+        "should", "shall", "isn't", "aren't", "wasn't", "weren't", "don't", "doesn't",
+        "didn't", "can't", "couldn't", "wouldn't", "shouldn't",
+    }
+)  # fmt: skip
+
+_EDGE_PUNCT = string.punctuation
+
+
+def _key(text: str) -> str:
+    """Comparison form of a word: lower case without surrounding punctuation."""
+    return text.strip(_EDGE_PUNCT).lower()
+
+
+# --- 1. disfluency -----------------------------------------------------------------------
+
+
+def remove_disfluencies(words: Sequence[Word]) -> list[Word]:
+    """Drop hesitation fillers (:data:`FILLER_WORDS`), whatever their case."""
+    return [w for w in words if _key(w.text) not in FILLER_WORDS]
+
+
+# --- 2. special_word_filter --------------------------------------------------------------
+
+
+class _CompiledFilter:
+    """Single words in sets; phrases indexed by their first word, longest first."""
+
+    __slots__ = ("mask", "phrases", "remove")
+
+    def __init__(self, wf: WordFilter) -> None:
+        self.remove: set[str] = set()
+        self.mask: set[str] = set(RESERVED_WORDS) if wf.system_reserved_filter else set()
+        self.phrases: dict[str, list[tuple[tuple[str, ...], bool]]] = {}
+        # Remove wins over mask: listed last, so it overrides.
+        for entries, remove in ((wf.mask, False), (wf.remove, True)):
+            for entry in entries:
+                parts = tuple(k for k in (_key(p) for p in entry.split()) if k)
+                if not parts:
+                    continue
+                if len(parts) == 1:
+                    (self.remove if remove else self.mask).add(parts[0])
+                    if remove:
+                        self.mask.discard(parts[0])
+                else:
+                    self.phrases.setdefault(parts[0], []).append((parts, remove))
+        for candidates in self.phrases.values():
+            candidates.sort(key=lambda c: (-len(c[0]), not c[1]))
+
+
+@lru_cache(maxsize=256)
+def _compile(wf: WordFilter) -> _CompiledFilter:
+    return _CompiledFilter(wf)
+
+
+def _masked(text: str) -> str:
+    """Every character of the word becomes ``*``; surrounding punctuation stays."""
+    core = text.strip(_EDGE_PUNCT)
+    if not core:
+        return text
+    start = text.index(core)
+    return text[:start] + "*" * len(core) + text[start + len(core) :]
+
+
+def apply_word_filter(words: Sequence[Word], wf: WordFilter) -> list[Word]:
+    """Remove or mask the words and phrases of ``wf``; the longest matching phrase wins."""
+    f = _compile(wf)
+    keys = [_key(w.text) for w in words]
+    out: list[Word] = []
+    i = 0
+    n = len(words)
+    while i < n:
+        key = keys[i]
+        for parts, remove in f.phrases.get(key, ()):
+            end = i + len(parts)
+            if end <= n and tuple(keys[i:end]) == parts:
+                if not remove:
+                    out.extend(Word(_masked(w.text), w.start_ms, w.end_ms) for w in words[i:end])
+                i = end
+                break
+        else:
+            w = words[i]
+            if key in f.remove:
+                pass
+            elif key in f.mask:
+                out.append(Word(_masked(w.text), w.start_ms, w.end_ms))
+            else:
+                out.append(w)
+            i += 1
+    return out
+
+
+# --- 3. inverse text normalisation ------------------------------------------------------
+
+_UNITS = {
+    "zero": 0, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7,
+    "eight": 8, "nine": 9,
+}  # fmt: skip
+_TEENS = {
+    "ten": 10, "eleven": 11, "twelve": 12, "thirteen": 13, "fourteen": 14, "fifteen": 15,
+    "sixteen": 16, "seventeen": 17, "eighteen": 18, "nineteen": 19,
+}  # fmt: skip
+_TENS = {
+    "twenty": 20, "thirty": 30, "forty": 40, "fifty": 50, "sixty": 60, "seventy": 70,
+    "eighty": 80, "ninety": 90,
+}  # fmt: skip
+_SCALES = {"thousand": 1_000, "million": 1_000_000, "billion": 1_000_000_000}
+_NUMBER_START = frozenset(_UNITS.keys() | _TEENS.keys() | _TENS.keys())
+_SCALE_OR_HUNDRED = frozenset({*_SCALES, "hundred"})
+_DIGIT_WORDS = {**_UNITS, "oh": 0}
+
+
+class _Number:
+    """A cardinal parsed from words[start:end]: ``value`` plus how it was said."""
+
+    __slots__ = ("end", "simple_two_digit", "start", "value")
+
+    def __init__(self, start: int, end: int, value: int, simple_two_digit: bool) -> None:
+        self.start = start
+        self.end = end
+        self.value = value
+        # "nineteen", "twenty six": a 10-99 said without hundred/thousand (year halves).
+        self.simple_two_digit = simple_two_digit
+
+
+def _parse_below_thousand(keys: Sequence[str], i: int) -> tuple[int, int, bool] | None:
+    """Parse ``[units|teen|tens [unit]] [hundred [and] [units|teen|tens [unit]]]``.
+
+    Returns (value, next index, said as a plain 10-99) or None when keys[i] starts no
+    number. "twenty five hundred" = 2500 and "twelve hundred" = 1200 as spoken.
+    """
+    n = len(keys)
+
+    def two_digits(j: int) -> tuple[int, int] | None:
+        if j >= n:
+            return None
+        k = keys[j]
+        if k in _TEENS:
+            return _TEENS[k], j + 1
+        if k in _TENS:
+            value = _TENS[k]
+            if j + 1 < n and keys[j + 1] in _UNITS and keys[j + 1] != "zero":
+                return value + _UNITS[keys[j + 1]], j + 2
+            return value, j + 1
+        if k in _UNITS:
+            return _UNITS[k], j + 1
+        return None
+
+    first = two_digits(i)
+    if first is None:
+        return None
+    value, j = first
+    simple = 10 <= value <= 99
+    if j < n and keys[j] == "hundred" and value > 0:
+        value *= 100
+        j += 1
+        simple = False
+        tail_at = j + 1 if j < n and keys[j] == "and" else j
+        tail = two_digits(tail_at)
+        if tail is not None and tail[0] > 0:
+            value += tail[0]
+            j = tail[1]
+    return value, j, simple
+
+
+def _parse_cardinal(keys: Sequence[str], i: int) -> _Number | None:
+    """A whole cardinal: groups below a thousand, each but the last followed by a scale.
+
+    Scales must decrease ("two million three thousand"); "and" may follow a scale when a
+    group follows it. A group followed by a scale that is not smaller ends the number there,
+    so "two thousand three thousand" is two numbers.
+    """
+    if keys[i] not in _NUMBER_START:
+        return None
+    n = len(keys)
+    total = 0
+    last_scale: int | None = None
+    simple = False
+    j = i  # end of what has been consumed
+    resume = i  # where the next group may start (after an optional "and")
+    while True:
+        group = _parse_below_thousand(keys, resume)
+        if group is None:
+            break
+        value, after, group_simple = group
+        if resume == i:
+            simple = group_simple
+        scale = _SCALES.get(keys[after]) if after < n else None
+        if scale is not None and value > 0 and (last_scale is None or scale < last_scale):
+            total += value * scale
+            last_scale = scale
+            j = after + 1
+            resume = j + 1 if j < n and keys[j] == "and" else j
+            continue
+        if scale is None and (last_scale is None or value < last_scale):
+            total += value
+            j = after
+        break
+    if j == i:
+        return None
+    return _Number(i, j, total, simple and last_scale is None)
+
+
+def inverse_normalize(words: Sequence[Word]) -> list[Word]:
+    """Spoken English numbers to digits, in AP style.
+
+    Cardinals ("one hundred and five" -> "105", "two thousand twenty six" -> "2026"),
+    decimals ("three point one four" -> "3.14"), percentages ("fifty percent" -> "50%") and
+    years said in halves ("nineteen eighty four" -> "1984", "twenty oh five" -> "2005").
+    A lone zero..nine stays a word ("one of them", "no one") unless it has a decimal part or
+    a percent sign. No digit grouping commas; ordinals and currencies are left as words.
+    """
+    keys = [_key(w.text) for w in words]
+    n = len(words)
+    out: list[Word] = []
+    i = 0
+    while i < n:
+        number = _parse_cardinal(keys, i)
+        if number is None:
+            out.append(words[i])
+            i += 1
+            continue
+        text = str(number.value)
+        end = number.end
+        is_word_digit = number.value < 10 and end - i == 1
+        # Years said in halves: "nineteen eighty four", "twenty twenty six", "nineteen oh five".
+        if number.simple_two_digit and 11 <= number.value <= 20 and end < n:
+            if keys[end] == "oh" and end + 1 < n and keys[end + 1] in _UNITS:
+                unit = _UNITS[keys[end + 1]]
+                if unit > 0:
+                    text = f"{number.value}0{unit}"
+                    end += 2
+                    is_word_digit = False
+            else:
+                second = _parse_below_thousand(keys, end)
+                if (
+                    second is not None
+                    and second[2]
+                    and not (second[1] < n and keys[second[1]] in _SCALE_OR_HUNDRED)
+                ):
+                    text = f"{number.value}{second[0]}"
+                    end = second[1]
+        # Decimal part: "point" and digit words.
+        if end + 1 < n and keys[end] == "point" and keys[end + 1] in _DIGIT_WORDS:
+            digits = []
+            j = end + 1
+            while j < n and keys[j] in _DIGIT_WORDS:
+                digits.append(str(_DIGIT_WORDS[keys[j]]))
+                j += 1
+            text = f"{text}.{''.join(digits)}"
+            end = j
+            is_word_digit = False
+        if end < n and keys[end] == "percent":
+            text += "%"
+            end += 1
+            is_word_digit = False
+        elif end + 1 < n and keys[end] == "per" and keys[end + 1] == "cent":
+            text += "%"
+            end += 2
+            is_word_digit = False
+        if is_word_digit:
+            out.append(words[i])
+            i += 1
+            continue
+        out.append(Word(text, words[i].start_ms, words[end - 1].end_ms))
+        i = end
+    return out
+
+
+# --- 4. punctuation ----------------------------------------------------------------------
+
+_I_FORMS = {"i": "I", "i'm": "I'm", "i'll": "I'll", "i've": "I've", "i'd": "I'd"}
+
+
+def punctuate(words: Sequence[Word]) -> list[Word]:
+    """Capitalise the first word and "I", close the sentence with "." or "?"."""
+    if not words:
+        return []
+    out = [Word(_I_FORMS.get(w.text.lower(), w.text), w.start_ms, w.end_ms) for w in words]
+    first = out[0]
+    if first.text[:1].islower():
+        out[0] = Word(first.text[0].upper() + first.text[1:], first.start_ms, first.end_ms)
+    last = out[-1]
+    if last.text[-1:] not in (".", "?", "!"):
+        mark = "?" if _key(words[0].text) in QUESTION_WORDS else "."
+        out[-1] = Word(last.text + mark, last.start_ms, last.end_ms)
+    return out
+
+
+# --- all together -----------------------------------------------------------------------
+
+
+def postprocess(words: Sequence[TimedWord], params: SessionParams) -> tuple[str, tuple[Word, ...]]:
+    """Apply the steps the session asked for; returns (text, words), text = words joined."""
+    result = [w if type(w) is Word else Word(w.text, w.start_ms, w.end_ms) for w in words]
+    result = [w for w in result if w.text]
+    if params.disfluency:
+        result = remove_disfluencies(result)
+    if params.special_word_filter is not None:
+        result = apply_word_filter(result, params.special_word_filter)
+    if params.enable_inverse_text_normalization:
+        result = inverse_normalize(result)
+    if params.enable_punctuation_prediction:
+        result = punctuate(result)
+    return " ".join(w.text for w in result), tuple(result)

@@ -1,0 +1,222 @@
+"""Messages between gateways and engine workers (documented in docs/engine-protocol.md).
+
+Plain JSON and one binary frame type, so that engines in any language can join the bus.
+Audio frames are binary to stay cheap on the hot path: ``b"A"`` + big-endian u32 utterance
+number + PCM16LE mono at the session's sample rate. Every other message is a JSON object.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from asrd.errors import BusError
+
+T = TypeVar("T")
+_AUDIO = b"A"
+_UTT = struct.Struct(">I")
+
+
+def _wire_errors(fn: Callable[[bytes], T]) -> Callable[[bytes], T]:
+    """Missing keys and wrong types from a foreign engine become BusError, not crashes."""
+
+    def wrapper(data: bytes) -> T:
+        try:
+            return fn(data)
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise BusError(f"malformed message on the bus: {exc!r}") from exc
+
+    return wrapper
+
+
+def _loads(data: bytes) -> dict[str, Any]:
+    try:
+        obj = json.loads(data)
+    except ValueError as exc:
+        raise BusError(f"malformed message on the bus: {exc}") from exc
+    if not isinstance(obj, dict):
+        raise BusError("malformed message on the bus: not a JSON object")
+    return obj
+
+
+def _dumps(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+# --- gateway -> worker: claim ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    session_id: str
+    sample_rate: int
+    partials: bool
+
+    def encode(self) -> bytes:
+        return _dumps(
+            {
+                "session_id": self.session_id,
+                "sample_rate": self.sample_rate,
+                "partials": self.partials,
+            }
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimReply:
+    ok: bool
+    worker_id: str = ""
+    code: int = 0
+    reason: str = ""
+
+    def encode(self) -> bytes:
+        return _dumps(
+            {"ok": self.ok, "worker_id": self.worker_id, "code": self.code, "reason": self.reason}
+        )
+
+
+@_wire_errors
+def decode_claim(data: bytes) -> Claim:
+    obj = _loads(data)
+    return Claim(str(obj["session_id"]), int(obj["sample_rate"]), bool(obj.get("partials")))
+
+
+@_wire_errors
+def decode_claim_reply(data: bytes) -> ClaimReply:
+    obj = _loads(data)
+    return ClaimReply(
+        bool(obj["ok"]),
+        str(obj.get("worker_id", "")),
+        int(obj.get("code", 0)),
+        str(obj.get("reason", "")),
+    )
+
+
+# --- gateway -> worker: session input --------------------------------------------------------
+
+
+def encode_audio(utt: int, pcm: bytes) -> bytes:
+    return _AUDIO + _UTT.pack(utt) + pcm
+
+
+def encode_control(kind: str, utt: int = 0) -> bytes:
+    """``begin``/``end`` of an utterance, ``keepalive``, or ``close`` of the session."""
+    return _dumps({"type": kind, "utt": utt})
+
+
+@dataclass(frozen=True, slots=True)
+class AudioIn:
+    utt: int
+    pcm: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ControlIn:
+    kind: str
+    utt: int
+
+
+@_wire_errors
+def decode_input(data: bytes) -> AudioIn | ControlIn:
+    if data[:1] == _AUDIO:
+        if len(data) < 5:
+            raise BusError("truncated audio frame on the bus")
+        return AudioIn(_UTT.unpack_from(data, 1)[0], data[5:])
+    obj = _loads(data)
+    return ControlIn(str(obj["type"]), int(obj.get("utt", 0)))
+
+
+# --- worker -> gateway: results --------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    final: bool
+    utt: int
+    audio_ms: int  # utterance audio the engine had consumed for this result
+    text: str
+    words: tuple[tuple[str, int, int], ...]  # (text, start_ms, end_ms) from the utterance start
+    confidence: float
+
+    def encode(self) -> bytes:
+        return _dumps(
+            {
+                "type": "final" if self.final else "partial",
+                "utt": self.utt,
+                "audio_ms": self.audio_ms,
+                "text": self.text,
+                "words": [list(w) for w in self.words],
+                "confidence": round(self.confidence, 4),
+            }
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    code: int
+    reason: str
+
+    def encode(self) -> bytes:
+        return _dumps({"type": "error", "code": self.code, "reason": self.reason})
+
+
+@_wire_errors
+def decode_output(data: bytes) -> Result | Failure:
+    obj = _loads(data)
+    kind = obj.get("type")
+    if kind == "error":
+        return Failure(int(obj["code"]), str(obj["reason"]))
+    if kind not in ("partial", "final"):
+        raise BusError(f"unknown result type {kind!r} from worker")
+    return Result(
+        final=kind == "final",
+        utt=int(obj["utt"]),
+        audio_ms=int(obj.get("audio_ms", 0)),
+        text=str(obj["text"]),
+        words=tuple((str(w[0]), int(w[1]), int(w[2])) for w in obj.get("words", ())),
+        confidence=float(obj.get("confidence", 0.0)),
+    )
+
+
+# --- worker -> everyone: heartbeat -----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    worker_id: str
+    pool: str
+    engine: str
+    capacity: int
+    free: int
+    draining: bool = False
+    grace_s: float = 0.0  # the worker will be busy (and silent) for up to this long
+
+    def encode(self) -> bytes:
+        return _dumps(
+            {
+                "worker_id": self.worker_id,
+                "pool": self.pool,
+                "engine": self.engine,
+                "capacity": self.capacity,
+                "free": self.free,
+                "draining": self.draining,
+                "grace_s": self.grace_s,
+            }
+        )
+
+
+@_wire_errors
+def decode_heartbeat(data: bytes) -> Heartbeat:
+    obj = _loads(data)
+    return Heartbeat(
+        str(obj["worker_id"]),
+        str(obj["pool"]),
+        str(obj.get("engine", "")),
+        int(obj.get("capacity", 0)),
+        int(obj.get("free", 0)),
+        bool(obj.get("draining", False)),
+        float(obj.get("grace_s", 0.0)),
+    )

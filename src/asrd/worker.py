@@ -1,0 +1,216 @@
+"""The engine worker: serves sessions claimed over the bus with a preloaded decoder pool.
+
+A worker listens for claims of its pool in a NATS queue group only while it has a free
+decoder, so a full worker is never picked: when every worker is full the gateway's claim gets
+"no responders" at once and the client a prompt 40000005. A claimed session is bound to one
+decoder until the gateway closes it or goes silent (``session_idle_timeout_s``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+
+import trio
+
+from asrd import wire
+from asrd.bus import Bus, Subscription, claim_subject, heartbeat_subject, session_in, session_out
+from asrd.config import WorkerConfig
+from asrd.engines.base import Engine, Hypothesis, Recognizer
+from asrd.errors import AsrdError, BusError, TooManyRequests
+
+log = logging.getLogger(__name__)
+
+CLAIM_QUEUE = "asrd-workers"
+
+
+class Worker:
+    def __init__(self, config: WorkerConfig, prefix: str, bus: Bus, engine: Engine) -> None:
+        self.config = config
+        self.prefix = prefix
+        self.bus = bus
+        self.engine = engine
+        self.id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+        self.sessions: dict[str, trio.CancelScope] = {}
+        self.draining = False
+        self._pause_until = 0.0  # trio time until which heartbeats may stop (final passes)
+        self._claim_sub: Subscription | None = None
+        self._nursery: trio.Nursery | None = None
+
+    @property
+    def free(self) -> int:
+        return self.engine.capacity - len(self.sessions)
+
+    async def run(self, *, task_status: trio.TaskStatus[Worker] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._heartbeat_loop)
+            await self._update_claim_subscription()
+            await self.bus.flush()
+            log.info(
+                "worker %s serving pool %r with %d %s decoders",
+                self.id,
+                self.config.pool,
+                self.engine.capacity,
+                self.engine.name,
+            )
+            task_status.started(self)
+            await trio.sleep_forever()
+
+    async def drain(self) -> None:
+        """Stop taking sessions and wait for the running ones to end."""
+        self.draining = True
+        await self._update_claim_subscription()
+        while self.sessions:  # noqa: ASYNC110 - shutdown only, sessions end on their own
+            await trio.sleep(0.05)
+
+    # --- claims ----------------------------------------------------------------------------
+
+    async def _update_claim_subscription(self) -> None:
+        want = self.free > 0 and not self.draining
+        if want and self._claim_sub is None:
+            subject = claim_subject(self.prefix, self.config.pool)
+            self._claim_sub = await self.bus.subscribe(subject, queue=CLAIM_QUEUE, max_pending=64)
+            assert self._nursery is not None
+            self._nursery.start_soon(self._claim_loop, self._claim_sub)
+        elif not want and self._claim_sub is not None:
+            sub, self._claim_sub = self._claim_sub, None
+            await self.bus.unsubscribe(sub)
+
+    async def _claim_loop(self, sub: Subscription) -> None:
+        while True:
+            try:
+                msg = await sub.receive()
+            except BusError:
+                return  # unsubscribed because we are full or draining
+            try:
+                claim = wire.decode_claim(msg.data)
+            except BusError as exc:
+                log.warning("ignoring malformed claim: %s", exc)
+                continue
+            reply = await self._claim(claim)
+            if msg.reply:
+                self.bus.publish(msg.reply, reply.encode())
+
+    async def _claim(self, claim: wire.Claim) -> wire.ClaimReply:
+        if self.draining or claim.session_id in self.sessions:
+            return wire.ClaimReply(False, self.id, TooManyRequests.code, "worker unavailable")
+        try:
+            recognizer = self.engine.acquire(claim.sample_rate, partials=claim.partials)
+        except AsrdError as exc:
+            return wire.ClaimReply(False, self.id, exc.code, exc.reason)
+        sub = await self.bus.subscribe(session_in(self.prefix, claim.session_id), max_pending=4096)
+        scope = trio.CancelScope()
+        self.sessions[claim.session_id] = scope
+        assert self._nursery is not None
+        self._nursery.start_soon(self._session, claim, recognizer, sub, scope)
+        await self._update_claim_subscription()
+        return wire.ClaimReply(True, self.id)
+
+    # --- sessions ----------------------------------------------------------------------------
+
+    async def _session(
+        self, claim: wire.Claim, rec: Recognizer, sub: Subscription, scope: trio.CancelScope
+    ) -> None:
+        out = session_out(self.prefix, claim.session_id)
+        step = claim.sample_rate * 2 * self.config.partial_interval_ms // 1000
+        utt = 0  # 0: no utterance open
+        audio_bytes = 0
+        next_partial = step
+        last_partial = ""
+        bytes_per_ms = claim.sample_rate * 2 // 1000
+        try:
+            with scope:
+                while True:
+                    with trio.move_on_after(self.config.session_idle_timeout_s) as idle:
+                        msg = await sub.receive()
+                    if idle.cancelled_caught:
+                        log.warning("session %s: gateway silent, freeing decoder", claim.session_id)
+                        return
+                    item = wire.decode_input(msg.data)
+                    if isinstance(item, wire.AudioIn):
+                        if item.utt != utt:
+                            continue  # audio of an utterance we are not decoding (stale)
+                        rec.accept(item.pcm)
+                        audio_bytes += len(item.pcm)
+                        if claim.partials and audio_bytes >= next_partial:
+                            next_partial = audio_bytes + step
+                            hyp = rec.partial()
+                            if hyp is not None and hyp.text and hyp.text != last_partial:
+                                last_partial = hyp.text
+                                self.bus.publish(
+                                    out, _result(False, utt, audio_bytes // bytes_per_ms, hyp)
+                                )
+                    elif item.kind == "begin":
+                        if utt:
+                            rec.finish()  # a replayed utterance restarts the open one
+                        rec.start()
+                        utt, audio_bytes, next_partial, last_partial = item.utt, 0, step, ""
+                    elif item.kind == "end":
+                        if item.utt == utt:
+                            await self._announce_pause(audio_bytes / (2 * claim.sample_rate))
+                            hyp = rec.finish()
+                            self.bus.publish(
+                                out, _result(True, utt, audio_bytes // bytes_per_ms, hyp)
+                            )
+                            utt = 0
+                    elif item.kind == "close":
+                        return
+        except AsrdError as exc:
+            log.warning("session %s failed: %s", claim.session_id, exc)
+            self.bus.publish(out, wire.Failure(exc.code, exc.reason).encode())
+        except Exception as exc:
+            log.exception("session %s: engine error", claim.session_id)
+            self.bus.publish(out, wire.Failure(50000000, f"engine error: {exc!r}").encode())
+        finally:
+            if utt:
+                try:
+                    rec.finish()
+                except Exception:
+                    log.exception("finishing an abandoned utterance")
+            self.engine.release(rec)
+            del self.sessions[claim.session_id]
+            with trio.CancelScope(shield=True):
+                await self.bus.unsubscribe(sub)
+                await self._update_claim_subscription()
+
+    def _beat(self) -> None:
+        # Every beat repeats the pause still announced, so a regular beat sent between the
+        # announcement and the pause does not cancel it.
+        grace_s = max(0.0, self._pause_until - trio.current_time())
+        beat = wire.Heartbeat(
+            self.id,
+            self.config.pool,
+            self.engine.name,
+            self.engine.capacity,
+            max(self.free, 0),
+            self.draining,
+            grace_s,
+        )
+        try:
+            self.bus.publish(heartbeat_subject(self.prefix), beat.encode())
+        except BusError as exc:
+            log.warning("heartbeat not sent: %s", exc)
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            self._beat()
+            await trio.sleep(self.config.heartbeat_interval_s)
+
+    async def _announce_pause(self, audio_s: float) -> None:
+        """Before a final pass that holds the GIL (no heartbeats), say how long it may take."""
+        pause_s = audio_s * self.engine.final_cost
+        if pause_s > self.config.heartbeat_interval_s:
+            self._pause_until = max(self._pause_until, trio.current_time() + 2 * pause_s + 1.0)
+            self._beat()
+            try:
+                await self.bus.flush()
+            except BusError as exc:
+                log.warning("pause not announced: %s", exc)
+
+
+def _result(final: bool, utt: int, audio_ms: int, hyp: Hypothesis) -> bytes:
+    words = tuple((w.text, w.start_ms, w.end_ms) for w in hyp.words)
+    return wire.Result(final, utt, audio_ms, hyp.text, words, hyp.confidence).encode()

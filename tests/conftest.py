@@ -1,0 +1,86 @@
+"""Fixtures: real nats-server, real engine worker processes, an in-process gateway."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import pytest
+import trio
+
+from asrd.auth import StaticAuthenticator
+from asrd.bus.natsbus import open_nats_bus
+from asrd.config import Config
+from asrd.gateway import Gateway
+from tests.servers import nats_server, start_worker, stop
+
+
+@dataclass
+class Nats:
+    proc: subprocess.Popen[bytes]
+    url: str
+    port: int
+
+
+@dataclass
+class Pool:
+    """Worker processes serving one pool (language) name."""
+
+    name: str
+    workers: list[subprocess.Popen[bytes]]
+    decoders: int
+
+    @property
+    def capacity(self) -> int:
+        return len(self.workers) * self.decoders
+
+
+@pytest.fixture(scope="session")
+def nats() -> Iterator[Nats]:
+    with nats_server() as (proc, url, port):
+        yield Nats(proc, url, port)
+
+
+@pytest.fixture(scope="session")
+def pool(nats: Nats) -> Iterator[Pool]:
+    """Two workers with two pocketsphinx decoders each, shared by the integration tests."""
+    workers = [start_worker(nats.url, "it-en", 2) for _ in range(2)]
+    yield Pool("it-en", workers, 2)
+    for w in workers:
+        stop(w)
+
+
+@dataclass
+class RunningGateway:
+    gateway: Gateway
+    url: str
+    port: int
+
+
+GatewayFactory = Callable[..., Awaitable[RunningGateway]]
+
+
+@asynccontextmanager
+async def open_gateway(
+    nats_url: str, pool: Pool, **sections: dict[str, Any]
+) -> AsyncIterator[RunningGateway]:
+    server = {"port": 0, "default_language": pool.name, **sections.pop("server", {})}
+    config = Config.model_validate(
+        {"server": server, "nats": {"url": nats_url, **sections.pop("nats", {})}, **sections}
+    )
+    async with open_nats_bus(config.nats, nats_url, name="test-gateway") as bus:
+        gw = Gateway(config, bus, StaticAuthenticator(config.auth))
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(partial(gw.serve, wait_for_workers=len(pool.workers)))
+            yield RunningGateway(gw, f"ws://127.0.0.1:{port}/ws/v1", port)
+            gw.stop_requested.set()
+
+
+@pytest.fixture
+async def gateway(nats: Nats, pool: Pool) -> AsyncIterator[RunningGateway]:
+    async with open_gateway(nats.url, pool) as gw:
+        yield gw

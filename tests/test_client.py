@@ -1,0 +1,603 @@
+"""Tests of asrd.client against a tiny fake NLS server defined here.
+
+The fake speaks just enough of protocols.md §1: it checks the token header and the ids,
+answers ``TranscriptionStarted``, one SentenceBegin/ResultChanged/SentenceEnd per second of
+audio received, a last sentence for the rest on Stop, then ``TranscriptionCompleted``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import sys
+import threading
+import wave
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import partial
+from io import StringIO
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import trio
+import trio_websocket
+from wsproto import ConnectionType, WSConnection
+from wsproto import events as ws_events
+
+from asrd.client import (
+    LOCAL_FAILURE,
+    TranscribeError,
+    open_transcription,
+    run_transcribe,
+    send_audio,
+    transcribe_and_print,
+)
+
+Event = dict[str, Any]
+HEX32 = re.compile(r"^[0-9a-f]{32}$")
+TOKEN = "test-token"
+APPKEY = "test-appkey"
+GUARD = 30  # seconds: only against hangs, never a performance expectation
+
+
+def server_event(
+    name: str,
+    task_id: str,
+    payload: dict[str, object] | None = None,
+    *,
+    status: int = 20000000,
+    status_text: str = "Gateway:SUCCESS:Success.",
+) -> str:
+    header = {
+        "namespace": "Default" if name == "TaskFailed" else "SpeechTranscriber",
+        "name": name,
+        "status": status,
+        "message_id": "0" * 32,
+        "task_id": task_id,
+        "status_text": status_text,
+    }
+    message: Event = {"header": header}
+    if payload is not None:
+        message["payload"] = payload
+    return json.dumps(message)
+
+
+@dataclass
+class FakeServer:
+    url: str = ""
+    # behaviour, set by tests before connecting
+    token: str = TOKEN
+    fail_after_bytes: int | None = None
+    fail_code: int = 40270002
+    drop_after_bytes: int | None = None
+    never_start: bool = False
+    # what it saw
+    headers: dict[str, str] = field(default_factory=dict)
+    start: Event | None = None
+    stop: Event | None = None
+    frame_sizes: list[int] = field(default_factory=list)
+    violations: list[str] = field(default_factory=list)
+    client_closed: trio.Event | None = None
+
+    async def handler(self, request: trio_websocket.WebSocketRequest) -> None:
+        self.headers = {k.decode().lower(): v.decode() for k, v in request.headers}
+        self.client_closed = trio.Event()
+        ws = await request.accept()
+        try:
+            await self._session(ws)
+            await ws.get_message()  # the client must close on Completed
+            self.violations.append("message after TranscriptionCompleted")
+        except trio_websocket.ConnectionClosed:
+            self.client_closed.set()
+
+    async def _session(self, ws: trio_websocket.WebSocketConnection) -> None:
+        start = json.loads(await ws.get_message())
+        self.start = start
+        header = start["header"]
+        task_id = header["task_id"]
+        if self.headers.get("x-nls-token") != self.token:
+            await ws.send_message(
+                server_event("TaskFailed", task_id, status=40000001, status_text="bad token")
+            )
+            await ws.aclose()
+            return
+        self.check_header(header, "StartTranscription")
+        if self.never_start:
+            await trio.sleep_forever()
+        await ws.send_message(
+            server_event("TranscriptionStarted", task_id, {"session_id": "5" * 32})
+        )
+        second = 2 * int(start["payload"]["sample_rate"])
+        received = sentences = 0
+
+        async def sentence(end_ms: int) -> None:
+            nonlocal sentences
+            sentences += 1
+            begin = (sentences - 1) * 1000
+            await ws.send_message(
+                server_event("SentenceBegin", task_id, {"index": sentences, "time": begin})
+            )
+            partial_result = {"index": sentences, "time": begin + 500, "result": "second"}
+            await ws.send_message(
+                server_event("TranscriptionResultChanged", task_id, partial_result)
+            )
+            final = {
+                "index": sentences,
+                "time": end_ms,
+                "begin_time": begin,
+                "result": f"second {sentences}",
+                "confidence": 0.9,
+                "status": 20000000,
+            }
+            await ws.send_message(server_event("SentenceEnd", task_id, final))
+
+        while True:
+            message = await ws.get_message()
+            if isinstance(message, bytes):
+                self.frame_sizes.append(len(message))
+                received += len(message)
+                while received >= (sentences + 1) * second:
+                    await sentence((sentences + 1) * 1000)
+                if self.fail_after_bytes is not None and received >= self.fail_after_bytes:
+                    failed = server_event(
+                        "TaskFailed", task_id, status=self.fail_code, status_text="no valid audio"
+                    )
+                    await ws.send_message(failed)
+                    await ws.aclose()
+                    return
+                if self.drop_after_bytes is not None and received >= self.drop_after_bytes:
+                    await ws.aclose(1011, "fake crash")
+                    return
+                continue
+            stop = json.loads(message)
+            self.stop = stop
+            self.check_header(stop["header"], "StopTranscription")
+            if stop["header"]["task_id"] != task_id:
+                self.violations.append("task_id changed")
+            if received > sentences * second:
+                await sentence(received * 1000 // second)
+            await ws.send_message(server_event("TranscriptionCompleted", task_id))
+            return
+
+    def check_header(self, header: Event, name: str) -> None:
+        if header.get("name") != name:
+            self.violations.append(f"expected {name}, got {header.get('name')}")
+        for key in ("message_id", "task_id"):
+            if not HEX32.match(str(header.get(key))):
+                self.violations.append(f"{key} is not 32 hex: {header.get(key)!r}")
+        if header.get("namespace") != "SpeechTranscriber" or header.get("appkey") != APPKEY:
+            self.violations.append(f"bad namespace or appkey: {header}")
+
+
+@pytest.fixture
+async def server(nursery: trio.Nursery) -> AsyncIterator[FakeServer]:
+    fake = FakeServer()
+    ws_server = await nursery.start(
+        partial(trio_websocket.serve_websocket, fake.handler, "127.0.0.1", 0, None)
+    )
+    fake.url = f"ws://127.0.0.1:{ws_server.port}/ws/v1"
+    yield fake
+    assert fake.violations == []
+
+
+@contextmanager
+def server_in_thread() -> Iterator[FakeServer]:
+    """The fake in its own trio loop, for the synchronous ``run_transcribe``."""
+    fake = FakeServer()
+    ready = threading.Event()
+    loop: dict[str, Any] = {}
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            ws_server = await nursery.start(
+                partial(trio_websocket.serve_websocket, fake.handler, "127.0.0.1", 0, None)
+            )
+            fake.url = f"ws://127.0.0.1:{ws_server.port}/ws/v1"
+            loop["token"] = trio.lowlevel.current_trio_token()
+            loop["scope"] = nursery.cancel_scope
+            ready.set()
+
+    thread = threading.Thread(target=trio.run, args=(main,))
+    thread.start()
+    try:
+        assert ready.wait(GUARD)
+        yield fake
+    finally:
+        if "scope" in loop:
+            trio.from_thread.run_sync(loop["scope"].cancel, trio_token=loop["token"])
+        thread.join(GUARD)
+    assert fake.violations == []
+
+
+def silence(seconds: float, rate: int = 16000) -> bytes:
+    return b"\x00\x00" * int(rate * seconds)
+
+
+async def collect(url: str, pcm: bytes, **kwargs: Any) -> list[Event]:
+    options: dict[str, Any] = {"token": TOKEN, "appkey": APPKEY, "realtime": False}
+    options.update(kwargs)
+    rate = options.pop("sample_rate", 16000)
+    with trio.fail_after(GUARD):
+        async with open_transcription(url, pcm, rate, **options) as transcription:
+            return [event async for event in transcription]
+
+
+def names(events: list[Event]) -> list[str]:
+    return [event["header"]["name"] for event in events]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+# --- open_transcription ------------------------------------------------------------------------
+
+SENTENCE = ["SentenceBegin", "TranscriptionResultChanged", "SentenceEnd"]
+
+
+async def test_events_in_order_and_client_closes(server: FakeServer) -> None:
+    events = await collect(server.url, silence(2.5))
+    assert names(events) == [
+        "TranscriptionStarted",
+        *SENTENCE * 3,
+        "TranscriptionCompleted",
+    ]
+    assert [e["payload"]["result"] for e in events if e["header"]["name"] == "SentenceEnd"] == [
+        "second 1",
+        "second 2",
+        "second 3",
+    ]
+    assert server.client_closed is not None
+    with trio.fail_after(GUARD):
+        await server.client_closed.wait()
+
+
+async def test_session_id_and_completed_flag(server: FakeServer) -> None:
+    with trio.fail_after(GUARD):
+        async with open_transcription(
+            server.url, silence(0.2), 16000, token=TOKEN, appkey=APPKEY, realtime=False
+        ) as transcription:
+            assert transcription.session_id == "5" * 32
+            assert not transcription.completed
+            async for _ in transcription:
+                pass
+            assert transcription.completed
+
+
+async def test_start_message_is_the_sdks(server: FakeServer) -> None:
+    await collect(server.url, silence(0.1, 8000), sample_rate=8000, params={"vocabulary_id": "v1"})
+    assert server.start is not None
+    assert list(server.start["header"]) == ["message_id", "task_id", "namespace", "name", "appkey"]
+    assert server.start["payload"] == {
+        "format": "pcm",
+        "sample_rate": 8000,
+        "enable_intermediate_result": True,
+        "enable_punctuation_prediction": True,
+        "enable_inverse_text_normalization": True,
+        "enable_words": True,
+        "vocabulary_id": "v1",
+    }
+    assert "sdk" in server.start["context"]
+
+
+async def test_params_override_defaults(server: FakeServer) -> None:
+    await collect(server.url, silence(0.1), params={"enable_intermediate_result": False})
+    assert server.start is not None
+    assert server.start["payload"]["enable_intermediate_result"] is False
+
+
+async def test_stop_has_no_payload(server: FakeServer) -> None:
+    await collect(server.url, silence(0.3))
+    assert server.start is not None and server.stop is not None
+    assert "payload" not in server.stop
+    assert server.stop["header"]["task_id"] == server.start["header"]["task_id"]
+    assert server.stop["header"]["message_id"] != server.start["header"]["message_id"]
+
+
+async def test_token_header_arrives(server: FakeServer) -> None:
+    await collect(server.url, silence(0.1))
+    assert server.headers["x-nls-token"] == TOKEN
+
+
+@pytest.mark.parametrize("token", [None, "wrong"])
+async def test_bad_token_is_task_failed(server: FakeServer, token: str | None) -> None:
+    with pytest.raises(TranscribeError) as info:
+        await collect(server.url, silence(0.1), token=token)
+    assert info.value.code == 40000001
+    assert info.value.reason == "bad token"
+    assert info.value.event is not None
+    assert info.value.event["header"]["namespace"] == "Default"
+    assert server.frame_sizes == []  # no audio before TranscriptionStarted
+    if token is None:
+        assert "x-nls-token" not in server.headers
+
+
+@pytest.mark.parametrize(("rate", "frame_ms", "size"), [(16000, 100, 3200), (8000, 20, 320)])
+async def test_frame_sizes(server: FakeServer, rate: int, frame_ms: int, size: int) -> None:
+    pcm = silence(0.35, rate)
+    await collect(server.url, pcm, sample_rate=rate, frame_ms=frame_ms)
+    full, rest = divmod(len(pcm), size)
+    assert server.frame_sizes == [size] * full + ([rest] if rest else [])
+
+
+async def test_realtime_sends_frames_of_the_right_size(server: FakeServer) -> None:
+    events = await collect(server.url, silence(0.3), realtime=True)
+    assert names(events)[-1] == "TranscriptionCompleted"
+    assert server.frame_sizes == [3200, 3200, 3200]
+
+
+async def test_task_failed_mid_stream(server: FakeServer) -> None:
+    server.fail_after_bytes = 32000
+    with pytest.raises(TranscribeError) as info:
+        await collect(server.url, silence(3))
+    assert (info.value.code, info.value.reason) == (40270002, "no valid audio")
+
+
+async def test_events_before_task_failed_are_delivered(server: FakeServer) -> None:
+    server.fail_after_bytes = 40000
+    seen: list[str] = []
+    with pytest.raises(TranscribeError):
+        with trio.fail_after(GUARD):
+            async with open_transcription(
+                server.url, silence(3), 16000, token=TOKEN, appkey=APPKEY, realtime=False
+            ) as transcription:
+                async for event in transcription:
+                    seen.append(event["header"]["name"])
+    assert seen == ["TranscriptionStarted", *SENTENCE]
+
+
+async def test_connection_closed_before_completion(server: FakeServer) -> None:
+    server.drop_after_bytes = 6400
+    with pytest.raises(TranscribeError, match=r"closed \(code 1011, fake crash\)") as info:
+        await collect(server.url, silence(1))
+    assert info.value.code == LOCAL_FAILURE
+    assert info.value.event is None
+
+
+async def test_no_answer_to_start(server: FakeServer) -> None:
+    server.never_start = True
+    with pytest.raises(TranscribeError, match=r"no message from the server within 0\.2 s"):
+        await collect(server.url, silence(0.1), reply_timeout=0.2)
+
+
+async def test_connection_refused() -> None:
+    with pytest.raises(TranscribeError, match="cannot connect") as info:
+        await collect(f"ws://127.0.0.1:{free_port()}/ws/v1", silence(0.1))
+    assert info.value.code == LOCAL_FAILURE
+
+
+async def test_bad_url() -> None:
+    with pytest.raises(TranscribeError, match="bad URL"):
+        await collect("http://127.0.0.1/ws/v1", silence(0.1))
+
+
+async def test_leaving_early_stops_the_sender(server: FakeServer) -> None:
+    with trio.fail_after(GUARD):
+        async with open_transcription(
+            server.url, silence(60), 16000, token=TOKEN, appkey=APPKEY, realtime=True
+        ) as transcription:
+            async for event in transcription:
+                assert event["header"]["name"] == "TranscriptionStarted"
+                break
+    assert server.stop is None
+
+
+async def deaf_to_close_server(fail: bool, stream: trio.SocketStream) -> None:
+    """Answers Start, then TaskFailed or (on Stop) Completed, but never the closing handshake."""
+    ws = WSConnection(ConnectionType.SERVER)
+    task_id = ""
+
+    async def send(event: ws_events.Event) -> None:
+        await stream.send_all(ws.send(event))
+
+    async for data in stream:
+        ws.receive_data(bytes(data))
+        for event in ws.events():
+            if isinstance(event, ws_events.Request):
+                await send(ws_events.AcceptConnection())
+            elif isinstance(event, ws_events.TextMessage):
+                header = json.loads(event.data)["header"]
+                if header["name"] == "StartTranscription":
+                    task_id = header["task_id"]
+                    await send(ws_events.Message(server_event("TranscriptionStarted", task_id)))
+                    if fail:
+                        failed = server_event("TaskFailed", task_id, status=41040201)
+                        await send(ws_events.Message(failed))
+                else:
+                    done = server_event("TranscriptionCompleted", task_id)
+                    await send(ws_events.Message(done))
+    await trio.sleep_forever()
+
+
+@pytest.mark.parametrize("fail", [True, False])
+async def test_server_deaf_to_close(nursery: trio.Nursery, fail: bool) -> None:
+    listeners = await nursery.start(
+        partial(trio.serve_tcp, partial(deaf_to_close_server, fail), 0, host="127.0.0.1")
+    )
+    url = f"ws://127.0.0.1:{listeners[0].socket.getsockname()[1]}/ws/v1"
+    if fail:  # the TaskFailed, not the close timeout, is what the caller learns
+        with pytest.raises(TranscribeError) as info:
+            await collect(url, silence(0.1), reply_timeout=0.2)
+        assert info.value.code == 41040201
+    else:  # completed: a close timeout does not matter
+        events = await collect(url, silence(0.1), reply_timeout=0.2)
+        assert names(events) == ["TranscriptionStarted", "TranscriptionCompleted"]
+
+
+# --- send_audio pacing (virtual time) ------------------------------------------------------
+
+
+@pytest.mark.parametrize("realtime", [True, False])
+async def test_send_audio_pacing(autojump_clock: trio.abc.Clock, realtime: bool) -> None:
+    sent: list[tuple[float, int]] = []
+    t0 = trio.current_time()
+
+    async def send(frame: bytes) -> None:
+        sent.append((trio.current_time() - t0, len(frame)))
+
+    await send_audio(send, silence(0.25), 16000, frame_ms=100, realtime=realtime)
+    assert [size for _, size in sent] == [3200, 3200, 1600]
+    times = [t for t, _ in sent]
+    # Each frame leaves when its last sample would have been captured live.
+    assert times == (pytest.approx([0.1, 0.2, 0.25]) if realtime else [0.0, 0.0, 0.0])
+
+
+async def test_send_audio_rejects_frames_below_one_sample() -> None:
+    async def send(frame: bytes) -> None:
+        raise AssertionError
+
+    with pytest.raises(ValueError, match="less than one sample"):
+        await send_audio(send, silence(0.1), 8000, frame_ms=0, realtime=False)
+
+
+# --- printing ------------------------------------------------------------------------------
+
+
+async def print_run(url: str, pcm: bytes, **kwargs: Any) -> int:
+    options: dict[str, Any] = {
+        "url": url,
+        "token": TOKEN,
+        "appkey": APPKEY,
+        "realtime": False,
+        "json_lines": False,
+    }
+    options.update(kwargs)
+    with trio.fail_after(GUARD):
+        return await transcribe_and_print(pcm, 16000, **options)
+
+
+FINALS = "[0.00-1.00] second 1\n[1.00-2.00] second 2\n[2.00-2.50] second 3\n"
+
+
+async def test_text_output_not_a_terminal(
+    server: FakeServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert await print_run(server.url, silence(2.5)) == 0
+    captured = capsys.readouterr()
+    assert captured.out == FINALS
+    assert captured.err == ""
+
+
+class Terminal(StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+async def test_text_output_on_a_terminal_shows_partials(
+    server: FakeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stdout", terminal)
+    assert await print_run(server.url, silence(1.5)) == 0
+    clear = "\r\x1b[K"
+    assert terminal.getvalue() == (
+        f"{clear}[0.00-0.50] second{clear}[0.00-1.00] second 1\n"
+        f"{clear}[1.00-1.50] second{clear}[1.00-1.50] second 2\n"
+    )
+
+
+async def test_json_output(server: FakeServer, capsys: pytest.CaptureFixture[str]) -> None:
+    assert await print_run(server.url, silence(1.2), json_lines=True) == 0
+    lines = capsys.readouterr().out.splitlines()
+    events = [json.loads(line) for line in lines]
+    assert names(events) == ["TranscriptionStarted", *SENTENCE * 2, "TranscriptionCompleted"]
+
+
+@pytest.mark.parametrize("json_lines", [False, True])
+async def test_failure_output(
+    server: FakeServer, capsys: pytest.CaptureFixture[str], json_lines: bool
+) -> None:
+    assert await print_run(server.url, silence(0.5), token="nope", json_lines=json_lines) == 1
+    captured = capsys.readouterr()
+    assert "40000001" in captured.err and "bad token" in captured.err
+    if json_lines:
+        assert names([json.loads(captured.out)]) == ["TaskFailed"]
+    else:
+        assert captured.out == ""
+
+
+async def test_connection_failure_output(capsys: pytest.CaptureFixture[str]) -> None:
+    assert await print_run(f"ws://127.0.0.1:{free_port()}/ws/v1", silence(0.1)) == 1
+    assert "cannot connect" in capsys.readouterr().err
+
+
+# --- run_transcribe (synchronous; the fake runs in a thread) -----------------------------------
+
+
+def write_wav(path: Path, rate: int, channels: int, seconds: float) -> Path:
+    frames = int(rate * seconds)
+    t = np.arange(frames) / rate
+    mono = (0.3 * 32767 * np.sin(2 * np.pi * 440 * t)).astype("<i2")
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(channels)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(np.repeat(mono, channels).tobytes())
+    return path
+
+
+def cli(path: Path, url: str, **kwargs: Any) -> int:
+    options: dict[str, Any] = {
+        "url": url,
+        "token": TOKEN,
+        "appkey": APPKEY,
+        "realtime": False,
+        "json_lines": False,
+    }
+    options.update(kwargs)
+    return run_transcribe(str(path), **options)
+
+
+def test_run_transcribe_resamples_44100_stereo(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_wav(tmp_path / "cd.wav", 44100, 2, 2.0)
+    with server_in_thread() as fake:
+        assert cli(path, fake.url) == 0
+    assert fake.start is not None
+    assert fake.start["payload"]["sample_rate"] == 16000
+    assert sum(fake.frame_sizes) == 2 * 32000
+    assert capsys.readouterr().out == "[0.00-1.00] second 1\n[1.00-2.00] second 2\n"
+
+
+def test_run_transcribe_keeps_8000(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_wav(tmp_path / "phone.wav", 8000, 1, 1.0)
+    with server_in_thread() as fake:
+        assert cli(path, fake.url, json_lines=True) == 0
+    assert fake.start is not None
+    assert fake.start["payload"]["sample_rate"] == 8000
+    assert sum(fake.frame_sizes) == 16000
+    assert len(capsys.readouterr().out.splitlines()) == 5
+
+
+def test_run_transcribe_task_failed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_wav(tmp_path / "a.wav", 16000, 1, 0.5)
+    with server_in_thread() as fake:
+        assert cli(path, fake.url, token=None) == 1
+    assert "40000001" in capsys.readouterr().err
+
+
+def test_run_transcribe_connection_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_wav(tmp_path / "a.wav", 16000, 1, 0.1)
+    assert cli(path, f"ws://127.0.0.1:{free_port()}/ws/v1") == 1
+    assert "cannot connect" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content", [None, b"not a wav file at all"])
+def test_run_transcribe_unreadable_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: bytes | None
+) -> None:
+    path = tmp_path / "x.wav"
+    if content is not None:
+        path.write_bytes(content)
+    assert cli(path, "ws://127.0.0.1:9/ws/v1") == 2
+    assert "cannot read" in capsys.readouterr().err

@@ -1,0 +1,311 @@
+"""Result post-processing (disfluency, word filter, ITN, punctuation) and the WER measure."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import pytest
+
+from asrd.engines.base import EngineWord
+from asrd.events import Word
+from asrd.params import SessionParams, WordFilter
+from asrd.textproc import (
+    apply_word_filter,
+    inverse_normalize,
+    postprocess,
+    punctuate,
+    remove_disfluencies,
+)
+from asrd.wer import normalize, wer, word_errors
+
+
+def words(text: str) -> list[Word]:
+    """Words 100 ms apart, each 90 ms long."""
+    return [Word(t, i * 100, i * 100 + 90) for i, t in enumerate(text.split())]
+
+
+def texts(ws: list[Word] | tuple[Word, ...]) -> str:
+    return " ".join(w.text for w in ws)
+
+
+ALL = SessionParams(
+    disfluency=True,
+    special_word_filter=WordFilter(system_reserved_filter=True, remove=("foo",), mask=("secret",)),
+    enable_inverse_text_normalization=True,
+    enable_punctuation_prediction=True,
+)
+
+# --- postprocess as a whole --------------------------------------------------------------
+
+
+def test_nothing_asked_nothing_changed() -> None:
+    ws = words("uh twenty three damn")
+    text, out = postprocess(ws, SessionParams())
+    assert text == "uh twenty three damn"
+    assert out == tuple(ws)
+
+
+def test_empty_input() -> None:
+    assert postprocess([], ALL) == ("", ())
+    assert postprocess([], SessionParams()) == ("", ())
+
+
+def test_everything_filtered_gives_empty_result() -> None:
+    assert postprocess(words("uh um foo"), ALL) == ("", ())
+
+
+def test_all_steps_in_order() -> None:
+    text, out = postprocess(words("um what is twenty five percent of the secret uh number"), ALL)
+    assert text == "What is 25% of the ****** number?"
+    assert text == texts(out)
+    # "twenty five percent" spans its three words: 200..290, 300..390, 400..490.
+    assert out[2] == Word("25%", 300, 590)
+
+
+def test_engine_words_are_accepted() -> None:
+    engine_words = [EngineWord("i", 0, 100), EngineWord("am", 100, 200)]
+    text, out = postprocess(engine_words, ALL)
+    assert text == "I am."
+    assert out == (Word("I", 0, 100), Word("am.", 100, 200))
+    assert all(type(w) is Word for w in out)
+
+
+def test_duck_typed_words_are_accepted() -> None:
+    @dataclass
+    class Token:
+        text: str
+        start_ms: int
+        end_ms: int
+
+    assert postprocess([Token("hello", 0, 5)], ALL) == ("Hello.", (Word("Hello.", 0, 5),))
+
+
+def test_empty_word_texts_are_dropped() -> None:
+    assert postprocess([Word("", 0, 1), Word("ok", 1, 2)], SessionParams()) == (
+        "ok",
+        (Word("ok", 1, 2),),
+    )
+
+
+def test_text_and_words_always_agree() -> None:
+    samples = [
+        "uh one hundred and five damn apples",
+        "nineteen eighty four",
+        "secret secret foo",
+        "i i i",
+        "three point one four percent",
+    ]
+    for sample in samples:
+        text, out = postprocess(words(sample), ALL)
+        assert text == texts(out)
+        for w in out:
+            assert w.start_ms <= w.end_ms
+        for a, b in itertools.pairwise(out):
+            assert a.end_ms <= b.start_ms
+
+
+# --- disfluency --------------------------------------------------------------------------
+
+
+def test_fillers_removed_case_insensitively() -> None:
+    out = remove_disfluencies(words("Uh I um think er that hmm ah mm works"))
+    assert texts(out) == "I think that works"
+
+
+def test_meaningful_lookalikes_are_kept() -> None:
+    assert texts(remove_disfluencies(words("oh well mhm like umbrella"))) == (
+        "oh well mhm like umbrella"
+    )
+
+
+def test_fillers_keep_times_of_the_other_words() -> None:
+    out = remove_disfluencies(words("uh yes"))
+    assert out == [Word("yes", 100, 190)]
+
+
+# --- special_word_filter -----------------------------------------------------------------
+
+
+def test_remove_and_mask_whole_words_case_insensitively() -> None:
+    wf = WordFilter(remove=("Foo",), mask=("bar", "SECRET"))
+    out = apply_word_filter(words("FOO food Bar barn Secret secrets"), wf)
+    assert texts(out) == "food *** barn ****** secrets"
+
+
+def test_mask_keeps_length_and_times() -> None:
+    out = apply_word_filter(words("a password here"), WordFilter(mask=("password",)))
+    assert out[1] == Word("********", 100, 190)
+
+
+def test_mask_keeps_surrounding_punctuation() -> None:
+    out = apply_word_filter([Word('"Secret,"', 0, 10)], WordFilter(mask=("secret",)))
+    assert out == [Word('"******,"', 0, 10)]
+
+
+def test_system_reserved_filter() -> None:
+    sample = words("well damn that is Bullshit scrap class")
+    assert texts(apply_word_filter(sample, WordFilter())) == texts(sample)
+    out = apply_word_filter(sample, WordFilter(system_reserved_filter=True))
+    assert texts(out) == "well **** that is ******** scrap class"
+
+
+def test_remove_wins_over_mask_and_reserved() -> None:
+    wf = WordFilter(system_reserved_filter=True, remove=("damn",), mask=("damn", "x"))
+    assert texts(apply_word_filter(words("damn x"), wf)) == "*"
+
+
+def test_phrases() -> None:
+    wf = WordFilter(remove=("credit card",), mask=("top secret plan", "top"))
+    out = apply_word_filter(words("my Credit Card is the top secret plan top credit"), wf)
+    assert texts(out) == "my is the *** ****** **** *** credit"
+    assert out[2] == Word("the", 400, 490)
+
+
+def test_empty_entries_are_ignored() -> None:
+    wf = WordFilter(remove=("", "  "), mask=("...",))
+    assert texts(apply_word_filter(words("a b"), wf)) == "a b"
+
+
+def test_filter_everything() -> None:
+    assert apply_word_filter(words("foo foo"), WordFilter(remove=("foo",))) == []
+    assert apply_word_filter([], WordFilter(remove=("foo",))) == []
+
+
+# --- inverse text normalisation ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("spoken", "written"),
+    [
+        ("twenty three", "23"),
+        ("one hundred and five", "105"),
+        ("one hundred five", "105"),
+        ("two thousand twenty six", "2026"),
+        ("two thousand and ten", "2010"),
+        ("three point five", "3.5"),
+        ("three point one four one five", "3.1415"),
+        ("zero point five", "0.5"),
+        ("three point oh five", "3.05"),
+        ("fifty percent", "50%"),
+        ("one percent", "1%"),
+        ("three point five per cent", "3.5%"),
+        ("ten", "10"),
+        ("nineteen", "19"),
+        ("ninety nine", "99"),
+        ("twelve hundred", "1200"),
+        ("twenty five hundred", "2500"),
+        ("eleven hundred and one", "1101"),
+        ("a thousand", "a thousand"),
+        ("two million three hundred thousand and one", "2300001"),
+        ("one billion", "1000000000"),
+        ("nineteen eighty four", "1984"),
+        ("twenty twenty six", "2026"),
+        ("nineteen oh five", "1905"),
+        ("two thousand three thousand", "2000 3000"),
+        ("one hundred and", "100 and"),
+        ("one hundred and the", "100 and the"),
+        ("three twenty", "three 20"),
+        ("twenty zero", "20 zero"),
+    ],
+)
+def test_numbers(spoken: str, written: str) -> None:
+    assert texts(inverse_normalize(words(spoken))) == written
+
+
+@pytest.mark.parametrize(
+    "spoken",
+    ["one of them", "no one", "zero", "one two three", "hundred", "thousand", "point five"],
+)
+def test_lone_small_numbers_and_stray_number_words_stay_words(spoken: str) -> None:
+    assert texts(inverse_normalize(words(spoken))) == spoken
+
+
+def test_numbers_at_start_middle_and_end() -> None:
+    out = inverse_normalize(words("forty two is the answer to six times seven hundred"))
+    assert texts(out) == "42 is the answer to six times 700"
+    out = inverse_normalize(words("he turned twenty one"))
+    assert texts(out) == "he turned 21"
+
+
+def test_merged_number_spans_its_words() -> None:
+    out = inverse_normalize(words("about one hundred and five people"))
+    assert out == [
+        Word("about", 0, 90),
+        Word("105", 100, 490),
+        Word("people", 500, 590),
+    ]
+
+
+def test_number_words_are_matched_case_insensitively() -> None:
+    assert texts(inverse_normalize(words("Twenty Three"))) == "23"
+
+
+# --- punctuation -------------------------------------------------------------------------
+
+
+def test_statement() -> None:
+    assert texts(punctuate(words("he might even have been made amiable"))) == (
+        "He might even have been made amiable."
+    )
+
+
+@pytest.mark.parametrize(
+    "first", ["what", "who", "how", "why", "is", "are", "do", "does", "can", "where"]
+)
+def test_questions(first: str) -> None:
+    out = punctuate(words(f"{first} it works"))
+    assert texts(out) == f"{first.capitalize()} it works?"
+
+
+def test_i_is_capitalised() -> None:
+    assert texts(punctuate(words("so i think i'm right and i'll go"))) == (
+        "So I think I'm right and I'll go."
+    )
+
+
+def test_single_word_and_existing_marks() -> None:
+    assert punctuate(words("yes")) == [Word("Yes.", 0, 90)]
+    assert texts(punctuate([Word("really?", 0, 1)])) == "Really?"
+    assert texts(punctuate([Word("23", 0, 1)])) == "23."
+    assert texts(punctuate([Word("****", 0, 1)])) == "****."
+    assert punctuate([]) == []
+
+
+# --- WER ---------------------------------------------------------------------------------
+
+
+def test_normalize() -> None:
+    assert normalize("<s> And(2) Mr. JOHN, s. don't cold-hearted! </s>") == [
+        "and",
+        "mr",
+        "john",
+        "s",
+        "don't",
+        "cold",
+        "hearted",
+    ]
+    assert normalize("[NOISE] <sil> 'quoted' ") == ["quoted"]
+    assert normalize("") == []
+
+
+def test_word_errors() -> None:
+    assert word_errors([], []) == 0
+    assert word_errors([], ["a"]) == 1
+    assert word_errors(["a"], []) == 1
+    assert word_errors("a b c".split(), "a b c".split()) == 0
+    assert word_errors("a b c".split(), "a x c".split()) == 1  # substitution
+    assert word_errors("a b c".split(), "a c".split()) == 1  # deletion
+    assert word_errors("a b c".split(), "a b b c".split()) == 1  # insertion
+    assert word_errors("a b c d".split(), "b c d e".split()) == 2
+    assert word_errors("the cat".split(), "cat the dog".split()) == 2  # insert, keep, sub
+
+
+def test_corpus_wer_weights_by_reference_length() -> None:
+    # 1 error in 4 words + 1 error in 1 word = 2 / 5, not the mean of 25% and 100%.
+    assert wer(["a b c d", "e"], ["a b c x", "f"]) == pytest.approx(0.4)
+    assert wer(["Hello, World."], ["hello world"]) == 0.0
+    assert wer([""], [""]) == 0.0
+    assert wer([""], ["a"]) == float("inf")
+    with pytest.raises(ValueError):
+        wer(["a"], [])

@@ -1,0 +1,201 @@
+"""Fast unit tests of the gateway's pure parts: config, auth, handshake, wire, sentences, bus."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+from asrd import wire
+from asrd.auth import StaticAuthenticator
+from asrd.bus import NoResponders
+from asrd.bus.memory import InMemoryBus
+from asrd.config import AuthConfig, ConfigError, load_config
+from asrd.errors import AppKeyTokenMismatch, AuthError, BusError, UnknownAppKey
+from asrd.events import ResultChanged, SentenceBegin, SentenceEnd
+from asrd.handshake import HeadError, dedupe_head, parse_head, split_head
+from asrd.params import SessionParams
+from asrd.sentences import SentenceTracker
+
+# --- config -------------------------------------------------------------------------------
+
+
+def test_shipped_config_toml_equals_the_defaults() -> None:
+    assert load_config("config.toml") == load_config(None)
+
+
+def test_defaults_follow_the_protocol() -> None:
+    cfg = load_config(None)
+    assert cfg.server.idle_timeout_s == 10.0
+    assert cfg.server.host == "127.0.0.1"
+
+
+def test_auth_off_is_refused_on_a_public_address() -> None:
+    with pytest.raises(ConfigError, match="loopback"):
+        load_config(None, server={"host": "0.0.0.0"})
+    cfg = load_config(None, server={"host": "0.0.0.0"}, auth={"enabled": True})
+    assert cfg.server.host == "0.0.0.0"
+
+
+def test_unknown_key_and_out_of_range_are_named(tmp_path: pytest.TempPathFactory) -> None:
+    path = tmp_path / "c.toml"  # type: ignore[operator]
+    path.write_text("[server]\nport = 99999\n")
+    with pytest.raises(ConfigError, match="port"):
+        load_config(path)
+    path.write_text("[server]\nportt = 1\n")
+    with pytest.raises(ConfigError, match="portt"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="frame_ms"):
+        load_config(None, segmentation={"frame_ms": 25})
+
+
+# --- auth ---------------------------------------------------------------------------------
+
+
+async def test_static_auth_codes() -> None:
+    auth = StaticAuthenticator(
+        AuthConfig.model_validate(
+            {
+                "enabled": True,
+                "apps": [{"appkey": "a", "tokens": ["ta"]}, {"appkey": "b", "tokens": ["tb"]}],
+            }
+        )
+    )
+    await auth.authorize("ta", "a")
+    with pytest.raises(AuthError) as e1:
+        await auth.authorize(None, "a")
+    assert e1.value.code == 40000001
+    with pytest.raises(AuthError):
+        await auth.authorize("nope", "a")
+    with pytest.raises(UnknownAppKey) as e2:
+        await auth.authorize("ta", "zzz")
+    assert e2.value.code == 40020105
+    with pytest.raises(AppKeyTokenMismatch) as e3:
+        await auth.authorize("ta", "b")
+    assert e3.value.code == 40020106
+    await StaticAuthenticator(AuthConfig()).authorize(None, "anything")
+
+
+# --- handshake ----------------------------------------------------------------------------
+
+SDK_HEAD = (
+    b"GET /ws/v1?token=abc HTTP/1.1\r\nUpgrade: websocket\r\nHost: 127.0.0.1:1\r\n"
+    b"Origin: http://127.0.0.1:1\r\nSec-WebSocket-Key: FIRSTKEYFIRSTKEY00000==\r\n"
+    b"Sec-WebSocket-Version: 13\r\nConnection: Upgrade\r\nX-NLS-Token: tok\r\n"
+    b"Sec-WebSocket-Key: x3JJHMbDL1EzLkh9GBhXDw==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
+
+
+def test_dedupe_keeps_the_first_key_like_the_sdk_expects() -> None:
+    head = parse_head(dedupe_head(SDK_HEAD))
+    keys = [v for k, v in head.headers if k == b"sec-websocket-key"]
+    assert keys == [b"FIRSTKEYFIRSTKEY00000=="]
+    assert [v for k, v in head.headers if k == b"sec-websocket-version"] == [b"13"]
+    assert head.is_websocket and head.path == "/ws/v1" and head.query("token") == "abc"
+    assert head.header(b"x-nls-token") == b"tok"
+
+
+def test_split_head_waits_for_the_blank_line_and_bounds_size() -> None:
+    assert split_head(SDK_HEAD[:50]) is None
+    head, rest = split_head(SDK_HEAD + b"\x81\x00") or (b"", b"")
+    assert head == SDK_HEAD and rest == b"\x81\x00"
+    with pytest.raises(HeadError):
+        split_head(b"x" * 20000)
+    with pytest.raises(HeadError):
+        parse_head(b"\xff\xfe\r\n\r\n")
+
+
+# --- wire ---------------------------------------------------------------------------------
+
+
+def test_wire_round_trips() -> None:
+    assert wire.decode_input(wire.encode_audio(7, b"\x01\x02")) == wire.AudioIn(7, b"\x01\x02")
+    assert wire.decode_input(wire.encode_control("end", 3)) == wire.ControlIn("end", 3)
+    r = wire.Result(True, 2, 1500, "hello", (("hello", 10, 400),), 0.75)
+    assert wire.decode_output(r.encode()) == r
+    f = wire.Failure(50000000, "boom")
+    assert wire.decode_output(f.encode()) == f
+    c = wire.Claim("s" * 32, 8000, True)
+    assert wire.decode_claim(c.encode()) == c
+    hb = wire.Heartbeat("w1", "en-US", "pocketsphinx", 3, 1)
+    assert wire.decode_heartbeat(hb.encode()) == hb
+
+
+@pytest.mark.parametrize("junk", [b"", b"{", b"[1]", b'{"type":"partial"}', b"A\x00", b'{"ok":1}'])
+def test_wire_junk_is_a_bus_error(junk: bytes) -> None:
+    for decode in (wire.decode_output, wire.decode_input, wire.decode_heartbeat, wire.decode_claim):
+        try:
+            decode(junk)
+        except BusError:
+            pass
+
+
+# --- sentence tracker ---------------------------------------------------------------------
+
+
+def _final(utt: int, text: str, words: tuple[tuple[str, int, int], ...] = ()) -> wire.Result:
+    return wire.Result(True, utt, 1000, text, words, 0.8)
+
+
+def test_tracker_orders_sentences_and_offsets_times() -> None:
+    t = SentenceTracker(SessionParams(enable_intermediate_result=True, enable_words=True))
+    assert t.begin(1, 1200, 900) == [SentenceBegin(1, 1200)]
+    t.end(1, 3000, False)
+    assert t.begin(2, 3500, 3200) == []  # held back until sentence 1 is final
+    partial = wire.Result(False, 1, 400, "he", (("he", 300, 500),), 0.5)
+    out = t.result(partial)
+    assert isinstance(out[0], ResultChanged) and out[0].time_ms == 1300
+    assert out[0].words[0].start_ms == 1200
+    out = t.result(_final(1, "he was", (("he", 300, 500), ("was", 500, 800))))
+    assert [type(e) for e in out] == [SentenceEnd, SentenceBegin]
+    end = out[0]
+    assert isinstance(end, SentenceEnd)
+    assert (end.index, end.time_ms, end.begin_time_ms) == (1, 3000, 1200)
+    assert [(w.start_ms, w.end_ms) for w in end.words] == [(1200, 1400), (1400, 1700)]
+    assert out[1] == SentenceBegin(2, 3500)
+    assert t.result(_final(1, "again")) == []  # a replayed duplicate is dropped
+    assert not t.idle
+    t.end(2, 5000, True)
+    out = t.result(_final(2, ""))
+    assert isinstance(out[0], SentenceEnd) and out[0].timed_out and t.idle
+
+
+def test_tracker_drops_partials_unless_asked() -> None:
+    t = SentenceTracker(SessionParams())
+    t.begin(1, 0, 0)
+    assert t.result(wire.Result(False, 1, 400, "he", (), 0.5)) == []
+
+
+# --- in-memory bus ------------------------------------------------------------------------
+
+
+async def test_memory_bus_queue_groups_and_requests() -> None:
+    bus = InMemoryBus()
+    a = await bus.subscribe("x.*", queue="q")
+    b = await bus.subscribe("x.*", queue="q")
+    for _ in range(4):
+        bus.publish("x.y", b"m")
+    assert len(a._recv._state.data) == 2 and len(b._recv._state.data) == 2  # type: ignore[attr-defined]
+    with pytest.raises(NoResponders):
+        await bus.request("nobody", b"", 1)
+
+    async def responder() -> None:
+        msg = await a.receive()
+        while msg.reply == "":
+            msg = await a.receive()
+        bus.publish(msg.reply, b"pong")
+
+    async with trio.open_nursery() as n:
+        n.start_soon(responder)
+        await bus.unsubscribe(b)
+        assert await bus.request("x.z", b"ping", 5) == b"pong"
+
+
+async def test_slow_subscription_overflows_with_a_clear_error() -> None:
+    bus = InMemoryBus()
+    sub = await bus.subscribe("s", max_pending=2)
+    for _ in range(3):
+        bus.publish("s", b"m")
+    await sub.receive()
+    await sub.receive()
+    with pytest.raises(BusError, match="fell too far behind"):
+        await sub.receive()
