@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 import trio
 
-from asrd.auth import StaticAuthenticator
 from asrd.bus.natsbus import open_nats_bus
 from asrd.config import Config
+from asrd.control import StaticControlPlane
 from asrd.gateway import Gateway
 from tests.servers import nats_server, start_worker, stop
 
@@ -73,7 +73,7 @@ async def open_gateway(
         {"server": server, "nats": {"url": nats_url, **sections.pop("nats", {})}, **sections}
     )
     async with open_nats_bus(config.nats, nats_url, name="test-gateway") as bus:
-        gw = Gateway(config, bus, StaticAuthenticator(config.auth))
+        gw = Gateway(config, bus, StaticControlPlane(config))
         async with trio.open_nursery() as nursery:
             port = await nursery.start(partial(gw.serve, wait_for_workers=len(pool.workers)))
             yield RunningGateway(gw, f"ws://127.0.0.1:{port}/ws/v1", port)

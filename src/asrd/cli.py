@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import signal
@@ -52,9 +53,9 @@ async def _stop_on_signals(event: trio.Event, *, task_status: trio.TaskStatus[No
 async def _run_gateway(
     config: Config, config_path: str | None, nats_url: str | None, workers: int
 ) -> None:
-    from asrd.auth import StaticAuthenticator
     from asrd.bus.natsbus import open_nats_bus
     from asrd.children import start_child, start_nats_server, worker_argv
+    from asrd.control import StaticControlPlane
     from asrd.gateway import Gateway
 
     async with trio.open_nursery() as children:
@@ -64,7 +65,7 @@ async def _run_gateway(
         for i in range(workers):
             await start_child(children, worker_argv(config_path, url), f"worker {i}")
         async with open_nats_bus(config.nats, url, name="asrd-gateway") as bus:
-            gateway = Gateway(config, bus, StaticAuthenticator(config.auth))
+            gateway = Gateway(config, bus, StaticControlPlane(config))
             async with trio.open_nursery() as nursery:
                 await nursery.start(_stop_on_signals, gateway.stop_requested)
                 await gateway.serve(wait_for_workers=workers)
@@ -146,6 +147,11 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
 # --- main --------------------------------------------------------------------------------
 
 
+# Modules that add their own sub-commands: each has ``add_commands(subparsers)`` whose parsers
+# set ``func`` to a function taking the parsed arguments and returning the exit status.
+COMMAND_MODULES: tuple[str, ...] = ()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="asrd", description=__doc__)
     p.add_argument("--log-level", default=os.environ.get("ASRD_LOG_LEVEL", "info"))
@@ -194,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--json", action="store_true", help="print every event as a JSON line")
     t.set_defaults(func=cmd_transcribe)
+
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).add_commands(sub)
     return p
 
 

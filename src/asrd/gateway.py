@@ -15,9 +15,9 @@ import trio
 import trio_websocket
 from trio_websocket import ConnectionClosed
 
-from asrd.auth import Authenticator
 from asrd.bus import Bus
 from asrd.config import Config
+from asrd.control import ConnectInfo, ControlPlane
 from asrd.dialects.alibaba import AlibabaCodec
 from asrd.errors import NoWorkers, TooManyRequests
 from asrd.events import TaskFailed
@@ -62,12 +62,12 @@ class PrefixedStream(trio.abc.Stream):
 
 
 class Gateway:
-    def __init__(self, config: Config, bus: Bus, auth: Authenticator) -> None:
+    def __init__(self, config: Config, bus: Bus, control: ControlPlane) -> None:
         self.config = config
         self.registry = WorkerRegistry(
             bus, config.nats.subject_prefix, config.server.worker_timeout_s
         )
-        self.state = GatewayState(config, bus, self.registry, auth)
+        self.state = GatewayState(config, bus, self.registry, control)
         self.stop_requested = trio.Event()
         self.draining = False
         self.port = 0
@@ -181,6 +181,7 @@ class Gateway:
     async def _session(self, ws: trio_websocket.WebSocketConnection, head: RequestHead) -> None:
         codec = AlibabaCodec(max_text_bytes=self.config.server.max_text_bytes)
         token = (head.header(b"x-nls-token") or b"").decode("latin-1") or head.query("token")
+        connect = ConnectInfo(head.method, head.path, head.query_dict(), token)
         if self.state.active >= self.config.server.max_sessions:
             err = TooManyRequests(
                 f"this gateway already runs {self.config.server.max_sessions} sessions"
@@ -190,7 +191,7 @@ class Gateway:
             return
         self.state.session_started()
         try:
-            await Session(self.state, ws, codec, token).run()
+            await Session(self.state, ws, codec, connect).run()
         finally:
             self.state.session_ended()
 

@@ -30,6 +30,10 @@ class RequestHead:
     def path(self) -> str:
         return urlsplit(self.target).path
 
+    def query_dict(self) -> dict[str, str]:
+        """The first value of each query parameter, percent-decoded."""
+        return {k: v[0] for k, v in parse_qs(urlsplit(self.target).query).items()}
+
     def query(self, key: str) -> str | None:
         values = parse_qs(urlsplit(self.target).query).get(key)
         return values[0] if values else None

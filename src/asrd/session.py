@@ -20,9 +20,9 @@ from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from asrd import wire
 from asrd.audio import WavStreamParser
-from asrd.auth import Authenticator
 from asrd.bus import Bus
 from asrd.config import Config
+from asrd.control import Admission, ConnectInfo, ControlPlane, SessionRecord
 from asrd.errors import (
     AsrdError,
     ClientDisconnected,
@@ -79,7 +79,7 @@ class GatewayState:
     config: Config
     bus: Bus
     registry: WorkerRegistry
-    auth: Authenticator
+    control: ControlPlane
     force_stop: trio.Event = field(default_factory=trio.Event)
     active: int = 0
     idle: trio.Event = field(default_factory=trio.Event)  # set whenever active == 0
@@ -99,13 +99,14 @@ class GatewayState:
 
 class Session:
     def __init__(
-        self, state: GatewayState, ws: WebSocketConnection, codec: Codec, token: str | None
+        self, state: GatewayState, ws: WebSocketConnection, codec: Codec, connect: ConnectInfo
     ) -> None:
         self.state = state
         self.config = state.config
         self.ws = ws
         self.codec = codec
-        self.token = token
+        self.connect = connect
+        self.admission: Admission | None = None
         self.id = uuid.uuid4().hex
         self.error: AsrdError | None = None
         self.completed = False
@@ -125,6 +126,7 @@ class Session:
 
     async def run(self) -> None:
         started = time.monotonic()
+        started_at = time.time()
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -142,6 +144,11 @@ class Session:
                 await self._finish()
         code = self.error.code if self.error else 20000000
         self.state.outcomes[code] = self.state.outcomes.get(code, 0) + 1
+        if self.admission is not None:
+            with trio.CancelScope(shield=True):
+                await self.state.control.finish(
+                    self.admission, self._record(started_at, time.monotonic() - started, code)
+                )
         log.info(
             "session %s task %s ended: %s (%s) after %.1f s, %.1f s of audio, %d sentences",
             self.id,
@@ -151,6 +158,32 @@ class Session:
             time.monotonic() - started,
             self.audio_bytes / (2 * self.params.sample_rate),
             len(self.tracker.sentences) if self.tracker else 0,
+        )
+
+    def _record(self, started_at: float, duration_s: float, code: int) -> SessionRecord:
+        assert self.admission is not None
+        sentences = [
+            {
+                "index": s.index,
+                "begin_time": s.begin_time_ms,
+                "time": s.time_ms,
+                "text": s.text,
+                "confidence": s.confidence,
+            }
+            for s in (self.tracker.sentences if self.tracker else [])
+        ]
+        return SessionRecord(
+            task_id=self.codec.task_id,
+            session_id=self.id,
+            appkey=self.admission.appkey,
+            language=self.params.language or "",
+            started_at=started_at,
+            duration_s=duration_s,
+            audio_s=self.audio_bytes / (2 * self.params.sample_rate),
+            code=code,
+            reason=self.error.reason if self.error else "completed",
+            params=self.params.model_dump(mode="json"),
+            sentences=sentences,
         )
 
     async def _finish(self) -> None:
@@ -258,8 +291,10 @@ class Session:
     # --- steps ---------------------------------------------------------------------------
 
     async def _start(self, event: StartRequested) -> None:
-        await self.state.auth.authorize(self.token, event.appkey)
         params = event.params
+        self.admission = await self.state.control.admit(
+            self.connect, appkey=event.appkey, language=params.language, session_id=self.id
+        )
         if params.language is None:
             params = params.model_copy(update={"language": self.config.server.default_language})
         self.params = params
@@ -278,13 +313,12 @@ class Session:
         self.tracker = SentenceTracker(params)
         if params.format == "wav":
             self.wav = WavStreamParser(params.sample_rate)
-        assert params.language is not None
         self.remote = RemoteRecognizer(
             self.state.bus,
             self.state.registry,
             prefix=self.config.nats.subject_prefix,
             session_id=self.id,
-            pool=params.language,
+            pool=self.admission.pool,
             sample_rate=params.sample_rate,
             partials=params.enable_intermediate_result,
             claim_timeout_s=self.config.server.claim_timeout_s,

@@ -1,0 +1,83 @@
+"""The control plane as the gateway sees it: who may open a session, on which engine pool,
+and what is recorded when it ends.
+
+``StaticControlPlane`` serves the embedded default from config.toml; the Redis-backed control
+plane (``asrd.store``) implements the same :class:`ControlPlane` for fleets of gateways.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from asrd.auth import StaticAuthenticator
+from asrd.config import Config
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectInfo:
+    """What the client presented when it connected (for tokens and signed links)."""
+
+    method: str
+    path: str  # without the query
+    query: dict[str, str]
+    token: str | None  # X-NLS-Token header, else ?token=
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """A granted session: the pool to claim a worker from, and what to record."""
+
+    appkey: str
+    pool: str
+    record_transcript: bool = True
+    slot: str = ""  # the concurrency slot to give back (implementation-defined)
+
+
+@dataclass(slots=True)
+class SessionRecord:
+    """Everything known about a session when it ends."""
+
+    task_id: str
+    session_id: str
+    appkey: str
+    language: str
+    started_at: float  # unix time
+    duration_s: float
+    audio_s: float
+    code: int  # 20000000 when completed, else the error code
+    reason: str
+    params: dict[str, Any] = field(default_factory=dict)
+    # {"index", "begin_time", "time", "text", "confidence"} per final sentence
+    sentences: list[dict[str, Any]] = field(default_factory=list)
+
+
+class ControlPlane(Protocol):
+    async def admit(
+        self, connect: ConnectInfo, *, appkey: str, language: str | None, session_id: str
+    ) -> Admission:
+        """Authorise, route the language to a pool and take a concurrent-session slot.
+
+        Raises the AsrdError to send (40000001, 40020105, 40020106, 40000005, unknown
+        language, 50000000 when the store is unreachable, ...).
+        """
+
+    async def finish(self, admission: Admission, record: SessionRecord) -> None:
+        """Give the slot back and record usage (and the transcript). Must not raise."""
+
+
+class StaticControlPlane:
+    """Keys and tokens from ``[auth]``; the language names the pool; nothing is recorded."""
+
+    def __init__(self, config: Config) -> None:
+        self._auth = StaticAuthenticator(config.auth)
+        self._default_language = config.server.default_language
+
+    async def admit(
+        self, connect: ConnectInfo, *, appkey: str, language: str | None, session_id: str
+    ) -> Admission:
+        await self._auth.authorize(connect.token, appkey)
+        return Admission(appkey=appkey, pool=language or self._default_language)
+
+    async def finish(self, admission: Admission, record: SessionRecord) -> None:
+        return None
