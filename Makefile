@@ -15,9 +15,9 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 setup: $(STAMP)
-	@command -v redis-server >/dev/null 2>&1 || { \
-	  echo "installing redis-server (Debian) for the integration tests"; \
-	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq redis-server; }
+	@command -v redis-server >/dev/null 2>&1 && command -v systemd-analyze >/dev/null 2>&1 || { \
+	  echo "installing redis-server and systemd (systemd-analyze) from Debian for the tests"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq redis-server systemd; }
 
 serve: $(STAMP)
 	$(VENV)/bin/asrd serve $(ARGS)

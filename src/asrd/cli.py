@@ -8,24 +8,25 @@ import logging
 import os
 import signal
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import trio
 
+from asrd import sdnotify
 from asrd.config import Config, ConfigError, load_config
+from asrd.errors import AsrdError
 
 log = logging.getLogger("asrd")
 
 DEFAULT_CONFIG = "config.toml"
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def _setup_logging(level: str, json_lines: bool) -> None:
+    from asrd import logs
+
+    logs.setup(level, json_lines=json_lines)
 
 
 def _config_path(arg: str | None) -> str | None:
@@ -43,6 +44,7 @@ async def _stop_on_signals(event: trio.Event, *, task_status: trio.TaskStatus[No
         task_status.started()
         async for signum in signals:
             log.info("received %s: stopping", signal.Signals(signum).name)
+            sdnotify.stopping()
             event.set()
             return
 
@@ -55,8 +57,8 @@ async def _run_gateway(
 ) -> None:
     from asrd.bus.natsbus import open_nats_bus
     from asrd.children import start_child, start_nats_server, worker_argv
-    from asrd.control import StaticControlPlane
     from asrd.gateway import Gateway
+    from asrd.store import open_control_plane
 
     async with trio.open_nursery() as children:
         url = nats_url or config.nats.url
@@ -64,11 +66,24 @@ async def _run_gateway(
             _, url = await start_nats_server(children)
         for i in range(workers):
             await start_child(children, worker_argv(config_path, url), f"worker {i}")
-        async with open_nats_bus(config.nats, url, name="asrd-gateway") as bus:
-            gateway = Gateway(config, bus, StaticControlPlane(config))
+        async with (
+            open_nats_bus(config.nats, url, name="asrd-gateway") as bus,
+            open_control_plane(config) as control,  # Redis when [redis] url is set
+        ):
+            gateway = Gateway(config, bus, control)
             async with trio.open_nursery() as nursery:
                 await nursery.start(_stop_on_signals, gateway.stop_requested)
-                await gateway.serve(wait_for_workers=workers)
+                nursery.start_soon(
+                    partial(
+                        sdnotify.watchdog_loop,
+                        lambda: bus.connected,
+                        describe=lambda: f"{gateway.state.active} sessions",
+                    )
+                )
+                async with trio.open_nursery() as serving:
+                    # READY only once NATS (and Redis) are reachable and the port is bound.
+                    port = await serving.start(partial(gateway.serve, wait_for_workers=workers))
+                    sdnotify.ready(f"listening on port {port}")
                 nursery.cancel_scope.cancel()
         children.cancel_scope.cancel()
 
@@ -101,7 +116,12 @@ def cmd_worker(args: argparse.Namespace) -> int:
     config = _load(
         args,
         nats={"url": args.nats_url},
-        worker={"decoders": args.decoders, "pool": args.pool, "engine": args.engine},
+        worker={
+            "decoders": args.decoders,
+            "pool": args.pool,
+            "engine": args.engine,
+            "metrics_port": args.metrics_port,
+        },
     )
     if not config.nats.url:
         raise ConfigError("asrd worker needs a NATS server: set [nats] url or --nats-url")
@@ -114,6 +134,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 async def _run_worker(config: Config, engine: Any) -> None:
     from asrd.bus.natsbus import open_nats_bus
+    from asrd.httpserve import serve_http
     from asrd.worker import Worker
 
     async with open_nats_bus(config.nats, config.nats.url, name="asrd-worker") as bus:
@@ -122,6 +143,26 @@ async def _run_worker(config: Config, engine: Any) -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(_stop_on_signals, stop)
             await nursery.start(worker.run)
+            nursery.start_soon(
+                partial(
+                    sdnotify.watchdog_loop,
+                    lambda: bus.connected,
+                    describe=lambda: f"{len(worker.sessions)} of {engine.capacity} decoders busy",
+                )
+            )
+            sdnotify.ready(f"worker {worker.id} serving pool {config.worker.pool}")
+            if config.redis.url:  # the pool this worker serves may change live
+                from asrd.store.follow import follow_worker_pool
+
+                await nursery.start(follow_worker_pool, config, worker)
+            if config.worker.metrics_port:
+                port = await nursery.start(
+                    serve_http,
+                    config.worker.metrics_host,
+                    config.worker.metrics_port,
+                    worker.health_routes(),
+                )
+                log.info("worker metrics on http://%s:%d/metrics", config.worker.metrics_host, port)
             await stop.wait()
             with trio.move_on_after(10):
                 await worker.drain()
@@ -149,12 +190,18 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
 
 # Modules that add their own sub-commands: each has ``add_commands(subparsers)`` whose parsers
 # set ``func`` to a function taking the parsed arguments and returning the exit status.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("asrd.bench", "asrd.store.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="asrd", description=__doc__)
     p.add_argument("--log-level", default=os.environ.get("ASRD_LOG_LEVEL", "info"))
+    p.add_argument(
+        "--log-json",
+        action="store_true",
+        default=os.environ.get("ASRD_LOG_JSON") == "1",
+        help="JSON lines with session_id/task_id on every session line",
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="all-in-one: private nats-server, engine workers, gateway")
@@ -176,7 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--nats-url")
     w.add_argument("--decoders", type=int, help="decoders preloaded by this worker")
     w.add_argument("--pool", help="the pool (language) served, e.g. en-US")
-    w.add_argument("--engine", help="engine name (pocketsphinx)")
+    w.add_argument("--engine", help="engine name (pocketsphinx, loadtest)")
+    w.add_argument("--metrics-port", type=int, help="serve /metrics, /healthz, /readyz here")
     w.set_defaults(func=cmd_worker)
 
     t = sub.add_parser("transcribe", help="stream a WAV file to asrd and print the sentences")
@@ -208,11 +256,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _setup_logging(args.log_level)
+    _setup_logging(args.log_level, args.log_json)
     try:
         return int(args.func(args))
     except ConfigError as exc:
         print(f"asrd: {exc}", file=sys.stderr)
         return 2
+    except AsrdError as exc:  # e.g. NATS unreachable or refusing our credentials at start
+        print(f"asrd: {exc.reason}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130

@@ -9,9 +9,16 @@ from __future__ import annotations
 import ipaddress
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    model_validator,
+)
 
 
 class _Model(BaseModel):
@@ -27,6 +34,11 @@ class ServerConfig(_Model):
     max_frame_bytes: int = Field(default=64 * 1024, ge=640, le=16 * 1024 * 1024)
     max_text_bytes: int = Field(default=64 * 1024, ge=1024, le=1024 * 1024)
     shutdown_grace_s: float = Field(default=10.0, ge=0, le=3600)
+    send_timeout_s: float = Field(default=10.0, gt=0, le=600)  # client not reading results
+    max_audio_speed: float = Field(default=10.0, ge=1.0, le=1000.0)  # x real time, sustained
+    audio_burst_s: float = Field(default=30.0, ge=0.0, le=3600.0)  # audio accepted at once
+    failover_timeout_s: float = Field(default=10.0, gt=0, le=600)
+    journal_max_bytes: int = Field(default=16 * 1024 * 1024, ge=64 * 1024, le=1024**3)
     claim_timeout_s: float = Field(default=2.0, gt=0, le=60)
     worker_timeout_s: float = Field(default=1.0, gt=0, le=60)
     default_language: str = "en-US"
@@ -50,6 +62,8 @@ class WorkerConfig(_Model):
     partial_interval_ms: int = Field(default=200, ge=50, le=5000)
     heartbeat_interval_s: float = Field(default=0.25, gt=0, le=10)
     session_idle_timeout_s: float = Field(default=5.0, gt=0, le=3600)
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = Field(default=0, ge=0, le=65535)  # 0: no /metrics endpoint
 
 
 class SegmentationConfig(_Model):
@@ -74,16 +88,70 @@ class AuthConfig(_Model):
     apps: tuple[AppConfig, ...] = ()
 
 
+# A language or pool name: one NATS subject token (pools name claim subjects).
+Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+
+
+class RoutingConfig(_Model):
+    """Which engine pool serves a language. Kept in config.toml, or live in Redis.
+
+    With no ``languages`` a session's language names its pool (the embedded default); with
+    some, only those languages are served and any other gets TaskFailed 40000003.
+    """
+
+    default_language: Name | None = None  # None: [server] default_language
+    languages: dict[Name, Name] = Field(default_factory=dict, max_length=10_000)  # lang -> pool
+    # Live reassignment of workers: the pool a worker was started with ([worker] pool) ->
+    # the pool it serves now. Workers not named here serve the pool they were started with.
+    workers: dict[Name, Name] = Field(default_factory=dict, max_length=10_000)
+
+
+class DynamicConfig(_Model):
+    """The configuration document kept in Redis (``asrd config``): sections of config.toml
+    that gateways and workers pick up live. When present it replaces those sections."""
+
+    routing: RoutingConfig = RoutingConfig()
+
+
+class RedisConfig(_Model):
+    """The Redis control plane (app keys, tokens, routing, quotas, usage, transcripts)."""
+
+    url: str = ""  # empty: no Redis; keys and routing come from config.toml
+    key_prefix: str = Field(default="asrd:", max_length=64)
+    timeout_s: float = Field(default=1.0, gt=0, le=60)  # connect and per-command
+    max_connections: int = Field(default=32, ge=1, le=10_000)
+    token_ttl_s: int = Field(default=3600, ge=1, le=30 * 86400)  # default and maximum
+    link_ttl_s: int = Field(default=120, ge=1, le=3600)  # signed links: |now - ts| window
+    slot_ttl_s: float = Field(default=30.0, ge=1, le=3600)  # a crashed gateway's slots expire
+    slot_refresh_s: float = Field(default=5.0, gt=0, le=600)
+    config_poll_s: float = Field(default=0.5, gt=0, le=1.0)  # routing changes picked up
+    cache_ttl_s: float = Field(default=60.0, ge=0, le=3600)  # keys/tokens usable in an outage
+    transcript_retention_days: float = Field(default=30.0, gt=0, le=3650)
+    buffer_records: int = Field(default=10_000, ge=1, le=1_000_000)  # held while Redis is away
+
+    @model_validator(mode="after")
+    def _refresh_before_expiry(self) -> RedisConfig:
+        if self.slot_refresh_s * 2 > self.slot_ttl_s:
+            raise ValueError(
+                "redis.slot_refresh_s must be at most half of redis.slot_ttl_s, "
+                "or running sessions lose their slots between two refreshes"
+            )
+        return self
+
+
 class Config(_Model):
     server: ServerConfig = ServerConfig()
     nats: NatsConfig = NatsConfig()
     worker: WorkerConfig = WorkerConfig()
     segmentation: SegmentationConfig = SegmentationConfig()
     auth: AuthConfig = AuthConfig()
+    routing: RoutingConfig = RoutingConfig()
+    redis: RedisConfig = RedisConfig()
 
     @model_validator(mode="after")
     def _auth_off_only_on_loopback(self) -> Config:
-        if not self.auth.enabled and not is_loopback(self.server.host):
+        # With Redis every session needs a token or a signed link: [auth] does not apply.
+        if not self.auth.enabled and not self.redis.url and not is_loopback(self.server.host):
             raise ValueError(
                 f"refusing to listen on {self.server.host!r} with [auth] enabled = false: "
                 "authentication may be off only on a loopback address (127.0.0.1, ::1, localhost)"

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from asrd.auth import StaticAuthenticator
-from asrd.config import Config
+from asrd.config import Config, RoutingConfig
+from asrd.errors import InvalidParameter
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,18 +67,37 @@ class ControlPlane(Protocol):
         """Give the slot back and record usage (and the transcript). Must not raise."""
 
 
+def route_language(
+    routing: RoutingConfig, default_language: str, language: str | None
+) -> tuple[str, str]:
+    """``(language, pool)`` of a session asking for ``language`` (None: the default).
+
+    Raises InvalidParameter (40000003) for a language the routing does not serve.
+    """
+    lang = language or routing.default_language or default_language
+    if not routing.languages:
+        return lang, lang  # no routing table: the language names its pool
+    pool = routing.languages.get(lang)
+    if pool is None:
+        known = ", ".join(sorted(routing.languages)[:20])
+        raise InvalidParameter(f"unknown language {lang!r}: this service serves {known}")
+    return lang, pool
+
+
 class StaticControlPlane:
-    """Keys and tokens from ``[auth]``; the language names the pool; nothing is recorded."""
+    """Keys and tokens from ``[auth]``, routing from ``[routing]``; nothing is recorded."""
 
     def __init__(self, config: Config) -> None:
         self._auth = StaticAuthenticator(config.auth)
+        self._routing = config.routing
         self._default_language = config.server.default_language
 
     async def admit(
         self, connect: ConnectInfo, *, appkey: str, language: str | None, session_id: str
     ) -> Admission:
         await self._auth.authorize(connect.token, appkey)
-        return Admission(appkey=appkey, pool=language or self._default_language)
+        _, pool = route_language(self._routing, self._default_language, language)
+        return Admission(appkey=appkey, pool=pool)
 
     async def finish(self, admission: Admission, record: SessionRecord) -> None:
         return None

@@ -31,6 +31,7 @@ from asrd.handshake import (
 )
 from asrd.registry import WorkerRegistry
 from asrd.session import GatewayState, Session
+from asrd.store.http import TOKEN_PATH, token_endpoint
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,13 @@ class Gateway:
             bus, config.nats.subject_prefix, config.server.worker_timeout_s
         )
         self.state = GatewayState(config, bus, self.registry, control)
+        m = self.state.metrics
+        m.active.fn = lambda: self.state.active
+        m.workers.fn = lambda: len(self.registry.all())
+        m.decoders_free.fn = lambda: sum(b.free for b in self.registry.all())
+        m.decoders_total.fn = lambda: sum(b.capacity for b in self.registry.all())
+        m.nats_reconnects.fn = lambda: bus.reconnects
+        m.nats_errors.fn = lambda: getattr(bus, "errors", 0)
         self.stop_requested = trio.Event()
         self.draining = False
         self.port = 0
@@ -160,6 +168,10 @@ class Gateway:
             await stream.send_all(http_response(400, "Bad Request", f"{exc}\n".encode()))
             return
         if not head.is_websocket:
+            if head.path == TOKEN_PATH:
+                reply = await token_endpoint(self.state.control, stream, head, parts[1])
+                await stream.send_all(reply)
+                return
             await stream.send_all(self._http(head))
             return
         if self.draining:
@@ -196,6 +208,9 @@ class Gateway:
             self.state.session_ended()
 
     def _http(self, head: RequestHead) -> bytes:
+        if head.path == "/metrics":
+            body = self.state.metrics.registry.render()
+            return http_response(200, "OK", body, "text/plain; version=0.0.4")
         if head.path == "/healthz":
             return http_response(200, "OK", b"ok\n")
         if head.path == "/readyz":

@@ -54,14 +54,25 @@ class WorkerRegistry:
                     entry.last_seen = trio.current_time()
 
     async def _reap_loop(self) -> None:
+        reconnects = self._bus.reconnects
         while True:
             await trio.sleep(self._timeout_s / 5)
             now = trio.current_time()
+            if not self._bus.connected or self._bus.reconnects != reconnects:
+                # Our own link was down: silence says nothing about the workers. Give them
+                # a full timeout from now to be heard again.
+                reconnects = self._bus.reconnects
+                for entry in self._workers.values():
+                    entry.last_seen = now
+                continue
             for worker_id, entry in list(self._workers.items()):
                 if entry.last_seen + max(self._timeout_s, entry.beat.grace_s) < now:
                     log.warning("engine worker %s missed its heartbeats: declared dead", worker_id)
                     entry.dead.set()
                     del self._workers[worker_id]
+
+    def all(self) -> list[wire.Heartbeat]:
+        return [e.beat for e in self._workers.values()]
 
     def alive(self, pool: str) -> list[wire.Heartbeat]:
         return [e.beat for e in self._workers.values() if e.beat.pool == pool]

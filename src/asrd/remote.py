@@ -1,8 +1,12 @@
 """The gateway's end of a session's link to its engine worker.
 
 Claims a worker, forwards utterance audio fire-and-forget, and keeps a journal of everything
-sent since the last finalised utterance: the audio a replacement worker needs to continue the
-session without losing or duplicating a sentence.
+sent since the last finalised utterance. The journal is what makes a session outlive its
+worker: when the worker dies (heartbeats stop), hands the session back (it is draining) or
+the bus reconnects (messages may have been lost either way), the link claims a worker again
+and replays the journal. The worker restarts any utterance it is given again, and the sentence
+tracker drops results it has already delivered, so the client sees every sentence exactly
+once, with the same index and times.
 """
 
 from __future__ import annotations
@@ -21,13 +25,21 @@ from asrd.bus import (
     session_in,
     session_out,
 )
-from asrd.errors import AsrdError, EngineFailed, NoWorkers, ServerError, TooManyRequests
+from asrd.errors import (
+    AsrdError,
+    BusError,
+    EngineFailed,
+    NoWorkers,
+    ServerError,
+    TooManyRequests,
+)
 from asrd.registry import WorkerRegistry
 
 log = logging.getLogger(__name__)
 
 KEEPALIVE_S = 1.0
 CLAIM_ATTEMPTS = 3
+BUSY_WAIT_S = 0.5  # how long a claim waits for a decoder to come free before 40000005
 
 
 class RemoteRecognizer:
@@ -42,6 +54,8 @@ class RemoteRecognizer:
         sample_rate: int,
         partials: bool,
         claim_timeout_s: float,
+        failover_timeout_s: float = 10.0,
+        journal_max_bytes: int = 16 * 1024 * 1024,
     ) -> None:
         self._bus = bus
         self._registry = registry
@@ -50,34 +64,49 @@ class RemoteRecognizer:
         self.pool = pool
         self._claim = wire.Claim(session_id, sample_rate, partials)
         self._claim_timeout_s = claim_timeout_s
+        self._failover_timeout_s = failover_timeout_s
+        self._journal_max_bytes = journal_max_bytes
         self._in_subject = session_in(prefix, session_id)
         self.worker_id = ""
         self.results: Subscription | None = None
-        # Messages sent since the last finalised utterance, in order (for replay).
-        self.journal: list[bytes] = []
-        self._journal_utt: list[int] = []
+        # Messages sent since the last finalised utterance, in order, with their utterance.
+        self.journal: list[tuple[int, bytes]] = []
+        self._journal_bytes = 0
+        self._paused = False  # failing over: journal only, publish at replay
+        self._handoff = trio.Event()  # the worker asked us to move the session
+        self.failovers = 0
 
     async def open(self) -> None:
         """Subscribe to results first (nothing may be missed), then claim a worker."""
         self.results = await self._bus.subscribe(
             session_out(self._prefix, self.session_id), max_pending=1024
         )
-        await self._claim_worker()
+        # Shielded (it is bounded by the claim timeouts): a claim cancelled half-way could
+        # leave a worker holding a decoder for a session we never learn it took.
+        with trio.CancelScope(shield=True):
+            await self._claim_worker()
 
     async def _claim_worker(self) -> None:
         subject = claim_subject(self._prefix, self.pool)
         data = self._claim.encode()
-        for _ in range(CLAIM_ATTEMPTS):
+        # A decoder freed by a session that just ended comes back a moment later: a client
+        # reconnecting at once should not be told "busy" for that.
+        busy_until = trio.current_time() + BUSY_WAIT_S
+        refused = 0
+        while True:
             try:
                 raw = await self._bus.request(subject, data, self._claim_timeout_s)
             except NoResponders:
                 alive = self._registry.alive(self.pool)
-                if alive:
+                if not alive:
+                    raise NoWorkers(f"no engine worker serves pool {self.pool!r}") from None
+                if trio.current_time() >= busy_until:
                     capacity = sum(b.capacity for b in alive)
                     raise TooManyRequests(
                         f"all {capacity} decoders of pool {self.pool!r} are busy; retry later"
                     ) from None
-                raise NoWorkers(f"no engine worker serves pool {self.pool!r}") from None
+                await trio.sleep(0.05)
+                continue
             except BusTimeout:
                 raise ServerError(f"no engine worker of pool {self.pool!r} answered") from None
             reply = wire.decode_claim_reply(raw)
@@ -86,12 +115,21 @@ class RemoteRecognizer:
                 return
             if reply.code != TooManyRequests.code:
                 raise AsrdError(reply.reason, code=reply.code)
-        raise TooManyRequests(f"all decoders of pool {self.pool!r} are busy; retry later")
+            refused += 1  # the worker filled up between subscribing and our claim
+            if refused >= CLAIM_ATTEMPTS:
+                raise TooManyRequests(f"all decoders of pool {self.pool!r} are busy; retry later")
+
+    # --- input -----------------------------------------------------------------------------
 
     def _send(self, utt: int, data: bytes) -> None:
-        self.journal.append(data)
-        self._journal_utt.append(utt)
-        self._bus.publish(self._in_subject, data)
+        self.journal.append((utt, data))
+        self._journal_bytes += len(data)
+        if self._journal_bytes > self._journal_max_bytes:
+            raise EngineFailed(
+                f"the engine fell more than {self._journal_max_bytes} bytes of audio behind"
+            )
+        if not self._paused:
+            self._bus.publish(self._in_subject, data)
 
     def begin(self, utt: int) -> None:
         self._send(utt, wire.encode_control("begin", utt))
@@ -105,26 +143,82 @@ class RemoteRecognizer:
     def finalized(self, utt: int) -> None:
         """Forget journal entries of utterances up to ``utt``: they can never be needed again."""
         keep = 0
-        while keep < len(self._journal_utt) and self._journal_utt[keep] <= utt:
+        journal = self.journal
+        while keep < len(journal) and journal[keep][0] <= utt:
+            self._journal_bytes -= len(journal[keep][1])
             keep += 1
         if keep:
-            del self.journal[:keep]
-            del self._journal_utt[:keep]
+            del journal[:keep]
+
+    def handoff_requested(self) -> None:
+        """The worker is draining and gave the session back: move it now."""
+        self._handoff.set()
+
+    # --- supervision -------------------------------------------------------------------------
 
     async def watch_loop(self) -> None:
-        """Keep the worker's claim alive and fail the session if the worker dies."""
-        dead = self._registry.dead(self.worker_id)
+        """Keep the claim alive; move the session when its worker dies or leaves."""
+        reconnects = self._bus.reconnects
         while True:
+            dead = self._registry.dead(self.worker_id)
             with trio.move_on_after(KEEPALIVE_S):
-                await dead.wait()
-                raise EngineFailed(f"engine worker {self.worker_id} stopped responding")
-            self._bus.publish(self._in_subject, wire.encode_control("keepalive"))
+                async with trio.open_nursery() as nursery:
+
+                    async def wait_for(event: trio.Event) -> None:
+                        await event.wait()
+                        nursery.cancel_scope.cancel()
+
+                    nursery.start_soon(wait_for, dead)
+                    nursery.start_soon(wait_for, self._handoff)
+            if dead.is_set():
+                await self._failover(f"engine worker {self.worker_id} stopped responding")
+            elif self._handoff.is_set():
+                self._handoff = trio.Event()
+                await self._failover(f"engine worker {self.worker_id} is draining")
+            elif self._bus.reconnects != reconnects:
+                # Messages in flight when the connection dropped may be lost in either
+                # direction: give the (same or another) worker the journal again.
+                reconnects = self._bus.reconnects
+                await self._failover("the bus reconnected")
+            else:
+                self._publish_quietly(wire.encode_control("keepalive"))
+
+    async def _failover(self, why: str) -> None:
+        log.warning("session %s: %s; claiming a worker again", self.session_id, why)
+        self._paused = True
+        # If the old worker is alive after all (overloaded, or only the bus dropped), it must
+        # let go: a session is decoded by one worker at a time. Published before the claim,
+        # so the worker taking over never sees this close.
+        self._publish_quietly(wire.encode_control("close"))
+        last: AsrdError | None = None
+        claimed = False
+        with trio.move_on_after(self._failover_timeout_s):
+            while not claimed:
+                try:
+                    await self._claim_worker()
+                    claimed = True
+                except (NoWorkers, TooManyRequests, ServerError) as exc:
+                    last = exc
+                    await trio.sleep(0.2)
+        if not claimed:
+            raise EngineFailed(
+                f"{why}, and no engine worker took the session over within "
+                f"{self._failover_timeout_s:g} s ({last.reason if last else 'no answer'})"
+            )
+        for _, data in self.journal:  # no checkpoint in between: the order is kept
+            self._bus.publish(self._in_subject, data)
+        self._paused = False
+        self.failovers += 1
+        log.warning("session %s continues on worker %s", self.session_id, self.worker_id)
+
+    def _publish_quietly(self, data: bytes) -> None:
+        try:
+            self._bus.publish(self._in_subject, data)
+        except BusError as exc:
+            log.debug("keepalive not sent: %s", exc)
 
     async def aclose(self) -> None:
         if self.worker_id:
-            try:
-                self._bus.publish(self._in_subject, wire.encode_control("close"))
-            except AsrdError as exc:
-                log.debug("close not sent: %s", exc)
+            self._publish_quietly(wire.encode_control("close"))
         if self.results is not None:
             await self._bus.unsubscribe(self.results)

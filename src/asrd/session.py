@@ -8,6 +8,8 @@ TaskFailed with that error's code, and nothing escapes into the server.
 
 from __future__ import annotations
 
+import bisect
+import collections
 import logging
 import time
 import uuid
@@ -18,13 +20,14 @@ from typing import Protocol
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
-from asrd import wire
+from asrd import logs, wire
 from asrd.audio import WavStreamParser
 from asrd.bus import Bus
 from asrd.config import Config
 from asrd.control import Admission, ConnectInfo, ControlPlane, SessionRecord
 from asrd.errors import (
     AsrdError,
+    BusError,
     ClientDisconnected,
     ClientError,
     EngineFailed,
@@ -37,6 +40,8 @@ from asrd.events import (
     AudioReceived,
     ClientEvent,
     ControlRequested,
+    ResultChanged,
+    SentenceEnd,
     ServerEvent,
     StartRequested,
     StopRequested,
@@ -44,6 +49,7 @@ from asrd.events import (
     TranscriptionCompleted,
     TranscriptionStarted,
 )
+from asrd.metrics import GatewayMetrics
 from asrd.params import SessionParams
 from asrd.registry import WorkerRegistry
 from asrd.remote import RemoteRecognizer
@@ -83,8 +89,12 @@ class GatewayState:
     force_stop: trio.Event = field(default_factory=trio.Event)
     active: int = 0
     idle: trio.Event = field(default_factory=trio.Event)  # set whenever active == 0
-    outcomes: dict[int, int] = field(default_factory=dict)  # status code -> sessions
-    audio_ms: int = 0
+    metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
+
+    @property
+    def outcomes(self) -> dict[int, int]:
+        """Ended sessions by status code."""
+        return {int(k[0]): int(v) for k, v in self.metrics.sessions.values.items()}
 
     def session_started(self) -> None:
         self.active += 1
@@ -108,6 +118,7 @@ class Session:
         self.connect = connect
         self.admission: Admission | None = None
         self.id = uuid.uuid4().hex
+        self._log_context = logs.LogContext(self.id)
         self.error: AsrdError | None = None
         self.completed = False
         self.params = SessionParams()
@@ -117,6 +128,8 @@ class Session:
         self.wav: WavStreamParser | None = None
         self.audio_bytes = 0
         self._utt = 0  # index of the latest sentence opened by the segmenter
+        # (stream ms processed, arrival time) of recent audio frames, for latency metrics
+        self._arrivals: collections.deque[tuple[int, float]] = collections.deque(maxlen=1200)
         self._stopping = False  # Stop received: no idle timeout any more
         self._flushed = False  # Stop processed: no sentence will open any more
         self._idle = trio.Event()  # set once flushed and every sentence is final
@@ -127,6 +140,7 @@ class Session:
     async def run(self) -> None:
         started = time.monotonic()
         started_at = time.time()
+        logs.current.set(self._log_context)
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -143,7 +157,10 @@ class Session:
                     await self.remote.aclose()
                 await self._finish()
         code = self.error.code if self.error else 20000000
-        self.state.outcomes[code] = self.state.outcomes.get(code, 0) + 1
+        metrics = self.state.metrics
+        metrics.sessions.inc(1, str(code))
+        if self.remote is not None and self.remote.failovers:
+            metrics.failovers.inc(self.remote.failovers)
         if self.admission is not None:
             with trio.CancelScope(shield=True):
                 await self.state.control.finish(
@@ -220,6 +237,10 @@ class Session:
         idle_s = self.config.server.idle_timeout_s
         max_frame = self.config.server.max_frame_bytes
         max_text = self.config.server.max_text_bytes
+        speed = self.config.server.max_audio_speed
+        burst_s = self.config.server.audio_burst_s
+        received = 0  # audio bytes, for the burst limit
+        first_audio = 0.0
         while True:
             if self._stopping:
                 message = await self.ws.get_message()
@@ -243,6 +264,16 @@ class Session:
                         f"audio frame of {len(message)} bytes exceeds the limit of {max_frame}"
                     )
                 event = self.codec.receive_binary(message)
+                # Faster than real time is fine up to a burst; beyond it we slow the client
+                # down (stop reading its socket) instead of buffering without bound.
+                now = trio.current_time()
+                if not received:
+                    first_audio = now
+                received += len(message)
+                bytes_per_s = 2 * self.params.sample_rate
+                ahead_s = received / bytes_per_s - burst_s - (now - first_audio) * speed
+                if ahead_s > 0:
+                    await trio.sleep(ahead_s / speed)
             await self._in_send.send(event)
 
     async def _process_loop(self) -> None:
@@ -258,8 +289,17 @@ class Session:
                 return
 
     async def _send_loop(self) -> None:
+        timeout_s = self.config.server.send_timeout_s
+        metrics = self.state.metrics
         async for event in self._out_recv:
-            await self.ws.send_message(self.codec.render(event))
+            with trio.move_on_after(timeout_s) as stuck:
+                await self.ws.send_message(self.codec.render(event))
+            if stuck.cancelled_caught:
+                raise ClientError(f"the client read no results for {timeout_s:g} s")
+            if isinstance(event, ResultChanged):
+                metrics.partial_lag.observe(self._since_arrival(event.time_ms))
+            elif isinstance(event, SentenceEnd):
+                metrics.endpointing.observe(self._since_arrival(event.time_ms))
             if isinstance(event, TranscriptionCompleted):
                 self.completed = True
                 assert self._nursery is not None
@@ -277,8 +317,17 @@ class Session:
     async def _results_loop(self) -> None:
         assert self.remote is not None and self.remote.results is not None
         assert self.tracker is not None
-        async for msg in self.remote.results:
+        while True:
+            try:
+                msg = await self.remote.results.receive()
+            except BusError:
+                raise ClientError(
+                    "results are not being read: the client is too slow a consumer"
+                ) from None
             item = wire.decode_output(msg.data)
+            if isinstance(item, wire.Handoff):
+                self.remote.handoff_requested()
+                continue
             if isinstance(item, wire.Failure):
                 raise EngineFailed(item.reason, code=item.code)
             for ev in self.tracker.result(item):
@@ -292,6 +341,7 @@ class Session:
 
     async def _start(self, event: StartRequested) -> None:
         params = event.params
+        self._log_context.task_id = self.codec.task_id
         self.admission = await self.state.control.admit(
             self.connect, appkey=event.appkey, language=params.language, session_id=self.id
         )
@@ -322,6 +372,8 @@ class Session:
             sample_rate=params.sample_rate,
             partials=params.enable_intermediate_result,
             claim_timeout_s=self.config.server.claim_timeout_s,
+            failover_timeout_s=self.config.server.failover_timeout_s,
+            journal_max_bytes=self.config.server.journal_max_bytes,
         )
         await self.remote.open()
         assert self._nursery is not None
@@ -334,9 +386,19 @@ class Session:
         if self.wav is not None:
             data = self.wav.feed(data)
         self.audio_bytes += len(data)
+        self.state.metrics.audio.inc(len(data) / (2 * self.params.sample_rate))
         events = self.segmenter.feed(data)
+        self._arrivals.append((self.segmenter.processed_ms, trio.current_time()))
         if events:
             await self._segment(events)
+
+    def _since_arrival(self, stream_ms: int) -> float:
+        """Seconds since the audio up to ``stream_ms`` arrived (0 if no longer known)."""
+        arrivals = self._arrivals
+        i = bisect.bisect_left(arrivals, (stream_ms, 0.0))
+        if i == len(arrivals):
+            i -= 1
+        return max(0.0, trio.current_time() - arrivals[i][1]) if arrivals else 0.0
 
     async def _segment(
         self, events: list[UtteranceStarted | UtteranceAudio | UtteranceEnded]

@@ -163,12 +163,22 @@ class Failure:
         return _dumps({"type": "error", "code": self.code, "reason": self.reason})
 
 
+@dataclass(frozen=True, slots=True)
+class Handoff:
+    """The worker is draining: the gateway should move the session to another worker."""
+
+    def encode(self) -> bytes:
+        return _dumps({"type": "handoff"})
+
+
 @_wire_errors
-def decode_output(data: bytes) -> Result | Failure:
+def decode_output(data: bytes) -> Result | Failure | Handoff:
     obj = _loads(data)
     kind = obj.get("type")
     if kind == "error":
         return Failure(int(obj["code"]), str(obj["reason"]))
+    if kind == "handoff":
+        return Handoff()
     if kind not in ("partial", "final"):
         raise BusError(f"unknown result type {kind!r} from worker")
     return Result(

@@ -12,6 +12,7 @@ import logging
 import os
 import secrets
 import socket
+from collections.abc import Callable
 
 import trio
 
@@ -20,10 +21,22 @@ from asrd.bus import Bus, Subscription, claim_subject, heartbeat_subject, sessio
 from asrd.config import WorkerConfig
 from asrd.engines.base import Engine, Hypothesis, Recognizer
 from asrd.errors import AsrdError, BusError, TooManyRequests
+from asrd.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
 
 CLAIM_QUEUE = "asrd-workers"
+
+
+class _Served:
+    """A session this worker decodes: its cancel scope and whether an utterance is open."""
+
+    __slots__ = ("done", "in_utterance", "scope")
+
+    def __init__(self) -> None:
+        self.scope = trio.CancelScope()
+        self.in_utterance = False
+        self.done = trio.Event()
 
 
 class Worker:
@@ -33,9 +46,15 @@ class Worker:
         self.bus = bus
         self.engine = engine
         self.id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
-        self.sessions: dict[str, trio.CancelScope] = {}
+        self.sessions: dict[str, _Served] = {}
         self.draining = False
         self._pause_until = 0.0  # trio time until which heartbeats may stop (final passes)
+        m = self.metrics = WorkerMetrics()
+        m.sessions.fn = lambda: len(self.sessions)
+        m.decoders_free.fn = lambda: max(self.free, 0)
+        m.decoders_total.fn = lambda: self.engine.capacity
+        m.nats_reconnects.fn = lambda: bus.reconnects
+        m.nats_errors.fn = lambda: getattr(bus, "errors", 0)
         self._claim_sub: Subscription | None = None
         self._nursery: trio.Nursery | None = None
 
@@ -60,11 +79,31 @@ class Worker:
             await trio.sleep_forever()
 
     async def drain(self) -> None:
-        """Stop taking sessions and wait for the running ones to end."""
+        """Stop taking sessions and hand the running ones back to their gateways.
+
+        A session between utterances is handed back at once; one in an utterance after that
+        utterance's final result. The gateway moves it to another worker with nothing lost.
+        """
         self.draining = True
         await self._update_claim_subscription()
-        while self.sessions:  # noqa: ASYNC110 - shutdown only, sessions end on their own
+        self._beat()
+        for served in list(self.sessions.values()):
+            if not served.in_utterance:
+                served.scope.cancel()
+        while self.sessions:  # noqa: ASYNC110 - shutdown only; sessions end on their own
             await trio.sleep(0.05)
+
+    async def set_pool(self, pool: str) -> None:
+        """Serve claims of ``pool`` from now on (live routing); running sessions continue."""
+        if pool == self.config.pool:
+            return
+        log.info("worker %s moves from pool %r to %r", self.id, self.config.pool, pool)
+        self.config = self.config.model_copy(update={"pool": pool})
+        if self._claim_sub is not None:
+            sub, self._claim_sub = self._claim_sub, None
+            await self.bus.unsubscribe(sub)
+        await self._update_claim_subscription()
+        self._beat()
 
     # --- claims ----------------------------------------------------------------------------
 
@@ -95,24 +134,33 @@ class Worker:
                 self.bus.publish(msg.reply, reply.encode())
 
     async def _claim(self, claim: wire.Claim) -> wire.ClaimReply:
-        if self.draining or claim.session_id in self.sessions:
-            return wire.ClaimReply(False, self.id, TooManyRequests.code, "worker unavailable")
+        old = self.sessions.get(claim.session_id)
+        if old is not None:
+            # The gateway moved the session (it thought us dead, or the bus reconnected) and
+            # will replay its journal: start it afresh rather than decode it twice.
+            old.scope.cancel()
+            await old.done.wait()
+        if self.draining:
+            self.metrics.claims.inc(1, "draining")
+            return wire.ClaimReply(False, self.id, TooManyRequests.code, "worker is draining")
         try:
             recognizer = self.engine.acquire(claim.sample_rate, partials=claim.partials)
         except AsrdError as exc:
+            self.metrics.claims.inc(1, "refused")
             return wire.ClaimReply(False, self.id, exc.code, exc.reason)
+        self.metrics.claims.inc(1, "accepted")
         sub = await self.bus.subscribe(session_in(self.prefix, claim.session_id), max_pending=4096)
-        scope = trio.CancelScope()
-        self.sessions[claim.session_id] = scope
+        served = _Served()
+        self.sessions[claim.session_id] = served
         assert self._nursery is not None
-        self._nursery.start_soon(self._session, claim, recognizer, sub, scope)
+        self._nursery.start_soon(self._session, claim, recognizer, sub, served)
         await self._update_claim_subscription()
         return wire.ClaimReply(True, self.id)
 
     # --- sessions ----------------------------------------------------------------------------
 
     async def _session(
-        self, claim: wire.Claim, rec: Recognizer, sub: Subscription, scope: trio.CancelScope
+        self, claim: wire.Claim, rec: Recognizer, sub: Subscription, served: _Served
     ) -> None:
         out = session_out(self.prefix, claim.session_id)
         step = claim.sample_rate * 2 * self.config.partial_interval_ms // 1000
@@ -121,14 +169,24 @@ class Worker:
         next_partial = step
         last_partial = ""
         bytes_per_ms = claim.sample_rate * 2 // 1000
+        idle_s = self.config.session_idle_timeout_s
         try:
-            with scope:
+            with served.scope:
+                silent_since = trio.current_time()
                 while True:
-                    with trio.move_on_after(self.config.session_idle_timeout_s) as idle:
+                    with trio.move_on_after(idle_s) as idle:
                         msg = await sub.receive()
                     if idle.cancelled_caught:
-                        log.warning("session %s: gateway silent, freeing decoder", claim.session_id)
-                        return
+                        if not self.bus.connected:
+                            silent_since = trio.current_time()  # NATS is down: wait for it
+                            continue
+                        if trio.current_time() - silent_since >= idle_s:
+                            log.warning(
+                                "session %s: gateway silent, freeing decoder", claim.session_id
+                            )
+                            return
+                        continue
+                    silent_since = trio.current_time()
                     item = wire.decode_input(msg.data)
                     if isinstance(item, wire.AudioIn):
                         if item.utt != utt:
@@ -148,33 +206,52 @@ class Worker:
                             rec.finish()  # a replayed utterance restarts the open one
                         rec.start()
                         utt, audio_bytes, next_partial, last_partial = item.utt, 0, step, ""
+                        served.in_utterance = True
                     elif item.kind == "end":
                         if item.utt == utt:
                             await self._announce_pause(audio_bytes / (2 * claim.sample_rate))
                             hyp = rec.finish()
+                            self.metrics.utterances.inc()
+                            self.metrics.audio.inc(audio_bytes / (2 * claim.sample_rate))
                             self.bus.publish(
                                 out, _result(True, utt, audio_bytes // bytes_per_ms, hyp)
                             )
                             utt = 0
+                            served.in_utterance = False
+                            if self.draining:
+                                return
                     elif item.kind == "close":
                         return
         except AsrdError as exc:
+            self.metrics.errors.inc()
             log.warning("session %s failed: %s", claim.session_id, exc)
             self.bus.publish(out, wire.Failure(exc.code, exc.reason).encode())
         except Exception as exc:
+            self.metrics.errors.inc()
             log.exception("session %s: engine error", claim.session_id)
             self.bus.publish(out, wire.Failure(50000000, f"engine error: {exc!r}").encode())
         finally:
-            if utt:
-                try:
-                    rec.finish()
-                except Exception:
-                    log.exception("finishing an abandoned utterance")
+            if self.draining:
+                self.bus.publish(out, wire.Handoff().encode())
             self.engine.release(rec)
             del self.sessions[claim.session_id]
             with trio.CancelScope(shield=True):
                 await self.bus.unsubscribe(sub)
+                served.done.set()
                 await self._update_claim_subscription()
+
+    def health_routes(self) -> dict[str, Callable[[], tuple[int, bytes]]]:
+        """/metrics, /healthz and /readyz for :func:`asrd.httpserve.serve_http`."""
+
+        def ready() -> tuple[int, bytes]:
+            ok = self.bus.connected and not self.draining
+            return (200, b"ready\n") if ok else (503, b"not ready\n")
+
+        return {
+            "/metrics": lambda: (200, self.metrics.registry.render()),
+            "/healthz": lambda: (200, b"ok\n"),
+            "/readyz": ready,
+        }
 
     def _beat(self) -> None:
         # Every beat repeats the pause still announced, so a regular beat sent between the

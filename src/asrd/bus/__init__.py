@@ -94,6 +94,10 @@ class Bus(Protocol):
     @property
     def connected(self) -> bool: ...
 
+    @property
+    def reconnects(self) -> int:
+        """How often the connection was re-established (messages in flight may be lost)."""
+
 
 def session_in(prefix: str, session_id: str) -> str:
     return f"{prefix}.session.{session_id}.in"

@@ -30,6 +30,10 @@ class InMemoryBus:
     def connected(self) -> bool:
         return True
 
+    @property
+    def reconnects(self) -> int:
+        return 0
+
     def publish(self, subject: str, data: bytes, reply: str = "") -> None:
         msg = Msg(subject, data, reply)
         groups: dict[str, list[Subscription]] = defaultdict(list)

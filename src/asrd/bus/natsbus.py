@@ -46,7 +46,7 @@ class NatsBus:
         self._inbox: collections.deque[tuple[Subscription, Msg]] = collections.deque()
         self._deliver_scheduled = False
         self._subs: dict[int, NatsSubscription] = {}
-        self.reconnects = 0
+        self._reconnects = 0
         self.errors = 0
 
     # --- trio side -------------------------------------------------------------------------
@@ -54,6 +54,10 @@ class NatsBus:
     @property
     def connected(self) -> bool:
         return bool(self._nc.is_connected)
+
+    @property
+    def reconnects(self) -> int:
+        return self._reconnects
 
     def publish(self, subject: str, data: bytes, reply: str = "") -> None:
         if len(self._outbox) >= MAX_OUTBOX:
@@ -176,12 +180,15 @@ async def open_nats_bus(
 
     async def reconnected() -> None:
         if holder:
-            holder[0].reconnects += 1
+            holder[0]._reconnects += 1
         log.warning("NATS reconnected to %s", nc.connected_url.netloc if nc.connected_url else url)
+
+    last_error: list[Exception] = []
 
     async def error(exc: Exception) -> None:
         if holder:
             holder[0].errors += 1
+        last_error[:] = [exc]
         log.warning("NATS error: %r", exc)
 
     options: dict[str, Any] = {
@@ -206,8 +213,16 @@ async def open_nats_bus(
         bus = NatsBus(loop, nc)
         holder.append(bus)
         try:
-            await bus._call(nc.connect(**options))
+            # nats-py retries a first connection forever (wrong credentials included): give
+            # up after a while with the reason, so a misconfigured process says why and exits.
+            with trio.move_on_after(2 * connect_timeout) as waited:
+                await bus._call(nc.connect(**options))
+            if waited.cancelled_caught:
+                why = repr(last_error[0]) if last_error else "no answer"
+                raise BusError(f"cannot connect to NATS at {url}: {why}")
         except BusError as exc:
+            if exc.__cause__ is None:
+                raise
             raise BusError(f"cannot connect to NATS at {url}: {exc.__cause__!r}") from exc
         try:
             yield bus

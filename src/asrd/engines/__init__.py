@@ -20,7 +20,7 @@ __all__ = [
     "create_engine",
 ]
 
-ENGINE_NAMES = ("pocketsphinx",)
+ENGINE_NAMES = ("pocketsphinx", "loadtest")
 
 
 def create_engine(name: str, *, decoders: int, **options: Any) -> Engine:
@@ -33,4 +33,9 @@ def create_engine(name: str, *, decoders: int, **options: Any) -> Engine:
         from asrd.engines.pocketsphinx import PocketsphinxEngine
 
         return PocketsphinxEngine(decoders=decoders, **options)
+    if name == "loadtest":
+        # Placeholder text at near-zero CPU, for benchmarks of the gateway path (asrd bench).
+        from asrd.engines.loadtest import LoadtestEngine
+
+        return LoadtestEngine(decoders=decoders, **options)
     raise ValueError(f"unknown engine {name!r}; known: {', '.join(ENGINE_NAMES)}")

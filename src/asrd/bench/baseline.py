@@ -1,0 +1,195 @@
+"""``asrd bench --engine-baseline``: what pocketsphinx alone can do on this machine.
+
+Two measurements, both single-threaded CPU time (``time.process_time``) in this process,
+with no gateway, bus or worker involved:
+
+* **Raw decoder.** Each recording through a fresh ``pocketsphinx.Decoder``: live, in 100 ms
+  chunks with a partial hypothesis every 200 ms (what a worker does for a session with
+  intermediate results), and in one ``full_utt`` call (the batch final pass workers make by
+  default, ``[worker] final_pass = "batch"``). Real-time factor RTF = CPU seconds / audio
+  seconds; a core sustains ``1 / RTF`` streams. With the batch final pass every utterance
+  costs both: ``1 / (RTF_live + RTF_batch)``.
+* **The bench workload.** The playlists ``asrd bench`` streams (recordings separated by
+  silence) through the gateway's own segmenter and the worker's own engine class
+  (:class:`~asrd.engines.pocketsphinx.PocketsphinxEngine`, same final pass), i.e. exactly
+  the recognition work one bench session causes, per second of streamed audio. Silence
+  between sentences costs nothing there, so this is the engine's own limit for the service
+  figures of the same run: ``streams per core = 1 / (engine CPU per stream second)``.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from asrd.bench.corpus import Corpus, Playlist
+from asrd.wer import wer
+
+__all__ = ["Baseline", "run_baseline"]
+
+CHUNK_MS = 100
+PARTIAL_MS = 200
+
+
+@dataclass(frozen=True)
+class Baseline:
+    audio_s: float  # speech decoded per repetition (sum of the recordings)
+    rtf_live: float  # live decode, 100 ms chunks, partials every 200 ms
+    rtf_batch: float  # one full_utt call per recording
+    wer_live: float
+    wer_batch: float
+    workload_audio_s: float  # stream seconds of the bench playlists decoded
+    workload_cpu_per_s: float  # engine CPU per stream second, bench workload, final pass as set
+    final_pass: str
+    cores: int
+    repeat: int
+
+    @property
+    def streams_per_core_live(self) -> float:
+        return 1.0 / self.rtf_live
+
+    @property
+    def streams_per_core_live_plus_batch(self) -> float:
+        return 1.0 / (self.rtf_live + self.rtf_batch)
+
+    @property
+    def workload_streams_per_core(self) -> float:
+        return 1.0 / self.workload_cpu_per_s if self.workload_cpu_per_s > 0 else float("inf")
+
+    @property
+    def engine_limit_streams(self) -> float:
+        """Concurrent bench sessions the engine alone could hold on all cores."""
+        return self.workload_streams_per_core * self.cores
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["streams_per_core_live"] = round(self.streams_per_core_live, 2)
+        d["streams_per_core_live_plus_batch"] = round(self.streams_per_core_live_plus_batch, 2)
+        d["workload_streams_per_core"] = round(self.workload_streams_per_core, 2)
+        d["engine_limit_streams"] = round(self.engine_limit_streams, 1)
+        for key in ("rtf_live", "rtf_batch", "wer_live", "wer_batch", "workload_cpu_per_s"):
+            d[key] = round(d[key], 4)
+        return d
+
+
+def _decode_live(decoder: Any, pcm: bytes, sample_rate: int) -> str:
+    chunk = 2 * sample_rate * CHUNK_MS // 1000
+    every = PARTIAL_MS // CHUNK_MS
+    decoder.start_utt()
+    for k, i in enumerate(range(0, len(pcm), chunk), 1):
+        decoder.process_raw(pcm[i : i + chunk])
+        if k % every == 0:
+            decoder.hyp()
+            decoder.seg()
+    decoder.end_utt()
+    hyp = decoder.hyp()
+    return str(hyp.hypstr) if hyp is not None else ""
+
+
+def _decode_batch(decoder: Any, pcm: bytes) -> str:
+    decoder.start_utt()
+    decoder.process_raw(pcm, False, True)
+    decoder.end_utt()
+    hyp = decoder.hyp()
+    return str(hyp.hypstr) if hyp is not None else ""
+
+
+def _raw(corpus: Corpus, live: bool) -> tuple[float, float]:
+    """(CPU seconds, WER) of decoding every recording with a fresh decoder each."""
+    import pocketsphinx
+
+    cpu = 0.0
+    hyps: list[str] = []
+    for clip in corpus.clips:
+        decoder = pocketsphinx.Decoder(loglevel="ERROR")  # creation is not timed
+        t = time.process_time()
+        if live:
+            hyps.append(_decode_live(decoder, clip.pcm, corpus.sample_rate))
+        else:
+            hyps.append(_decode_batch(decoder, clip.pcm))
+        cpu += time.process_time() - t
+    return cpu, wer([c.reference for c in corpus.clips], hyps)
+
+
+def _workload(corpus: Corpus, final_pass: str, gap_ms: int, mss_ms: int) -> tuple[float, float]:
+    """(CPU seconds, stream seconds) of the engine work of one playlist per recording."""
+    from asrd.engines.pocketsphinx import PocketsphinxEngine
+    from asrd.segmentation import (
+        Segmenter,
+        SegmenterConfig,
+        UtteranceAudio,
+        UtteranceEnded,
+        UtteranceStarted,
+    )
+
+    engine = PocketsphinxEngine(decoders=1, final_pass=final_pass)
+    step = 2 * corpus.sample_rate * PARTIAL_MS // 1000
+    cpu = 0.0
+    stream_s = 0.0
+    for first in range(len(corpus.clips)):
+        playlist = Playlist.build(
+            corpus, first=first, min_duration_s=0.0, gap_ms=gap_ms, frame_ms=CHUNK_MS
+        )
+        stream_s += playlist.duration_s
+        segmenter = Segmenter(
+            SegmenterConfig(sample_rate=corpus.sample_rate, max_sentence_silence_ms=mss_ms)
+        )
+        events = [ev for frame in playlist.frames for ev in segmenter.feed(frame)]
+        events += segmenter.flush()  # segmentation is gateway work: not timed
+        rec = engine.acquire(corpus.sample_rate, partials=True)
+        t = time.process_time()
+        fed = next_partial = 0
+        for ev in events:
+            if isinstance(ev, UtteranceStarted):
+                rec.start()
+                fed, next_partial = 0, step
+            elif isinstance(ev, UtteranceAudio):
+                rec.accept(ev.pcm)
+                fed += len(ev.pcm)
+                if fed >= next_partial:
+                    next_partial = fed + step
+                    rec.partial()
+            elif isinstance(ev, UtteranceEnded):
+                rec.finish()
+        cpu += time.process_time() - t
+        engine.release(rec)
+    return cpu, stream_s
+
+
+def run_baseline(
+    corpus: Corpus,
+    *,
+    final_pass: str = "batch",
+    gap_ms: int = 1500,
+    max_sentence_silence_ms: int = 800,
+    repeat: int = 3,
+) -> Baseline:
+    """Measure ``repeat`` times and keep the median of each CPU figure."""
+    live: list[float] = []
+    batch: list[float] = []
+    work: list[float] = []
+    wer_live = wer_batch = 0.0
+    stream_s = 0.0
+    for _ in range(max(1, repeat)):
+        cpu, wer_live = _raw(corpus, live=True)
+        live.append(cpu)
+        cpu, wer_batch = _raw(corpus, live=False)
+        batch.append(cpu)
+        cpu, stream_s = _workload(corpus, final_pass, gap_ms, max_sentence_silence_ms)
+        work.append(cpu)
+    audio_s = corpus.seconds
+    return Baseline(
+        audio_s=round(audio_s, 3),
+        rtf_live=statistics.median(live) / audio_s,
+        rtf_batch=statistics.median(batch) / audio_s,
+        wer_live=wer_live,
+        wer_batch=wer_batch,
+        workload_audio_s=round(stream_s, 3),
+        workload_cpu_per_s=statistics.median(work) / stream_s,
+        final_pass=final_pass,
+        cores=os.cpu_count() or 1,
+        repeat=max(1, repeat),
+    )

@@ -1,0 +1,190 @@
+"""CPU time and memory of the processes under test, read from ``/proc`` (Linux).
+
+:class:`ProcSet` names the processes of a stack by role (``gateway``, ``worker``, ``nats``,
+``client``); :class:`Sampler` reads them periodically during a run, so a report can give CPU
+seconds over exactly the run, the peak and final RSS, and an RSS time series (for soak runs).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+__all__ = [
+    "ProcSample",
+    "ProcSet",
+    "Sampler",
+    "children_of",
+    "parse_pids",
+    "read_proc",
+]
+
+_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+@dataclass(frozen=True, slots=True)
+class ProcSample:
+    cpu_s: float  # user + system CPU seconds since the process started
+    rss_kb: int  # VmRSS
+    hwm_kb: int  # VmHWM: peak RSS since the process started
+
+
+def read_proc(pid: int) -> ProcSample | None:
+    """CPU and memory of ``pid``; None when it is gone (or not readable)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    # Field 2 (comm) may contain spaces and parentheses: split after its closing ")".
+    fields = stat[stat.rindex(")") + 2 :].split()
+    cpu = (int(fields[11]) + int(fields[12])) / _TICKS  # utime, stime (fields 14, 15)
+    rss = hwm = 0
+    for line in status.splitlines():
+        if line.startswith("VmRSS:"):
+            rss = int(line.split()[1])
+        elif line.startswith("VmHWM:"):
+            hwm = int(line.split()[1])
+    return ProcSample(cpu, rss, hwm)
+
+
+def machine_busy_s() -> float:
+    """CPU seconds the whole machine has been busy (all cores, not idle/iowait) since boot."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+    except OSError:
+        return 0.0
+    values = [int(v) for v in fields[1:]]
+    idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+    guest = sum(values[8:10]) if len(values) > 9 else 0  # already counted in user/nice
+    return (sum(values) - idle - guest) / _TICKS
+
+
+def children_of(pid: int) -> list[int]:
+    """Direct children of ``pid`` (from ``/proc/PID/task/*/children``)."""
+    out: list[int] = []
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return out
+    for task in tasks:
+        try:
+            out += [int(x) for x in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return sorted(set(out))
+
+
+def cmdline(pid: int) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
+
+
+def parse_pids(spec: str) -> dict[str, list[int]]:
+    """``gateway=12,worker=13,worker=14`` -> ``{"gateway": [12], "worker": [13, 14]}``."""
+    roles: dict[str, list[int]] = {}
+    for item in spec.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        role, sep, pid = item.partition("=")
+        if not sep or not pid.strip().isdigit():
+            raise ValueError(f"bad --pids item {item!r}: expected ROLE=PID")
+        roles.setdefault(role.strip(), []).append(int(pid))
+    return roles
+
+
+@dataclass
+class ProcSet:
+    """Processes under test by role; several PIDs of one role are summed."""
+
+    roles: dict[str, list[int]] = field(default_factory=dict)
+
+    def read(self) -> dict[str, list[ProcSample | None]]:
+        return {role: [read_proc(p) for p in pids] for role, pids in self.roles.items()}
+
+
+@dataclass
+class RoleUsage:
+    """One role over a run: CPU seconds used, and RSS (kB, summed over its processes)."""
+
+    processes: int
+    cpu_s: float
+    rss_start_kb: int
+    rss_end_kb: int
+    rss_peak_kb: int  # largest sampled sum of VmRSS
+    hwm_kb: int  # sum of VmHWM at the end (peak since each process started)
+
+
+class Sampler:
+    """Reads a :class:`ProcSet` at the start, every ``interval_s``, and at the end of a run."""
+
+    def __init__(self, procs: ProcSet, interval_s: float = 1.0) -> None:
+        self.procs = procs
+        self.interval_s = interval_s
+        self.first: dict[str, list[ProcSample | None]] = {}
+        self.last: dict[str, list[ProcSample | None]] = {}
+        # One point per reading: "t" (s since start), "<role>_rss_mb", "<role>_cpu_s".
+        self.series: list[dict[str, float]] = []
+        self._peak: dict[str, int] = {}
+        self._t0 = 0.0
+        self._busy0 = 0.0
+        self._busy_last = 0.0
+        self.machine_busy_s = 0.0  # whole machine, between start() and stop()
+
+    def start(self) -> None:
+        self._t0 = time.monotonic()
+        self._busy0 = self._busy_last = machine_busy_s()
+        self.first = self.procs.read()
+        self._record(self.first)
+
+    def stop(self) -> None:
+        self.last = self.procs.read()
+        self._record(self.last)
+        self.machine_busy_s = self._busy_last - self._busy0
+
+    async def run(self) -> None:
+        """Sample until cancelled (the caller calls :meth:`start` and :meth:`stop`)."""
+        while True:
+            await trio.sleep(self.interval_s)
+            self._record(self.procs.read())
+
+    def _record(self, reading: dict[str, list[ProcSample | None]]) -> None:
+        busy = machine_busy_s()
+        point: dict[str, float] = {
+            "t": round(time.monotonic() - self._t0, 2),
+            "machine_busy_s": round(busy - self._busy0, 2),
+        }
+        self._busy_last = busy
+        for role, samples in reading.items():
+            kb = sum(s.rss_kb for s in samples if s)
+            self._peak[role] = max(self._peak.get(role, 0), kb)
+            point[f"{role}_rss_mb"] = round(kb / 1024, 1)
+            point[f"{role}_cpu_s"] = round(sum(s.cpu_s for s in samples if s), 2)
+        self.series.append(point)
+
+    def usage(self) -> dict[str, RoleUsage]:
+        out: dict[str, RoleUsage] = {}
+        for role, first in self.first.items():
+            last = self.last.get(role, [])
+            cpu = 0.0
+            for a, b in zip(first, last, strict=False):
+                if a is not None and b is not None:
+                    cpu += b.cpu_s - a.cpu_s
+            out[role] = RoleUsage(
+                processes=len(first),
+                cpu_s=cpu,
+                rss_start_kb=sum(s.rss_kb for s in first if s),
+                rss_end_kb=sum(s.rss_kb for s in last if s),
+                rss_peak_kb=self._peak.get(role, 0),
+                hwm_kb=sum(s.hwm_kb for s in last if s),
+            )
+        return out

@@ -1,0 +1,271 @@
+"""A benchmark run's report: figures from the raw session results, as JSON and as a table."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from asrd.bench.load import LATE_S, SessionResult
+from asrd.bench.procs import RoleUsage
+from asrd.bench.stats import Summary, percentile, summarize
+from asrd.wer import wer
+
+__all__ = ["HoldCriteria", "build_report", "format_table", "machine_info"]
+
+_MB = 1024.0
+
+
+@dataclass(frozen=True)
+class HoldCriteria:
+    """When a run "held real time": every session completed, and every session's p95
+    partial lag stayed under ``lag_p95_limit_ms``."""
+
+    lag_p95_limit_ms: float = 300.0
+
+
+def machine_info() -> dict[str, Any]:
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_kb = 0
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem_kb = int(line.split()[1])
+    except OSError:
+        pass
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": model,
+        "mem_gib": round(mem_kb / 1024 / 1024, 1),
+        "python": sys.version.split()[0],
+        "kernel": platform.release(),
+    }
+
+
+def _ms(summary: Summary | None) -> dict[str, float | int] | None:
+    return None if summary is None else summary.scaled(1000.0).as_dict(1)
+
+
+def _session_p95s(results: Sequence[SessionResult]) -> list[float]:
+    return [percentile(sorted(r.partial_lags), 95) for r in results if r.partial_lags]
+
+
+def build_report(
+    results: Sequence[SessionResult],
+    *,
+    usage: dict[str, RoleUsage],
+    machine_busy_s: float,
+    client_cpu_s: float,
+    client_processes: int,
+    wall_s: float,
+    run: dict[str, Any],
+    criteria: HoldCriteria,
+) -> dict[str, Any]:
+    completed = [r for r in results if r.completed]
+    failed = Counter(r.outcome for r in results if not r.completed)
+    reasons: dict[str, str] = {}
+    for r in results:
+        if not r.completed and r.outcome not in reasons:
+            reasons[r.outcome] = r.reason
+    audio_s = sum(r.audio_s for r in results)
+    lags = [x for r in results for x in r.partial_lags]
+    p95s = _session_p95s(results)
+    refs = [ref for r in completed for ref in r.refs]
+    hyps = [hyp for r in completed for hyp in r.hyps]
+    sends = sum(r.sends for r in results)
+    late = sum(r.late_sends for r in results)
+    procs: dict[str, Any] = {}
+    for role, u in usage.items():
+        procs[role] = {
+            "processes": u.processes,
+            "cpu_s": round(u.cpu_s, 2),
+            "cpu_ms_per_audio_s": round(1000 * u.cpu_s / audio_s, 3) if audio_s else None,
+            "cpu_cores": round(u.cpu_s / wall_s, 3) if wall_s else None,
+            "rss_mb_start": round(u.rss_start_kb / _MB, 1),
+            "rss_mb_end": round(u.rss_end_kb / _MB, 1),
+            "rss_mb_peak": round(u.rss_peak_kb / _MB, 1),
+            "hwm_mb": round(u.hwm_kb / _MB, 1),
+        }
+    ours = client_cpu_s + sum(u.cpu_s for u in usage.values())
+    cores = os.cpu_count() or 1
+    load = {
+        "cores": cores,
+        "busy_cores": round(machine_busy_s / wall_s, 2) if wall_s else None,
+        "measured_cores": round(ours / wall_s, 2) if wall_s else None,
+        # Anything else running on the machine during the run (other jobs, the kernel's
+        # network work not charged to a process): a run with a large share is not clean.
+        "other_cores": round(max(0.0, machine_busy_s - ours) / wall_s, 2) if wall_s else None,
+    }
+    session_p95_max = max(p95s) * 1000 if p95s else None
+    held, why = True, "every session completed and kept its p95 partial lag under the limit"
+    if failed:
+        held, why = False, f"{sum(failed.values())} sessions failed"
+    elif session_p95_max is None:
+        held, why = False, "no partial results received"
+    elif session_p95_max > criteria.lag_p95_limit_ms:
+        held = False
+        why = (
+            f"a session's p95 partial lag reached {session_p95_max:.0f} ms "
+            f"(limit {criteria.lag_p95_limit_ms:g} ms)"
+        )
+    return {
+        "run": run,
+        "sessions": {
+            "requested": len(results),
+            "completed": len(completed),
+            "failed": dict(sorted(failed.items())),
+            "failure_reasons": reasons,
+        },
+        "audio_s": round(audio_s, 1),
+        "wall_s": round(wall_s, 1),
+        "partial_lag_ms": _ms(summarize(lags)),
+        "session_partial_lag_p95_max_ms": (
+            round(session_p95_max, 1) if session_p95_max is not None else None
+        ),
+        "endpoint_ms": _ms(summarize(x for r in results for x in r.endpoint)),
+        "endpoint_after_vad_ms": _ms(summarize(x for r in results for x in r.endpoint_vad)),
+        "start_ms": _ms(summarize(r.start_s for r in results if r.start_s is not None)),
+        "sentences": {
+            "total": sum(r.sentences for r in results),
+            "flushed_by_stop": sum(r.flushed for r in results),
+            "timed_out": sum(r.timed_out for r in results),
+            "unmapped_results": sum(r.unmapped for r in results),
+        },
+        "wer": round(wer(refs, hyps), 4) if refs else None,
+        "wer_sessions": len(completed),
+        "client": {
+            "processes": client_processes,
+            "cpu_s": round(client_cpu_s, 2),
+            "cpu_ms_per_audio_s": round(1000 * client_cpu_s / audio_s, 3) if audio_s else None,
+            "sends": sends,
+            f"sends_late_over_{LATE_S * 1000:.0f}ms": late,
+            "late_max_ms": round(1000 * max((r.late_max_s for r in results), default=0.0), 1),
+        },
+        "procs": procs,
+        "machine_load": load,
+        "held": held,
+        "held_reason": why,
+    }
+
+
+# --- text --------------------------------------------------------------------------------
+
+
+def _fmt(v: Any, digits: int = 0) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def _lag_cells(d: dict[str, Any] | None) -> list[str]:
+    if not d:
+        return ["-"] * 6
+    return [_fmt(float(d[k])) for k in ("avg", "p50", "p90", "p95", "p99", "max")]
+
+
+def table_header() -> list[str]:
+    return [
+        "streams",
+        "ok",
+        "failed",
+        "lag avg",
+        "p50",
+        "p90",
+        "p95",
+        "p99",
+        "max",
+        "sess p95 max",
+        "endpt p50",
+        "endpt p95",
+        "gw ms/s",
+        "wk ms/s",
+        "nats ms/s",
+        "client ms/s",
+        "gw RSS MB",
+        "WER",
+        "held",
+    ]
+
+
+def table_row(rep: dict[str, Any]) -> list[str]:
+    procs = rep["procs"]
+
+    def cpu(role: str) -> str:
+        p = procs.get(role)
+        return _fmt(p["cpu_ms_per_audio_s"], 2) if p else "-"
+
+    gw = procs.get("gateway")
+    ep = rep.get("endpoint_ms") or {}
+    failed = rep["sessions"]["failed"]
+    return [
+        str(rep["sessions"]["requested"]),
+        str(rep["sessions"]["completed"]),
+        ",".join(f"{k}:{v}" for k, v in failed.items()) or "0",
+        *_lag_cells(rep.get("partial_lag_ms")),
+        _fmt(rep.get("session_partial_lag_p95_max_ms"), 0),
+        _fmt(ep.get("p50"), 0),
+        _fmt(ep.get("p95"), 0),
+        cpu("gateway"),
+        cpu("worker"),
+        cpu("nats"),
+        _fmt(rep["client"]["cpu_ms_per_audio_s"], 2),
+        _fmt(gw["rss_mb_peak"], 1) if gw else "-",
+        _fmt(rep.get("wer"), 3),
+        "yes" if rep["held"] else "NO",
+    ]
+
+
+def format_table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
+    widths = [max(len(header[i]), *(len(r[i]) for r in rows)) for i in range(len(header))]
+    lines = [" | ".join(h.rjust(w) for h, w in zip(header, widths, strict=True))]
+    lines.append("-+-".join("-" * w for w in widths))
+    for r in rows:
+        lines.append(" | ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)))
+    return "\n".join(lines)
+
+
+def format_reports(reports: Sequence[dict[str, Any]]) -> str:
+    """The table of one or more runs, plus the notes a reader needs."""
+    out = [format_table([table_row(r) for r in reports], table_header())]
+    out.append(
+        "lag = partial lag (ms): receive time - send time of the audio up to payload.time; "
+        "endpt = endpointing latency (ms, less max_sentence_silence); "
+        "ms/s = CPU ms per second of streamed audio"
+    )
+    for r in reports:
+        if r["sessions"]["failure_reasons"]:
+            for code, reason in r["sessions"]["failure_reasons"].items():
+                out.append(f"  {r['sessions']['requested']} streams: {code}: {reason}")
+        load = r.get("machine_load") or {}
+        if load.get("busy_cores") is not None:
+            line = (
+                f"  {r['sessions']['requested']} streams: machine busy {load['busy_cores']:.2f} of "
+                f"{load['cores']} cores, measured processes {load['measured_cores']:.2f}, "
+                f"other {load['other_cores']:.2f}"
+            )
+            if load["other_cores"] > 0.25:
+                line += " - WARNING: other load on the machine, figures are not clean"
+            out.append(line)
+        c = r["client"]
+        late = next(v for k, v in c.items() if k.startswith("sends_late"))
+        if c["sends"] and late > 0.01 * c["sends"]:
+            out.append(
+                f"  {r['sessions']['requested']} streams: WARNING {late} of {c['sends']} sends "
+                f"were late by > {LATE_S * 1000:.0f} ms: the client may be the bottleneck "
+                "(try --processes)"
+            )
+    return "\n".join(out)

@@ -1,0 +1,65 @@
+"""Logging set-up: plain text, or JSON lines carrying the session and task ids.
+
+Sessions put their ids in a context variable; trio tasks inherit the context of the task
+that started them, so every line a session's tasks log carries its ids without passing them.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass
+
+
+@dataclass
+class LogContext:
+    session_id: str = ""
+    task_id: str = ""
+
+
+current: contextvars.ContextVar[LogContext | None] = contextvars.ContextVar(
+    "asrd_log_context", default=None
+)
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, object] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        ctx = current.get()
+        if ctx is not None:
+            out["session_id"] = ctx.session_id
+            if ctx.task_id:
+                out["task_id"] = ctx.task_id
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False)
+
+
+class TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        ctx = current.get()
+        if ctx is not None and ctx.session_id:
+            line += f" [session={ctx.session_id} task={ctx.task_id or '-'}]"
+        return line
+
+
+def setup(level: str, *, json_lines: bool = False) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        JsonFormatter()
+        if json_lines
+        else TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(getattr(logging, level.upper(), logging.INFO))

@@ -1,0 +1,140 @@
+"""Prometheus metrics without a dependency: counters, gauges and histograms, text exposition.
+
+Updates are plain attribute arithmetic on the event loop's thread (no locks), cheap enough for
+the per-frame path. One :class:`Registry` per process.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Callable, Iterable, Sequence
+from typing import TypeVar
+
+LATENCY_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Counter:
+    def __init__(self, name: str, help_: str, labels: Sequence[str] = ()) -> None:
+        self.name, self.help, self.labels = name, help_, tuple(labels)
+        self.values: dict[tuple[str, ...], float] = {}
+
+    def inc(self, amount: float = 1.0, *label_values: str) -> None:
+        self.values[label_values] = self.values.get(label_values, 0.0) + amount
+
+    def render(self) -> Iterable[str]:
+        yield f"# HELP {self.name} {self.help}"
+        yield f"# TYPE {self.name} counter"
+        if not self.values and not self.labels:
+            yield f"{self.name} 0"
+        for lv, v in sorted(self.values.items()):
+            yield f"{self.name}{_labels(self.labels, lv)} {v:g}"
+
+
+class Gauge:
+    """A value read when scraped (``fn``) or set by the owner."""
+
+    def __init__(self, name: str, help_: str, fn: Callable[[], float] | None = None) -> None:
+        self.name, self.help, self.fn = name, help_, fn
+        self.value = 0.0
+
+    def render(self) -> Iterable[str]:
+        yield f"# HELP {self.name} {self.help}"
+        yield f"# TYPE {self.name} gauge"
+        yield f"{self.name} {(self.fn() if self.fn else self.value):g}"
+
+
+class Histogram:
+    def __init__(self, name: str, help_: str, buckets: Sequence[float] = LATENCY_BUCKETS_S):
+        self.name, self.help = name, help_
+        self.buckets = tuple(buckets)
+        self.counts = [0] * (len(self.buckets) + 1)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.buckets, value)] += 1
+        self.sum += value
+        self.count += 1
+
+    def render(self) -> Iterable[str]:
+        yield f"# HELP {self.name} {self.help}"
+        yield f"# TYPE {self.name} histogram"
+        cumulative = 0
+        for bound, n in zip(self.buckets, self.counts, strict=False):
+            cumulative += n
+            yield f'{self.name}_bucket{{le="{bound:g}"}} {cumulative}'
+        yield f'{self.name}_bucket{{le="+Inf"}} {self.count}'
+        yield f"{self.name}_sum {self.sum:g}"
+        yield f"{self.name}_count {self.count}"
+
+
+Metric = Counter | Gauge | Histogram
+M = TypeVar("M", Counter, Gauge, Histogram)
+
+
+class Registry:
+    def __init__(self) -> None:
+        self.metrics: list[Metric] = []
+
+    def add(self, metric: M) -> M:
+        self.metrics.append(metric)
+        return metric
+
+    def render(self) -> bytes:
+        lines: list[str] = []
+        for m in self.metrics:
+            lines.extend(m.render())
+        return ("\n".join(lines) + "\n").encode()
+
+
+def _labels(names: tuple[str, ...], values: tuple[str, ...]) -> str:
+    if not names:
+        return ""
+    inner = ",".join(f'{n}="{v}"' for n, v in zip(names, values, strict=True))
+    return "{" + inner + "}"
+
+
+class GatewayMetrics:
+    """What a gateway exports on /metrics."""
+
+    def __init__(self) -> None:
+        r = self.registry = Registry()
+        self.active = r.add(Gauge("asrd_sessions_active", "sessions running now"))
+        self.sessions = r.add(
+            Counter("asrd_sessions_total", "ended sessions by status code", ["code"])
+        )
+        self.audio = r.add(Counter("asrd_audio_seconds_total", "audio received, seconds"))
+        self.partial_lag = r.add(
+            Histogram(
+                "asrd_partial_lag_seconds",
+                "result sent minus arrival of the audio it covers (intermediate results)",
+            )
+        )
+        self.endpointing = r.add(
+            Histogram(
+                "asrd_endpointing_seconds",
+                "SentenceEnd sent minus arrival of the audio that closed the sentence",
+            )
+        )
+        self.failovers = r.add(Counter("asrd_failovers_total", "sessions moved to a new worker"))
+        self.workers = r.add(Gauge("asrd_workers_alive", "engine workers heard from"))
+        self.decoders_free = r.add(Gauge("asrd_decoders_free", "free decoders of live workers"))
+        self.decoders_total = r.add(Gauge("asrd_decoders_total", "decoders of live workers"))
+        self.nats_reconnects = r.add(Gauge("asrd_nats_reconnects_total", "NATS reconnections"))
+        self.nats_errors = r.add(Gauge("asrd_nats_errors_total", "NATS errors"))
+
+
+class WorkerMetrics:
+    """What an engine worker exports on /metrics."""
+
+    def __init__(self) -> None:
+        r = self.registry = Registry()
+        self.sessions = r.add(Gauge("asrd_worker_sessions", "sessions decoded now"))
+        self.decoders_free = r.add(Gauge("asrd_worker_decoders_free", "free decoders"))
+        self.decoders_total = r.add(Gauge("asrd_worker_decoders_total", "decoders"))
+        self.claims = r.add(Counter("asrd_worker_claims_total", "claims by outcome", ["outcome"]))
+        self.utterances = r.add(Counter("asrd_worker_utterances_total", "final results sent"))
+        self.audio = r.add(Counter("asrd_worker_audio_seconds_total", "audio decoded, seconds"))
+        self.errors = r.add(Counter("asrd_worker_session_errors_total", "sessions failed"))
+        self.nats_reconnects = r.add(Gauge("asrd_nats_reconnects_total", "NATS reconnections"))
+        self.nats_errors = r.add(Gauge("asrd_nats_errors_total", "NATS errors"))

@@ -1,0 +1,535 @@
+"""The Redis control plane of a gateway: admission, live routing, slots and records.
+
+What a session costs Redis: one round trip for its token and app key (two for a signed
+link: the key, then the nonce) and one Lua call for its slot when it starts; nothing while it
+runs but a shared refresh of every running slot each ``slot_refresh_s``; its usage and
+transcript are written in batches by a background task after it ends.
+
+When Redis goes away:
+
+- running sessions continue (nothing on their path touches Redis);
+- a new session is admitted only when its token (or app key) was validated against Redis in
+  the last ``cache_ttl_s``, and the key's concurrency limit is then enforced on this gateway
+  alone; signed links (whose single use only Redis can guarantee) and every other session
+  get 50000000, with a log line;
+- records are kept in memory (``buffer_records`` of them); beyond that the oldest lose their
+  transcript, and their usage is folded into per-key-and-day counters, so no session goes
+  uncounted and every dropped transcript is counted (``lost_transcripts`` in ``asrd usage``);
+- when Redis answers again, slots are re-registered by the next refresh and the buffer is
+  written; nobody has to restart anything.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import secrets
+import socket
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import NoReturn, TypeVar
+
+import trio
+
+from asrd.config import Config, DynamicConfig, RoutingConfig
+from asrd.control import Admission, ConnectInfo, SessionRecord, route_language
+from asrd.errors import (
+    SUCCESS,
+    AppKeyTokenMismatch,
+    AuthError,
+    InvalidParameter,
+    TooManyRequests,
+    UnknownAppKey,
+)
+from asrd.store import StoreError, StoreUnavailable, signing
+from asrd.store.redisstore import open_redis_store
+from asrd.store.repo import AppKey, RecordItem, Repository, TokenInfo, day_of
+
+log = logging.getLogger(__name__)
+
+V = TypeVar("V")
+
+MAX_CACHED = 100_000
+_NO_HASH = "0" * 64  # validated tokens and app keys kept for outages
+FLUSH_RETRY_S = 1.0
+
+
+@dataclass(slots=True)
+class _Running:
+    appkey: str
+    language: str
+    pool: str
+
+
+class RateLimitedLog:
+    """At most one line per ``interval_s``; says how many were suppressed."""
+
+    def __init__(self, logger: logging.Logger, interval_s: float = 1.0) -> None:
+        self._log = logger
+        self._interval_s = interval_s
+        self._last = -1e9
+        self._suppressed = 0
+
+    def warning(self, msg: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self._last < self._interval_s:
+            self._suppressed += 1
+            return
+        if self._suppressed:
+            msg += f" ({self._suppressed} similar lines suppressed)"
+            self._suppressed = 0
+        self._last = now
+        self._log.warning(msg, *args)
+
+
+class ConfigWatcher:
+    """Polls the live configuration's revision; loads the document when it changes."""
+
+    def __init__(self, repo: Repository) -> None:
+        self._repo = repo
+        self._rev: str | None = None  # None: never loaded
+
+    async def poll(self) -> tuple[bool, DynamicConfig | None]:
+        """``(changed, document)``; raises StoreUnavailable. An invalid document is logged
+        and ignored (the previous configuration stays)."""
+        rev = await self._repo.config_rev()
+        if rev == self._rev:
+            return False, None
+        state = await self._repo.load_config()
+        self._rev = state.rev
+        if state.error:
+            log.error("ignoring the live configuration in Redis: %s", state.error)
+            return False, None
+        return True, state.doc
+
+
+class RedisControlPlane:
+    def __init__(self, config: Config, repo: Repository) -> None:
+        self._config = config
+        self._rc = config.redis
+        self._repo = repo
+        self.writer_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+        self.routing: RoutingConfig = config.routing
+        self.available = True
+        self._watcher = ConfigWatcher(repo)
+        self._running: dict[str, _Running] = {}  # slot (session id) -> session
+        self._releases: set[tuple[str, str]] = set()  # (appkey, slot) to give back
+        self._records: collections.deque[RecordItem] = collections.deque()
+        self._overflow: dict[tuple[str, str], RecordItem] = {}  # (appkey, day) -> counters
+        self._inflight: tuple[str, list[RecordItem]] | None = None
+        self._seq = 0
+        self._wake = trio.Event()
+        self._app_cache: dict[str, tuple[AppKey, float]] = {}
+        self._token_cache: dict[str, tuple[TokenInfo, float]] = {}
+        self.lost_transcripts = 0  # dropped from the full buffer (counted in usage)
+        self.refused_unavailable = 0
+        self.served_from_cache = 0
+        self._refusals = RateLimitedLog(log)
+        self._drops = RateLimitedLog(log)
+
+    # --- ControlPlane ------------------------------------------------------------------------
+
+    async def admit(
+        self, connect: ConnectInfo, *, appkey: str, language: str | None, session_id: str
+    ) -> Admission:
+        link = signing.parse_link(connect.query)
+        if link is not None:
+            app = await self._check_link(connect, link, appkey)
+            confirmed = True
+        else:
+            app, confirmed = await self._check_token(connect.token, appkey)
+        lang, pool = route_language(self.routing, self._config.server.default_language, language)
+        if app.languages and lang not in app.languages:
+            raise InvalidParameter(
+                f"language {lang!r} is not allowed for appkey {appkey!r} "
+                f"(allowed: {', '.join(app.languages)})"
+            )
+        await self._take_slot(app, session_id, confirmed)
+        self._running[session_id] = _Running(app.appkey, lang, pool)
+        return Admission(
+            appkey=app.appkey,
+            pool=pool,
+            record_transcript=app.record_transcripts,
+            slot=session_id,
+        )
+
+    async def finish(self, admission: Admission, record: SessionRecord) -> None:
+        try:
+            running = self._running.pop(admission.slot, None)
+            if admission.slot:
+                self._releases.add((admission.appkey, admission.slot))
+            self._append(self._item(admission, record, running))
+            self._wake.set()
+        except Exception:
+            log.exception("recording session %s failed", record.session_id)
+
+    async def issue_token_with_secret(
+        self, appkey: str, secret: str, ttl_s: int | None = None
+    ) -> tuple[str, TokenInfo]:
+        """``POST /token``: a token for the holder of ``appkey``'s secret."""
+        try:
+            app = await self._repo.get_app(appkey)
+        except StoreUnavailable as exc:
+            self._mark_down(exc)
+            raise StoreUnavailable(
+                "the control plane (Redis) is unreachable; retry in a few seconds"
+            ) from exc
+        # Compare even for an unknown key, so timing does not tell which keys exist.
+        matches = signing.secret_matches(secret, app.secret_sha256 if app else _NO_HASH)
+        if app is None or not matches:
+            raise AuthError("invalid appkey or secret")
+        if not app.active:
+            raise AuthError(f"appkey {appkey!r} is disabled")
+        ttl = min(ttl_s or self._rc.token_ttl_s, self._rc.token_ttl_s)
+        return await self._repo.issue_token(app, ttl)
+
+    # --- admission -------------------------------------------------------------------------
+
+    async def _check_token(self, token: str | None, appkey: str) -> tuple[AppKey, bool]:
+        """The app key a token opens; ``(app, False)`` when served from the cache."""
+        if not token:
+            raise AuthError(
+                "token missing: send it as the X-NLS-Token header or ?token=, or use a signed link"
+            )
+        digest = signing.sha256_hex(token)
+        try:
+            info, app = await self._repo.lookup(token, appkey)
+        except StoreUnavailable as exc:
+            self._mark_down(exc)
+            cached = self._cached(digest, appkey)
+            if cached is None:
+                self._refuse(appkey, "its token was not validated recently")
+            self.served_from_cache += 1
+            return cached, False
+        self._mark_up()
+        if info is None:
+            raise AuthError("token invalid, expired or revoked")
+        if app is None:
+            raise UnknownAppKey(f"appkey {appkey!r} does not exist")
+        if info.appkey != appkey:
+            raise AppKeyTokenMismatch(f"the token does not belong to appkey {appkey!r}")
+        if info.app_id != app.id:
+            raise AuthError("token invalid: its appkey was deleted and created again")
+        if not app.active:
+            raise AuthError(f"appkey {appkey!r} is disabled")
+        now = time.monotonic()
+        _remember(self._token_cache, digest, (info, now))
+        _remember(self._app_cache, appkey, (app, now))
+        return app, True
+
+    def _cached(self, digest: str, appkey: str) -> AppKey | None:
+        if self._rc.cache_ttl_s <= 0:
+            return None
+        now = time.monotonic()
+        tok = self._token_cache.get(digest)
+        entry = self._app_cache.get(appkey)
+        if tok is None or entry is None:
+            return None
+        info, seen = tok
+        app, app_seen = entry
+        fresh = now - min(seen, app_seen) <= self._rc.cache_ttl_s
+        if fresh and info.appkey == appkey and info.expires_at > time.time() and app.active:
+            return app
+        return None
+
+    async def _check_link(
+        self, connect: ConnectInfo, link: signing.SignedLink, appkey: str
+    ) -> AppKey:
+        if link.appkey != appkey:
+            raise AppKeyTokenMismatch(
+                f"the signed link is for appkey {link.appkey!r}, the command names {appkey!r}"
+            )
+        try:
+            app = await self._repo.get_app(appkey)
+        except StoreUnavailable as exc:
+            self._mark_down(exc)
+            self._refuse(appkey, "signed links need Redis to be used only once")
+        self._mark_up()
+        if app is None:
+            raise UnknownAppKey(f"appkey {appkey!r} does not exist")
+        signing.check_link(
+            link,
+            app.link_key,
+            method=connect.method,
+            path=connect.path,
+            now=time.time(),
+            ttl_s=self._rc.link_ttl_s,
+        )
+        if not app.active:
+            raise AuthError(f"appkey {appkey!r} is disabled")
+        try:
+            first_use = await self._repo.use_nonce(appkey, link.nonce)
+        except StoreUnavailable as exc:
+            self._mark_down(exc)
+            self._refuse(appkey, "signed links need Redis to be used only once")
+        if not first_use:
+            raise AuthError(
+                "signed link: already used (its nonce was seen before); sign a new link "
+                "for every connection"
+            )
+        _remember(self._app_cache, appkey, (app, time.monotonic()))
+        return app
+
+    async def _take_slot(self, app: AppKey, session_id: str, confirmed: bool) -> None:
+        if confirmed:
+            try:
+                taken = await self._repo.take_slot(app.appkey, session_id, app.max_sessions)
+            except StoreUnavailable as exc:
+                self._mark_down(exc)
+                self._releases.add((app.appkey, session_id))  # in case the script ran
+                if self._rc.cache_ttl_s <= 0:
+                    self._refuse(app.appkey, "no concurrency slot could be taken")
+            except BaseException:
+                # Cancelled (the client left) while the script may have run.
+                self._releases.add((app.appkey, session_id))
+                self._wake.set()
+                raise
+            else:
+                if not taken:
+                    raise TooManyRequests(
+                        f"appkey {app.appkey!r} already runs its limit of {app.max_sessions} "
+                        "concurrent sessions"
+                    )
+                return
+        # Redis is away: the limit holds on this gateway only; the slot is registered in
+        # Redis by the first refresh after it returns.
+        mine = sum(1 for r in self._running.values() if r.appkey == app.appkey)
+        if app.max_sessions and mine >= app.max_sessions:
+            raise TooManyRequests(
+                f"appkey {app.appkey!r} already runs its limit of {app.max_sessions} "
+                "concurrent sessions"
+            )
+        self._releases.discard((app.appkey, session_id))
+
+    def _refuse(self, appkey: str, why: str) -> NoReturn:
+        self.refused_unavailable += 1
+        self._refusals.warning(
+            "refusing a session of appkey %r with 50000000: Redis at %s is unreachable and %s",
+            appkey,
+            self._repo.store.url,
+            why,
+        )
+        raise StoreUnavailable("the control plane (Redis) is unreachable; retry in a few seconds")
+
+    # --- records ---------------------------------------------------------------------------
+
+    def _item(
+        self, admission: Admission, record: SessionRecord, running: _Running | None
+    ) -> RecordItem:
+        failed = record.code != SUCCESS
+        item = RecordItem(
+            appkey=admission.appkey,
+            day=day_of(record.started_at),
+            sessions=1,
+            errors=1 if failed else 0,
+            audio_ms=round(record.audio_s * 1000),
+            duration_ms=round(record.duration_s * 1000),
+            task_id=record.task_id,
+            session_id=record.session_id,
+            ended_ms=round((record.started_at + record.duration_s) * 1000),
+        )
+        if admission.record_transcript and record.task_id:
+            item.doc = json.dumps(
+                {
+                    "task_id": record.task_id,
+                    "session_id": record.session_id,
+                    "appkey": admission.appkey,
+                    "language": running.language if running else record.language,
+                    "pool": admission.pool,
+                    "started_at": record.started_at,
+                    "ended_at": record.started_at + record.duration_s,
+                    "duration_s": record.duration_s,
+                    "audio_s": record.audio_s,
+                    "code": record.code,
+                    "reason": record.reason,
+                    "params": record.params,
+                    "sentences": record.sentences,
+                    "gateway": self.writer_id,
+                },
+                separators=(",", ":"),
+            )
+        return item
+
+    def _append(self, item: RecordItem) -> None:
+        self._records.append(item)
+        while len(self._records) > self._rc.buffer_records:
+            old = self._records.popleft()
+            if old.doc:
+                self.lost_transcripts += 1
+                self._drops.warning(
+                    "record buffer full (%d records, Redis at %s unreachable): the transcript "
+                    "of task %s is dropped; its usage is kept and it is counted in "
+                    "lost_transcripts (%d so far)",
+                    self._rc.buffer_records,
+                    self._repo.store.url,
+                    old.task_id,
+                    self.lost_transcripts,
+                )
+            key = (old.appkey, old.day)
+            agg = self._overflow.get(key)
+            if agg is None:
+                agg = self._overflow[key] = RecordItem(old.appkey, old.day)
+            agg.fold(old)
+
+    @property
+    def pending(self) -> int:
+        """Records not yet written to Redis."""
+        inflight = len(self._inflight[1]) if self._inflight else 0
+        return len(self._records) + len(self._overflow) + inflight
+
+    async def _flush(self) -> None:
+        """Give back slots and write records; raises StoreUnavailable (then retried)."""
+        if self._releases:
+            batch = list(self._releases)
+            await self._repo.release_slots(batch)
+            self._releases.difference_update(batch)
+        while self._inflight is not None or self._records or self._overflow:
+            if self._inflight is None:
+                items = list(self._overflow.values())
+                self._overflow.clear()
+                while self._records and len(items) < 100:
+                    items.append(self._records.popleft())
+                self._seq += 1
+                self._inflight = (self._repo.keys.batch(self.writer_id, self._seq), items)
+            marker, items = self._inflight
+            await self._repo.write_batch(marker, items)
+            self._inflight = None
+
+    # --- background tasks ------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            await self._poll_config()
+        except StoreError as exc:
+            log.warning("live configuration not loaded: %s", exc)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._config_loop)
+            nursery.start_soon(self._refresh_loop)
+            nursery.start_soon(self._flush_loop)
+            task_status.started()
+
+    async def _poll_config(self) -> None:
+        try:
+            changed, doc = await self._watcher.poll()
+        except StoreUnavailable as exc:
+            self._mark_down(exc)
+            raise
+        self._mark_up()
+        if changed:
+            routing = doc.routing if doc is not None else self._config.routing
+            if routing != self.routing:
+                log.info(
+                    "routing changed: languages %s, default %s",
+                    dict(routing.languages) or "(each names its pool)",
+                    routing.default_language or self._config.server.default_language,
+                )
+                self.routing = routing
+
+    async def _config_loop(self) -> None:
+        while True:
+            await trio.sleep(self._rc.config_poll_s)
+            try:
+                await self._poll_config()
+            except StoreUnavailable:
+                pass
+            except StoreError as exc:
+                log.error("reading the live configuration failed: %s", exc)
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await trio.sleep(self._rc.slot_refresh_s)
+            running: dict[str, list[str]] = {}
+            for slot, r in self._running.items():
+                running.setdefault(r.appkey, []).append(slot)
+            try:
+                await self._repo.refresh_slots(running)
+            except StoreUnavailable as exc:
+                self._mark_down(exc)
+            except StoreError as exc:
+                log.error("refreshing concurrency slots failed: %s", exc)
+            else:
+                self._mark_up()
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            try:
+                await self._flush()
+            except StoreUnavailable as exc:
+                self._mark_down(exc)
+                await trio.sleep(FLUSH_RETRY_S)
+                self._wake.set()
+            except StoreError as exc:
+                log.error("writing session records failed: %s", exc)
+                await trio.sleep(FLUSH_RETRY_S)
+                self._wake.set()
+            else:
+                self._mark_up()
+
+    def _mark_down(self, exc: Exception) -> None:
+        if self.available:
+            self.available = False
+            log.error(
+                "%s. Running sessions continue; new sessions are admitted only for tokens "
+                "validated in the last %g s (others get 50000000); records are buffered "
+                "(up to %d)",
+                exc,
+                self._rc.cache_ttl_s,
+                self._rc.buffer_records,
+            )
+
+    def _mark_up(self) -> None:
+        if not self.available:
+            self.available = True
+            log.warning(
+                "Redis at %s is reachable again; writing %d buffered records",
+                self._repo.store.url,
+                self.pending,
+            )
+            self._wake.set()
+
+    async def aclose(self, timeout_s: float = 3.0) -> None:
+        """Give back every slot still held and write what is buffered (bounded time)."""
+        for slot, r in self._running.items():
+            self._releases.add((r.appkey, slot))
+        self._running.clear()
+        with trio.move_on_after(timeout_s):
+            try:
+                await self._flush()
+            except StoreError as exc:
+                log.debug("final flush failed: %s", exc)
+        if self.pending or self._releases:
+            log.error(
+                "%d session records could not be written to Redis at %s before exit and are "
+                "lost (%d slots expire by themselves)",
+                self.pending,
+                self._repo.store.url,
+                len(self._releases),
+            )
+
+
+def _remember(cache: dict[str, V], key: str, value: V) -> None:
+    cache.pop(key, None)
+    cache[key] = value
+    if len(cache) > MAX_CACHED:
+        del cache[next(iter(cache))]  # the least recently validated
+
+
+@asynccontextmanager
+async def open_redis_control_plane(config: Config) -> AsyncIterator[RedisControlPlane]:
+    async with open_redis_store(config.redis) as store:
+        plane = RedisControlPlane(config, Repository(store, config.redis))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(plane.run)
+            log.info("control plane: Redis at %s", store.url)
+            try:
+                yield plane
+            finally:
+                nursery.cancel_scope.cancel()
+                with trio.CancelScope(shield=True):
+                    await plane.aclose()

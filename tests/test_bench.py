@@ -1,0 +1,296 @@
+"""``asrd bench``: its statistics as pure functions, and small real runs against real stacks.
+
+No test here asserts a speed: the bench measures speed, the docs record it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import tomllib
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from asrd.bench.corpus import Playlist, default_data_dir, load_corpus
+from asrd.bench.load import COMPLETED, LoadPlan, SessionResult, run_load, schedule, split
+from asrd.bench.procs import Sampler, machine_busy_s, parse_pids, read_proc
+from asrd.bench.report import HoldCriteria, build_report, format_reports
+from asrd.bench.stack import StackConfig, open_stack, render_toml
+from asrd.bench.stats import FrameClock, endpoint_latency_s, percentile, summarize
+
+DATA = Path(__file__).parent / "data"
+GUARD_S = 240  # hang guard for the real runs, not a speed threshold
+
+# --- statistics --------------------------------------------------------------------------------
+
+
+def test_percentile_interpolates_like_numpy_linear() -> None:
+    values = [1.0, 2.0, 3.0, 4.0]
+    assert percentile(values, 0) == 1.0
+    assert percentile(values, 100) == 4.0
+    assert percentile(values, 50) == 2.5
+    assert percentile(values, 90) == pytest.approx(3.7)
+    assert percentile([7.0], 99) == 7.0
+    ten = [float(v) for v in range(1, 11)]
+    assert percentile(ten, 95) == pytest.approx(9.55)
+    with pytest.raises(ValueError):
+        percentile([], 50)
+    with pytest.raises(ValueError):
+        percentile(values, 101)
+
+
+def test_summarize() -> None:
+    assert summarize([]) is None
+    s = summarize([0.3, 0.1, 0.2])
+    assert s is not None
+    assert (s.count, s.p50, s.max) == (3, 0.2, 0.3)
+    assert s.avg == pytest.approx(0.2)
+    ms = s.scaled(1000).as_dict(1)
+    assert ms == {
+        **{"count": 3, "avg": 200.0, "p50": 200.0},
+        **{"p90": 280.0, "p95": 290.0, "p99": 298.0, "max": 300.0},
+    }
+
+
+def test_frame_clock_maps_stream_time_to_the_frame_that_completes_it() -> None:
+    clock = FrameClock([1600, 1600, 800], 16000)  # 100 ms, 100 ms, 50 ms
+    assert clock.frames == 3
+    assert clock.frame_end_s(1) == pytest.approx(0.2)
+    times = (0, 1, 100, 100.0625, 200, 201, 250, 9999)
+    assert [clock.frame_of(ms) for ms in times] == [0, 0, 0, 1, 1, 2, 2, 2]
+    assert clock.sent_at(150) is None  # not sent yet
+    clock.sent(0, 10.0)
+    clock.sent(1, 10.1)
+    assert clock.sent_at(100) == 10.0
+    assert clock.sent_at(150) == 10.1
+    with pytest.raises(ValueError):
+        FrameClock([0], 16000)
+
+
+def test_endpoint_latency_subtracts_the_required_silence() -> None:
+    assert endpoint_latency_s(11.0, 10.0, 800) == pytest.approx(0.2)
+    # at 2x real time, 800 ms of silence takes 400 ms to send
+    assert endpoint_latency_s(11.0, 10.0, 800, speed=2.0) == pytest.approx(0.6)
+
+
+# --- corpus and plan ---------------------------------------------------------------------
+
+
+def test_default_data_dir_is_the_checkouts_tests_data() -> None:
+    assert default_data_dir().resolve() == DATA.resolve()
+
+
+def test_playlist_is_whole_recordings_separated_by_silence() -> None:
+    corpus = load_corpus(DATA)
+    assert len(corpus.clips) == 5 and all(c.reference for c in corpus.clips)
+    p = Playlist.build(corpus, first=3, min_duration_s=12.0, gap_ms=1500, frame_ms=100)
+    assert p.duration_s >= 12.0
+    assert [i.clip.name for i in p.items] == [
+        c.name for c in (corpus.clips * 2)[3 : 3 + len(p.items)]
+    ]
+    assert p.items[0].start_ms == 300
+    for a, b in zip(p.items, p.items[1:], strict=False):
+        assert b.start_ms == a.end_ms + 1500
+    assert p.references() == [i.clip.reference for i in p.items]
+    assert b"".join(p.frames) == p.pcm
+    assert all(n == 1600 for n in p.frame_samples[:-1]) and 0 < p.frame_samples[-1] <= 1600
+    assert p.item_at(0) == 0
+    assert p.item_at(p.items[1].start_ms) == 1
+    assert p.item_at(p.items[1].start_ms - 1) == 0
+    one = Playlist.build(corpus, first=0, min_duration_s=0.0, gap_ms=900)
+    assert len(one.items) == 1
+
+
+def test_load_corpus_needs_transcripts(tmp_path: Path) -> None:
+    with pytest.raises(ValueError):
+        load_corpus(tmp_path)
+
+
+def test_schedule_spreads_starts_and_split_shares_them() -> None:
+    specs = schedule(4, start_at=100.0, ramp_s=2.0)
+    assert [s.start_at for s in specs] == [100.0, 100.5, 101.0, 101.5]
+    assert [s.first_clip for s in specs] == [0, 1, 2, 3]
+    parts = split(specs, 3)
+    assert [[s.index for s in p] for p in parts] == [[0, 3], [1], [2]]
+    assert split(specs, 9) == [(s,) for s in specs]
+
+
+def test_plan_and_results_survive_json() -> None:
+    specs = schedule(2, start_at=1.0, ramp_s=1.0)
+    plan = LoadPlan("ws://x/ws/v1", specs, "d", 5.0, params={"enable_words": False})
+    assert LoadPlan.from_json(plan.to_json()) == plan
+    assert plan.start_params()["enable_words"] is False
+    r = SessionResult(3, partial_lags=[0.01234567], hyps=["a"], refs=["b"])
+    assert SessionResult.from_dict(json.loads(json.dumps(r.to_dict()))) == SessionResult(
+        3, partial_lags=[0.012346], hyps=["a"], refs=["b"]
+    )
+
+
+# --- report ------------------------------------------------------------------------------
+
+
+def _result(index: int, lags: list[float], **kw: Any) -> SessionResult:
+    return SessionResult(index, partial_lags=lags, audio_s=10.0, **kw)
+
+
+def _report(results: list[SessionResult], limit_ms: float = 50.0) -> dict[str, Any]:
+    return build_report(
+        results,
+        usage={},
+        machine_busy_s=1.0,
+        client_cpu_s=0.5,
+        client_processes=1,
+        wall_s=10.0,
+        run={},
+        criteria=HoldCriteria(limit_ms),
+    )
+
+
+def test_report_holds_only_when_every_session_keeps_its_p95_under_the_limit() -> None:
+    good = [
+        _result(0, [0.01, 0.02, 0.03], endpoint=[0.1], hyps=["he was not"], refs=["he was not"]),
+        _result(1, [0.02] * 10, hyps=["an ill"], refs=["an ill disposed"]),
+    ]
+    rep = _report(good)
+    assert rep["held"] is True
+    assert rep["sessions"]["completed"] == 2 and rep["sessions"]["failed"] == {}
+    assert rep["partial_lag_ms"]["count"] == 13
+    assert rep["endpoint_ms"]["p50"] == 100.0
+    assert rep["wer"] == pytest.approx(1 / 6, abs=1e-4)
+    assert rep["client"]["cpu_ms_per_audio_s"] == 25.0
+    slow = [*good, _result(2, [0.01] * 18 + [0.2, 0.3])]
+    rep = _report(slow)
+    assert rep["held"] is False and "p95" in rep["held_reason"]
+    failed = [*good, _result(2, [], outcome="40000005", reason="busy")]
+    rep = _report(failed)
+    assert rep["held"] is False
+    assert rep["sessions"]["failed"] == {"40000005": 1}
+    assert rep["wer_sessions"] == 2  # failed sessions are not scored
+    assert "40000005: busy" in format_reports([rep])
+
+
+# --- /proc and stack helpers ---------------------------------------------------------------
+
+
+def test_proc_readings_of_this_process() -> None:
+    me = read_proc(os.getpid())
+    assert me is not None and me.cpu_s > 0 and me.rss_kb > 0 and me.hwm_kb >= me.rss_kb
+    assert read_proc(2**22 + 12345) is None
+    assert machine_busy_s() > 0
+    assert parse_pids("gateway=1, worker=2,worker=3") == {"gateway": [1], "worker": [2, 3]}
+    with pytest.raises(ValueError):
+        parse_pids("gateway")
+
+
+def test_stack_config_renders_valid_asrd_toml() -> None:
+    from asrd.config import Config
+
+    text = render_toml(StackConfig(engine="loadtest", decoders=7).sections(12345))
+    config = Config.model_validate(tomllib.loads(text))
+    assert config.server.port == 12345 and config.worker.engine == "loadtest"
+    assert config.worker.decoders == 7
+
+
+# --- real runs -------------------------------------------------------------------------------
+
+
+def _bench(*args: str) -> dict[str, Any]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "asrd", "--log-level", "warning", "bench", *args, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=GUARD_S,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report: dict[str, Any] = json.loads(proc.stdout)
+    return report
+
+
+@pytest.mark.integration
+def test_bench_spawn_with_the_loadtest_engine_reports_every_figure() -> None:
+    report = _bench(
+        *("--spawn", "--engine", "loadtest", "--workers", "1", "--decoders", "4"),
+        *("--sessions", "3", "--duration", "3", "--ramp", "0.5", "--speed", "2"),
+    )
+    assert report["stack"]["engine"] == "loadtest"
+    assert report["machine"]["cpus"] == os.cpu_count()
+    (run,) = report["runs"]
+    assert run["sessions"]["requested"] == run["sessions"]["completed"] == 3
+    assert run["sessions"]["failed"] == {}
+    for key in ("partial_lag_ms", "endpoint_ms", "endpoint_after_vad_ms", "start_ms"):
+        assert set(run[key]) == {"count", "avg", "p50", "p90", "p95", "p99", "max"}, key
+        assert run[key]["count"] > 0
+    assert isinstance(run["wer"], float)  # placeholder text: high, but scored
+    assert run["sentences"]["unmapped_results"] == 0
+    assert run["audio_s"] >= 9.0
+    for role, count in (("gateway", 1), ("worker", 1), ("nats", 1)):
+        proc = run["procs"][role]
+        assert proc["processes"] == count and proc["cpu_s"] >= 0 and proc["rss_mb_peak"] > 0
+        assert proc["cpu_ms_per_audio_s"] is not None
+    assert run["client"]["sends"] > 0
+    assert isinstance(run["held"], bool) and run["held_reason"]
+    assert run["series"] and "gateway_rss_mb" in run["series"][0]
+
+
+@pytest.mark.integration
+def test_idle_sessions_mode_measures_memory_per_session() -> None:
+    report = _bench(
+        *("--spawn", "--engine", "loadtest", "--workers", "1", "--decoders", "8"),
+        *("--idle-sessions", "4", "--settle", "0.5"),
+    )
+    idle = report["idle"]
+    assert (idle["connected"], idle["started"], idle["failed"]) == (4, 4, {})
+    assert idle["idle_timeout_s"] >= 600
+    assert {"kb_per_connection", "kb_per_started_session"} <= set(idle["gateway"])
+
+
+@pytest.mark.integration
+async def test_in_process_and_sharded_clients_give_the_same_kind_of_results() -> None:
+    """One stack; the same plan run in this process and by a shard process."""
+    with trio.fail_after(GUARD_S):
+        async with open_stack(StackConfig(engine="loadtest", workers=1, decoders=4)) as stack:
+            sampler = Sampler(stack.procs, 0.2)
+            sampler.start()
+            base = LoadPlan(stack.url, (), str(DATA), duration_s=2.0, speed=4.0)
+            now = time.monotonic()
+            plan = replace(base, sessions=schedule(2, start_at=now, ramp_s=0.2))
+            local = await run_load(plan)
+            now = time.monotonic()
+            shard_plan = replace(base, sessions=schedule(2, start_at=now + 1.0, ramp_s=0.2))
+            proc = await trio.run_process(
+                [sys.executable, "-m", "asrd.bench.shard"],
+                stdin=shard_plan.to_json().encode(),
+                capture_stdout=True,
+            )
+            sampler.stop()
+    remote = [SessionResult.from_dict(r) for r in json.loads(proc.stdout)["results"]]
+    for results in (local, remote):
+        assert [r.outcome for r in results] == [COMPLETED, COMPLETED]
+        assert all(r.partial_lags and r.endpoint and r.sends for r in results)
+        assert [r.refs for r in results] == [r.refs for r in local]
+    usage = sampler.usage()
+    assert set(usage) == {"gateway", "worker", "nats"}
+    assert usage["gateway"].cpu_s > 0
+
+
+@pytest.mark.integration
+def test_engine_baseline_on_one_short_recording(tmp_path: Path) -> None:
+    name = "sense_and_sensibility_01_austen_64kb-0880"
+    shutil.copy(DATA / f"{name}.wav", tmp_path)
+    line = next(x for x in (DATA / "librivox.transcription").read_text().splitlines() if name in x)
+    (tmp_path / "one.transcription").write_text(line + "\n")
+    report = _bench("--engine-baseline", "--baseline-repeat", "1", "--data", str(tmp_path))
+    b = report["engine_baseline"]
+    assert b["rtf_live"] > 0 and b["rtf_batch"] > 0
+    assert b["streams_per_core_live"] == pytest.approx(1 / b["rtf_live"], rel=0.01)
+    assert b["engine_limit_streams"] > 0 and b["cores"] == os.cpu_count()
+    assert 0.0 <= b["wer_batch"] <= 1.0

@@ -1,0 +1,129 @@
+"""The README's tour as a test: `asrd serve` in one process, `asrd transcribe` in another."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from asrd.children import free_port
+from asrd.wer import wer
+from tests.audio_fixtures import LIBRIVOX, transcripts
+
+pytestmark = pytest.mark.integration
+GUARD_S = 120
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_serve_then_transcribe_then_sigterm_leaves_no_orphans(tmp_path: Path) -> None:
+    port = free_port()
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "asrd", "serve", "--port", str(port), "--workers", "1"],
+        cwd=tmp_path,  # no config.toml there: the documented defaults
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert serve.stderr is not None
+        deadline = time.monotonic() + GUARD_S
+        lines = []
+        while time.monotonic() < deadline:
+            line = serve.stderr.readline()
+            lines.append(line)
+            if "gateway listening on" in line or not line:
+                break
+        assert f"ws://127.0.0.1:{port}/ws/v1" in lines[-1], lines
+        kids = children_of(serve.pid)
+        assert len(kids) == 2  # nats-server and one worker
+
+        clip = LIBRIVOX["0880"]
+        url = f"ws://127.0.0.1:{port}/ws/v1"
+        text = subprocess.run(
+            [sys.executable, "-m", "asrd", "transcribe", "--fast", "--url", url, str(clip)],
+            capture_output=True,
+            text=True,
+            timeout=GUARD_S,
+            check=True,
+        ).stdout
+        assert text.startswith("[")  # "[0.27-3.90] He was not ..."
+        hyp = " ".join(line.split("] ", 1)[1] for line in text.splitlines())
+        assert wer([transcripts()["0880"]], [hyp]) < 0.5
+
+        events = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "asrd",
+                "transcribe",
+                "--fast",
+                "--json",
+                "--url",
+                url,
+                str(clip),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=GUARD_S,
+            check=True,
+        ).stdout.splitlines()
+        names = [json.loads(e)["header"]["name"] for e in events]
+        assert names[0] == "TranscriptionStarted" and names[-1] == "TranscriptionCompleted"
+        assert "SentenceEnd" in names
+
+        bad = subprocess.run(
+            [sys.executable, "-m", "asrd", "transcribe", "--url", url, str(tmp_path / "nope.wav")],
+            capture_output=True,
+            text=True,
+            timeout=GUARD_S,
+        )
+        assert bad.returncode == 2 and bad.stderr
+
+        serve.send_signal(signal.SIGTERM)
+        assert serve.wait(GUARD_S) == 0
+        deadline = time.monotonic() + GUARD_S
+        while any(alive(k) for k in kids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not [k for k in kids if alive(k)]
+    finally:
+        if serve.poll() is None:
+            serve.kill()
+            serve.wait()
+
+
+def test_refuses_public_address_without_auth(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "asrd", "serve", "--host", "0.0.0.0", "--port", "0"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=GUARD_S,
+        env={**os.environ},
+    )
+    assert result.returncode == 2
+    assert "loopback" in result.stderr

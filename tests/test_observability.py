@@ -1,0 +1,102 @@
+"""/metrics, /healthz, /readyz on the gateway and on workers; JSON logs with session ids."""
+
+from __future__ import annotations
+
+import json
+import logging
+import urllib.request
+
+import pytest
+import trio
+
+from asrd import logs
+from asrd.children import free_port
+from asrd.client import open_transcription
+from tests.audio_fixtures import load_clip, silence
+from tests.conftest import Nats, RunningGateway
+from tests.servers import start_worker, stop
+
+GUARD_S = 120
+
+
+def get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not in metrics")
+
+
+@pytest.mark.integration
+async def test_gateway_metrics_and_health(gateway: RunningGateway) -> None:
+    base = f"http://127.0.0.1:{gateway.port}"
+    pcm = load_clip("0880") + silence(1000, 16000)
+    with trio.fail_after(GUARD_S):
+        async with open_transcription(
+            gateway.url,
+            pcm,
+            16000,
+            token="t",
+            appkey="default",
+            realtime=False,
+            params={"enable_intermediate_result": True},
+        ) as tr:
+            async for _ in tr:
+                pass
+    status, text = await trio.to_thread.run_sync(get, base + "/metrics")
+    assert status == 200
+    assert metric(text, 'asrd_sessions_total{code="20000000"}') >= 1
+    assert metric(text, "asrd_audio_seconds_total") > 3.0
+    assert metric(text, "asrd_partial_lag_seconds_count") > 0
+    assert metric(text, "asrd_endpointing_seconds_count") >= 1
+    assert metric(text, "asrd_workers_alive") == 2
+    assert metric(text, "asrd_decoders_total") == 4
+    assert (await trio.to_thread.run_sync(get, base + "/healthz"))[0] == 200
+    assert (await trio.to_thread.run_sync(get, base + "/readyz"))[0] == 200
+    assert (await trio.to_thread.run_sync(get, base + "/nope"))[0] == 404
+    gateway.gateway.draining = True  # what SIGTERM does first: load balancers see not-ready
+    assert (await trio.to_thread.run_sync(get, base + "/readyz"))[0] == 503
+    gateway.gateway.draining = False
+
+
+@pytest.mark.integration
+def test_worker_metrics_endpoint(nats: Nats) -> None:
+    port = free_port()
+    worker = start_worker(nats.url, "it-metrics", 1, "--metrics-port", str(port))
+    try:
+        import time
+
+        deadline = time.monotonic() + GUARD_S
+        while True:
+            try:
+                status, text = get(f"http://127.0.0.1:{port}/metrics")
+                break
+            except OSError:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        assert status == 200
+        assert metric(text, "asrd_worker_decoders_total") == 1
+        assert metric(text, "asrd_worker_decoders_free") == 1
+        assert get(f"http://127.0.0.1:{port}/readyz")[0] == 200
+    finally:
+        stop(worker)
+
+
+def test_json_log_lines_carry_session_and_task_ids() -> None:
+    formatter = logs.JsonFormatter()
+    record = logging.LogRecord("asrd.session", logging.INFO, __file__, 1, "hello %s", ("x",), None)
+    token = logs.current.set(logs.LogContext("s" * 32, "t" * 32))
+    try:
+        line = json.loads(formatter.format(record))
+    finally:
+        logs.current.reset(token)
+    assert line["message"] == "hello x"
+    assert line["session_id"] == "s" * 32 and line["task_id"] == "t" * 32
+    assert json.loads(formatter.format(record)).get("session_id") is None

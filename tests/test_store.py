@@ -1,0 +1,899 @@
+"""The Redis control plane end to end: a real redis-server, real nats-server and pocketsphinx
+workers, two gateways sharing Redis, and the ``asrd`` commands an operator would type.
+
+Waits are for events (a reply, a count reaching a value) under hang guards, never timed.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trio_websocket
+
+from asrd.bus.natsbus import open_nats_bus
+from asrd.children import free_port
+from asrd.cli import main
+from asrd.client import TranscribeError, open_transcription
+from asrd.config import Config, DynamicConfig, RedisConfig, RoutingConfig, WorkerConfig
+from asrd.control import Admission, SessionRecord
+from asrd.engines.base import EngineFull, EngineWord, Hypothesis, Recognizer
+from asrd.gateway import Gateway
+from asrd.handshake import parse_head, split_head
+from asrd.store import signing
+from asrd.store.follow import follow_worker_pool
+from asrd.store.http import TOKEN_PATH, handle_token_request, token_endpoint
+from asrd.store.plane import RedisControlPlane, open_redis_control_plane
+from asrd.store.redisstore import open_redis_store
+from asrd.store.repo import Repository
+from asrd.worker import Worker
+from tests.audio_fixtures import load_clip, silence
+from tests.conftest import Nats, Pool
+from tests.servers import redis_server, stop, wait_port
+
+pytestmark = pytest.mark.integration
+GUARD_S = 120  # hang guards, not speed thresholds
+RATE = 16000
+
+
+# --- servers, gateways, clients ----------------------------------------------------------------
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    with redis_server() as (_, url):
+        yield url
+
+
+class RedisProcess:
+    """A redis-server with an append-only file: it can be stopped and started again on the
+    same port with its data (as an operator restarting Redis would)."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="asrd-redis-")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+        self.proc = subprocess.Popen(
+            [
+                binary,
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--dir",
+                self.dir,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_port(self.port, self.proc)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop(self.proc)  # SIGTERM: Redis writes its append-only file and exits
+            self.proc = None
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture
+def restartable_redis() -> Iterator[RedisProcess]:
+    redis = RedisProcess()
+    try:
+        yield redis
+    finally:
+        redis.close()
+
+
+@dataclass
+class RedisGateway:
+    gateway: Gateway
+    url: str
+    port: int
+    plane: RedisControlPlane
+
+
+def gateway_config(nats_url: str, pool: Pool, redis_url: str, **redis: Any) -> Config:
+    return Config.model_validate(
+        {
+            "server": {"port": 0, "default_language": pool.name},
+            "nats": {"url": nats_url},
+            "redis": {"url": redis_url, **redis},
+        }
+    )
+
+
+@asynccontextmanager
+async def open_redis_gateway(
+    nats_url: str, pool: Pool, redis_url: str, **redis: Any
+) -> AsyncIterator[RedisGateway]:
+    config = gateway_config(nats_url, pool, redis_url, **redis)
+    async with (
+        open_nats_bus(config.nats, nats_url, name="test-gateway") as bus,
+        open_redis_control_plane(config) as plane,
+    ):
+        gw = Gateway(config, bus, plane)
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(partial(gw.serve, wait_for_workers=len(pool.workers)))
+            yield RedisGateway(gw, f"ws://127.0.0.1:{port}/ws/v1", port, plane)
+            gw.stop_requested.set()
+
+
+@asynccontextmanager
+async def open_repo(url: str, **redis: Any) -> AsyncIterator[Repository]:
+    config = RedisConfig(url=url, **redis)
+    async with open_redis_store(config) as store:
+        yield Repository(store, config)
+
+
+async def asrd(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
+    """Run an ``asrd`` command (it calls trio.run, so in a thread); its exit status and stdout."""
+    capsys.readouterr()
+    status = await trio.to_thread.run_sync(main, list(argv))
+    return status, capsys.readouterr().out
+
+
+def start_command(task_id: str, appkey: str, **payload: Any) -> str:
+    return json.dumps(
+        {
+            "header": {
+                "message_id": uuid.uuid4().hex,
+                "task_id": task_id,
+                "namespace": "SpeechTranscriber",
+                "name": "StartTranscription",
+                "appkey": appkey,
+            },
+            "payload": payload,
+        }
+    )
+
+
+async def start_reply(
+    url: str, appkey: str, token: str | None = None, **payload: Any
+) -> dict[str, Any]:
+    """Send StartTranscription; the server's answer (TranscriptionStarted or TaskFailed)."""
+    headers = [(b"X-NLS-Token", token.encode())] if token else []
+    with trio.fail_after(GUARD_S):
+        async with trio_websocket.open_websocket_url(url, extra_headers=headers) as ws:
+            await ws.send_message(start_command(uuid.uuid4().hex, appkey, **payload))
+            reply: dict[str, Any] = json.loads(await ws.get_message())
+            return reply
+
+
+def status_of(reply: dict[str, Any]) -> int:
+    header = reply["header"]
+    return 20000000 if header["name"] == "TranscriptionStarted" else int(header["status"])
+
+
+async def started(url: str, appkey: str, token: str | None = None, **payload: Any) -> bool:
+    reply = await start_reply(url, appkey, token, **payload)
+    assert reply["header"]["name"] in ("TranscriptionStarted", "TaskFailed"), reply
+    return bool(reply["header"]["name"] == "TranscriptionStarted")
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], poll_s: float = 0.1) -> None:
+    with trio.fail_after(GUARD_S):
+        while not await check():  # noqa: ASYNC110 - state in other processes and in Redis
+            await trio.sleep(poll_s)
+
+
+@asynccontextmanager
+async def held_session(
+    url: str, appkey: str, token: str | None
+) -> AsyncIterator[trio_websocket.WebSocketConnection]:
+    """A started session kept open; leaving hangs up (no Stop)."""
+    headers = [(b"X-NLS-Token", token.encode())] if token else []
+    async with trio_websocket.open_websocket_url(
+        url, extra_headers=headers, connect_timeout=GUARD_S, disconnect_timeout=GUARD_S
+    ) as ws:
+        await ws.send_message(start_command(uuid.uuid4().hex, appkey))
+        with trio.fail_after(GUARD_S):
+            reply = json.loads(await ws.get_message())
+        assert reply["header"]["name"] == "TranscriptionStarted", reply
+        yield ws
+
+
+@dataclass
+class LiveSession:
+    """A session that streams silence at real time until :meth:`finish`, then a clip and Stop."""
+
+    url: str
+    appkey: str
+    token: str | None
+    pcm: bytes
+    events: list[dict[str, Any]] = field(default_factory=list)
+    task_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    go: trio.Event = field(default_factory=trio.Event)
+    done: trio.Event = field(default_factory=trio.Event)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        headers = [(b"X-NLS-Token", self.token.encode())] if self.token else []
+        try:
+            async with trio_websocket.open_websocket_url(self.url, extra_headers=headers) as ws:
+                await ws.send_message(start_command(self.task_id, self.appkey))
+                first = json.loads(await ws.get_message())
+                assert first["header"]["name"] == "TranscriptionStarted", first
+                task_status.started()
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._receive, ws, nursery.cancel_scope)
+                    while not self.go.is_set():
+                        await ws.send_message(silence(100, RATE))
+                        await trio.sleep(0.1)
+                    for i in range(0, len(self.pcm), 3200):
+                        await ws.send_message(self.pcm[i : i + 3200])
+                    stop = json.loads(start_command(self.task_id, self.appkey))
+                    stop["header"]["name"] = "StopTranscription"
+                    del stop["payload"]
+                    await ws.send_message(json.dumps(stop))
+                    await trio.sleep_forever()
+        finally:
+            self.done.set()
+
+    async def _receive(
+        self, ws: trio_websocket.WebSocketConnection, scope: trio.CancelScope
+    ) -> None:
+        while True:
+            msg = json.loads(await ws.get_message())
+            self.events.append(msg)
+            if msg["header"]["name"] in ("TranscriptionCompleted", "TaskFailed"):
+                scope.cancel()
+                return
+
+    async def finish(self) -> list[dict[str, Any]]:
+        self.go.set()
+        with trio.fail_after(GUARD_S):
+            await self.done.wait()
+        return self.events
+
+
+def text_of(events: list[dict[str, Any]]) -> str:
+    return " ".join(e["payload"]["result"] for e in events if e["header"]["name"] == "SentenceEnd")
+
+
+def clip() -> bytes:
+    return load_clip("0880") + silence(1200, RATE)
+
+
+async def transcribe(url: str, appkey: str, token: str) -> tuple[str, list[dict[str, Any]]]:
+    """A whole session; its task id and events."""
+    events = []
+    with trio.fail_after(GUARD_S):
+        async with open_transcription(
+            url, clip(), RATE, token=token, appkey=appkey, realtime=False
+        ) as tr:
+            async for event in tr:
+                events.append(event)
+    assert events[-1]["header"]["name"] == "TranscriptionCompleted", events[-1]
+    return events[0]["header"]["task_id"], events
+
+
+async def redis_dump(url: str) -> str:
+    """Every key and value in Redis, as text."""
+    async with open_repo(url) as repo:
+        out = []
+        for key in await repo.store.execute("KEYS", "*"):
+            kind = await repo.store.execute("TYPE", key)
+            if kind == "string":
+                value: Any = await repo.store.execute("GET", key)
+            elif kind == "hash":
+                value = await repo.store.execute("HGETALL", key)
+            elif kind == "set":
+                value = await repo.store.execute("SMEMBERS", key)
+            else:
+                value = await repo.store.execute("ZRANGE", key, 0, -1, "WITHSCORES")
+            out.append(f"{key} {value}")
+        return "\n".join(out)
+
+
+# --- 1. app keys ----------------------------------------------------------------------------
+
+
+async def test_key_lifecycle_with_the_cli(
+    nats: Nats, pool: Pool, redis_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    r = ("--redis-url", redis_url)
+    status, out = await asrd(capsys, "keys", "create", "app1", "--max-sessions", "3", "--json", *r)
+    assert status == 0
+    created = json.loads(out)
+    secret = created["secret"]
+    assert created["status"] == "active" and created["max_sessions"] == 3
+    assert len(secret) >= 43
+    # Redis holds a hash of the secret, never the secret.
+    assert secret not in await redis_dump(redis_url)
+    assert signing.sha256_hex(secret) in await redis_dump(redis_url)
+    status, _ = await asrd(capsys, "keys", "create", "app1", *r)
+    assert status == 2  # exists already
+
+    status, out = await asrd(capsys, "keys", "list", "--json", *r)
+    assert [k["appkey"] for k in json.loads(out)] == ["app1"]
+    assert "secret" not in out and "link_key" not in out
+
+    status, out = await asrd(capsys, "token", "app1", "--json", *r)
+    token = json.loads(out)["token"]
+    async with open_redis_gateway(nats.url, pool, redis_url) as gw:
+        assert await started(gw.url, "app1", token)
+
+        assert (await asrd(capsys, "keys", "disable", "app1", *r))[0] == 0
+        reply = await start_reply(gw.url, "app1", token)
+        assert status_of(reply) == 40000001 and "disabled" in reply["header"]["status_text"]
+        status, _ = await asrd(capsys, "token", "app1", *r)
+        assert status == 1  # no tokens for a disabled key
+
+        assert (await asrd(capsys, "keys", "enable", "app1", *r))[0] == 0
+        assert await started(gw.url, "app1", token)
+
+        status, out = await asrd(
+            capsys, "keys", "update", "app1", "--transcripts", "off", "--max-sessions", "5", *r
+        )
+        assert status == 0
+        status, out = await asrd(capsys, "keys", "show", "app1", "--json", *r)
+        shown = json.loads(out)
+        assert shown["record_transcripts"] is False and shown["max_sessions"] == 5
+        assert shown["active"] == 0
+
+        assert (await asrd(capsys, "keys", "delete", "app1", *r))[0] == 0
+        assert status_of(await start_reply(gw.url, "app1", token)) == 40020105
+        assert (await asrd(capsys, "keys", "show", "app1", *r))[0] == 1
+        # A key created again under the same name does not revive the old tokens.
+        assert (await asrd(capsys, "keys", "create", "app1", *r))[0] == 0
+        reply = await start_reply(gw.url, "app1", token)
+        assert status_of(reply) == 40000001
+
+
+# --- 2. tokens --------------------------------------------------------------------------------
+
+
+async def token_server(
+    plane: RedisControlPlane, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Serves TOKEN_PATH exactly as the gateway's hook does (read head, token_endpoint)."""
+
+    async def handler(stream: trio.SocketStream) -> None:
+        buffer = b""
+        while (parts := split_head(buffer)) is None:
+            buffer += await stream.receive_some(4096)
+        head = parse_head(parts[0])
+        assert head.path == TOKEN_PATH
+        await stream.send_all(await token_endpoint(plane, stream, head, parts[1]))
+        await stream.aclose()
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(partial(trio.serve_listeners, handler, listeners))
+        task_status.started(listeners[0].socket.getsockname()[1])
+
+
+def post_token(port: int, appkey: str, secret: str, body: bytes = b"") -> tuple[int, Any]:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}{TOKEN_PATH}",
+        data=body,
+        method="POST",
+        headers={
+            "Authorization": "Basic " + base64.b64encode(f"{appkey}:{secret}".encode()).decode(),
+            "Content-Type": "application/json",
+        },
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=GUARD_S) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+async def test_tokens_expire_are_revoked_and_belong_to_their_key(
+    nats: Nats, pool: Pool, redis_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async with open_repo(redis_url) as repo:
+        app_a, secret_a = await repo.create_app("app-a")
+        app_b, _ = await repo.create_app("app-b")
+        short, info = await repo.issue_token(app_a, 1)
+        assert info.expires_at - info.issued_at == 1
+        token_b, _ = await repo.issue_token(app_b, 600)
+    async with open_redis_gateway(nats.url, pool, redis_url) as gw:
+        assert await started(gw.url, "app-a", short)
+
+        async def refused() -> bool:
+            return status_of(await start_reply(gw.url, "app-a", short)) == 40000001
+
+        await eventually(refused)  # expired (Redis dropped it after its TTL)
+
+        missing = await start_reply(gw.url, "app-a", None)
+        assert status_of(missing) == 40000001
+        assert "token missing" in missing["header"]["status_text"]
+        assert status_of(await start_reply(gw.url, "app-a", "made-up")) == 40000001
+        foreign = await start_reply(gw.url, "app-a", token_b)  # app-b's token
+        assert status_of(foreign) == 40020106
+        assert status_of(await start_reply(gw.url, "nobody", token_b)) == 40020105
+
+        # POST /token: the app trades its secret for a token, usable as ?token=
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(token_server, gw.plane)
+            code, body = await trio.to_thread.run_sync(post_token, port, "app-a", secret_a)
+            assert code == 200 and body["appkey"] == "app-a"
+            assert body["expires_in"] == 3600
+            assert await started(f"{gw.url}?token={body['token']}", "app-a", None)
+            code, body = await trio.to_thread.run_sync(
+                post_token, port, "app-a", secret_a, b'{"ttl_s": 60}'
+            )
+            assert code == 200 and body["expires_in"] == 60
+            code, body = await trio.to_thread.run_sync(post_token, port, "app-a", "wrong")
+            assert code == 401 and body["code"] == 40000001
+            code, body = await trio.to_thread.run_sync(post_token, port, "nobody", secret_a)
+            assert code == 401
+            nursery.cancel_scope.cancel()
+
+        # `asrd token` issues; `asrd token --revoke` revokes at once.
+        status, out = await asrd(capsys, "token", "app-a", "--redis-url", redis_url)
+        token = out.strip()
+        assert status == 0 and await started(gw.url, "app-a", token)
+        status, _ = await asrd(capsys, "token", "--revoke", token, "--redis-url", redis_url)
+        assert status == 0
+        revoked = await start_reply(gw.url, "app-a", token)
+        assert status_of(revoked) == 40000001
+        assert "revoked" in revoked["header"]["status_text"]
+
+
+# --- 3. signed links --------------------------------------------------------------------------
+
+
+async def test_signed_link_is_single_use_and_checked(
+    nats: Nats, pool: Pool, redis_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async with open_repo(redis_url) as repo:
+        _, secret = await repo.create_app("linked")
+        await repo.create_app("other")
+    async with open_redis_gateway(nats.url, pool, redis_url, link_ttl_s=120) as gw:
+        status, out = await asrd(
+            capsys, "sign-url", gw.url, "--appkey", "linked", "--secret", secret
+        )
+        link = out.strip()
+        assert status == 0 and "sig=" in link
+        assert await started(link, "linked")
+
+        replay = await start_reply(link, "linked")
+        assert status_of(replay) == 40000001
+        assert "already used" in replay["header"]["status_text"]
+
+        stale = signing.sign_url(gw.url, appkey="linked", secret=secret, ts=int(time.time()) - 600)
+        reply = await start_reply(stale, "linked")
+        assert status_of(reply) == 40000001 and "expired" in reply["header"]["status_text"]
+
+        forged = signing.sign_url(gw.url, appkey="linked", secret="not-the-secret")
+        reply = await start_reply(forged, "linked")
+        assert status_of(reply) == 40000001
+        assert "wrong signature" in reply["header"]["status_text"]
+
+        fresh = signing.sign_url(gw.url, appkey="linked", secret=secret)
+        assert status_of(await start_reply(fresh, "other")) == 40020106  # header names another
+        # ... and that refusal did not use the link up.
+        assert await started(fresh, "linked")
+
+
+# --- 4. dynamic routing --------------------------------------------------------------------
+
+
+async def test_routing_change_is_picked_up_live_without_disturbing_sessions(
+    nats: Nats, pool: Pool, redis_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async with open_repo(redis_url) as repo:
+        app, _ = await repo.create_app("router")
+        token, _ = await repo.issue_token(app, 3600)
+    r = ("--redis-url", redis_url)
+    async with open_redis_gateway(nats.url, pool, redis_url) as gw:
+        # No routing table yet: a language names its pool, and nobody serves "fr".
+        assert status_of(await start_reply(gw.url, "router", token, language="fr")) == 50000000
+        live = LiveSession(gw.url, "router", token, clip())
+        async with trio.open_nursery() as nursery:
+            await nursery.start(live.run)
+
+            status, _ = await asrd(
+                capsys, "config", "set", "routing.languages", json.dumps({pool.name: pool.name}), *r
+            )
+            assert status == 0
+
+            async def fr_unknown() -> bool:
+                reply = await start_reply(gw.url, "router", token, language="fr")
+                return status_of(reply) == 40000003
+
+            await eventually(fr_unknown)
+            reply = await start_reply(gw.url, "router", token, language="fr")
+            assert "unknown language 'fr'" in reply["header"]["status_text"]
+
+            assert (await asrd(capsys, "config", "set", "routing.languages.fr", pool.name, *r))[
+                0
+            ] == 0
+            await eventually(partial(started, gw.url, "router", token, language="fr"))
+
+            # An invalid value is refused by the same model that validates config.toml.
+            status, _ = await asrd(capsys, "config", "set", "routing.languages.de", "a.b", *r)
+            assert status == 2
+            status, out = await asrd(capsys, "config", "get", "routing.languages", *r)
+            assert json.loads(out) == {pool.name: pool.name, "fr": pool.name}
+
+            # The session that ran through all of this is undisturbed.
+            events = await live.finish()
+            assert events[-1]["header"]["name"] == "TranscriptionCompleted", events[-1]
+            assert "man" in text_of(events)
+
+        assert (await asrd(capsys, "config", "reset", *r))[0] == 0
+
+        async def back_to_toml() -> bool:  # no table again: "fr" names a pool nobody serves
+            reply = await start_reply(gw.url, "router", token, language="fr")
+            return status_of(reply) == 50000000
+
+        await eventually(back_to_toml)
+
+
+class FakeRecognizer:
+    def start(self) -> None:
+        pass
+
+    def accept(self, pcm: bytes) -> None:
+        pass
+
+    def partial(self) -> Hypothesis | None:
+        return None
+
+    def finish(self) -> Hypothesis:
+        return Hypothesis(
+            "hello world", (EngineWord("hello", 0, 300), EngineWord("world", 300, 600)), 0.9
+        )
+
+
+class FakeEngine:
+    name = "fake"
+    final_cost = 0.0
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.taken = 0
+
+    def acquire(self, sample_rate: int, *, partials: bool = True) -> Recognizer:
+        if self.taken >= self.capacity:
+            raise EngineFull("full")
+        self.taken += 1
+        return FakeRecognizer()
+
+    def release(self, recognizer: Recognizer) -> None:
+        self.taken -= 1
+
+
+async def test_workers_follow_the_live_routing(nats: Nats, pool: Pool, redis_url: str) -> None:
+    """A worker started as pool "spare-q" is moved to "live-q" by the live routing, and a
+    language routed to "live-q" reaches it, with no restart of anything."""
+    async with open_repo(redis_url) as repo:
+        app, _ = await repo.create_app("mover")
+        token, _ = await repo.issue_token(app, 3600)
+        await repo.save_config(
+            DynamicConfig(routing=RoutingConfig(languages={pool.name: pool.name, "zz": "live-q"}))
+        )
+        config = gateway_config(nats.url, pool, redis_url).model_copy(
+            update={"worker": WorkerConfig(pool="spare-q", decoders=1)}
+        )
+        async with (
+            open_nats_bus(config.nats, nats.url, name="test-worker") as bus,
+            open_redis_gateway(nats.url, pool, redis_url) as gw,
+            trio.open_nursery() as nursery,
+        ):
+            worker = Worker(config.worker, config.nats.subject_prefix, bus, FakeEngine(1))
+            await nursery.start(worker.run)
+            await nursery.start(follow_worker_pool, config, worker)
+            # "zz" is routed, but no worker serves "live-q" yet.
+            assert status_of(await start_reply(gw.url, "mover", token, language="zz")) == 50000000
+
+            await repo.save_config(
+                DynamicConfig(
+                    routing=RoutingConfig(
+                        languages={pool.name: pool.name, "zz": "live-q"},
+                        workers={"spare-q": "live-q"},
+                    )
+                )
+            )
+
+            async def moved() -> bool:
+                return worker.config.pool == "live-q"
+
+            await eventually(moved)
+            events: list[dict[str, Any]] = []
+            with trio.fail_after(GUARD_S):
+                while True:
+                    try:
+                        async with open_transcription(
+                            gw.url,
+                            clip(),
+                            RATE,
+                            token=token,
+                            appkey="mover",
+                            realtime=False,
+                            params={"language": "zz"},
+                        ) as tr:
+                            events = [e async for e in tr]
+                        break
+                    except TranscribeError as exc:  # the gateway has not heard its beat yet
+                        assert exc.code == 50000000, exc
+                        await trio.sleep(0.1)
+            assert "hello world" in text_of(events).lower()
+            nursery.cancel_scope.cancel()
+
+
+# --- 5. admission across gateways ----------------------------------------------------------------
+
+
+async def test_concurrency_limit_holds_across_two_gateways_and_slots_come_back(
+    nats: Nats, pool: Pool, redis_url: str
+) -> None:
+    async with open_repo(redis_url) as repo:
+        app, _ = await repo.create_app("limited", max_sessions=2)
+        token, _ = await repo.issue_token(app, 3600)
+        async with (
+            open_redis_gateway(nats.url, pool, redis_url) as gw1,
+            open_redis_gateway(nats.url, pool, redis_url) as gw2,
+        ):
+            async with held_session(gw1.url, "limited", token):
+                async with held_session(gw2.url, "limited", token):
+                    for gw in (gw1, gw2):
+                        reply = await start_reply(gw.url, "limited", token)
+                        assert status_of(reply) == 40000005, reply
+                        assert "limit of 2" in reply["header"]["status_text"]
+                    assert await repo.active_sessions("limited") == 2
+                # gw2's session hung up: its slot is free for either gateway.
+                await eventually(partial(started, gw1.url, "limited", token))
+            # Every way a session ended (hang-up, completion, refusal) gave its slot back.
+            await transcribe(gw2.url, "limited", token)
+
+            async def none_active() -> bool:
+                return await repo.active_sessions("limited") == 0
+
+            await eventually(none_active)
+            assert await repo.store.execute("ZCARD", repo.keys.slots("limited")) == 0
+
+
+def start_gateway_process(config: Path) -> subprocess.Popen[bytes]:
+    """`asrd gateway` as its own process, to be killed."""
+    argv = [sys.executable, "-m", "asrd", "--log-level", "warning", "gateway"]
+    return subprocess.Popen([*argv, "--config", str(config)])
+
+
+async def test_a_crashed_gateways_slots_expire(
+    nats: Nats, pool: Pool, redis_url: str, tmp_path: Path
+) -> None:
+    port = free_port()
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        f'[server]\nport = {port}\ndefault_language = "{pool.name}"\n'
+        f'[nats]\nurl = "{nats.url}"\n'
+        f'[redis]\nurl = "{redis_url}"\nslot_ttl_s = 10.0\nslot_refresh_s = 2.0\n'
+    )
+    async with open_repo(redis_url) as repo:
+        app, _ = await repo.create_app("crashy", max_sessions=1)
+        token, _ = await repo.issue_token(app, 3600)
+        proc = start_gateway_process(config)
+        try:
+            await trio.to_thread.run_sync(wait_port, port, proc)
+            url = f"ws://127.0.0.1:{port}/ws/v1"
+            with pytest.raises(trio_websocket.ConnectionClosed):
+                async with held_session(url, "crashy", token) as ws:
+                    proc.send_signal(signal.SIGKILL)  # no finish(), no release: only expiry
+                    proc.wait()
+                    with trio.fail_after(GUARD_S):
+                        await ws.get_message()
+        finally:
+            stop(proc)
+        async with open_redis_gateway(nats.url, pool, redis_url) as gw:
+            reply = await start_reply(gw.url, "crashy", token)
+            assert status_of(reply) == 40000005  # the dead gateway's slot still counts ...
+            await eventually(partial(started, gw.url, "crashy", token))  # ... until it expires
+
+
+# --- 6, 7. usage and transcripts ----------------------------------------------------------------
+
+
+async def test_usage_and_transcripts_survive_a_gateway_restart(
+    nats: Nats, pool: Pool, redis_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    r = ("--redis-url", redis_url)
+    async with open_repo(redis_url) as repo:
+        app_a, _ = await repo.create_app("rec-a")
+        app_b, _ = await repo.create_app("rec-b", record_transcripts=False)
+        token_a, _ = await repo.issue_token(app_a, 3600)
+        token_b, _ = await repo.issue_token(app_b, 3600)
+    async with open_redis_gateway(nats.url, pool, redis_url) as gw:
+        task_a, events_a = await transcribe(gw.url, "rec-a", token_a)
+        async with held_session(gw.url, "rec-a", token_a):
+            pass  # hangs up: an error outcome (40010004)
+        task_b, _ = await transcribe(gw.url, "rec-b", token_b)
+    # The gateway is gone (it wrote its records on the way out); a new one starts.
+    async with open_redis_gateway(nats.url, pool, redis_url):
+        status, out = await asrd(capsys, "usage", "--json", *r)
+        assert status == 0
+        rows = {row["appkey"]: row for row in json.loads(out)}
+        today = datetime.now(UTC).date().isoformat()
+        assert rows["rec-a"]["day"] == today
+        assert rows["rec-a"]["sessions"] == 2 and rows["rec-a"]["errors"] == 1
+        assert abs(rows["rec-a"]["audio_s"] - len(clip()) / (2 * RATE)) < 0.01
+        assert rows["rec-b"]["sessions"] == 1 and rows["rec-b"]["errors"] == 0
+        tomorrow = (datetime.now(UTC).date() + timedelta(days=1)).isoformat()
+        status, out = await asrd(
+            capsys, "usage", "--appkey", "rec-a", "--since", tomorrow, "--json", *r
+        )
+        assert json.loads(out) == []
+        status, out = await asrd(capsys, "usage", *r)  # the table form
+        assert "rec-a" in out and "rec-b" in out
+
+        status, out = await asrd(capsys, "transcript", task_a, "--json", *r)
+        assert status == 0
+        (doc,) = json.loads(out)
+        assert doc["appkey"] == "rec-a" and doc["code"] == 20000000
+        assert doc["language"] == pool.name and doc["pool"] == pool.name
+        assert doc["params"]["sample_rate"] == RATE
+        assert [s["text"] for s in doc["sentences"]] == [
+            e["payload"]["result"] for e in events_a if e["header"]["name"] == "SentenceEnd"
+        ]
+        assert all(s["begin_time"] < s["time"] for s in doc["sentences"])
+        status, out = await asrd(capsys, "transcript", task_a, *r)
+        assert "20000000" in out and doc["sentences"][0]["text"] in out
+
+        status, out = await asrd(capsys, "transcript", "--appkey", "rec-a", "--json", *r)
+        listed = json.loads(out)
+        assert {d["code"] for d in listed} == {20000000, 40010004}
+        assert task_a in {d["task_id"] for d in listed}
+
+        status, _ = await asrd(capsys, "transcript", task_b, *r)
+        assert status == 1  # recording is off for rec-b
+        async with open_repo(redis_url) as repo:
+            ttl = await repo.store.execute("TTL", repo.keys.transcript(task_a))
+            assert 0 < ttl <= 30 * 86400  # the retention
+
+
+# --- 8. Redis goes away -----------------------------------------------------------------------
+
+
+async def test_redis_stop_and_start_during_live_sessions(
+    nats: Nats,
+    pool: Pool,
+    restartable_redis: RedisProcess,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    redis = restartable_redis
+    redis.start()
+    async with open_repo(redis.url) as repo:
+        app, secret = await repo.create_app("steady", max_sessions=5)
+        cached_token, _ = await repo.issue_token(app, 3600)
+        other_token, _ = await repo.issue_token(app, 3600)
+    async with open_redis_gateway(
+        nats.url, pool, redis.url, slot_ttl_s=4.0, slot_refresh_s=1.0
+    ) as gw:
+        assert await started(gw.url, "steady", cached_token)  # validated: now cached
+
+        async def recorded(n: int) -> bool:
+            return sum(row.sessions for row in await repo.usage("steady")) == n
+
+        async with open_repo(redis.url) as repo:
+            await eventually(partial(recorded, 1))
+        live = LiveSession(gw.url, "steady", cached_token, clip())
+        async with trio.open_nursery() as nursery:
+            await nursery.start(live.run)
+            caplog.set_level(logging.WARNING, logger="asrd.store.plane")
+            redis.stop()
+
+            # A token never validated here is refused with the transient code and a log line.
+            async def refused() -> bool:
+                return status_of(await start_reply(gw.url, "steady", other_token)) == 50000000
+
+            await eventually(refused)
+            assert not gw.plane.available
+            assert any("unreachable" in rec.getMessage() for rec in caplog.records)
+            assert any(
+                "refusing a session of appkey 'steady' with 50000000" in rec.getMessage()
+                for rec in caplog.records
+            )
+            # Signed links need Redis (single use): refused too.
+            link = signing.sign_url(gw.url, appkey="steady", secret=secret)
+            assert status_of(await start_reply(link, "steady")) == 50000000
+            # So does POST /token.
+            status, _ = await handle_token_request(
+                gw.plane, "POST", [], json.dumps({"appkey": "steady", "secret": secret}).encode()
+            )
+            assert status == 503
+            # A token validated a moment ago is served from the cache.
+            assert await started(gw.url, "steady", cached_token)
+
+            # The session that was running when Redis went away completes normally.
+            events = await live.finish()
+            assert events[-1]["header"]["name"] == "TranscriptionCompleted", events[-1]
+            assert "man" in text_of(events)
+
+            async def buffered() -> bool:  # the cached session and the live one
+                return gw.plane.pending == 2
+
+            await eventually(buffered)
+            nursery.cancel_scope.cancel()
+
+        redis.start()  # same port, same data
+
+        async def flushed() -> bool:
+            return gw.plane.available and gw.plane.pending == 0
+
+        await eventually(flushed)
+        assert any("reachable again" in rec.getMessage() for rec in caplog.records)
+        async with open_repo(redis.url) as repo:
+            (row,) = await repo.usage("steady")
+            assert row.sessions == 3 and row.lost_transcripts == 0
+            assert (await repo.transcript(live.task_id))[0]["code"] == 20000000
+            assert await started(gw.url, "steady", other_token)  # everything works again
+
+            async def slots_free() -> bool:
+                return await repo.active_sessions("steady") == 0
+
+            await eventually(slots_free)
+
+
+async def test_records_beyond_the_buffer_are_counted_not_lost(
+    restartable_redis: RedisProcess, nats: Nats, pool: Pool
+) -> None:
+    """Redis is down from the start; a buffer of two records takes five sessions: the usage
+    of all five arrives, and the three transcripts that did not fit are counted."""
+    redis = restartable_redis
+    config = gateway_config(nats.url, pool, redis.url, buffer_records=2)
+    async with open_redis_control_plane(config) as plane:
+        started_at = time.time()
+        for i in range(5):
+            admission = Admission(appkey="buffered", pool=pool.name, slot=f"s{i}")
+            record = SessionRecord(
+                task_id=f"{i:032x}",
+                session_id=f"s{i}",
+                appkey="buffered",
+                language=pool.name,
+                started_at=started_at,
+                duration_s=2.0,
+                audio_s=1.5,
+                code=20000000 if i % 2 == 0 else 40000004,
+                reason="completed",
+                sentences=[{"index": 1, "begin_time": 0, "time": 900, "text": f"s{i}"}],
+            )
+            await plane.finish(admission, record)
+        assert plane.lost_transcripts == 3
+        redis.start()
+
+        async def flushed() -> bool:
+            return plane.pending == 0
+
+        await eventually(flushed)
+    async with open_repo(redis.url) as repo:
+        (row,) = await repo.usage("buffered")
+        assert (row.sessions, row.errors, row.lost_transcripts) == (5, 2, 3)
+        assert row.audio_s == pytest.approx(7.5)
+        kept = await repo.transcripts("buffered")
+        assert sorted(d["task_id"] for d in kept) == [f"{3:032x}", f"{4:032x}"]

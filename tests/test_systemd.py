@@ -1,0 +1,612 @@
+"""systemd integration: the unit files, the sd_notify protocol, NATS with authentication.
+
+The notification protocol is checked against fake ``$NOTIFY_SOCKET``s (a datagram socket
+bound in a temporary directory, and an abstract one), the watchdog cadence on trio's
+``MockClock``, and the real ``asrd gateway`` / ``asrd worker`` processes end to end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import nats
+import nats.errors
+import pytest
+import trio
+
+from asrd import sdnotify
+from asrd.children import free_port, nats_server_binary
+from asrd.client import open_transcription
+from asrd.config import NatsConfig, ServerConfig, load_config
+from tests.audio_fixtures import load_clip, silence
+from tests.conftest import Nats, Pool, open_gateway
+from tests.servers import stop, wait_port
+
+ROOT = Path(__file__).resolve().parent.parent
+UNITS = ROOT / "systemd"
+DEPLOY = ROOT / "deploy"
+UNIT_FILES = ("asrd-gateway.service", "asrd-worker@.service", "asrd.target")
+INSTALLED_ASRD = "/opt/asrd/.venv/bin/asrd"
+GUARD_S = 120  # a hang guard, not a speed threshold
+
+
+# --- the unit files ------------------------------------------------------------------------
+
+
+def unit_settings(path: Path) -> dict[str, dict[str, list[str]]]:
+    """``[section] -> key -> values`` of a unit file (keys may repeat)."""
+    sections: dict[str, dict[str, list[str]]] = {}
+    current: dict[str, list[str]] = {}
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            current = sections.setdefault(line[1:-1], {})
+            continue
+        key, _, value = line.partition("=")
+        current.setdefault(key.strip(), []).append(value.strip())
+    return sections
+
+
+def analyzable_units(tmp_path: Path) -> Path:
+    """The units in a scratch directory, with ExecStart pointing at this checkout's asrd.
+
+    systemd-analyze insists that the ExecStart binary exists; the units name the path of an
+    installation (/opt/asrd), which this machine need not have.
+    """
+    asrd = Path(sys.executable).with_name("asrd")
+    assert os.access(asrd, os.X_OK), asrd
+    directory = tmp_path / "units"
+    directory.mkdir()
+    for name in UNIT_FILES:
+        text = (UNITS / name).read_text()
+        (directory / name).write_text(text.replace(INSTALLED_ASRD, str(asrd)))
+    return directory
+
+
+def systemd_analyze(directory: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    binary = shutil.which("systemd-analyze")
+    assert binary, "systemd-analyze is missing: install the Debian package 'systemd'"
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "SYSTEMD_LOG_LEVEL": "info",
+        "SYSTEMD_LOG_COLOR": "0",
+        "SYSTEMD_LOG_LOCATION": "0",
+        "SYSTEMD_PAGER": "",
+        "LANG": "C.UTF-8",
+    }
+    return subprocess.run(
+        [binary, *args],
+        cwd=directory,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=GUARD_S,
+        check=False,
+    )
+
+
+def test_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
+    directory = analyzable_units(tmp_path)
+    # A template is verified through instances (%i expands then).
+    names = [
+        "asrd-gateway.service",
+        "asrd-worker@0.service",
+        "asrd-worker@7.service",
+        "asrd.target",
+    ]
+    result = systemd_analyze(directory, "verify", "--man=no", *names)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == "" and result.stdout == ""  # not even a warning
+
+
+def test_verify_would_catch_a_broken_unit(tmp_path: Path) -> None:
+    """The check above is not vacuous: a typo in a key is reported."""
+    directory = analyzable_units(tmp_path)
+    unit = directory / "asrd-gateway.service"
+    unit.write_text(unit.read_text().replace("WatchdogSec=", "WatchdogSecs="))
+    result = systemd_analyze(directory, "verify", "--man=no", "asrd-gateway.service")
+    assert "WatchdogSecs" in result.stderr
+
+
+def test_units_are_hardened(tmp_path: Path) -> None:
+    directory = analyzable_units(tmp_path)
+    for name in ("asrd-gateway.service", "asrd-worker@0.service"):
+        # exposure <= 2.0 of 10 ("OK"); the units score about 1.4
+        result = systemd_analyze(
+            directory, "security", "--offline=true", "--man=no", "--threshold=20", name
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "Overall exposure level" in result.stdout
+
+
+@pytest.mark.parametrize("name", ["asrd-gateway.service", "asrd-worker@.service"])
+def test_service_settings(name: str) -> None:
+    unit = unit_settings(UNITS / name)
+    service = unit["Service"]
+
+    def one(key: str) -> str:
+        assert len(service.get(key, [])) == 1, key
+        return service[key][0]
+
+    command = "gateway" if "gateway" in name else "worker"
+    argv = one("ExecStart").split()
+    assert argv[:2] == [INSTALLED_ASRD, command] and "--config" in argv
+    assert one("Type") == "notify" and one("NotifyAccess") == "main"
+    assert int(one("WatchdogSec")) >= 10
+    assert one("Restart") == "on-failure" and one("RestartPreventExitStatus") == "2"
+    assert one("KillSignal") == "SIGTERM"
+    # room for the drain: shutdown_grace_s, then 3 s of forced stop, then closing NATS
+    assert int(one("TimeoutStopSec")) >= ServerConfig().shutdown_grace_s + 15
+    assert one("User") == "asrd" and one("NoNewPrivileges") == "yes"
+    assert one("CapabilityBoundingSet") == "" and one("ProtectSystem") == "strict"
+    for key in ("ProtectHome", "PrivateTmp", "PrivateDevices", "MemoryDenyWriteExecute"):
+        assert one(key) == "yes", key
+    assert set(one("RestrictAddressFamilies").split()) == {"AF_INET", "AF_INET6", "AF_UNIX"}
+    assert unit["Unit"]["PartOf"] == ["asrd.target"]
+    assert unit["Install"]["WantedBy"] == ["asrd.target"]
+    if command == "gateway":
+        assert int(one("LimitNOFILE")) >= 10 * ServerConfig().max_sessions
+
+
+def test_target_pulls_in_the_gateway() -> None:
+    target = unit_settings(UNITS / "asrd.target")
+    assert target["Unit"]["Wants"] == ["asrd-gateway.service"]
+    assert target["Install"]["WantedBy"] == ["multi-user.target"]
+
+
+def test_example_configurations_are_valid_and_match_nats_users() -> None:
+    conf = (DEPLOY / "nats-server.conf").read_text()
+    users = dict(re.findall(r'user: "([^"]+)", password: \$(\w+)', conf))
+    gateway = load_config(DEPLOY / "gateway.toml")
+    worker = load_config(DEPLOY / "worker.toml")
+    assert gateway.auth.enabled and gateway.server.host == "0.0.0.0"
+    assert {gateway.nats.user, worker.nats.user} == set(users) == {"asrd-gateway", "asrd-worker"}
+    assert gateway.nats.subject_prefix == worker.nats.subject_prefix == "asrd"
+
+
+# --- the notification protocol ---------------------------------------------------------------
+
+
+@dataclass
+class NotifySocket:
+    """A fake systemd notification socket; it learns each sender's pid, as systemd does."""
+
+    sock: socket.socket
+    address: str  # the value of $NOTIFY_SOCKET
+    received: list[str] = field(default_factory=list)
+    senders: list[int] = field(default_factory=list)  # pid of each received datagram
+
+    def _recv(self, flags: int = 0) -> str:
+        data, ancillary, _, _ = self.sock.recvmsg(65536, socket.CMSG_SPACE(12), flags)
+        pid = 0
+        for level, kind, value in ancillary:
+            if (level, kind) == (socket.SOL_SOCKET, socket.SCM_CREDENTIALS):
+                pid = struct.unpack("iII", value[:12])[0]
+        self.received.append(data.decode())
+        self.senders.append(pid)
+        return self.received[-1]
+
+    def drain(self) -> list[str]:
+        """Datagrams that arrived so far (non-blocking)."""
+        got = []
+        while True:
+            try:
+                got.append(self._recv(socket.MSG_DONTWAIT))
+            except BlockingIOError:
+                break
+        return got
+
+    async def receive(self) -> str:
+        await trio.lowlevel.wait_readable(self.sock)
+        return self._recv()
+
+    async def wait_for(self, line: str) -> None:
+        """Receive until a datagram carries ``line``."""
+        while line not in (await self.receive()).split("\n"):
+            pass
+
+
+@contextmanager
+def notify_socket(kind: str) -> Iterator[NotifySocket]:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+    with sock, tempfile.TemporaryDirectory(prefix="asrd-sd-") as tmp:
+        if kind == "abstract":
+            name = f"asrd-test-{secrets.token_hex(8)}"
+            sock.bind("\0" + name)
+            address = "@" + name
+        else:
+            address = os.path.join(tmp, "notify")  # short: AF_UNIX paths end at 107 bytes
+            sock.bind(address)
+        yield NotifySocket(sock, address)
+
+
+@pytest.fixture(params=["path", "abstract"])
+def fake_systemd(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[NotifySocket]:
+    for key in sdnotify.ENVIRONMENT_KEYS:
+        monkeypatch.delenv(key, raising=False)
+    with notify_socket(request.param) as ns:
+        monkeypatch.setenv("NOTIFY_SOCKET", ns.address)
+        yield ns
+
+
+def test_without_notify_socket_everything_is_a_noop(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in sdnotify.ENVIRONMENT_KEYS:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("WATCHDOG_USEC", "1000000")
+    assert sdnotify.notify("READY=1") is False
+    assert sdnotify.ready() is False and sdnotify.stopping() is False
+    assert sdnotify.watchdog_interval() is None
+    trio.run(sdnotify.watchdog_loop, lambda: True)  # returns at once
+
+
+def test_ready_status_stopping_reach_the_socket(fake_systemd: NotifySocket) -> None:
+    assert sdnotify.ready("listening on port 8080")
+    assert sdnotify.status("3 sessions\nrunning")
+    assert sdnotify.extend_timeout(2.5)
+    assert sdnotify.reloading()
+    assert sdnotify.ready()
+    assert sdnotify.stopping("draining")
+    got = fake_systemd.drain()
+    assert got[:3] == [
+        "READY=1\nSTATUS=listening on port 8080",
+        "STATUS=3 sessions running",  # one line: STATUS= must not contain a newline
+        "EXTEND_TIMEOUT_USEC=2500000",
+    ]
+    assert re.fullmatch(r"RELOADING=1\nMONOTONIC_USEC=[0-9]+", got[3])
+    assert got[4:] == ["READY=1", "STOPPING=1\nSTATUS=draining"]
+
+
+def test_an_unreachable_socket_is_reported_not_raised(monkeypatch: pytest.MonkeyPatch) -> None:
+    with tempfile.TemporaryDirectory(prefix="asrd-sd-") as tmp:
+        monkeypatch.setenv("NOTIFY_SOCKET", os.path.join(tmp, "nobody-listens"))
+        assert sdnotify.notify("READY=1") is False
+    monkeypatch.setenv("NOTIFY_SOCKET", "vsock:2:1234")  # a kind we do not speak
+    assert sdnotify.notify("READY=1") is False
+
+
+@pytest.mark.parametrize(
+    ("usec", "pid", "interval"),
+    [
+        ("10000000", None, 5.0),
+        ("10000000", "self", 5.0),
+        ("10000000", "1", None),  # meant for another process (we inherited it)
+        ("0", None, None),
+        ("ten", None, None),
+        (None, None, None),
+    ],
+)
+def test_watchdog_interval_is_half_the_period_for_our_pid_only(
+    fake_systemd: NotifySocket,
+    monkeypatch: pytest.MonkeyPatch,
+    usec: str | None,
+    pid: str | None,
+    interval: float | None,
+) -> None:
+    if usec is not None:
+        monkeypatch.setenv("WATCHDOG_USEC", usec)
+    if pid is not None:
+        monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()) if pid == "self" else pid)
+    assert sdnotify.watchdog_interval() == interval
+
+
+def test_child_environ_drops_the_notification_variables(fake_systemd: NotifySocket) -> None:
+    env = sdnotify.child_environ({"NOTIFY_SOCKET": "/x", "WATCHDOG_USEC": "1", "PATH": "/bin"})
+    assert env == {"PATH": "/bin"}
+
+
+async def test_watchdog_pings_every_half_period_while_healthy(
+    fake_systemd: NotifySocket, monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.abc.Clock
+) -> None:
+    monkeypatch.setenv("WATCHDOG_USEC", "2000000")  # ping every 1 s
+    healthy = True
+    per_second: list[int] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sdnotify.watchdog_loop, lambda: healthy)
+        await trio.sleep(0.5)  # sample between pings (they fall on whole seconds)
+        for second in range(30):
+            healthy = not 10 <= second < 20  # NATS lost for 10 s
+            await trio.sleep(1.0)
+            got = fake_systemd.drain()
+            assert set(got) <= {"WATCHDOG=1"}
+            per_second.append(len(got))
+        nursery.cancel_scope.cancel()
+    # The first sample holds the ping at start and the one 1 s later.
+    assert per_second == [2] + [1] * 9 + [0] * 10 + [1] * 10
+
+
+@dataclass
+class Health:
+    healthy: bool = True
+    text: str = "0 sessions"
+
+
+async def test_watchdog_reports_status_changes(
+    fake_systemd: NotifySocket, monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.abc.Clock
+) -> None:
+    monkeypatch.setenv("WATCHDOG_USEC", "2000000")
+    state = Health()
+    loop = partial(sdnotify.watchdog_loop, lambda: state.healthy, describe=lambda: state.text)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(loop)
+        await trio.sleep(2.5)
+        state.text = "2 sessions"
+        await trio.sleep(1.0)
+        state.healthy, state.text = False, "NATS disconnected"
+        await trio.sleep(2.0)
+        nursery.cancel_scope.cancel()
+    assert fake_systemd.drain() == [
+        "WATCHDOG=1\nSTATUS=0 sessions",
+        "WATCHDOG=1",
+        "WATCHDOG=1",
+        "WATCHDOG=1\nSTATUS=2 sessions",
+        "STATUS=NATS disconnected",  # no ping while unhealthy
+    ]
+
+
+async def test_no_watchdog_for_another_pid(
+    fake_systemd: NotifySocket, monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.abc.Clock
+) -> None:
+    monkeypatch.setenv("WATCHDOG_USEC", "2000000")
+    monkeypatch.setenv("WATCHDOG_PID", str(os.getppid()))
+    with trio.move_on_after(10):
+        await sdnotify.watchdog_loop(lambda: True)
+    assert fake_systemd.drain() == []
+
+
+# --- the real processes ----------------------------------------------------------------------
+
+
+def asrd_argv(*args: str) -> list[str]:
+    return [sys.executable, "-m", "asrd", "--log-level", "info", *args]
+
+
+def spawn_notifying(argv: list[str], ns: NotifySocket) -> subprocess.Popen[bytes]:
+    """Start ``argv`` as systemd would: $NOTIFY_SOCKET, and a 1 s watchdog."""
+    env = {k: v for k, v in os.environ.items() if k not in sdnotify.ENVIRONMENT_KEYS}
+    env |= {"NOTIFY_SOCKET": ns.address, "WATCHDOG_USEC": "1000000"}
+    return subprocess.Popen(argv, env=env)
+
+
+async def wait_exit(proc: subprocess.Popen[bytes]) -> int:
+    with trio.fail_after(GUARD_S):
+        while proc.poll() is None:  # noqa: ASYNC110 - a child process, no trio handle
+            await trio.sleep(0.05)
+    return proc.returncode
+
+
+async def http_get(port: int, path: str) -> bytes:
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        data = b""
+        while chunk := await stream.receive_some(4096):
+            data += chunk
+        return data
+
+
+async def test_gateway_process_notifies_ready_watchdog_and_stopping(
+    nats: Nats, tmp_path: Path
+) -> None:
+    port = free_port()
+    config = tmp_path / "gateway.toml"
+    config.write_text(f'[server]\nport = {port}\n\n[nats]\nurl = "{nats.url}"\n')
+    with notify_socket("path") as ns:
+        proc = spawn_notifying(asrd_argv("gateway", "--config", str(config)), ns)
+        try:
+            with trio.fail_after(GUARD_S):
+                await ns.wait_for("READY=1")
+            # READY=1 came only once the port accepts connections and NATS is connected.
+            assert (await http_get(port, "/readyz")).startswith(b"HTTP/1.1 200")
+            with trio.fail_after(GUARD_S):
+                for _ in range(2):
+                    await ns.wait_for("WATCHDOG=1")
+            proc.send_signal(signal.SIGTERM)
+            with trio.fail_after(GUARD_S):
+                await ns.wait_for("STOPPING=1")
+            assert await wait_exit(proc) == 0
+        finally:
+            stop(proc)
+    ready = next(i for i, m in enumerate(ns.received) if "READY=1" in m.split("\n"))
+    assert f"listening on port {port}" in ns.received[ready]
+
+
+async def test_serve_notifies_from_its_main_process_only(tmp_path: Path) -> None:
+    """`asrd serve` reports READY once its workers are up; its children never notify."""
+    port = free_port()
+    config = tmp_path / "serve.toml"
+    config.write_text(f"[server]\nport = {port}\n\n[worker]\ndecoders = 1\n")
+    with notify_socket("path") as ns:
+        proc = spawn_notifying(asrd_argv("serve", "--config", str(config), "--workers", "1"), ns)
+        try:
+            with trio.fail_after(GUARD_S):
+                await ns.wait_for("READY=1")
+            assert ns.senders[-1] == proc.pid, "a child process reported READY=1"
+            assert (await http_get(port, "/readyz")).startswith(b"HTTP/1.1 200")
+            proc.send_signal(signal.SIGTERM)
+            assert await wait_exit(proc) == 0
+        finally:
+            stop(proc)
+        ns.drain()
+    assert any("STOPPING=1" in m.split("\n") for m in ns.received)
+    # NotifyAccess=main: systemd would reject (and log) a datagram from the worker child.
+    assert set(ns.senders) == {proc.pid}, list(zip(ns.senders, ns.received, strict=True))
+
+
+# --- NATS with authentication ------------------------------------------------------------------
+
+
+@dataclass
+class AuthNats:
+    url: str
+    gateway: NatsConfig
+    worker: NatsConfig
+
+
+@contextmanager
+def nats_with_deploy_config() -> Iterator[AuthNats]:
+    """nats-server running deploy/nats-server.conf as shipped (only the port is ours)."""
+    port = free_port()
+    gateway_password, worker_password = secrets.token_hex(16), secrets.token_hex(16)
+    env = {
+        **os.environ,
+        "ASRD_NATS_GATEWAY_PASSWORD": gateway_password,
+        "ASRD_NATS_WORKER_PASSWORD": worker_password,
+    }
+    argv = [nats_server_binary(), "-c", str(DEPLOY / "nats-server.conf")]
+    proc = subprocess.Popen(
+        [*argv, "-a", "127.0.0.1", "-p", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_port(port, proc)
+        gateway = load_config(DEPLOY / "gateway.toml").nats.model_copy(
+            update={"password": gateway_password}
+        )
+        worker = load_config(DEPLOY / "worker.toml").nats.model_copy(
+            update={"password": worker_password}
+        )
+        yield AuthNats(f"nats://127.0.0.1:{port}", gateway, worker)
+    finally:
+        stop(proc)
+
+
+async def nats_violations(url: str, user: str, password: str, pub: str, sub: str) -> list[str]:
+    """Publish to ``pub`` and subscribe to ``sub`` as ``user``; the errors NATS reports."""
+    errors: list[str] = []
+
+    async def error_cb(exc: Exception) -> None:
+        errors.append(str(exc))
+
+    nc = await nats.connect(url, user=user, password=password, error_cb=error_cb)
+    try:
+        await nc.publish(pub, b"forged")
+        await nc.subscribe(sub)
+        await nc.flush()
+        async with asyncio.timeout(GUARD_S):
+            while len(errors) < 2:  # noqa: ASYNC110 - they arrive asynchronously
+                await asyncio.sleep(0.01)
+    finally:
+        await nc.close()
+    return sorted(e.lower() for e in errors)  # nats-py lowercases some of them
+
+
+async def nats_rejects(url: str, **credentials: str) -> str:
+    async def quiet(exc: Exception) -> None:
+        pass
+
+    with pytest.raises(nats.errors.Error) as info:
+        await nats.connect(
+            url, allow_reconnect=False, connect_timeout=5, error_cb=quiet, **credentials
+        )
+    return str(info.value)
+
+
+def test_nats_admits_only_the_two_users_each_on_its_side() -> None:
+    with nats_with_deploy_config() as server:
+        gw, wk = server.gateway, server.worker
+        assert gw.user and gw.password and wk.user and wk.password
+
+        async def main() -> None:
+            assert "Authorization Violation" in await nats_rejects(server.url)
+            assert "Authorization Violation" in await nats_rejects(
+                server.url, user=gw.user or "", password="wrong"
+            )
+            # a gateway cannot forge results, a worker cannot inject audio or claims
+            errors = await nats_violations(
+                server.url,
+                gw.user or "",
+                gw.password or "",
+                "asrd.session.s1.out",
+                "asrd.session.*.in",
+            )
+            assert errors == [
+                'nats: permissions violation for publish to "asrd.session.s1.out"',
+                'nats: permissions violation for subscription to "asrd.session.*.in"',
+            ]
+            errors = await nats_violations(
+                server.url, wk.user or "", wk.password or "", "asrd.session.s1.in", "_INBOX.>"
+            )
+            assert errors == [
+                'nats: permissions violation for publish to "asrd.session.s1.in"',
+                'nats: permissions violation for subscription to "_inbox.>"',
+            ]
+            errors = await nats_violations(
+                server.url, wk.user or "", wk.password or "", "asrd.claim.en-US", "asrd.heartbeat"
+            )
+            assert len(errors) == 2 and all("permissions violation" in e for e in errors)
+
+        asyncio.run(main())
+
+
+@asynccontextmanager
+async def worker_process(
+    tmp_path: Path, nats_url: str, nats_config: NatsConfig, pool: str
+) -> AsyncIterator[tuple[subprocess.Popen[bytes], NotifySocket]]:
+    """An `asrd worker` logging in with ``nats_config``; entered once it reported READY=1."""
+    config = tmp_path / "worker.toml"
+    config.write_text(
+        f'[nats]\nuser = "{nats_config.user}"\npassword = "{nats_config.password}"\n\n'
+        f'[worker]\npool = "{pool}"\ndecoders = 1\n'
+    )
+    with notify_socket("abstract") as ns:
+        argv = asrd_argv("worker", "--config", str(config), "--nats-url", nats_url)
+        proc = spawn_notifying(argv, ns)
+        try:
+            with trio.fail_after(GUARD_S):
+                await ns.wait_for("READY=1")
+            yield proc, ns
+        finally:
+            stop(proc)
+
+
+async def test_worker_and_gateway_with_nats_credentials_complete_a_session(
+    tmp_path: Path,
+) -> None:
+    with nats_with_deploy_config() as server:
+        async with worker_process(tmp_path, server.url, server.worker, "auth-en") as (proc, ns):
+            pool = Pool("auth-en", [proc], 1)
+            gateway_nats: dict[str, Any] = {
+                "user": server.gateway.user,
+                "password": server.gateway.password,
+            }
+            async with open_gateway(server.url, pool, nats=gateway_nats) as gw:
+                events = []
+                pcm = load_clip("0930") + silence(1000, 16000)
+                with trio.fail_after(GUARD_S):
+                    async with open_transcription(
+                        gw.url, pcm, 16000, token="t", appkey="default", realtime=False
+                    ) as tr:
+                        events = [e async for e in tr]
+            assert events[-1]["header"]["name"] == "TranscriptionCompleted"
+            text = " ".join(
+                e["payload"]["result"] for e in events if e["header"]["name"] == "SentenceEnd"
+            )
+            assert text.strip()
+            # the worker served it, and stops cleanly on SIGTERM
+            proc.send_signal(signal.SIGTERM)
+            with trio.fail_after(GUARD_S):
+                await ns.wait_for("STOPPING=1")
+            assert await wait_exit(proc) == 0
