@@ -21,23 +21,29 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from asrd.client import open_transcription  # noqa: E402
-from tests.conftest import Pool, open_gateway  # noqa: E402
-from tests.servers import nats_server, restart_nats, start_worker, stop  # noqa: E402
-from tests.test_resilience import recording, sentences  # noqa: E402
+from tests.conftest import Pool, open_gateway
+from tests.servers import nats_server, restart_nats, start_worker, stop
+from tests.test_resilience import recording, sentences
+
+from asrd.client import open_transcription
 
 
 async def run(gw: Any, pcm: bytes, fault: Any = None) -> tuple[list[Any], float, float]:
     events: list[tuple[float, dict[str, Any]]] = []
     t_fault = 0.0
     async with trio.open_nursery() as nursery:
-        async with open_transcription(gw.url, pcm, 16000, token="t", appkey="default",
-                                      realtime=fault is not None,
-                                      params={"enable_intermediate_result": True}) as tr:
+        async with open_transcription(
+            gw.url,
+            pcm,
+            16000,
+            token="t",
+            appkey="default",
+            realtime=fault is not None,
+            params={"enable_intermediate_result": True},
+        ) as tr:
             async for e in tr:
                 events.append((time.monotonic(), e))
-                if (fault and e["header"]["name"] == "SentenceBegin"
-                        and e["payload"]["index"] == 2):
+                if fault and e["header"]["name"] == "SentenceBegin" and e["payload"]["index"] == 2:
 
                     async def inject() -> None:
                         nonlocal t_fault
@@ -46,8 +52,13 @@ async def run(gw: Any, pcm: bytes, fault: Any = None) -> tuple[list[Any], float,
                         await fault(gw)
 
                     nursery.start_soon(inject)
-    after = [t for t, e in events if t_fault and t > t_fault
-             and e["header"]["name"] in ("TranscriptionResultChanged", "SentenceEnd")]
+    after = [
+        t
+        for t, e in events
+        if t_fault
+        and t > t_fault
+        and e["header"]["name"] in ("TranscriptionResultChanged", "SentenceEnd")
+    ]
     recovery = (after[0] - t_fault) if after else float("nan")
     return [e for _, e in events], t_fault, recovery
 
@@ -78,14 +89,19 @@ async def main(url: str, port: int, holder: list[Any]) -> None:
                 await trio.sleep(2.0)
                 holder[0] = restart_nats(port)
 
-            for name, fault in (("SIGKILL worker", sigkill), ("SIGTERM worker", sigterm),
-                                ("nats-server down 2 s", nats_bounce)):
+            for name, fault in (
+                ("SIGKILL worker", sigkill),
+                ("SIGTERM worker", sigterm),
+                ("nats-server down 2 s", nats_bounce),
+            ):
                 events, _, recovery = await run(gw, pcm, fault)
                 names = [e["header"]["name"] for e in events]
                 same = sentences(events) == sentences(base)
-                print(f"{name:22s} errors={names.count('TaskFailed')} "
-                      f"sentences={names.count('SentenceEnd')} identical={same} "
-                      f"recovery={recovery * 1000:.0f} ms")
+                print(
+                    f"{name:22s} errors={names.count('TaskFailed')} "
+                    f"sentences={names.count('SentenceEnd')} identical={same} "
+                    f"recovery={recovery * 1000:.0f} ms"
+                )
                 # put the pool back to two workers
                 for i, w in enumerate(workers):
                     if w.poll() is not None:

@@ -78,3 +78,52 @@ async def test_results_piling_up_end_the_session_as_a_slow_consumer() -> None:
     session.remote = Remote()  # type: ignore[assignment]
     with pytest.raises(ClientError, match="too slow a consumer"):
         await session._results_loop()
+
+
+class FastSocket:
+    """A client pushing audio as fast as the gateway reads it."""
+
+    def __init__(self, frames: int, frame: bytes) -> None:
+        self.left = frames
+        self.frame = frame
+
+    async def get_message(self) -> Any:
+        if self.left == 0:
+            await trio.sleep_forever()
+        self.left -= 1
+        await trio.lowlevel.checkpoint()
+        return self.frame
+
+    async def send_message(self, message: Any) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_audio_faster_than_allowed_is_slowed_not_refused(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """60 s of audio at once, with a 10 s burst and 5x real time: 10 s of (virtual) time."""
+    session, _ = make_session(audio_burst_s=10.0, max_audio_speed=5.0, idle_timeout_s=100.0)
+    frame = bytes(3200)  # 100 ms at 16 kHz
+    session.ws = FastSocket(600, frame)  # type: ignore[assignment]
+    received = 0
+    start = trio.current_time()
+
+    async def consume() -> None:
+        nonlocal received
+        async for _ in session._in_recv:
+            received += 1
+            if received == 600:
+                return
+
+    with trio.fail_after(1000):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(session._receive_loop)
+            await consume()
+            nursery.cancel_scope.cancel()
+    elapsed = trio.current_time() - start
+    # (60 s - 10 s burst) / 5x = 10 s; none of the audio was refused
+    assert received == 600
+    assert 9.5 <= elapsed <= 10.5

@@ -10,11 +10,9 @@ trio in batches. This is the only module that imports ``nats``, and nats excepti
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import concurrent.futures
 import logging
-import threading
 from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
@@ -26,6 +24,7 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg as NatsMsg
 from nats.aio.subscription import Subscription as NatsSubscription
 
+from asrd.aiothread import AsyncioThread, open_asyncio_thread
 from asrd.bus import BusTimeout, Msg, NoResponders, Subscription
 from asrd.config import NatsConfig
 from asrd.errors import BusError
@@ -37,10 +36,11 @@ MAX_OUTBOX = 100_000  # messages queued for the asyncio thread before publish() 
 
 
 class NatsBus:
-    def __init__(self, loop: asyncio.AbstractEventLoop, nc: NatsClient) -> None:
-        self._loop = loop
+    def __init__(self, thread: AsyncioThread, nc: NatsClient) -> None:
+        self._thread = thread
+        self._loop = thread.loop
         self._nc = nc
-        self._trio_token = trio.lowlevel.current_trio_token()
+        self._trio_token = thread.trio_token
         self._outbox: collections.deque[tuple[str, bytes, str]] = collections.deque()
         self._publish_scheduled = False
         self._inbox: collections.deque[tuple[Subscription, Msg]] = collections.deque()
@@ -111,25 +111,9 @@ class NatsBus:
             sub.deliver(msg)
 
     async def _call(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Run a coroutine on the asyncio thread and await its result from trio."""
-        fut: concurrent.futures.Future[T] = asyncio.run_coroutine_threadsafe(coro, self._loop)
-        done = trio.Event()
-        token = self._trio_token
-
-        def wake(_: object) -> None:
-            try:
-                token.run_sync_soon(done.set)
-            except trio.RunFinishedError:
-                pass
-
-        fut.add_done_callback(wake)
+        """Run a coroutine on the asyncio thread; nats exceptions become BusError here."""
         try:
-            await done.wait()
-        except trio.Cancelled:
-            fut.cancel()
-            raise
-        try:
-            return fut.result()
+            return await self._thread.run(coro)
         except nats.errors.NoRespondersError as exc:
             raise NoResponders("no responders") from exc
         except (TimeoutError, nats.errors.TimeoutError) as exc:
@@ -159,19 +143,11 @@ class NatsBus:
         await self._nc.flush(timeout=timeout)  # type: ignore[arg-type]
 
 
-def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
-    asyncio.set_event_loop(loop)
-    loop.run_forever()
-
-
 @asynccontextmanager
 async def open_nats_bus(
     config: NatsConfig, url: str, *, name: str = "asrd", connect_timeout: float = 5.0
 ) -> AsyncIterator[NatsBus]:
     """Connect to NATS on a private asyncio thread; reconnects forever until closed."""
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=_run_loop, args=(loop,), name="asrd-nats", daemon=True)
-    thread.start()
     nc = NatsClient()
     holder: list[NatsBus] = []
 
@@ -209,8 +185,8 @@ async def open_nats_bus(
         options["token"] = config.token
     if config.creds_file:
         options["user_credentials"] = config.creds_file
-    try:
-        bus = NatsBus(loop, nc)
+    async with open_asyncio_thread("asrd-nats") as thread:
+        bus = NatsBus(thread, nc)
         holder.append(bus)
         try:
             # nats-py retries a first connection forever (wrong credentials included): give
@@ -233,6 +209,3 @@ async def open_nats_bus(
                     await bus._call(nc.close())
                 except BusError:
                     pass
-    finally:
-        loop.call_soon_threadsafe(loop.stop)
-        await trio.to_thread.run_sync(thread.join, 3.0)

@@ -13,10 +13,8 @@ replaced), never with a back-off that would hold a client's StartTranscription f
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import logging
-import threading
 from collections.abc import AsyncIterator, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
@@ -28,6 +26,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from asrd.aiothread import AsyncioThread, open_asyncio_thread
 from asrd.config import RedisConfig
 from asrd.store import Arg, Script, StoreError, StoreUnavailable
 
@@ -48,11 +47,10 @@ def redacted(url: str) -> str:
 
 
 class RedisStore:
-    def __init__(self, loop: asyncio.AbstractEventLoop, client: Redis, url: str) -> None:
-        self._loop = loop
+    def __init__(self, thread: AsyncioThread, client: Redis, url: str) -> None:
+        self._thread = thread
         self._client = client
         self._url = redacted(url)
-        self._trio_token = trio.lowlevel.current_trio_token()
 
     @property
     def url(self) -> str:
@@ -72,25 +70,9 @@ class RedisStore:
         return await self._call(self._eval(script, keys, args))
 
     async def _call(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Run a coroutine on the asyncio thread and await its result from trio."""
-        fut: concurrent.futures.Future[T] = asyncio.run_coroutine_threadsafe(coro, self._loop)
-        done = trio.Event()
-        token = self._trio_token
-
-        def wake(_: object) -> None:
-            try:
-                token.run_sync_soon(done.set)
-            except trio.RunFinishedError:
-                pass
-
-        fut.add_done_callback(wake)
+        """Run a coroutine on the asyncio thread; redis exceptions become StoreError here."""
         try:
-            await done.wait()
-        except trio.Cancelled:
-            fut.cancel()
-            raise
-        try:
-            return fut.result()
+            return await self._thread.run(coro)
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
             raise StoreUnavailable(f"Redis at {self._url} unreachable: {exc}") from exc
         except (TimeoutError, OSError, concurrent.futures.CancelledError) as exc:
@@ -119,11 +101,6 @@ class RedisStore:
         await self._client.aclose()
 
 
-def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
-    asyncio.set_event_loop(loop)
-    loop.run_forever()
-
-
 @asynccontextmanager
 async def open_redis_store(
     config: RedisConfig, url: str | None = None
@@ -133,10 +110,7 @@ async def open_redis_store(
     url = url or config.url
     if not url:
         raise StoreError("no Redis configured: set [redis] url or --redis-url")
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=_run_loop, args=(loop,), name="asrd-redis", daemon=True)
-    thread.start()
-    try:
+    async with open_asyncio_thread("asrd-redis") as thread:
         try:
             pool = BlockingConnectionPool.from_url(
                 url,
@@ -149,7 +123,7 @@ async def open_redis_store(
             )
         except ValueError as exc:
             raise StoreError(f"bad Redis URL {redacted(url)!r}: {exc}") from exc
-        store = RedisStore(loop, Redis.from_pool(pool), url)
+        store = RedisStore(thread, Redis.from_pool(pool), url)
         try:
             yield store
         finally:
@@ -158,6 +132,3 @@ async def open_redis_store(
                     await store._call(store._close())
                 except StoreError:
                     pass
-    finally:
-        loop.call_soon_threadsafe(loop.stop)
-        await trio.to_thread.run_sync(thread.join, 3.0)
