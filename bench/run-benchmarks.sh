@@ -25,7 +25,7 @@ for step in $STEPS; do
   baseline)
     bench --engine-baseline -o "$OUT/baseline.json" ;;
   loadtest)
-    for n in 50 100 150 200 300 500; do
+    for n in ${LOADTEST_NS:-50 100 150 200 300 500}; do
       bench $LOADTEST -n $n --duration 60 --ramp 10 -o "$OUT/loadtest-$n.json"
     done ;;
   loadtest-capacity)

@@ -22,7 +22,7 @@ import trio
 from asrd.bench.corpus import Playlist, default_data_dir, load_corpus
 from asrd.bench.load import COMPLETED, LoadPlan, SessionResult, run_load, schedule, split
 from asrd.bench.procs import Sampler, machine_busy_s, parse_pids, read_proc
-from asrd.bench.report import HoldCriteria, build_report, format_reports
+from asrd.bench.report import HoldCriteria, build_report, format_reports, markdown_tables
 from asrd.bench.stack import StackConfig, open_stack, render_toml
 from asrd.bench.stats import FrameClock, endpoint_latency_s, percentile, summarize
 
@@ -294,3 +294,21 @@ def test_engine_baseline_on_one_short_recording(tmp_path: Path) -> None:
     assert b["streams_per_core_live"] == pytest.approx(1 / b["rtf_live"], rel=0.01)
     assert b["engine_limit_streams"] > 0 and b["cores"] == os.cpu_count()
     assert 0.0 <= b["wer_batch"] <= 1.0
+
+
+def test_markdown_tables_group_runs_by_stack() -> None:
+    run = _report([_result(0, [0.01, 0.02], hyps=["a"], refs=["a"])])
+    stack = {"engine": "loadtest", "workers": 2, "decoders": 3, "final_pass": "batch"}
+    capacity = {"held_sessions": 5, "first_failed_sessions": 6, "lag_p95_limit_ms": 300}
+    nine = {**run, "sessions": {**run["sessions"], "requested": 9}}
+    reports = [
+        {"stack": stack, "runs": [nine]},
+        {"stack": stack, "runs": [run]},
+        {"stack": {**stack, "engine": "pocketsphinx"}, "runs": [run], "capacity": capacity},
+    ]
+    text = markdown_tables(reports)
+    assert text.count("| streams |") == 2
+    assert "**loadtest, 2 workers x 3 decoders (final_pass batch)**" in text
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "streams" not in line]
+    assert [row.split("|")[1].strip() for row in rows] == ["1", "9", "1"]
+    assert "Capacity: **5** sessions held" in text

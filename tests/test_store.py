@@ -670,12 +670,13 @@ async def test_concurrency_limit_holds_across_two_gateways_and_slots_come_back(
                     assert await repo.active_sessions("limited") == 2
                 # gw2's session hung up: its slot is free for either gateway.
                 await eventually(partial(started, gw1.url, "limited", token))
-            # Every way a session ended (hang-up, completion, refusal) gave its slot back.
-            await transcribe(gw2.url, "limited", token)
-
             async def none_active() -> bool:
                 return await repo.active_sessions("limited") == 0
 
+            # Every way a session ended (hang-up, refusal) gave its slot back (a hang-up is
+            # noticed a moment later: hence eventually), and so does a completed one.
+            await eventually(none_active)
+            await transcribe(gw2.url, "limited", token)
             await eventually(none_active)
             assert await repo.store.execute("ZCARD", repo.keys.slots("limited")) == 0
 

@@ -269,3 +269,81 @@ def format_reports(reports: Sequence[dict[str, Any]]) -> str:
                 "(try --processes)"
             )
     return "\n".join(out)
+
+
+# --- markdown (docs/benchmarks.md) -----------------------------------------------------------
+
+
+def _stack_title(report: dict[str, Any]) -> str:
+    stack = report.get("stack")
+    if not stack:
+        return "external stack"
+    return (
+        f"{stack['engine']}, {stack['workers']} workers x {stack['decoders']} decoders"
+        f" (final_pass {stack['final_pass']})"
+    )
+
+
+def _markdown_row(r: dict[str, Any]) -> str:
+    lag = r.get("partial_lag_ms") or {}
+    ep = r.get("endpoint_ms") or {}
+    vad = r.get("endpoint_after_vad_ms") or {}
+    procs = r["procs"]
+
+    def cpu(role: str) -> str:
+        p = procs.get(role)
+        return _fmt(p["cpu_ms_per_audio_s"], 2) if p else "-"
+
+    gw = procs.get("gateway")
+    cells = [
+        str(r["sessions"]["requested"]),
+        str(r["sessions"]["completed"]),
+        *(_fmt(lag.get(k), 0) for k in ("avg", "p50", "p90", "p95", "p99", "max")),
+        _fmt(ep.get("p50"), 0),
+        _fmt(ep.get("p95"), 0),
+        _fmt(vad.get("p95"), 0),
+        cpu("gateway"),
+        cpu("worker"),
+        cpu("nats"),
+        _fmt(r["client"]["cpu_ms_per_audio_s"], 2),
+        _fmt(gw["rss_mb_peak"], 1) if gw else "-",
+        "yes" if r["held"] else "no",
+        _fmt((r.get("machine_load") or {}).get("other_cores"), 2),
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
+MARKDOWN_HEADER = (
+    "| streams | completed | partial lag avg | p50 | p90 | p95 | p99 | max "
+    "| endpointing p50 | p95 | after VAD p95 | gateway CPU ms/s | workers ms/s "
+    "| nats ms/s | client ms/s | gateway RSS MB | held | other load (cores) |"
+)
+
+
+def markdown_tables(reports: Sequence[dict[str, Any]]) -> str:
+    """Riva-style tables of saved JSON reports: one row per run, one table per stack.
+
+    Runs of consecutive reports on the same stack share a table, sorted by streams.
+    """
+    out: list[str] = []
+    sep = "|" + "---:|" * (MARKDOWN_HEADER.count("|") - 1)
+    groups: list[tuple[str, list[dict[str, Any]], list[dict[str, Any]]]] = []
+    for report in reports:
+        title = _stack_title(report)
+        if not groups or groups[-1][0] != title:
+            groups.append((title, [], []))
+        groups[-1][1].extend(report.get("runs", []))
+        if report.get("capacity"):
+            groups[-1][2].append(report["capacity"])
+    for title, runs, capacities in groups:
+        out += [f"**{title}**", "", MARKDOWN_HEADER, sep]
+        out += [_markdown_row(r) for r in sorted(runs, key=lambda r: r["sessions"]["requested"])]
+        for cap in capacities:
+            out += [
+                "",
+                f"Capacity: **{cap['held_sessions']}** sessions held (first failure at "
+                f"{cap['first_failed_sessions']}; per-session p95 partial lag limit "
+                f"{cap['lag_p95_limit_ms']:g} ms).",
+            ]
+        out.append("")
+    return "\n".join(out)
