@@ -27,8 +27,8 @@ from asrd.handshake import (
     dedupe_head,
     http_response,
     parse_head,
-    split_head,
 )
+from asrd.httpserve import read_head
 from asrd.registry import WorkerRegistry
 from asrd.session import GatewayState, Session
 from asrd.store.http import TOKEN_PATH, token_endpoint
@@ -145,22 +145,9 @@ class Gateway:
             with trio.CancelScope(shield=True), trio.move_on_after(1):
                 await stream.aclose()
 
-    async def _read_head(self, stream: trio.abc.Stream) -> tuple[bytes, bytes] | None:
-        buffer = b""
-        with trio.move_on_after(HANDSHAKE_TIMEOUT_S):
-            while True:
-                data = await stream.receive_some(4096)
-                if not data:
-                    return None
-                buffer += data
-                parts = split_head(buffer)
-                if parts is not None:
-                    return parts
-        return None
-
     async def _handle_connection(self, stream: trio.SocketStream) -> None:
         try:
-            parts = await self._read_head(stream)
+            parts = await read_head(stream, HANDSHAKE_TIMEOUT_S)
             if parts is None:
                 return
             head = parse_head(parts[0])

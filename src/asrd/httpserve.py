@@ -33,15 +33,23 @@ async def serve_http(
         task_status.started(bound)
 
 
+async def read_head(stream: trio.abc.Stream, timeout_s: float) -> tuple[bytes, bytes] | None:
+    """``(head, bytes after it)`` of an HTTP request; None on EOF or timeout."""
+    buffer = b""
+    with trio.move_on_after(timeout_s):
+        while (parts := split_head(buffer)) is None:
+            data = await stream.receive_some(4096)
+            if not data:
+                return None
+            buffer += data
+        return parts
+    return None
+
+
 async def _handle(routes: dict[str, Route], stream: trio.SocketStream) -> None:
     try:
-        buffer = b""
-        with trio.move_on_after(5):
-            while (parts := split_head(buffer)) is None:
-                data = await stream.receive_some(4096)
-                if not data:
-                    return
-                buffer += data
+        parts = await read_head(stream, 5.0)
+        if parts is not None:
             head = parse_head(parts[0])
             route = routes.get(head.path)
             status, body = route() if route else (404, b"not found\n")
