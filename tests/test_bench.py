@@ -298,7 +298,7 @@ def test_engine_baseline_on_one_short_recording(tmp_path: Path) -> None:
 
 def test_markdown_tables_group_runs_by_stack() -> None:
     run = _report([_result(0, [0.01, 0.02], hyps=["a"], refs=["a"])])
-    stack = {"engine": "loadtest", "workers": 2, "decoders": 3, "final_pass": "batch"}
+    stack = {"engine": "loadtest", "workers": 2, "decoders": 3, "final_pass": "live"}
     capacity = {"held_sessions": 5, "first_failed_sessions": 6, "lag_p95_limit_ms": 300}
     nine = {**run, "sessions": {**run["sessions"], "requested": 9}}
     reports = [
@@ -308,7 +308,8 @@ def test_markdown_tables_group_runs_by_stack() -> None:
     ]
     text = markdown_tables(reports)
     assert text.count("| streams |") == 2
-    assert "**loadtest, 2 workers x 3 decoders (final_pass batch)**" in text
+    assert "**loadtest, 2 workers x 3 decoders**" in text
+    assert "**pocketsphinx, 2 workers x 3 decoders (final_pass live)**" in text
     rows = [line for line in text.splitlines() if line.startswith("| ") and "streams" not in line]
     assert [row.split("|")[1].strip() for row in rows] == ["1", "9", "1"]
     assert "Capacity: **5** sessions held" in text

@@ -75,6 +75,9 @@ async def test_results_piling_up_end_the_session_as_a_slow_consumer() -> None:
         def __init__(self) -> None:
             self.results = results
 
+        def current(self, result: wire.Result) -> bool:
+            return True
+
     session.remote = Remote()  # type: ignore[assignment]
     with pytest.raises(ClientError, match="too slow a consumer"):
         await session._results_loop()

@@ -670,6 +670,7 @@ async def test_concurrency_limit_holds_across_two_gateways_and_slots_come_back(
                     assert await repo.active_sessions("limited") == 2
                 # gw2's session hung up: its slot is free for either gateway.
                 await eventually(partial(started, gw1.url, "limited", token))
+
             async def none_active() -> bool:
                 return await repo.active_sessions("limited") == 0
 

@@ -11,6 +11,7 @@ once, with the same index and times.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import trio
@@ -75,6 +76,8 @@ class RemoteRecognizer:
         self._paused = False  # failing over: journal only, publish at replay
         self._handoff = trio.Event()  # the worker asked us to move the session
         self.failovers = 0
+        self.epoch = 0  # of the current claim; results of older claims are void
+        self._reconnects_seen = bus.reconnects
 
     async def open(self) -> None:
         """Subscribe to results first (nothing may be missed), then claim a worker."""
@@ -88,7 +91,7 @@ class RemoteRecognizer:
 
     async def _claim_worker(self) -> None:
         subject = claim_subject(self._prefix, self.pool)
-        data = self._claim.encode()
+        data = dataclasses.replace(self._claim, epoch=self.epoch).encode()
         # A decoder freed by a session that just ended comes back a moment later: a client
         # reconnecting at once should not be told "busy" for that.
         busy_until = trio.current_time() + BUSY_WAIT_S
@@ -150,6 +153,11 @@ class RemoteRecognizer:
         if keep:
             del journal[:keep]
 
+    def current(self, result: wire.Result) -> bool:
+        """Whether ``result`` may be trusted: decoded under the current claim, and not while
+        a reconnect (which may have lost audio on the way) still awaits its replay."""
+        return result.epoch == self.epoch and self._bus.reconnects == self._reconnects_seen
+
     def handoff_requested(self) -> None:
         """The worker is draining and gave the session back: move it now."""
         self._handoff.set()
@@ -180,12 +188,14 @@ class RemoteRecognizer:
                 # direction: give the (same or another) worker the journal again.
                 reconnects = self._bus.reconnects
                 await self._failover("the bus reconnected")
+                self._reconnects_seen = reconnects
             else:
                 self._publish_quietly(wire.encode_control("keepalive"))
 
     async def _failover(self, why: str) -> None:
         log.warning("session %s: %s; claiming a worker again", self.session_id, why)
         self._paused = True
+        self.epoch += 1
         # If the old worker is alive after all (overloaded, or only the bus dropped), it must
         # let go: a session is decoded by one worker at a time. Published before the claim,
         # so the worker taking over never sees this close.

@@ -330,6 +330,8 @@ class Session:
                 continue
             if isinstance(item, wire.Failure):
                 raise EngineFailed(item.reason, code=item.code)
+            if not self.remote.current(item):
+                continue  # from before a failover or reconnect: the replay will redo it
             for ev in self.tracker.result(item):
                 await self._out_send.send(ev)
             if item.final:

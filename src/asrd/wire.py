@@ -54,6 +54,7 @@ class Claim:
     session_id: str
     sample_rate: int
     partials: bool
+    epoch: int = 0  # bumped by every failover; results carry it back
 
     def encode(self) -> bytes:
         return _dumps(
@@ -61,6 +62,7 @@ class Claim:
                 "session_id": self.session_id,
                 "sample_rate": self.sample_rate,
                 "partials": self.partials,
+                "epoch": self.epoch,
             }
         )
 
@@ -81,7 +83,12 @@ class ClaimReply:
 @_wire_errors
 def decode_claim(data: bytes) -> Claim:
     obj = _loads(data)
-    return Claim(str(obj["session_id"]), int(obj["sample_rate"]), bool(obj.get("partials")))
+    return Claim(
+        str(obj["session_id"]),
+        int(obj["sample_rate"]),
+        bool(obj.get("partials")),
+        int(obj.get("epoch", 0)),
+    )
 
 
 @_wire_errors
@@ -140,6 +147,7 @@ class Result:
     text: str
     words: tuple[tuple[str, int, int], ...]  # (text, start_ms, end_ms) from the utterance start
     confidence: float
+    epoch: int = 0  # of the claim this result was decoded under
 
     def encode(self) -> bytes:
         return _dumps(
@@ -150,6 +158,7 @@ class Result:
                 "text": self.text,
                 "words": [list(w) for w in self.words],
                 "confidence": round(self.confidence, 4),
+                "epoch": self.epoch,
             }
         )
 
@@ -188,6 +197,7 @@ def decode_output(data: bytes) -> Result | Failure | Handoff:
         text=str(obj["text"]),
         words=tuple((str(w[0]), int(w[1]), int(w[2])) for w in obj.get("words", ())),
         confidence=float(obj.get("confidence", 0.0)),
+        epoch=int(obj.get("epoch", 0)),
     )
 
 

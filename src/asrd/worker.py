@@ -199,7 +199,10 @@ class Worker:
                             if hyp is not None and hyp.text and hyp.text != last_partial:
                                 last_partial = hyp.text
                                 self.bus.publish(
-                                    out, _result(False, utt, audio_bytes // bytes_per_ms, hyp)
+                                    out,
+                                    _result(
+                                        False, utt, audio_bytes // bytes_per_ms, hyp, claim.epoch
+                                    ),
                                 )
                     elif item.kind == "begin":
                         if utt:
@@ -214,7 +217,8 @@ class Worker:
                             self.metrics.utterances.inc()
                             self.metrics.audio.inc(audio_bytes / (2 * claim.sample_rate))
                             self.bus.publish(
-                                out, _result(True, utt, audio_bytes // bytes_per_ms, hyp)
+                                out,
+                                _result(True, utt, audio_bytes // bytes_per_ms, hyp, claim.epoch),
                             )
                             utt = 0
                             served.in_utterance = False
@@ -288,6 +292,6 @@ class Worker:
                 log.warning("pause not announced: %s", exc)
 
 
-def _result(final: bool, utt: int, audio_ms: int, hyp: Hypothesis) -> bytes:
+def _result(final: bool, utt: int, audio_ms: int, hyp: Hypothesis, epoch: int) -> bytes:
     words = tuple((w.text, w.start_ms, w.end_ms) for w in hyp.words)
-    return wire.Result(final, utt, audio_ms, hyp.text, words, hyp.confidence).encode()
+    return wire.Result(final, utt, audio_ms, hyp.text, words, hyp.confidence, epoch).encode()

@@ -278,10 +278,10 @@ def _stack_title(report: dict[str, Any]) -> str:
     stack = report.get("stack")
     if not stack:
         return "external stack"
-    return (
-        f"{stack['engine']}, {stack['workers']} workers x {stack['decoders']} decoders"
-        f" (final_pass {stack['final_pass']})"
-    )
+    title = f"{stack['engine']}, {stack['workers']} workers x {stack['decoders']} decoders"
+    if stack["engine"] != "loadtest":
+        title += f" (final_pass {stack['final_pass']})"
+    return title
 
 
 def _markdown_row(r: dict[str, Any]) -> str:
