@@ -51,6 +51,9 @@ class NatsConfig(_Model):
     password: str | None = None
     token: str | None = None
     creds_file: str | None = None
+    # Publishes are collected for this long and written to the socket together: one wakeup
+    # of the NATS thread and one write per batch instead of per audio frame (docs/benchmarks.md).
+    publish_batch_ms: float = Field(default=2.0, ge=0, le=50)
 
 
 class WorkerConfig(_Model):

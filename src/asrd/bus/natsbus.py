@@ -36,8 +36,9 @@ MAX_OUTBOX = 100_000  # messages queued for the asyncio thread before publish() 
 
 
 class NatsBus:
-    def __init__(self, thread: AsyncioThread, nc: NatsClient) -> None:
+    def __init__(self, thread: AsyncioThread, nc: NatsClient, batch_s: float = 0.0) -> None:
         self._thread = thread
+        self._batch_s = batch_s
         self._loop = thread.loop
         self._nc = nc
         self._trio_token = thread.trio_token
@@ -65,10 +66,10 @@ class NatsBus:
         self._outbox.append((subject, data, reply))
         if not self._publish_scheduled:
             self._publish_scheduled = True
-            self._loop.call_soon_threadsafe(self._start_drain)
+            self._loop.call_soon_threadsafe(self._schedule_drain)
 
     async def request(self, subject: str, data: bytes, timeout: float) -> bytes:
-        msg = await self._call(self._nc.request(subject, data, timeout=timeout))
+        msg = await self._call(self._after_outbox(self._nc.request(subject, data, timeout=timeout)))
         return bytes(msg.data)
 
     async def subscribe(
@@ -86,7 +87,9 @@ class NatsBus:
                     pass
 
         nsub = await self._call(
-            self._nc.subscribe(subject, queue=queue, cb=cb, pending_msgs_limit=max_pending * 4)
+            self._after_outbox(
+                self._nc.subscribe(subject, queue=queue, cb=cb, pending_msgs_limit=max_pending * 4)
+            )
         )
         self._subs[id(sub)] = nsub
         return sub
@@ -123,8 +126,23 @@ class NatsBus:
 
     # --- asyncio side ----------------------------------------------------------------------
 
+    def _schedule_drain(self) -> None:
+        if self._batch_s > 0:
+            self._loop.call_later(self._batch_s, self._start_drain)
+        else:
+            self._start_drain()
+
     def _start_drain(self) -> None:
-        self._loop.create_task(self._drain())
+        self._publish_scheduled = False  # before the check: a publish after it schedules anew
+        if self._outbox:  # else a request or flush published it already
+            self._loop.create_task(self._drain())
+
+    async def _after_outbox(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Publish what the outbox holds first: a request or subscription never overtakes a
+        message published before it (a failover's close must reach a worker before the
+        claim it races with)."""
+        await self._drain()
+        return await coro
 
     async def _drain(self) -> None:
         self._publish_scheduled = False
@@ -186,7 +204,7 @@ async def open_nats_bus(
     if config.creds_file:
         options["user_credentials"] = config.creds_file
     async with open_asyncio_thread("asrd-nats") as thread:
-        bus = NatsBus(thread, nc)
+        bus = NatsBus(thread, nc, config.publish_batch_ms / 1000)
         holder.append(bus)
         try:
             # nats-py retries a first connection forever (wrong credentials included): give
