@@ -13,7 +13,7 @@ from asrd.bus.memory import InMemoryBus
 from asrd.config import Config
 from asrd.control import ConnectInfo, StaticControlPlane
 from asrd.dialects.alibaba import AlibabaCodec
-from asrd.errors import ClientError
+from asrd.errors import ClientError, IdleTimeout
 from asrd.events import TranscriptionStarted
 from asrd.params import SessionParams
 from asrd.registry import WorkerRegistry
@@ -55,11 +55,38 @@ def make_session(**server: Any) -> tuple[Session, StuckSocket]:
 async def test_a_client_that_reads_nothing_is_dropped_after_send_timeout(
     autojump_clock: trio.abc.Clock,
 ) -> None:
-    session, ws = make_session(send_timeout_s=3.0)
+    session, ws = make_session(send_timeout_s=3.0, idle_timeout_s=60.0)
     session._out_send.send_nowait(TranscriptionStarted("s"))
-    with pytest.raises(ClientError, match="read no results for 3 s"):
-        await session._send_loop()
+    start = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session._send_loop)
+        with pytest.raises(ClientError, match="read no results for 3 s"):
+            await session._timeouts_loop()
+        nursery.cancel_scope.cancel()
     assert ws.sent == 1
+    assert trio.current_time() - start == pytest.approx(3.0)
+
+
+async def test_a_client_that_sends_nothing_is_dropped_after_idle_timeout(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """The idle timer starts when the receive loop waits, and restarts with every message."""
+    session, _ = make_session(idle_timeout_s=5.0)
+    session.ws = FastSocket(3, bytes(3200))  # type: ignore[assignment]
+    session.params = SessionParams()
+
+    async def audio(data: bytes) -> None:
+        await trio.sleep(2.0)  # busy (not waiting) for 2 s per frame: no idle time
+
+    session._audio = audio  # type: ignore[method-assign]
+    start = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session._receive_loop)
+        with pytest.raises(IdleTimeout, match="nothing received from the client for 5 s"):
+            await session._timeouts_loop()
+        nursery.cancel_scope.cancel()
+    # three frames, each followed by 2 s of work, then 5 s of waiting in vain
+    assert trio.current_time() - start == pytest.approx(3 * 2.0 + 5.0)
 
 
 async def test_results_piling_up_end_the_session_as_a_slow_consumer() -> None:
@@ -113,18 +140,19 @@ async def test_audio_faster_than_allowed_is_slowed_not_refused(
     session.ws = FastSocket(600, frame)  # type: ignore[assignment]
     received = 0
     start = trio.current_time()
+    done = trio.Event()
 
-    async def consume() -> None:
+    async def audio(data: bytes) -> None:
         nonlocal received
-        async for _ in session._in_recv:
-            received += 1
-            if received == 600:
-                return
+        received += 1
+        if received == 600:
+            done.set()
 
+    session._audio = audio  # type: ignore[method-assign]
     with trio.fail_after(1000):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(session._receive_loop)
-            await consume()
+            await done.wait()
             nursery.cancel_scope.cancel()
     elapsed = trio.current_time() - start
     # (60 s - 10 s burst) / 5x = 10 s; none of the audio was refused

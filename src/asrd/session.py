@@ -1,9 +1,11 @@
-"""One client session: a nursery of receive, process, results and send tasks.
+"""One client session: a nursery of receive, results and send tasks.
 
-The tasks are joined by small bounded memory channels, so a client that sends faster than we
-process, or reads slower than we produce, is slowed down or failed rather than buffered without
-bound. The first error of any task cancels the nursery; the client then gets the dialect's
-TaskFailed with that error's code, and nothing escapes into the server.
+The receive task acts on each client message itself, so audio goes from the socket through
+the segmenter to the bus without a task switch; a client that sends faster than we process is
+slowed down by TCP, since its socket is not read meanwhile. Results reach the send task through
+a small bounded memory channel, so a client that reads slower than we produce is failed rather
+than buffered without bound. The first error of any task cancels the nursery; the client then
+gets the dialect's TaskFailed with that error's code, and nothing escapes into the server.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import bisect
 import collections
 import logging
+import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -131,9 +134,12 @@ class Session:
         # (stream ms processed, arrival time) of recent audio frames, for latency metrics
         self._arrivals: collections.deque[tuple[int, float]] = collections.deque(maxlen=1200)
         self._stopping = False  # Stop received: no idle timeout any more
+        # When the receive loop started waiting for a message / the send loop started
+        # sending one; inf while not waiting. _timeouts_loop reads them.
+        self._waiting_since = math.inf
+        self._sending_since = math.inf
         self._flushed = False  # Stop processed: no sentence will open any more
         self._idle = trio.Event()  # set once flushed and every sentence is final
-        self._in_send, self._in_recv = trio.open_memory_channel[ClientEvent](16)
         self._out_send, self._out_recv = trio.open_memory_channel[ServerEvent](64)
         self._nursery: trio.Nursery | None = None
 
@@ -146,8 +152,8 @@ class Session:
                 self._nursery = nursery
                 for task in (
                     self._receive_loop,
-                    self._process_loop,
                     self._send_loop,
+                    self._timeouts_loop,
                     self._limits_loop,
                 ):
                     nursery.start_soon(self._guard, task)
@@ -234,7 +240,8 @@ class Session:
     # --- tasks ---------------------------------------------------------------------------
 
     async def _receive_loop(self) -> None:
-        idle_s = self.config.server.idle_timeout_s
+        """Read the client and act on each message right here: audio takes no channel hop
+        and no task switch between the socket and the bus (docs/benchmarks.md)."""
         max_frame = self.config.server.max_frame_bytes
         max_text = self.config.server.max_text_bytes
         speed = self.config.server.max_audio_speed
@@ -242,60 +249,54 @@ class Session:
         received = 0  # audio bytes, for the burst limit
         first_audio = 0.0
         while True:
-            if self._stopping:
-                message = await self.ws.get_message()
-            else:
-                with trio.move_on_after(idle_s) as idle:
-                    message = await self.ws.get_message()
-                if idle.cancelled_caught:
-                    raise IdleTimeout(f"nothing received from the client for {idle_s:g} s")
-            event: ClientEvent
+            self._waiting_since = trio.current_time()  # read by _timeouts_loop
+            message = await self.ws.get_message()
+            self._waiting_since = math.inf
             if isinstance(message, str):
                 if len(message) > max_text:
                     raise InvalidMessage(
                         f"text message of {len(message)} characters exceeds {max_text}"
                     )
-                event = self.codec.receive_text(message)
-                if isinstance(event, StopRequested):
-                    self._stopping = True
-            else:
-                if len(message) > max_frame:
-                    raise ClientError(
-                        f"audio frame of {len(message)} bytes exceeds the limit of {max_frame}"
-                    )
-                event = self.codec.receive_binary(message)
-                # Faster than real time is fine up to a burst; beyond it we slow the client
-                # down (stop reading its socket) instead of buffering without bound.
-                now = trio.current_time()
-                if not received:
-                    first_audio = now
-                received += len(message)
-                bytes_per_s = 2 * self.params.sample_rate
-                ahead_s = received / bytes_per_s - burst_s - (now - first_audio) * speed
-                if ahead_s > 0:
-                    await trio.sleep(ahead_s / speed)
-            await self._in_send.send(event)
-
-    async def _process_loop(self) -> None:
-        async for event in self._in_recv:
-            if isinstance(event, AudioReceived):
+                await self._handle(self.codec.receive_text(message))
+                continue
+            if len(message) > max_frame:
+                raise ClientError(
+                    f"audio frame of {len(message)} bytes exceeds the limit of {max_frame}"
+                )
+            event = self.codec.receive_binary(message)
+            # Faster than real time is fine up to a burst; beyond it we slow the client
+            # down (stop reading its socket) instead of buffering without bound.
+            now = trio.current_time()
+            if not received:
+                first_audio = now
+            received += len(message)
+            ahead_s = (
+                received / (2 * self.params.sample_rate) - burst_s - (now - first_audio) * speed
+            )
+            if ahead_s > 0:
+                await trio.sleep(ahead_s / speed)
+            if not self._stopping:
                 await self._audio(event.data)
-            elif isinstance(event, StartRequested):
-                await self._start(event)
-            elif isinstance(event, ControlRequested):
-                self._control(event)
-            elif isinstance(event, StopRequested):
-                await self._stop()
-                return
+
+    async def _handle(self, event: ClientEvent) -> None:
+        if self._stopping:
+            return  # the protocol allows nothing after Stop; the codec refuses what is wrong
+        if isinstance(event, AudioReceived):
+            await self._audio(event.data)
+        elif isinstance(event, StartRequested):
+            await self._start(event)
+        elif isinstance(event, ControlRequested):
+            self._control(event)
+        elif isinstance(event, StopRequested):
+            self._stopping = True
+            await self._stop()
 
     async def _send_loop(self) -> None:
-        timeout_s = self.config.server.send_timeout_s
         metrics = self.state.metrics
         async for event in self._out_recv:
-            with trio.move_on_after(timeout_s) as stuck:
-                await self.ws.send_message(self.codec.render(event))
-            if stuck.cancelled_caught:
-                raise ClientError(f"the client read no results for {timeout_s:g} s")
+            self._sending_since = trio.current_time()  # read by _timeouts_loop
+            await self.ws.send_message(self.codec.render(event))
+            self._sending_since = math.inf
             if isinstance(event, ResultChanged):
                 metrics.partial_lag.observe(self._since_arrival(event.time_ms))
             elif isinstance(event, SentenceEnd):
@@ -305,6 +306,23 @@ class Session:
                 assert self._nursery is not None
                 self._nursery.cancel_scope.cancel()
                 return
+
+    async def _timeouts_loop(self) -> None:
+        """End the session when the client sends nothing for ``idle_timeout_s`` (until Stop)
+        or reads nothing for ``send_timeout_s``. One timer per session instead of a cancel
+        scope per message: the receive and send loops only note when they started waiting."""
+        idle_s = self.config.server.idle_timeout_s
+        send_s = self.config.server.send_timeout_s
+        while True:
+            now = trio.current_time()
+            idle_at = math.inf if self._stopping else self._waiting_since + idle_s
+            stuck_at = self._sending_since + send_s
+            if now >= stuck_at:
+                raise ClientError(f"the client read no results for {send_s:g} s")
+            if now >= idle_at:
+                raise IdleTimeout(f"nothing received from the client for {idle_s:g} s")
+            # A wait that starts after this check ends no earlier than ``now`` + its timeout.
+            await trio.sleep_until(min(idle_at, stuck_at, now + min(idle_s, send_s)))
 
     async def _limits_loop(self) -> None:
         with trio.move_on_after(self.config.server.max_session_s):
@@ -431,9 +449,16 @@ class Session:
             self.segmenter.set_max_sentence_silence(self.params.max_sentence_silence_ms)
 
     async def _stop(self) -> None:
+        """Flush the segmenter, then complete once every sentence is final. The wait runs
+        as its own task, so the client's socket is still read (a hang-up is noticed)."""
         assert self.segmenter is not None and self.tracker is not None
         await self._segment(self.segmenter.flush())
         self._flushed = True
+        assert self._nursery is not None
+        self._nursery.start_soon(self._guard, self._complete)
+
+    async def _complete(self) -> None:
+        assert self.tracker is not None
         if not self.tracker.idle:
             await self._idle.wait()
         await self._out_send.send(TranscriptionCompleted())
