@@ -7,14 +7,16 @@ import trio
 
 from asrd import wire
 from asrd.auth import StaticAuthenticator
-from asrd.bus import NoResponders
+from asrd.bus import NoResponders, claim_subject, session_in
 from asrd.bus.memory import InMemoryBus
-from asrd.config import AuthConfig, ConfigError, load_config
+from asrd.config import AuthConfig, ConfigError, WorkerConfig, load_config
+from asrd.engines.loadtest import LoadtestEngine
 from asrd.errors import AppKeyTokenMismatch, AuthError, BusError, UnknownAppKey
 from asrd.events import ResultChanged, SentenceBegin, SentenceEnd
 from asrd.handshake import HeadError, dedupe_head, parse_head, split_head
 from asrd.params import SessionParams
 from asrd.sentences import SentenceTracker
+from asrd.worker import Worker
 
 # --- config -------------------------------------------------------------------------------
 
@@ -199,3 +201,35 @@ async def test_slow_subscription_overflows_with_a_clear_error() -> None:
     await sub.receive()
     with pytest.raises(BusError, match="fell too far behind"):
         await sub.receive()
+
+
+# --- worker ---------------------------------------------------------------------------------
+
+
+async def test_worker_frees_the_decoder_of_a_silent_gateway(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A session whose gateway sends nothing for session_idle_timeout_s gets its decoder
+    back; one that keeps talking (keepalives) does not."""
+    bus = InMemoryBus()
+    config = WorkerConfig(engine="loadtest", decoders=2, session_idle_timeout_s=4.0)
+    worker = Worker(config, "asrd", bus, LoadtestEngine(2))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(worker.run)
+        for sid in ("silent", "talking"):
+            reply = wire.decode_claim_reply(
+                await bus.request(
+                    claim_subject("asrd", "en-US"), wire.Claim(sid, 16000, True).encode(), 1
+                )
+            )
+            assert reply.ok
+        assert worker.free == 0
+        start = trio.current_time()
+        with trio.fail_after(30):
+            while "silent" in worker.sessions:
+                bus.publish(session_in("asrd", "talking"), wire.encode_control("keepalive"))
+                await trio.sleep(0.5)
+        # freed after 4 s of silence, give or take the 1 s check interval
+        assert 4.0 <= trio.current_time() - start <= 5.5
+        assert set(worker.sessions) == {"talking"} and worker.free == 1
+        nursery.cancel_scope.cancel()

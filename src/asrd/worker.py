@@ -29,14 +29,16 @@ CLAIM_QUEUE = "asrd-workers"
 
 
 class _Served:
-    """A session this worker decodes: its cancel scope and whether an utterance is open."""
+    """A session this worker decodes: its cancel scope, whether an utterance is open, and
+    when its gateway last sent anything."""
 
-    __slots__ = ("done", "in_utterance", "scope")
+    __slots__ = ("done", "in_utterance", "last_heard", "scope")
 
     def __init__(self) -> None:
         self.scope = trio.CancelScope()
         self.in_utterance = False
         self.done = trio.Event()
+        self.last_heard = trio.current_time()
 
 
 class Worker:
@@ -66,6 +68,7 @@ class Worker:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._heartbeat_loop)
+            nursery.start_soon(self._silence_loop)
             await self._update_claim_subscription()
             await self.bus.flush()
             log.info(
@@ -169,24 +172,11 @@ class Worker:
         next_partial = step
         last_partial = ""
         bytes_per_ms = claim.sample_rate * 2 // 1000
-        idle_s = self.config.session_idle_timeout_s
         try:
             with served.scope:
-                silent_since = trio.current_time()
                 while True:
-                    with trio.move_on_after(idle_s) as idle:
-                        msg = await sub.receive()
-                    if idle.cancelled_caught:
-                        if not self.bus.connected:
-                            silent_since = trio.current_time()  # NATS is down: wait for it
-                            continue
-                        if trio.current_time() - silent_since >= idle_s:
-                            log.warning(
-                                "session %s: gateway silent, freeing decoder", claim.session_id
-                            )
-                            return
-                        continue
-                    silent_since = trio.current_time()
+                    msg = await sub.receive()
+                    served.last_heard = trio.current_time()  # read by _silence_loop
                     item = wire.decode_input(msg.data)
                     if isinstance(item, wire.AudioIn):
                         if item.utt != utt:
@@ -279,6 +269,21 @@ class Worker:
         while True:
             self._beat()
             await trio.sleep(self.config.heartbeat_interval_s)
+
+    async def _silence_loop(self) -> None:
+        """Free the decoder of a session whose gateway has sent nothing (not even its
+        keepalive) for ``session_idle_timeout_s``: it died or lost the session. One timer for
+        all sessions, checked four times per timeout, instead of a cancel scope per message."""
+        idle_s = self.config.session_idle_timeout_s
+        while True:
+            await trio.sleep(idle_s / 4)
+            now = trio.current_time()
+            for session_id, served in list(self.sessions.items()):
+                if not self.bus.connected:
+                    served.last_heard = now  # NATS is down: wait for it, then for the gateway
+                elif now - served.last_heard >= idle_s:
+                    log.warning("session %s: gateway silent, freeing decoder", session_id)
+                    served.scope.cancel()
 
     async def _announce_pause(self, audio_s: float) -> None:
         """Before a final pass that holds the GIL (no heartbeats), say how long it may take."""
