@@ -238,6 +238,30 @@ def format_table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+def rss_growth(
+    series: Sequence[dict[str, float]], warmup_s: float
+) -> dict[str, dict[str, float]]:
+    """Each role's RSS once warmed up (the first reading at or after ``warmup_s``) against its
+    highest reading after that: whether memory stays flat under a steady load."""
+    after = [p for p in series if p["t"] >= warmup_s]
+    if len(after) < 2:
+        return {}
+    out: dict[str, dict[str, float]] = {}
+    for key in after[0]:
+        if not key.endswith("_rss_mb"):
+            continue
+        warm = after[0][key]
+        peak = max(p.get(key, 0.0) for p in after)
+        out[key.removesuffix("_rss_mb")] = {
+            "warm_t_s": after[0]["t"],
+            "warm_mb": warm,
+            "max_after_mb": peak,
+            "end_mb": after[-1][key],
+            "growth_pct": round(100 * (peak - warm) / warm, 2) if warm else 0.0,
+        }
+    return out
+
+
 def format_reports(reports: Sequence[dict[str, Any]]) -> str:
     """The table of one or more runs, plus the notes a reader needs."""
     out = [format_table([table_row(r) for r in reports], table_header())]
@@ -260,6 +284,12 @@ def format_reports(reports: Sequence[dict[str, Any]]) -> str:
             if load["other_cores"] > 0.25:
                 line += " - WARNING: other load on the machine, figures are not clean"
             out.append(line)
+        for role, g in (r.get("rss_growth") or {}).items():
+            out.append(
+                f"  {r['sessions']['requested']} streams: {role} RSS {g['warm_mb']:.1f} MB at "
+                f"{g['warm_t_s']:.0f} s (warmed up), at most {g['max_after_mb']:.1f} MB after: "
+                f"{g['growth_pct']:+.1f}%"
+            )
         c = r["client"]
         late = next(v for k, v in c.items() if k.startswith("sends_late"))
         if c["sends"] and late > 0.01 * c["sends"]:
