@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import trio
 
@@ -233,3 +235,75 @@ async def test_worker_frees_the_decoder_of_a_silent_gateway(
         assert 4.0 <= trio.current_time() - start <= 5.5
         assert set(worker.sessions) == {"talking"} and worker.free == 1
         nursery.cancel_scope.cancel()
+
+
+class _StepRecorder:
+    """A fake recognizer that notes the size of each accept() and what else ran between."""
+
+    def __init__(self, log: list[str]) -> None:
+        self.log = log
+
+    def start(self) -> None:
+        self.log.append("start")
+
+    def accept(self, pcm: bytes) -> None:
+        self.log.append(f"accept {len(pcm)}")
+
+    def partial(self) -> None:
+        return None
+
+    def finish(self) -> Any:
+        from asrd.engines.base import EMPTY_HYPOTHESIS
+
+        self.log.append("finish")
+        return EMPTY_HYPOTHESIS
+
+
+class _StepEngine:
+    name = "steps"
+    capacity = 1
+    final_cost = 0.0
+
+    def __init__(self, log: list[str]) -> None:
+        self.log = log
+
+    def acquire(self, sample_rate: int, *, partials: bool = True) -> Any:
+        return _StepRecorder(self.log)
+
+    def release(self, recognizer: Any) -> None:
+        pass
+
+
+async def test_worker_decodes_a_long_message_in_steps_with_heartbeats_between() -> None:
+    """A sentence's first message carries its pre-roll (a replay's can be seconds long): the
+    worker decodes it 100 ms at a time and lets its other tasks run in between, so the
+    heartbeat is not held up by one long decode."""
+    log: list[str] = []
+    bus = InMemoryBus()
+    config = WorkerConfig(decoders=1, heartbeat_interval_s=1e-6)  # a beat is always due
+    worker = Worker(config, "asrd", bus, _StepEngine(log))  # type: ignore[arg-type]
+    original_beat = worker._beat
+
+    def beat() -> None:
+        log.append("beat")
+        original_beat()
+
+    worker._beat = beat  # type: ignore[method-assign]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(worker.run)
+        claim = wire.Claim("s", 16000, False).encode()
+        assert wire.decode_claim_reply(
+            await bus.request(claim_subject("asrd", "en-US"), claim, 1)
+        ).ok
+        inbox = session_in("asrd", "s")
+        bus.publish(inbox, wire.encode_control("begin", 1))
+        bus.publish(inbox, wire.encode_audio(1, bytes(32000)))  # 1 s at 16 kHz
+        bus.publish(inbox, wire.encode_control("end", 1))
+        with trio.fail_after(5):
+            while "finish" not in log:  # noqa: ASYNC110 - the fake engine has no event
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    steps = [e for e in log if e.startswith("accept")]
+    assert steps == ["accept 3200"] * 10
+    first, last = log.index("accept 3200"), len(log) - 1 - log[::-1].index("accept 3200")
+    assert "beat" in log[first:last]  # the heartbeat task ran while the message was decoded

@@ -26,6 +26,7 @@ from asrd.metrics import WorkerMetrics
 log = logging.getLogger(__name__)
 
 CLAIM_QUEUE = "asrd-workers"
+MAX_STEP_MS = 100  # audio decoded between two checkpoints of the worker's event loop
 
 
 class _Served:
@@ -172,6 +173,7 @@ class Worker:
         next_partial = step
         last_partial = ""
         bytes_per_ms = claim.sample_rate * 2 // 1000
+        step_bytes = bytes_per_ms * MAX_STEP_MS
         try:
             with served.scope:
                 while True:
@@ -181,8 +183,15 @@ class Worker:
                     if isinstance(item, wire.AudioIn):
                         if item.utt != utt:
                             continue  # audio of an utterance we are not decoding (stale)
-                        rec.accept(item.pcm)
-                        audio_bytes += len(item.pcm)
+                        # A sentence's first message carries its pre-roll, and a replay's
+                        # may be longer: decode it in steps, so that heartbeats go out in
+                        # between (a decoder holds the GIL while it works).
+                        pcm = item.pcm
+                        for i in range(0, len(pcm), step_bytes):
+                            if i:
+                                await trio.lowlevel.checkpoint()
+                            rec.accept(pcm[i : i + step_bytes])
+                        audio_bytes += len(pcm)
                         if claim.partials and audio_bytes >= next_partial:
                             next_partial = audio_bytes + step
                             hyp = rec.partial()

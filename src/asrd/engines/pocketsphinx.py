@@ -304,8 +304,10 @@ class PocketsphinxEngine:
         if final_pass not in ("batch", "live"):
             raise ValueError(f"final_pass must be 'batch' or 'live', got {final_pass!r}")
         self.final_pass = final_pass
-        # A full_utt decode runs at ~0.2-0.3 x real time here, holding the GIL throughout.
-        self.final_cost = 0.5 if final_pass == "batch" else 0.0
+        # GIL-holding work at the end of an utterance, per second of its audio, with room for
+        # a busy machine: a full_utt decode runs at ~0.2-0.3 x real time; the live search's
+        # end_utt (bestpath over the lattice) at ~0.035 x, up to 3x that on a loaded machine.
+        self.final_cost = 0.5 if final_pass == "batch" else 0.1
         if decoders < 1:
             raise ValueError(f"decoders must be at least 1, got {decoders}")
         self._free: list[Any] = []
