@@ -22,7 +22,13 @@ import trio
 from asrd.bench.corpus import Playlist, default_data_dir, load_corpus
 from asrd.bench.load import COMPLETED, LoadPlan, SessionResult, run_load, schedule, split
 from asrd.bench.procs import Sampler, machine_busy_s, parse_pids, read_proc
-from asrd.bench.report import HoldCriteria, build_report, format_reports, markdown_tables
+from asrd.bench.report import (
+    HoldCriteria,
+    build_report,
+    format_reports,
+    markdown_tables,
+    rss_growth,
+)
 from asrd.bench.stack import StackConfig, open_stack, render_toml
 from asrd.bench.stats import FrameClock, endpoint_latency_s, percentile, summarize
 
@@ -178,6 +184,20 @@ def test_report_holds_only_when_every_session_keeps_its_p95_under_the_limit() ->
 
 
 # --- /proc and stack helpers ---------------------------------------------------------------
+
+
+def test_rss_growth_compares_the_warmed_up_reading_with_the_highest_after_it() -> None:
+    series = [
+        {"t": 0.0, "gateway_rss_mb": 50.0, "gateway_cpu_s": 0.0},
+        {"t": 30.0, "gateway_rss_mb": 80.0, "gateway_cpu_s": 1.0},  # still warming up
+        {"t": 60.0, "gateway_rss_mb": 100.0, "gateway_cpu_s": 2.0},
+        {"t": 90.0, "gateway_rss_mb": 104.0, "gateway_cpu_s": 3.0},
+        {"t": 120.0, "gateway_rss_mb": 102.0, "gateway_cpu_s": 4.0},
+    ]
+    g = rss_growth(series, warmup_s=60.0)["gateway"]
+    assert (g["warm_t_s"], g["warm_mb"], g["max_after_mb"], g["end_mb"]) == (60, 100, 104, 102)
+    assert g["growth_pct"] == 4.0
+    assert rss_growth(series, warmup_s=500.0) == {}  # the run never warmed up
 
 
 def test_proc_readings_of_this_process() -> None:
