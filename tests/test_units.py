@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -18,7 +19,7 @@ from asrd.events import ResultChanged, SentenceBegin, SentenceEnd
 from asrd.handshake import HeadError, dedupe_head, parse_head, split_head
 from asrd.params import SessionParams
 from asrd.sentences import SentenceTracker
-from asrd.worker import Worker
+from asrd.worker import STALL_S, Worker
 
 # --- config -------------------------------------------------------------------------------
 
@@ -276,34 +277,49 @@ class _StepEngine:
 
 async def test_worker_decodes_a_long_message_in_steps_with_heartbeats_between() -> None:
     """A sentence's first message carries its pre-roll (a replay's can be seconds long): the
-    worker decodes it 100 ms at a time and lets its other tasks run in between, so the
-    heartbeat is not held up by one long decode."""
+    worker decodes it 100 ms at a time and lets its other tasks run in between, so its event
+    loop keeps showing progress to the heartbeat (which stops when the loop is stuck)."""
     log: list[str] = []
     bus = InMemoryBus()
-    config = WorkerConfig(decoders=1, heartbeat_interval_s=1e-6)  # a beat is always due
+    config = WorkerConfig(decoders=1, heartbeat_interval_s=1e-6)  # a tick is always due
     worker = Worker(config, "asrd", bus, _StepEngine(log))  # type: ignore[arg-type]
-    original_beat = worker._beat
+    progress: list[float] = []
+    record = _StepRecorder.accept
 
-    def beat() -> None:
-        log.append("beat")
-        original_beat()
+    def accept(self: _StepRecorder, pcm: bytes) -> None:
+        progress.append(worker._progress)
+        record(self, pcm)
 
-    worker._beat = beat  # type: ignore[method-assign]
     async with trio.open_nursery() as nursery:
         await nursery.start(worker.run)
         claim = wire.Claim("s", 16000, False).encode()
-        assert wire.decode_claim_reply(
-            await bus.request(claim_subject("asrd", "en-US"), claim, 1)
-        ).ok
+        reply = await bus.request(claim_subject("asrd", "en-US"), claim, 1)
+        assert wire.decode_claim_reply(reply).ok
         inbox = session_in("asrd", "s")
         bus.publish(inbox, wire.encode_control("begin", 1))
         bus.publish(inbox, wire.encode_audio(1, bytes(32000)))  # 1 s at 16 kHz
         bus.publish(inbox, wire.encode_control("end", 1))
-        with trio.fail_after(5):
-            while "finish" not in log:  # noqa: ASYNC110 - the fake engine has no event
-                await trio.sleep(0.01)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(_StepRecorder, "accept", accept)
+            with trio.fail_after(5):
+                while "finish" not in log:  # noqa: ASYNC110 - the fake engine has no event
+                    await trio.sleep(0.01)
         nursery.cancel_scope.cancel()
+    # the event loop ran its heartbeat task between the steps
+    assert len(progress) == 10 and len(set(progress)) > 1
     steps = [e for e in log if e.startswith("accept")]
     assert steps == ["accept 3200"] * 10
-    first, last = log.index("accept 3200"), len(log) - 1 - log[::-1].index("accept 3200")
-    assert "beat" in log[first:last]  # the heartbeat task ran while the message was decoded
+
+
+def test_worker_heartbeat_stops_when_its_event_loop_is_stuck() -> None:
+    """The periodic beat is made on the bus's thread; it vouches for the event loop only while
+    the loop keeps ticking (or within a pause it announced)."""
+    worker = Worker(WorkerConfig(decoders=1), "asrd", InMemoryBus(), LoadtestEngine(1))
+    now = time.monotonic()
+    worker._progress = now
+    beat = worker._regular_beat()
+    assert beat is not None and wire.decode_heartbeat(beat).worker_id == worker.id
+    worker._progress = now - STALL_S - 1  # stuck
+    assert worker._regular_beat() is None
+    worker._pause_until = now + 30  # ... unless it announced a long final pass
+    assert wire.decode_heartbeat(worker._regular_beat() or b"").grace_s > 25

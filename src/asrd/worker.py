@@ -12,6 +12,7 @@ import logging
 import os
 import secrets
 import socket
+import time
 from collections.abc import Callable
 
 import trio
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 
 CLAIM_QUEUE = "asrd-workers"
 MAX_STEP_MS = 100  # audio decoded between two checkpoints of the worker's event loop
+STALL_S = 5.0  # heartbeats stop when the event loop has made no progress for this long
 
 
 class _Served:
@@ -51,7 +53,8 @@ class Worker:
         self.id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         self.sessions: dict[str, _Served] = {}
         self.draining = False
-        self._pause_until = 0.0  # trio time until which heartbeats may stop (final passes)
+        self._pause_until = 0.0  # time.monotonic() until which heartbeats may stop
+        self._progress = time.monotonic()  # when the event loop last showed it is running
         m = self.metrics = WorkerMetrics()
         m.sessions.fn = lambda: len(self.sessions)
         m.decoders_free.fn = lambda: max(self.free, 0)
@@ -256,11 +259,11 @@ class Worker:
             "/readyz": ready,
         }
 
-    def _beat(self) -> None:
+    def _heartbeat(self) -> bytes:
         # Every beat repeats the pause still announced, so a regular beat sent between the
         # announcement and the pause does not cancel it.
-        grace_s = max(0.0, self._pause_until - trio.current_time())
-        beat = wire.Heartbeat(
+        grace_s = max(0.0, self._pause_until - time.monotonic())
+        return wire.Heartbeat(
             self.id,
             self.config.pool,
             self.engine.name,
@@ -268,16 +271,34 @@ class Worker:
             max(self.free, 0),
             self.draining,
             grace_s,
-        )
+        ).encode()
+
+    def _beat(self) -> None:
+        """A heartbeat now, from the event loop (the state changed)."""
         try:
-            self.bus.publish(heartbeat_subject(self.prefix), beat.encode())
+            self.bus.publish(heartbeat_subject(self.prefix), self._heartbeat())
         except BusError as exc:
             log.warning("heartbeat not sent: %s", exc)
 
+    def _regular_beat(self) -> bytes | None:
+        """The periodic heartbeat, made on the bus's I/O thread: a decoder busy for a moment
+        on a loaded machine delays the event loop, not this. If the event loop itself stops
+        making progress for ``STALL_S`` (beyond an announced pause), the beats stop and the
+        gateways move its sessions elsewhere."""
+        now = time.monotonic()
+        if now - self._progress > STALL_S + max(0.0, self._pause_until - now):
+            return None
+        return self._heartbeat()
+
     async def _heartbeat_loop(self) -> None:
-        while True:
-            self._beat()
-            await trio.sleep(self.config.heartbeat_interval_s)
+        interval = self.config.heartbeat_interval_s
+        stop = self.bus.publish_every(heartbeat_subject(self.prefix), self._regular_beat, interval)
+        try:
+            while True:
+                self._progress = time.monotonic()
+                await trio.sleep(interval)
+        finally:
+            stop()
 
     async def _silence_loop(self) -> None:
         """Free the decoder of a session whose gateway has sent nothing (not even its
@@ -298,7 +319,7 @@ class Worker:
         """Before a final pass that holds the GIL (no heartbeats), say how long it may take."""
         pause_s = audio_s * self.engine.final_cost
         if pause_s > self.config.heartbeat_interval_s:
-            self._pause_until = max(self._pause_until, trio.current_time() + 2 * pause_s + 1.0)
+            self._pause_until = max(self._pause_until, time.monotonic() + 2 * pause_s + 1.0)
             self._beat()
             try:
                 await self.bus.flush()

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -90,6 +91,13 @@ class Bus(Protocol):
 
     async def flush(self, timeout: float = 2.0) -> None:
         """Wait until everything published so far has reached the server."""
+
+    def publish_every(
+        self, subject: str, make: Callable[[], bytes | None], interval_s: float
+    ) -> Callable[[], None]:
+        """Publish ``make()`` every ``interval_s`` (skipping a beat when it returns None)
+        until the returned function is called. For heartbeats: the NATS bus calls ``make``
+        on its own I/O thread, so a busy event loop does not silence them."""
 
     @property
     def connected(self) -> bool: ...

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 from collections import defaultdict
+from collections.abc import Callable
 
 import trio
 
@@ -77,3 +78,22 @@ class InMemoryBus:
 
     async def flush(self, timeout: float = 2.0) -> None:
         await trio.lowlevel.checkpoint()
+
+    def publish_every(
+        self, subject: str, make: Callable[[], bytes | None], interval_s: float
+    ) -> Callable[[], None]:
+        stopped = False
+
+        async def beat() -> None:
+            while not stopped:
+                data = make()
+                if data is not None:
+                    self.publish(subject, data)
+                await trio.sleep(interval_s)
+
+        def stop() -> None:
+            nonlocal stopped
+            stopped = True
+
+        trio.lowlevel.spawn_system_task(beat)
+        return stop

@@ -13,7 +13,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import logging
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
@@ -105,6 +105,28 @@ class NatsBus:
 
     async def flush(self, timeout: float = 2.0) -> None:
         await self._call(self._drain_then_flush(timeout))
+
+    def publish_every(
+        self, subject: str, make: Callable[[], bytes | None], interval_s: float
+    ) -> Callable[[], None]:
+        stopped = False
+        loop = self._loop
+
+        def beat() -> None:  # on the asyncio thread
+            if stopped:
+                return
+            data = make()
+            if data is not None:
+                self._outbox.append((subject, data, ""))
+                self._start_drain()
+            loop.call_later(interval_s, beat)
+
+        def stop() -> None:
+            nonlocal stopped
+            stopped = True
+
+        loop.call_soon_threadsafe(beat)
+        return stop
 
     def _deliver(self) -> None:
         self._deliver_scheduled = False
