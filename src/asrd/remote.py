@@ -39,7 +39,6 @@ from asrd.registry import WorkerRegistry
 log = logging.getLogger(__name__)
 
 KEEPALIVE_S = 1.0
-CLAIM_ATTEMPTS = 3
 BUSY_WAIT_S = 0.5  # how long a claim waits for a decoder to come free before 40000005
 
 
@@ -95,7 +94,6 @@ class RemoteRecognizer:
         # A decoder freed by a session that just ended comes back a moment later: a client
         # reconnecting at once should not be told "busy" for that.
         busy_until = trio.current_time() + BUSY_WAIT_S
-        refused = 0
         while True:
             try:
                 raw = await self._bus.request(subject, data, self._claim_timeout_s)
@@ -118,9 +116,11 @@ class RemoteRecognizer:
                 return
             if reply.code != TooManyRequests.code:
                 raise AsrdError(reply.reason, code=reply.code)
-            refused += 1  # the worker filled up between subscribing and our claim
-            if refused >= CLAIM_ATTEMPTS:
+            # The worker filled up between subscribing and our claim (claims raced to it, or
+            # a decoder is still being released): like no responders, retry for a moment.
+            if trio.current_time() >= busy_until:
                 raise TooManyRequests(f"all decoders of pool {self.pool!r} are busy; retry later")
+            await trio.sleep(0.05)
 
     # --- input -----------------------------------------------------------------------------
 
