@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results}
 PY=${PY:-.venv/bin/python}
 QUIET=${QUIET:-600}
-STEPS=${STEPS:-"baseline loadtest loadtest-capacity pocketsphinx idle soak"}
+STEPS=${STEPS:-"baseline loadtest loadtest-capacity transport pocketsphinx idle soak"}
 SOAK_S=${SOAK_S:-1200}
 mkdir -p "$OUT"
 bench() { $PY -m asrd --log-level warning bench --quiet-wait "$QUIET" --retry-noisy "${RETRY:-3}" "$@"; }
@@ -29,24 +29,26 @@ for step in $STEPS; do
       bench $LOADTEST -n $n --duration 60 --ramp 10 -o "$OUT/loadtest-$n.json"
     done ;;
   loadtest-capacity)
-    bench $LOADTEST --find-capacity --start 50 --lag-limit-ms 100 --duration 60 --ramp 10 \
+    bench $LOADTEST --find-capacity --start 100 --lag-limit-ms 100 --duration 60 --ramp 10 \
       -o "$OUT/loadtest-capacity.json" ;;
+  transport)
+    # the floor: a bare trio-websocket server, no asrd code (bench/transport_floor.py)
+    $PY bench/transport_floor.py --sessions 100 --reply-every 0 | tee "$OUT/transport-floor.txt"
+    $PY bench/transport_floor.py --sessions 100 --reply-every 2 | tee -a "$OUT/transport-floor.txt" ;;
   pocketsphinx)
-    # final_pass "live": finals from the streaming search (no extra pass)
-    for d in 3 4 5; do
-      bench --spawn --engine pocketsphinx --workers 2 --decoders $d --final-pass live \
-        --engine-baseline --find-capacity --start 2 --duration 60 --ramp 5 \
-        -o "$OUT/pocketsphinx-live-2x$d-capacity.json"
-    done
-    # final_pass "batch" (the default): a full-utterance pass per sentence, which holds the
-    # worker's event loop; real time by a relaxed lag limit
-    bench --spawn --engine pocketsphinx --workers 2 --decoders 3 --engine-baseline \
-      --find-capacity --start 2 --lag-limit-ms 2000 --duration 60 --ramp 5 \
-      -o "$OUT/pocketsphinx-batch-2x3-capacity.json" ;;
+    # One decoder per worker process: a decoder holds the GIL while it works, so decoders
+    # sharing a process share one core and each other's stalls.
+    # final_pass "live": finals from the streaming search, the engine's streaming limit
+    bench --spawn --engine pocketsphinx --workers 10 --decoders 1 --final-pass live \
+      --engine-baseline --find-capacity --start 4 --max 12 --duration 60 --ramp 6 \
+      -o "$OUT/pocketsphinx-live-capacity.json"
+    # final_pass "batch" (the default): a full-utterance pass per sentence
+    bench --spawn --engine pocketsphinx --workers 10 --decoders 1 --engine-baseline \
+      -n "${BATCH_SESSIONS:-4}" --duration 60 --ramp 6 -o "$OUT/pocketsphinx-batch.json" ;;
   idle)
     bench $LOADTEST --idle-sessions 500 -o "$OUT/idle-500.json" ;;
   soak)
-    bench $LOADTEST -n "${SOAK_SESSIONS:-120}" --duration "$SOAK_S" --ramp 10 \
+    bench $LOADTEST -n "${SOAK_SESSIONS:-140}" --duration "$SOAK_S" --ramp 10 \
       --sample-interval 5 -o "$OUT/soak-loadtest.json" ;;
   *) echo "unknown step $step" >&2; exit 2 ;;
   esac
