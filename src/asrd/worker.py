@@ -187,8 +187,9 @@ class Worker:
                         if item.utt != utt:
                             continue  # audio of an utterance we are not decoding (stale)
                         # A sentence's first message carries its pre-roll, and a replay's
-                        # may be longer: decode it in steps, so that heartbeats go out in
-                        # between (a decoder holds the GIL while it works).
+                        # may be longer: decode it in steps, so that the event loop ticks
+                        # in between (the heartbeat vouches for it) and other sessions of
+                        # this worker get their turn (a decoder holds the GIL while it works).
                         pcm = item.pcm
                         for i in range(0, len(pcm), step_bytes):
                             if i:

@@ -115,7 +115,11 @@ class NatsBus:
         def beat() -> None:  # on the asyncio thread
             if stopped:
                 return
-            data = make()
+            try:
+                data = make()
+            except Exception:
+                log.exception("periodic message for %s not made", subject)
+                data = None
             if data is not None:
                 self._outbox.append((subject, data, ""))
                 self._start_drain()
