@@ -68,16 +68,23 @@ async def clients(port: int, sessions: int, frame_ms: int, seconds: float) -> No
     async def one(i: int) -> None:
         async with trio_websocket.open_websocket_url(f"ws://127.0.0.1:{port}/") as ws:
 
-            async def drain() -> None:
-                while True:
-                    await ws.get_message()
+            async def drain(done: trio.CancelScope) -> None:
+                try:
+                    while True:
+                        await ws.get_message()
+                except trio_websocket.ConnectionClosed:
+                    done.cancel()  # the server has measured and gone
 
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(drain)
+                nursery.start_soon(drain, nursery.cancel_scope)
                 await trio.sleep(i * frame_ms / 1000 / sessions)  # spread the sends
                 due = trio.current_time()
                 while True:
-                    await ws.send_message(frame)
+                    try:
+                        await ws.send_message(frame)
+                    except trio_websocket.ConnectionClosed:
+                        nursery.cancel_scope.cancel()
+                        return
                     due += frame_ms / 1000
                     await trio.sleep_until(due)
 
