@@ -97,7 +97,7 @@ class StaticControlPlane:
     ) -> Admission:
         await self._auth.authorize(connect.token, appkey)
         _, pool = route_language(self._routing, self._default_language, language)
-        return Admission(appkey=appkey, pool=pool)
+        return Admission(appkey=appkey, pool=pool, record_transcript=False)  # records nothing
 
     async def finish(self, admission: Admission, record: SessionRecord) -> None:
         return None

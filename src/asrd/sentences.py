@@ -32,7 +32,6 @@ class SentenceTracker:
         self._open: dict[int, _Sentence] = {}  # begun or waiting, not yet finalised
         self._next_to_begin = 1  # lowest index whose SentenceBegin is not sent
         self.finalized = 0  # highest finalised index (they finalise in order)
-        self.sentences: list[SentenceEnd] = []
 
     @property
     def idle(self) -> bool:
@@ -72,7 +71,6 @@ class SentenceTracker:
             s.timed_out,
         )
         out.append(end)
-        self.sentences.append(end)
         del self._open[r.utt]
         self.finalized = r.utt
         return out + self._release_begins()

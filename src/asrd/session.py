@@ -67,6 +67,9 @@ from asrd.sentences import SentenceTracker
 
 log = logging.getLogger(__name__)
 
+ARRIVAL_STEP_MS = 50  # resolution of the arrival times kept for the latency metrics
+ARRIVALS_KEPT = 300  # 15-30 s of stream (by the frame size): results refer to recent audio
+
 
 class Codec(Protocol):
     """What a session needs of a dialect codec (see asrd.dialects)."""
@@ -130,9 +133,14 @@ class Session:
         self.tracker: SentenceTracker | None = None
         self.wav: WavStreamParser | None = None
         self.audio_bytes = 0
+        self._finals = 0  # final sentences sent
+        self._transcript: list[dict[str, object]] = []  # for the SessionRecord, if recorded
         self._utt = 0  # index of the latest sentence opened by the segmenter
-        # (stream ms processed, arrival time) of recent audio frames, for latency metrics
-        self._arrivals: collections.deque[tuple[int, float]] = collections.deque(maxlen=1200)
+        # (stream ms processed, arrival time) of recent audio frames, for latency metrics:
+        # at most one per ARRIVAL_STEP_MS of stream, ARRIVALS_KEPT of them (~35 KB)
+        self._arrivals: collections.deque[tuple[int, float]] = collections.deque(
+            maxlen=ARRIVALS_KEPT
+        )
         self._stopping = False  # Stop received: no idle timeout any more
         # When the receive loop started waiting for a message / the send loop started
         # sending one; inf while not waiting. _timeouts_loop reads them.
@@ -180,21 +188,11 @@ class Session:
             self.error.reason if self.error else "completed",
             time.monotonic() - started,
             self.audio_bytes / (2 * self.params.sample_rate),
-            len(self.tracker.sentences) if self.tracker else 0,
+            self._finals,
         )
 
     def _record(self, started_at: float, duration_s: float, code: int) -> SessionRecord:
         assert self.admission is not None
-        sentences = [
-            {
-                "index": s.index,
-                "begin_time": s.begin_time_ms,
-                "time": s.time_ms,
-                "text": s.text,
-                "confidence": s.confidence,
-            }
-            for s in (self.tracker.sentences if self.tracker else [])
-        ]
         return SessionRecord(
             task_id=self.codec.task_id,
             session_id=self.id,
@@ -206,7 +204,7 @@ class Session:
             code=code,
             reason=self.error.reason if self.error else "completed",
             params=self.params.model_dump(mode="json"),
-            sentences=sentences,
+            sentences=self._transcript,
         )
 
     async def _finish(self) -> None:
@@ -351,11 +349,29 @@ class Session:
             if not self.remote.current(item):
                 continue  # from before a failover or reconnect: the replay will redo it
             for ev in self.tracker.result(item):
+                if isinstance(ev, SentenceEnd):
+                    self._keep(ev)
                 await self._out_send.send(ev)
             if item.final:
                 self.remote.finalized(item.utt)
             if self._flushed and self.tracker.idle:
                 self._idle.set()
+
+    def _keep(self, end: SentenceEnd) -> None:
+        """Count a final sentence, and keep what the transcript record needs of it (not its
+        words) only when the control plane records transcripts: memory stays flat in a
+        session of any length otherwise."""
+        self._finals += 1
+        if self.admission is not None and self.admission.record_transcript:
+            self._transcript.append(
+                {
+                    "index": end.index,
+                    "begin_time": end.begin_time_ms,
+                    "time": end.time_ms,
+                    "text": end.text,
+                    "confidence": end.confidence,
+                }
+            )
 
     # --- steps ---------------------------------------------------------------------------
 
@@ -408,7 +424,10 @@ class Session:
         self.audio_bytes += len(data)
         self.state.metrics.audio.inc(len(data) / (2 * self.params.sample_rate))
         events = self.segmenter.feed(data)
-        self._arrivals.append((self.segmenter.processed_ms, trio.current_time()))
+        processed_ms = self.segmenter.processed_ms
+        arrivals = self._arrivals
+        if not arrivals or processed_ms - arrivals[-1][0] >= ARRIVAL_STEP_MS:
+            arrivals.append((processed_ms, trio.current_time()))
         if events:
             await self._segment(events)
 
