@@ -158,3 +158,22 @@ async def test_audio_faster_than_allowed_is_slowed_not_refused(
     # (60 s - 10 s burst) / 5x = 10 s; none of the audio was refused
     assert received == 600
     assert 9.5 <= elapsed <= 10.5
+
+
+def test_a_session_keeps_its_transcript_only_when_it_is_recorded() -> None:
+    """A long session must not grow without bound: final sentences are kept for the session
+    record only when the control plane records transcripts, and without their words."""
+    from asrd.control import Admission
+    from asrd.events import SentenceEnd, Word
+
+    end = SentenceEnd(1, 2000, 100, "Hello.", 0.9, (Word("Hello.", 100, 900),), False)
+    session, _ = make_session()
+    session.admission = Admission("k", "en-US", record_transcript=False)
+    session._keep(end)
+    assert (session._finals, session._transcript) == (1, [])
+    session.admission = Admission("k", "en-US", record_transcript=True)
+    session._keep(end)
+    assert session._finals == 2
+    assert session._transcript == [
+        {"index": 1, "begin_time": 100, "time": 2000, "text": "Hello.", "confidence": 0.9}
+    ]
