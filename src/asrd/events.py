@@ -40,7 +40,8 @@ class AudioReceived:
     data: bytes
 
 
-ClientEvent = StartRequested | ControlRequested | StopRequested | AudioReceived
+ClientCommand = StartRequested | ControlRequested | StopRequested  # text messages
+ClientEvent = ClientCommand | AudioReceived
 
 # --- to the client ---------------------------------------------------------------------------
 

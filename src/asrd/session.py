@@ -41,7 +41,7 @@ from asrd.errors import (
 )
 from asrd.events import (
     AudioReceived,
-    ClientEvent,
+    ClientCommand,
     ControlRequested,
     ResultChanged,
     SentenceEnd,
@@ -77,7 +77,7 @@ class Codec(Protocol):
     @property
     def task_id(self) -> str: ...
 
-    def receive_text(self, text: str) -> ClientEvent: ...
+    def receive_text(self, text: str) -> ClientCommand: ...
 
     def receive_binary(self, data: bytes) -> AudioReceived: ...
 
@@ -276,12 +276,10 @@ class Session:
             if not self._stopping:
                 await self._audio(event.data)
 
-    async def _handle(self, event: ClientEvent) -> None:
+    async def _handle(self, event: ClientCommand) -> None:
         if self._stopping:
             return  # the protocol allows nothing after Stop; the codec refuses what is wrong
-        if isinstance(event, AudioReceived):
-            await self._audio(event.data)
-        elif isinstance(event, StartRequested):
+        if isinstance(event, StartRequested):
             await self._start(event)
         elif isinstance(event, ControlRequested):
             self._control(event)

@@ -48,6 +48,7 @@ from asrd.errors import (
 )
 from asrd.events import (
     AudioReceived,
+    ClientCommand,
     ControlRequested,
     ResultChanged,
     SentenceBegin,
@@ -88,8 +89,6 @@ class _State(enum.Enum):
     STOPPING = "stopping"
     CLOSED = "closed"
 
-
-ClientCommand = StartRequested | ControlRequested | StopRequested
 
 
 # --- value converters: (wire key, JSON value) -> Python value; None means "not set" ----------
