@@ -113,7 +113,7 @@ class Gateway:
                 self.draining = True
                 accept_scope.cancel()
                 await self._wait_idle(server.shutdown_grace_s)
-                self.state.force_stop.set()
+                self.state.stop_sessions()
                 await self._wait_idle(3.0)
                 handlers.cancel_scope.cancel()
             outer.cancel_scope.cancel()
@@ -188,11 +188,12 @@ class Gateway:
             await ws.send_message(codec.render(TaskFailed(err.code, err.reason)))
             await ws.aclose()
             return
-        self.state.session_started()
+        session = Session(self.state, ws, codec, connect)
+        self.state.session_started(session)
         try:
-            await Session(self.state, ws, codec, connect).run()
+            await session.run()
         finally:
-            self.state.session_ended()
+            self.state.session_ended(session)
 
     def _http(self, head: RequestHead) -> bytes:
         if head.path == "/metrics":

@@ -24,7 +24,9 @@ log = logging.getLogger(__name__)
 class _Entry:
     beat: wire.Heartbeat
     last_seen: float
-    dead: trio.Event = field(default_factory=trio.Event)
+    dead: bool = False
+    # Events of the sessions decoded by this worker, set when it is declared dead.
+    watchers: set[trio.Event] = field(default_factory=set)
 
 
 class WorkerRegistry:
@@ -68,7 +70,10 @@ class WorkerRegistry:
             for worker_id, entry in list(self._workers.items()):
                 if entry.last_seen + max(self._timeout_s, entry.beat.grace_s) < now:
                     log.warning("engine worker %s missed its heartbeats: declared dead", worker_id)
-                    entry.dead.set()
+                    entry.dead = True
+                    for event in entry.watchers:
+                        event.set()
+                    entry.watchers.clear()
                     del self._workers[worker_id]
 
     def all(self) -> list[wire.Heartbeat]:
@@ -77,10 +82,32 @@ class WorkerRegistry:
     def alive(self, pool: str) -> list[wire.Heartbeat]:
         return [e.beat for e in self._workers.values() if e.beat.pool == pool]
 
-    def dead(self, worker_id: str) -> trio.Event:
-        """An event set when ``worker_id`` is declared dead (known from a claim reply)."""
+    def watch(self, worker_id: str, event: trio.Event) -> WorkerWatch:
+        """Have ``event`` set when ``worker_id`` (known from a claim reply) is declared dead.
+
+        A session waits on one event of its own for every reason to act (its worker died, or
+        asked to hand it back) instead of a task per reason. Call :meth:`WorkerWatch.cancel`
+        when the session stops watching: the registry outlives it."""
         entry = self._workers.get(worker_id)
         if entry is None:  # replied to a claim before we heard its first heartbeat
             entry = _Entry(wire.Heartbeat(worker_id, "", "", 0, 0), trio.current_time())
             self._workers[worker_id] = entry
-        return entry.dead
+        entry.watchers.add(event)
+        return WorkerWatch(entry, event)
+
+
+class WorkerWatch:
+    """One session's watch on one worker (see :meth:`WorkerRegistry.watch`)."""
+
+    __slots__ = ("_entry", "_event")
+
+    def __init__(self, entry: _Entry, event: trio.Event) -> None:
+        self._entry = entry
+        self._event = event
+
+    @property
+    def dead(self) -> bool:
+        return self._entry.dead
+
+    def cancel(self) -> None:
+        self._entry.watchers.discard(self._event)

@@ -73,7 +73,8 @@ class RemoteRecognizer:
         self.journal: list[tuple[int, bytes]] = []
         self._journal_bytes = 0
         self._paused = False  # failing over: journal only, publish at replay
-        self._handoff = trio.Event()  # the worker asked us to move the session
+        self._handoff = False  # the worker asked us to move the session
+        self._attention = trio.Event()  # set on a handoff or when the worker is declared dead
         self.failovers = 0
         self.epoch = 0  # of the current claim; results of older claims are void
         self._reconnects_seen = bus.reconnects
@@ -160,28 +161,32 @@ class RemoteRecognizer:
 
     def handoff_requested(self) -> None:
         """The worker is draining and gave the session back: move it now."""
-        self._handoff.set()
+        self._handoff = True
+        self._attention.set()
 
     # --- supervision -------------------------------------------------------------------------
 
     async def watch_loop(self) -> None:
-        """Keep the claim alive; move the session when its worker dies or leaves."""
+        """Keep the claim alive; move the session when its worker dies or leaves.
+
+        One event wakes this loop for either reason (the registry sets it when the worker is
+        declared dead, :meth:`handoff_requested` when it asks to give the session back), so
+        an idle session costs one timer a second, not a task per reason."""
         reconnects = self._bus.reconnects
         while True:
-            dead = self._registry.dead(self.worker_id)
-            with trio.move_on_after(KEEPALIVE_S):
-                async with trio.open_nursery() as nursery:
-
-                    async def wait_for(event: trio.Event) -> None:
-                        await event.wait()
-                        nursery.cancel_scope.cancel()
-
-                    nursery.start_soon(wait_for, dead)
-                    nursery.start_soon(wait_for, self._handoff)
-            if dead.is_set():
+            watch = self._registry.watch(self.worker_id, self._attention)
+            try:
+                with trio.move_on_after(KEEPALIVE_S):
+                    await self._attention.wait()
+            finally:
+                watch.cancel()
+            if self._attention.is_set():
+                self._attention = trio.Event()
+            if watch.dead:
+                self._handoff = False
                 await self._failover(f"engine worker {self.worker_id} stopped responding")
-            elif self._handoff.is_set():
-                self._handoff = trio.Event()
+            elif self._handoff:
+                self._handoff = False
                 await self._failover(f"engine worker {self.worker_id} is draining")
             elif self._bus.reconnects != reconnects:
                 # Messages in flight when the connection dropped may be lost in either

@@ -92,9 +92,9 @@ class GatewayState:
     bus: Bus
     registry: WorkerRegistry
     control: ControlPlane
-    force_stop: trio.Event = field(default_factory=trio.Event)
-    active: int = 0
-    idle: trio.Event = field(default_factory=trio.Event)  # set whenever active == 0
+    sessions: set[Session] = field(default_factory=set)
+    stopped: bool = False  # stop_sessions() was called: a session still starting ends at once
+    idle: trio.Event = field(default_factory=trio.Event)  # set whenever no session runs
     metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
 
     @property
@@ -102,15 +102,25 @@ class GatewayState:
         """Ended sessions by status code."""
         return {int(k[0]): int(v) for k, v in self.metrics.sessions.values.items()}
 
-    def session_started(self) -> None:
-        self.active += 1
+    @property
+    def active(self) -> int:
+        return len(self.sessions)
+
+    def session_started(self, session: Session) -> None:
+        self.sessions.add(session)
         if self.idle.is_set():
             self.idle = trio.Event()
 
-    def session_ended(self) -> None:
-        self.active -= 1
-        if self.active == 0:
+    def session_ended(self, session: Session) -> None:
+        self.sessions.discard(session)
+        if not self.sessions:
             self.idle.set()
+
+    def stop_sessions(self) -> None:
+        """End every session now (the gateway's shutdown grace is over)."""
+        self.stopped = True
+        for session in list(self.sessions):
+            session.shut_down()
 
 
 class Session:
@@ -158,13 +168,10 @@ class Session:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                for task in (
-                    self._receive_loop,
-                    self._send_loop,
-                    self._timeouts_loop,
-                    self._limits_loop,
-                ):
+                for task in (self._receive_loop, self._send_loop, self._timeouts_loop):
                     nursery.start_soon(self._guard, task)
+                if self.state.stopped:
+                    self.shut_down()
         finally:
             with trio.CancelScope(shield=True):
                 if self.remote is not None:
@@ -228,6 +235,11 @@ class Session:
         except Exception:
             log.exception("session %s: internal error", self.id)
             self._fail(ServerError("internal server error"))
+
+    def shut_down(self) -> None:
+        """End the session now with :class:`ShuttingDown`: the gateway is stopping."""
+        if self._nursery is not None:
+            self._fail(ShuttingDown("the server is shutting down; reconnect to another gateway"))
 
     def _fail(self, exc: AsrdError) -> None:
         if self.error is None and not self.completed:
@@ -304,11 +316,14 @@ class Session:
                 return
 
     async def _timeouts_loop(self) -> None:
-        """End the session when the client sends nothing for ``idle_timeout_s`` (until Stop)
-        or reads nothing for ``send_timeout_s``. One timer per session instead of a cancel
-        scope per message: the receive and send loops only note when they started waiting."""
+        """End the session when the client sends nothing for ``idle_timeout_s`` (until Stop),
+        reads nothing for ``send_timeout_s``, or the session outlives ``max_session_s``. One
+        timer per session instead of a cancel scope per message: the receive and send loops
+        only note when they started waiting."""
         idle_s = self.config.server.idle_timeout_s
         send_s = self.config.server.send_timeout_s
+        max_s = self.config.server.max_session_s
+        end_at = trio.current_time() + max_s
         while True:
             now = trio.current_time()
             idle_at = math.inf if self._stopping else self._waiting_since + idle_s
@@ -317,16 +332,10 @@ class Session:
                 raise ClientError(f"the client read no results for {send_s:g} s")
             if now >= idle_at:
                 raise IdleTimeout(f"nothing received from the client for {idle_s:g} s")
+            if now >= end_at:
+                raise ClientError(f"session exceeded the maximum duration of {max_s:g} s")
             # A wait that starts after this check ends no earlier than ``now`` + its timeout.
-            await trio.sleep_until(min(idle_at, stuck_at, now + min(idle_s, send_s)))
-
-    async def _limits_loop(self) -> None:
-        with trio.move_on_after(self.config.server.max_session_s):
-            await self.state.force_stop.wait()
-            raise ShuttingDown("the server is shutting down; reconnect to another gateway")
-        raise ClientError(
-            f"session exceeded the maximum duration of {self.config.server.max_session_s:g} s"
-        )
+            await trio.sleep_until(min(idle_at, stuck_at, end_at, now + min(idle_s, send_s)))
 
     async def _results_loop(self) -> None:
         assert self.remote is not None and self.remote.results is not None
