@@ -127,3 +127,19 @@ def test_refuses_public_address_without_auth(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "loopback" in result.stderr
+
+
+def test_worker_refuses_engine_options_its_engine_does_not_know(tmp_path: Path) -> None:
+    (tmp_path / "config.toml").write_text('[worker]\nengine_options = { nonesuch = 1 }\n')
+    argv = ["worker", "--config", "config.toml", "--nats-url", "nats://127.0.0.1:1"]
+    result = subprocess.run(
+        [sys.executable, "-m", "asrd", *argv],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=GUARD_S,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "[worker] engine 'pocketsphinx'" in result.stderr
+    assert "nonesuch" in result.stderr
+    assert "Traceback" not in result.stderr

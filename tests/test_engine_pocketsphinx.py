@@ -401,6 +401,17 @@ def test_create_engine(engine: PocketsphinxEngine) -> None:
         PocketsphinxEngine(decoders=0)
 
 
+def test_decoder_options_default_and_override() -> None:
+    # asrd caps the active HMMs per frame unless the operator says otherwise.
+    assert create_engine("pocketsphinx", decoders=1)._free[0].config["maxhmmpf"] == 5000
+    mine = create_engine("pocketsphinx", decoders=1, maxhmmpf=30000, beam=1e-60)
+    assert mine._free[0].config["maxhmmpf"] == 30000
+    assert mine._free[0].config["beam"] == pytest.approx(1e-60)
+    for bad, says in (({"nonesuch": 1}, "nonesuch"), ({"hmm": "/no/such/model"}, "/no/such")):
+        with pytest.raises(ValueError, match=f"refused the decoder options.*{says}"):
+            create_engine("pocketsphinx", decoders=1, **bad)
+
+
 # --- resampler -----------------------------------------------------------------------------
 
 RATE_PAIRS = [(8000, 16000), (16000, 8000), (44100, 16000), (22050, 16000), (16000, 16000)]

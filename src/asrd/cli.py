@@ -125,9 +125,15 @@ def cmd_worker(args: argparse.Namespace) -> int:
     )
     if not config.nats.url:
         raise ConfigError("asrd worker needs a NATS server: set [nats] url or --nats-url")
-    engine = create_engine(
-        config.worker.engine, decoders=config.worker.decoders, final_pass=config.worker.final_pass
-    )
+    try:
+        engine = create_engine(
+            config.worker.engine,
+            decoders=config.worker.decoders,
+            final_pass=config.worker.final_pass,
+            **config.worker.engine_options,
+        )
+    except ValueError as exc:
+        raise ConfigError(f"[worker] engine {config.worker.engine!r}: {exc}") from None
     trio.run(_run_worker, config, engine)
     return 0
 

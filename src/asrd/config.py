@@ -62,6 +62,9 @@ class WorkerConfig(_Model):
     pool: str = "en-US"  # the pool (language) this worker serves
     decoders: int = Field(default=3, ge=1, le=64)
     final_pass: Literal["batch", "live"] = "batch"  # see engines/pocketsphinx.py
+    # Engine-specific settings, e.g. pocketsphinx decoder options ({"maxhmmpf": 5000, "beam":
+    # 1e-48, "hmm": "/path/to/model"}): passed to the engine as they are.
+    engine_options: dict[str, str | int | float | bool] = Field(default_factory=dict)
     partial_interval_ms: int = Field(default=200, ge=50, le=5000)
     heartbeat_interval_s: float = Field(default=0.25, gt=0, le=10)
     session_idle_timeout_s: float = Field(default=5.0, gt=0, le=3600)

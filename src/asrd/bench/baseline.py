@@ -3,7 +3,8 @@
 Two measurements, both single-threaded CPU time (``time.process_time``) in this process,
 with no gateway, bus or worker involved:
 
-* **Raw decoder.** Each recording through a fresh ``pocketsphinx.Decoder``: live, in 100 ms
+* **Raw decoder.** Each recording through a fresh ``pocketsphinx.Decoder`` (with the
+  worker's :data:`~asrd.engines.pocketsphinx.DECODER_DEFAULTS`): live, in 100 ms
   chunks with a partial hypothesis every 200 ms (what a worker does for a session with
   intermediate results), and in one ``full_utt`` call (the batch final pass workers make by
   default, ``[worker] final_pass = "batch"``). Real-time factor RTF = CPU seconds / audio
@@ -101,10 +102,13 @@ def _raw(corpus: Corpus, live: bool) -> tuple[float, float]:
     """(CPU seconds, WER) of decoding every recording with a fresh decoder each."""
     import pocketsphinx
 
+    from asrd.engines.pocketsphinx import DECODER_DEFAULTS
+
     cpu = 0.0
     hyps: list[str] = []
     for clip in corpus.clips:
-        decoder = pocketsphinx.Decoder(loglevel="ERROR")  # creation is not timed
+        # The worker's own decoder settings; creation is not timed.
+        decoder = pocketsphinx.Decoder(loglevel="ERROR", **DECODER_DEFAULTS)
         t = time.process_time()
         if live:
             hyps.append(_decode_live(decoder, clip.pcm, corpus.sample_rate))
