@@ -323,3 +323,18 @@ def test_worker_heartbeat_stops_when_its_event_loop_is_stuck() -> None:
     assert worker._regular_beat() is None
     worker._pause_until = now + 30  # ... unless it announced a long final pass
     assert wire.decode_heartbeat(worker._regular_beat() or b"").grace_s > 25
+
+
+def test_services_freeze_startup_objects_and_collect_less_often() -> None:
+    import gc
+
+    from asrd import cli
+
+    before = gc.get_threshold()
+    try:
+        cli._tune_gc()
+        assert gc.get_freeze_count() > 1000  # the imported modules' objects
+        assert gc.get_threshold()[0] == cli.GC_GEN0_THRESHOLD > before[0]
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import logging
 import os
@@ -21,6 +22,7 @@ from asrd.errors import AsrdError
 log = logging.getLogger("asrd")
 
 DEFAULT_CONFIG = "config.toml"
+GC_GEN0_THRESHOLD = 10_000  # the default, 700, collects many times a second under load
 
 
 def _setup_logging(level: str, json_lines: bool) -> None:
@@ -88,6 +90,21 @@ async def _run_gateway(
         children.cancel_scope.cancel()
 
 
+def _tune_gc() -> None:
+    """Make the cyclic garbage collector cheap for a long-running service.
+
+    What was imported and configured lives as long as the process: ``gc.freeze`` takes it out
+    of every later collection. A service allocates containers steadily (messages, events,
+    tuples of the journal), so the default gen-0 threshold (700) runs a collection many times
+    a second. Measured in the gateway at 262 load-test streams (docs/benchmarks.md): GC took
+    3.9 s of CPU per 75 s run with the defaults, 0.4 s with this, and its longest pause (CPU)
+    went from 117 to 37 ms.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_GEN0_THRESHOLD, 50, 100)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     config = _load(
         args,
@@ -95,6 +112,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         worker={"processes": args.workers},
     )
     workers = config.worker.processes or os.cpu_count() or 1
+    _tune_gc()
     trio.run(_run_gateway, config, _config_path(args.config), None, workers)
     return 0
 
@@ -103,6 +121,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     config = _load(args, server={"host": args.host, "port": args.port}, nats={"url": args.nats_url})
     if not config.nats.url:
         raise ConfigError("asrd gateway needs a NATS server: set [nats] url or --nats-url")
+    _tune_gc()
     trio.run(_run_gateway, config, None, config.nats.url, 0)
     return 0
 
@@ -134,6 +153,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         )
     except ValueError as exc:
         raise ConfigError(f"[worker] engine {config.worker.engine!r}: {exc}") from None
+    _tune_gc()
     trio.run(_run_worker, config, engine)
     return 0
 
