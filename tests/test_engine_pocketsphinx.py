@@ -21,7 +21,7 @@ import pocketsphinx
 import pytest
 
 from asrd.engines import EngineFull, Hypothesis, create_engine
-from asrd.engines.pocketsphinx import PocketsphinxEngine
+from asrd.engines.pocketsphinx import DECODER_DEFAULTS, PocketsphinxEngine
 from asrd.errors import TooManyRequests, UnsupportedSampleRate
 from asrd.resample import Resampler, output_length, resample
 from asrd.wer import normalize, wer
@@ -113,7 +113,7 @@ class Offline:
 
 def offline(pcm: bytes) -> Offline:
     """The same audio decoded in one call by a fresh decoder (live CMN, as streaming)."""
-    decoder = pocketsphinx.Decoder(loglevel="ERROR")
+    decoder = pocketsphinx.Decoder(loglevel="ERROR", **DECODER_DEFAULTS)
     decoder.start_utt()
     decoder.process_raw(pcm)
     decoder.end_utt()
@@ -154,7 +154,7 @@ def _refs() -> list[str]:
 
 def offline_full(pcm: bytes) -> str:
     """The offline reference: a whole clip in one ``full_utt`` call (batch CMN)."""
-    decoder = pocketsphinx.Decoder(loglevel="ERROR")
+    decoder = pocketsphinx.Decoder(loglevel="ERROR", **DECODER_DEFAULTS)
     decoder.start_utt()
     decoder.process_raw(pcm, full_utt=True)
     decoder.end_utt()
@@ -163,7 +163,7 @@ def offline_full(pcm: bytes) -> str:
 
 
 def test_streamed_finals_match_the_offline_wer(streamed16: list[Streamed]) -> None:
-    """With batch final passes (the default) streaming costs no accuracy (28.2% here)."""
+    """With batch final passes (the default) streaming costs no accuracy (26.8% here)."""
     streamed = wer(_refs(), [s.final.text for s in streamed16])
     offline_wer = wer(_refs(), [offline_full(c.pcm) for c in CLIPS])
     print(f"WER streamed {streamed:.3f}, offline full_utt {offline_wer:.3f}")
@@ -172,7 +172,7 @@ def test_streamed_finals_match_the_offline_wer(streamed16: list[Streamed]) -> No
 
 def test_live_finals_match_a_one_call_live_decode(offline_live: list[Offline]) -> None:
     """Chunking, blocking and filler handling cost nothing: with ``final_pass="live"`` the
-    streamed finals equal a one-call live-CMN decode (39.4% on these clips; the gap to batch
+    streamed finals equal a one-call live-CMN decode (35.2% on these clips; the gap to batch
     CMN belongs to streaming itself, see asrd.engines.pocketsphinx)."""
     live = PocketsphinxEngine(decoders=1, final_pass="live")
     streamed = wer(_refs(), [stream(live, c.pcm, 16000).final.text for c in CLIPS])

@@ -17,6 +17,7 @@ import trio
 import trio_websocket
 
 from asrd.client import open_transcription
+from asrd.engines.pocketsphinx import DECODER_DEFAULTS
 from asrd.wer import wer
 from tests import sdk
 from tests.audio_fixtures import LIBRIVOX, Clip, assemble, load_clip, silence, transcripts
@@ -32,7 +33,7 @@ def offline_wer() -> float:
     """The reference: each whole clip decoded in one call by a fresh pocketsphinx decoder."""
     refs, hyps = [], []
     for name in CLIPS:
-        decoder = pocketsphinx.Decoder(loglevel="ERROR")
+        decoder = pocketsphinx.Decoder(loglevel="ERROR", **DECODER_DEFAULTS)
         decoder.start_utt()
         decoder.process_raw(load_clip(name), full_utt=True)
         decoder.end_utt()

@@ -9,20 +9,20 @@ Accuracy notes (corpus WER on the five LibriVox clips in ``tests/data``, 71 word
 * Streaming decodes with *live* cepstral mean normalisation (CMN): the mean is estimated
   from the audio heard so far, starting from a prior. Decoding a whole file with
   ``full_utt=True`` uses the mean of the entire utterance (batch CMN), which a stream cannot
-  know: 28.2% batch against 39.4% streamed, each clip in a fresh session. Chunking itself
+  know: 26.8% batch against 35.2% streamed, each clip in a fresh session. Chunking itself
   costs nothing: the streamed results equal a one-call live decode, word for word.
 * The CMN estimate (and pocketsphinx's noise estimate) is reset when a session acquires a
   decoder, so one speaker's channel never leaks into the next session and results are
   reproducible, and carried from one utterance to the next within a session, where it
-  improves: the five clips as one session score 33.8%. Operators whose channel differs a lot
+  improves: the five clips as one session score 28.2%. Operators whose channel differs a lot
   from the prior can pass ``cmninit``.
 * 8 kHz audio is up-sampled, so the 4-8 kHz band the wideband model expects is empty and the
-  cepstral mean is far from the model's prior: with that prior 8 kHz sessions score 67.6%.
+  cepstral mean is far from the model's prior: with that prior 8 kHz sessions score 60.6%.
   For the bundled model the prior of 8 kHz sessions is shifted by
-  :data:`NARROWBAND_CMN_SHIFT`: 46.5% (36.6% as one session).
+  :data:`NARROWBAND_CMN_SHIFT`: 43.7% (35.2% as one session).
 * ``confidence`` of a final result is the mean lattice posterior of its words (see
   ``PocketsphinxRecognizer._words``); on these clips correctly recognised words average
-  0.71 and wrong ones 0.47.
+  0.74 and wrong ones 0.49.
 """
 
 from __future__ import annotations
@@ -64,15 +64,18 @@ NARROWBAND_CMN_SHIFT = (
     -16.32,
 )  # fmt: skip
 
-# Decoder options asrd sets unless the operator does ([worker] engine_options). maxhmmpf caps
-# the HMMs the search keeps active per frame (pocketsphinx's own default is 30000). The cap
-# matters most at the start of an utterance, where every word of the lexicon is a candidate:
-# the first 300 ms of a sentence cost 3.5x less CPU with it. Measured alone on this machine,
-# live and full_utt decodes run 35-40% faster (RTF 0.235 -> 0.145 live, 0.218 -> 0.141 batch)
-# with the same words: WER 39.4% live / 28.2% batch on the five LibriVox clips and 40.0% /
-# 4.0% on Debian pocketsphinx-testdata's cards/*.wav and goforward.raw, 96 words in all, at
-# both settings. At 3000 one LibriVox word changes (live 40.8%); at 2000, two.
-DECODER_DEFAULTS: Mapping[str, Any] = {"maxhmmpf": 5000}
+# Decoder options asrd sets unless the operator does ([worker] engine_options), measured alone
+# on this machine over the five LibriVox clips (71 words) and Debian pocketsphinx-testdata's
+# cards/*.wav and goforward.raw (25 words; the tests use neither), in docs/benchmarks.md:
+# * maxhmmpf caps the HMMs the search keeps active per frame (pocketsphinx's default: 30000).
+#   It matters most at the start of an utterance, where every word of the lexicon is a
+#   candidate: the first 300 ms of a sentence cost 3.5x less CPU. Live and full_utt decodes
+#   run 35-40% faster with the same words on both sets. At 3000 one word changes.
+# * fwdflat off skips the second, flat-lexicon search that end_utt() runs over the whole
+#   utterance: end_utt() takes 0.002 x the utterance instead of 0.03 x, which is most of the
+#   delay of a live final result. Errors on both sets together: 36 instead of 38 of 96 words
+#   live, 20 instead of 21 with the batch final pass.
+DECODER_DEFAULTS: Mapping[str, Any] = {"maxhmmpf": 5000, "fwdflat": False}
 
 # The decoder is fed in blocks of this many ms of model-rate audio, so that its results do not
 # depend on how the client chunked the stream: pocketsphinx 5 gives (slightly) different
@@ -298,7 +301,7 @@ class PocketsphinxEngine:
     (comma-separated, like ``cmninit``); by default 8 kHz sessions of the bundled model get
     ``cmninit`` shifted by :data:`NARROWBAND_CMN_SHIFT`, every other rate ``cmninit``.
     ``final_pass`` is ``"batch"`` (final results from a full-utterance decode with batch CMN:
-    offline accuracy, at the cost of ~0.2 x the utterance length of extra CPU and latency when
+    offline accuracy, at the cost of ~0.1 x the utterance length of extra CPU and latency when
     it ends) or ``"live"`` (the streaming search's own result: no extra cost, lower accuracy).
     """
 
@@ -317,8 +320,8 @@ class PocketsphinxEngine:
             raise ValueError(f"final_pass must be 'batch' or 'live', got {final_pass!r}")
         self.final_pass = final_pass
         # GIL-holding work at the end of an utterance, per second of its audio, with room for
-        # a busy machine: a full_utt decode runs at ~0.2-0.3 x real time; the live search's
-        # end_utt (bestpath over the lattice) at ~0.035 x, up to 3x that on a loaded machine.
+        # a busy machine: a full_utt decode runs at ~0.1-0.13 x real time; the live search's
+        # end_utt (bestpath over the lattice, no fwdflat pass) at ~0.002 x.
         self.final_cost = 0.5 if final_pass == "batch" else 0.1
         if decoders < 1:
             raise ValueError(f"decoders must be at least 1, got {decoders}")
