@@ -29,7 +29,7 @@ for step in $STEPS; do
       bench $LOADTEST -n $n --duration 60 --ramp 10 -o "$OUT/loadtest-$n.json"
     done ;;
   loadtest-capacity)
-    bench $LOADTEST --find-capacity --start 100 --lag-limit-ms 100 --duration 60 --ramp 10 \
+    bench $LOADTEST --find-capacity --start 200 --lag-limit-ms 100 --duration 60 --ramp 10 \
       -o "$OUT/loadtest-capacity.json" ;;
   transport)
     # the floor: a bare trio-websocket server, no asrd code (bench/transport_floor.py)
@@ -39,16 +39,17 @@ for step in $STEPS; do
     # One decoder per worker process: a decoder holds the GIL while it works, so decoders
     # sharing a process share one core and each other's stalls.
     # final_pass "live": finals from the streaming search, the engine's streaming limit
-    bench --spawn --engine pocketsphinx --workers 10 --decoders 1 --final-pass live \
-      --engine-baseline --find-capacity --start 4 --max 12 --duration 60 --ramp 6 \
+    bench --spawn --engine pocketsphinx --workers 14 --decoders 1 --final-pass live \
+      --engine-baseline --find-capacity --start 7 --max 14 --duration 60 --ramp 6 \
       -o "$OUT/pocketsphinx-live-capacity.json"
     # final_pass "batch" (the default): a full-utterance pass per sentence
-    bench --spawn --engine pocketsphinx --workers 10 --decoders 1 --engine-baseline \
+    bench --spawn --engine pocketsphinx --workers 14 --decoders 1 --engine-baseline \
       -n "${BATCH_SESSIONS:-4}" --duration 60 --ramp 6 -o "$OUT/pocketsphinx-batch.json" ;;
   idle)
     bench $LOADTEST --idle-sessions 500 -o "$OUT/idle-500.json" ;;
   soak)
-    bench $LOADTEST -n "${SOAK_SESSIONS:-140}" --duration "$SOAK_S" --ramp 10 \
+    # 80% of the load-test capacity (300 streams in docs/benchmarks.md)
+    bench $LOADTEST -n "${SOAK_SESSIONS:-240}" --duration "$SOAK_S" --ramp 10 \
       --sample-interval 5 -o "$OUT/soak-loadtest.json" ;;
   *) echo "unknown step $step" >&2; exit 2 ;;
   esac

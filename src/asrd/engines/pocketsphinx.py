@@ -69,8 +69,10 @@ NARROWBAND_CMN_SHIFT = (
 # cards/*.wav and goforward.raw (25 words; the tests use neither), in docs/benchmarks.md:
 # * maxhmmpf caps the HMMs the search keeps active per frame (pocketsphinx's default: 30000).
 #   It matters most at the start of an utterance, where every word of the lexicon is a
-#   candidate: the first 300 ms of a sentence cost 3.5x less CPU. Live and full_utt decodes
-#   run 35-40% faster with the same words on both sets. At 3000 one word changes.
+#   candidate: the costliest chunks, 200-400 ms into a sentence, take half the CPU. Live
+#   and full_utt decodes run 20-25% faster with the same words on both sets. At 3000 one
+#   word changes. With fwdflat off as well, decodes are 40% cheaper than pocketsphinx's
+#   defaults.
 # * fwdflat off skips the second, flat-lexicon search that end_utt() runs over the whole
 #   utterance: end_utt() takes 0.002 x the utterance instead of 0.03 x, which is most of the
 #   delay of a live final result. Errors on both sets together: 36 instead of 38 of 96 words
