@@ -13,7 +13,14 @@ from typing import Any
 import pytest
 import trio
 
+from asrd import wire
+from asrd.bus import BusTimeout, NoResponders, claim_subject
+from asrd.bus.natsbus import open_nats_bus
 from asrd.client import TranscribeError, open_transcription
+from asrd.config import NatsConfig, WorkerConfig
+from asrd.engines.loadtest import LoadtestEngine
+from asrd.errors import TooManyRequests
+from asrd.worker import Worker
 from tests.audio_fixtures import Clip, assemble, load_clip, silence
 from tests.conftest import Nats, Pool, RunningGateway, open_gateway
 from tests.servers import nats_server, restart_nats, start_worker, stop
@@ -221,3 +228,41 @@ async def test_gateway_drain_lets_running_sessions_finish(nats: Nats, pool: Pool
             disturbed = await stream(gw, pcm, at_sentence=1, delay_s=0.5, fault=drain)
         check_same_sentences(disturbed, undisturbed)
         assert refused
+
+
+async def test_claims_racing_a_worker_that_fills_up_are_all_answered(nats: Nats) -> None:
+    """A worker that fills up unsubscribes from claims; a claim already on its way to it must
+    still be answered "busy", not dropped (the gateway would wait out its claim timeout and
+    fail the client with 50000000 although the worker is alive)."""
+    rounds, claims_per_round = 8, 40
+    subject = claim_subject("asrd", "it-race")
+    outcomes: list[str] = []
+    async with open_nats_bus(NatsConfig(), nats.url, name="test-claimer") as client:
+        for r in range(rounds):
+            async with (
+                open_nats_bus(NatsConfig(), nats.url, name="test-worker") as bus,
+                trio.open_nursery() as nursery,
+            ):
+                worker = Worker(
+                    WorkerConfig(pool="it-race", decoders=1), "asrd", bus, LoadtestEngine(1)
+                )
+                await nursery.start(worker.run)
+
+                async def claim(session_id: str, delay_s: float) -> None:
+                    await trio.sleep(delay_s)  # some reach the worker as it unsubscribes
+                    data = wire.Claim(session_id, RATE, False).encode()
+                    try:
+                        reply = wire.decode_claim_reply(await client.request(subject, data, 2.0))
+                        outcomes.append("ok" if reply.ok else f"refused {reply.code}")
+                    except NoResponders:
+                        outcomes.append("no responders")
+                    except BusTimeout:
+                        outcomes.append("timeout")
+
+                async with trio.open_nursery() as claims:
+                    for i in range(claims_per_round):
+                        claims.start_soon(claim, f"race-{r}-{i}", i * 0.0002)
+                nursery.cancel_scope.cancel()
+    assert "timeout" not in outcomes
+    assert outcomes.count("ok") == rounds
+    assert set(outcomes) <= {"ok", "no responders", f"refused {TooManyRequests.code}"}

@@ -7,8 +7,10 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from asrd import wire
+from asrd import worker as worker_module
 from asrd.auth import StaticAuthenticator
 from asrd.bus import NoResponders, claim_subject, session_in
 from asrd.bus.memory import InMemoryBus
@@ -309,6 +311,27 @@ async def test_worker_decodes_a_long_message_in_steps_with_heartbeats_between() 
     assert len(progress) == 10 and len(set(progress)) > 1
     steps = [e for e in log if e.startswith("accept")]
     assert steps == ["accept 3200"] * 10
+
+
+async def test_worker_takes_claims_again_after_a_burst_overflowed_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Claims beyond the backlog are lost (their gateways time out), but the worker must
+    subscribe afresh rather than stop taking claims for good."""
+    monkeypatch.setattr(worker_module, "CLAIM_BACKLOG", 2)
+    bus = InMemoryBus()
+    worker = Worker(WorkerConfig(decoders=1), "asrd", bus, LoadtestEngine(1))
+    subject = claim_subject("asrd", "en-US")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(worker.run)
+        for _ in range(5):  # delivered at once, before the claim loop runs: 3 too many
+            bus.publish(subject, b"not a claim", reply="nobody")
+        await trio.testing.wait_all_tasks_blocked()  # the worker noticed the overflow
+        with trio.fail_after(5):
+            reply = await bus.request(subject, wire.Claim("after", 16000, False).encode(), 1)
+        assert wire.decode_claim_reply(reply).ok
+        assert set(worker.sessions) == {"after"}
+        nursery.cancel_scope.cancel()
 
 
 def test_worker_heartbeat_stops_when_its_event_loop_is_stuck() -> None:

@@ -27,6 +27,7 @@ from asrd.metrics import WorkerMetrics
 log = logging.getLogger(__name__)
 
 CLAIM_QUEUE = "asrd-workers"
+CLAIM_BACKLOG = 1024  # claims received but not yet answered; a burst beyond it overflows
 MAX_STEP_MS = 100  # audio decoded between two checkpoints of the worker's event loop
 STALL_S = 5.0  # heartbeats stop when the event loop has made no progress for this long
 
@@ -108,7 +109,7 @@ class Worker:
         self.config = self.config.model_copy(update={"pool": pool})
         if self._claim_sub is not None:
             sub, self._claim_sub = self._claim_sub, None
-            await self.bus.unsubscribe(sub)
+            await self.bus.unsubscribe(sub, drain=True)
         await self._update_claim_subscription()
         self._beat()
 
@@ -118,19 +119,28 @@ class Worker:
         want = self.free > 0 and not self.draining
         if want and self._claim_sub is None:
             subject = claim_subject(self.prefix, self.config.pool)
-            self._claim_sub = await self.bus.subscribe(subject, queue=CLAIM_QUEUE, max_pending=64)
+            self._claim_sub = await self.bus.subscribe(
+                subject, queue=CLAIM_QUEUE, max_pending=CLAIM_BACKLOG
+            )
             assert self._nursery is not None
             self._nursery.start_soon(self._claim_loop, self._claim_sub)
         elif not want and self._claim_sub is not None:
+            # Drained: claims already on their way to us are answered "busy" by the claim
+            # loop (the gateway retries them elsewhere), not dropped to time out.
             sub, self._claim_sub = self._claim_sub, None
-            await self.bus.unsubscribe(sub)
+            await self.bus.unsubscribe(sub, drain=True)
 
     async def _claim_loop(self, sub: Subscription) -> None:
         while True:
             try:
                 msg = await sub.receive()
-            except BusError:
-                return  # unsubscribed because we are full or draining
+            except BusError as exc:
+                if sub is self._claim_sub:  # a burst overflowed it: subscribe afresh
+                    log.warning("claims of pool %r: %s", self.config.pool, exc)
+                    self._claim_sub = None
+                    await self.bus.unsubscribe(sub)
+                    await self._update_claim_subscription()
+                return  # else unsubscribed because we are full, draining or moved
             try:
                 claim = wire.decode_claim(msg.data)
             except BusError as exc:

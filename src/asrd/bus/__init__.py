@@ -87,7 +87,10 @@ class Bus(Protocol):
         self, subject: str, *, queue: str = "", max_pending: int = 1024
     ) -> Subscription: ...
 
-    async def unsubscribe(self, sub: Subscription) -> None: ...
+    async def unsubscribe(self, sub: Subscription, *, drain: bool = False) -> None:
+        """Stop the subscription. With ``drain``, messages the server sent before it learnt
+        of this are still delivered, then ``receive`` ends: a queue-group member that leaves
+        answers the requests already on their way to it instead of dropping them."""
 
     async def flush(self, timeout: float = 2.0) -> None:
         """Wait until everything published so far has reached the server."""

@@ -72,7 +72,8 @@ class InMemoryBus:
         self._subs.append((subject, queue, sub))
         return sub
 
-    async def unsubscribe(self, sub: Subscription) -> None:
+    async def unsubscribe(self, sub: Subscription, *, drain: bool = False) -> None:
+        # Delivery is synchronous here: nothing is ever on its way, so drain changes nothing.
         self._subs = [t for t in self._subs if t[2] is not sub]
         sub._mark_closed()
 

@@ -10,6 +10,7 @@ trio in batches. This is the only module that imports ``nats``, and nats excepti
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import concurrent.futures
 import logging
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MAX_OUTBOX = 100_000  # messages queued for the asyncio thread before publish() fails
+DRAIN_TIMEOUT_S = 2.0  # an unsubscribe with drain=True waits this long for the round-trip
 
 
 class NatsBus:
@@ -94,14 +96,21 @@ class NatsBus:
         self._subs[id(sub)] = nsub
         return sub
 
-    async def unsubscribe(self, sub: Subscription) -> None:
-        sub._mark_closed()
+    async def unsubscribe(self, sub: Subscription, *, drain: bool = False) -> None:
+        if not drain:
+            sub._mark_closed()
         nsub = self._subs.pop(id(sub), None)
         if nsub is not None:
             try:
-                await self._call(nsub.unsubscribe())
+                if drain:
+                    await self._call(self._drain_subscription(nsub))
+                else:
+                    await self._call(nsub.unsubscribe())
             except BusError as exc:  # closed connection: the server forgets it anyway
                 log.debug("unsubscribe %s: %s", sub.subject, exc)
+        # After a drain the messages it let through were delivered before this (both go
+        # through the trio token's FIFO queue): the receiver reads them, then the end.
+        sub._mark_closed()
 
     async def flush(self, timeout: float = 2.0) -> None:
         await self._call(self._drain_then_flush(timeout))
@@ -181,6 +190,15 @@ class NatsBus:
             except nats.errors.Error as exc:
                 self.errors += 1
                 log.warning("NATS publish to %s failed: %r", subject, exc)
+
+    async def _drain_subscription(self, nsub: NatsSubscription) -> None:
+        """UNSUB, then a round-trip: what the server sent before it still reaches the callback."""
+        try:
+            await asyncio.wait_for(nsub.drain(), DRAIN_TIMEOUT_S)  # type: ignore[no-untyped-call]
+        finally:
+            # A drain that failed (connection lost) leaves the subscription registered, and
+            # nats-py would subscribe it again on reconnecting.
+            self._nc._remove_sub(nsub._id)
 
     async def _drain_then_flush(self, timeout: float) -> None:
         await self._drain()
