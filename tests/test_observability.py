@@ -50,6 +50,9 @@ async def test_gateway_metrics_and_health(gateway: RunningGateway) -> None:
         ) as tr:
             async for _ in tr:
                 pass
+        # The client has its TranscriptionCompleted before the gateway has closed the
+        # session and counted its outcome: wait for the gateway to have no session left.
+        await gateway.gateway.state.idle.wait()
     status, text = await trio.to_thread.run_sync(get, base + "/metrics")
     assert status == 200
     assert metric(text, 'asrd_sessions_total{code="20000000"}') >= 1

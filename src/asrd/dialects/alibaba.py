@@ -90,7 +90,6 @@ class _State(enum.Enum):
     CLOSED = "closed"
 
 
-
 # --- value converters: (wire key, JSON value) -> Python value; None means "not set" ----------
 
 
