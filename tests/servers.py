@@ -111,6 +111,8 @@ def start_worker(
             pool,
             "--decoders",
             str(decoders),
+            "--processes",  # one process per Popen: tests kill and stop them one by one
+            "1",
             *extra,
         ],
         env={**os.environ, **(env or {})},

@@ -129,17 +129,31 @@ def test_refuses_public_address_without_auth(tmp_path: Path) -> None:
     assert "loopback" in result.stderr
 
 
-def test_worker_refuses_engine_options_its_engine_does_not_know(tmp_path: Path) -> None:
-    (tmp_path / "config.toml").write_text('[worker]\nengine_options = { nonesuch = 1 }\n')
-    argv = ["worker", "--config", "config.toml", "--nats-url", "nats://127.0.0.1:1"]
-    result = subprocess.run(
+def run_asrd(cwd: Path, *argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
         [sys.executable, "-m", "asrd", *argv],
-        cwd=tmp_path,
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=GUARD_S,
     )
+
+
+def test_worker_refuses_engine_options_its_engine_does_not_know(tmp_path: Path) -> None:
+    (tmp_path / "config.toml").write_text("[worker]\nengine_options = { nonesuch = 1 }\n")
+    result = run_asrd(
+        tmp_path, "worker", "--config", "config.toml", "--nats-url", "nats://127.0.0.1:1"
+    )
     assert result.returncode == 2, result.stderr
     assert "[worker] engine 'pocketsphinx'" in result.stderr
     assert "nonesuch" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_forked_workers_that_cannot_reach_nats_fail_as_one_worker_does(tmp_path: Path) -> None:
+    argv = ["--processes", "2", "--engine", "loadtest", "--nats-url", "nats://127.0.0.1:1"]
+    result = run_asrd(tmp_path, "worker", *argv)
+    assert result.returncode == 1, result.stderr
+    assert "asrd: cannot connect to NATS at nats://127.0.0.1:1" in result.stderr
+    assert "exited with 1 at start" in result.stderr
     assert "Traceback" not in result.stderr

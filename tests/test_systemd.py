@@ -31,10 +31,12 @@ import pytest
 import trio
 
 from asrd import sdnotify
+from asrd.bench.procs import children_of
 from asrd.children import free_port, nats_server_binary
 from asrd.client import open_transcription
 from asrd.config import NatsConfig, ServerConfig, load_config
-from tests.audio_fixtures import load_clip, silence
+from asrd.wer import wer
+from tests.audio_fixtures import load_clip, silence, transcripts
 from tests.conftest import Nats, Pool, open_gateway
 from tests.servers import stop, wait_port
 
@@ -381,10 +383,12 @@ def asrd_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "asrd", "--log-level", "info", *args]
 
 
-def spawn_notifying(argv: list[str], ns: NotifySocket) -> subprocess.Popen[bytes]:
-    """Start ``argv`` as systemd would: $NOTIFY_SOCKET, and a 1 s watchdog."""
+def spawn_notifying(
+    argv: list[str], ns: NotifySocket, watchdog_s: float = 1.0
+) -> subprocess.Popen[bytes]:
+    """Start ``argv`` as systemd would: $NOTIFY_SOCKET, and a watchdog (1 s by default)."""
     env = {k: v for k, v in os.environ.items() if k not in sdnotify.ENVIRONMENT_KEYS}
-    env |= {"NOTIFY_SOCKET": ns.address, "WATCHDOG_USEC": "1000000"}
+    env |= {"NOTIFY_SOCKET": ns.address, "WATCHDOG_USEC": str(int(watchdog_s * 1_000_000))}
     return subprocess.Popen(argv, env=env)
 
 
@@ -451,6 +455,166 @@ async def test_serve_notifies_from_its_main_process_only(tmp_path: Path) -> None
     assert any("STOPPING=1" in m.split("\n") for m in ns.received)
     # NotifyAccess=main: systemd would reject (and log) a datagram from the worker child.
     assert set(ns.senders) == {proc.pid}, list(zip(ns.senders, ns.received, strict=True))
+
+
+PREFORK_SCRIPT = """
+import os, sys, time
+from asrd import sdnotify
+from asrd.prefork import run_forked
+
+def target(index):
+    if sys.argv[1] == "fail":
+        return 3
+    sdnotify.ready()  # and never a WATCHDOG=1: a wedged child
+    os.write(1, f"started {index} {os.getpid()}\\n".encode())  # one write: no interleaving
+    time.sleep(60)
+    return 0
+
+sys.exit(run_forked(2, target))
+"""
+
+
+def test_prefork_fails_with_the_status_of_a_child_that_fails_at_start() -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", PREFORK_SCRIPT, "fail"],
+        capture_output=True,
+        text=True,
+        timeout=GUARD_S,
+    )
+    assert result.returncode == 3, result.stderr
+    assert "exited with 3 at start" in result.stderr
+
+
+def spawn_wedged_children(ns: NotifySocket) -> subprocess.Popen[bytes]:
+    env = {k: v for k, v in os.environ.items() if k not in sdnotify.ENVIRONMENT_KEYS}
+    env |= {"NOTIFY_SOCKET": ns.address, "WATCHDOG_USEC": "1000000"}
+    argv = [sys.executable, "-c", PREFORK_SCRIPT, "hang"]
+    return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE)
+
+
+async def test_prefork_kills_and_forks_again_a_child_that_stops_pinging() -> None:
+    with notify_socket("abstract") as ns:
+        proc = spawn_wedged_children(ns)
+        try:
+            assert proc.stdout is not None
+            started: list[int] = []
+            with trio.fail_after(GUARD_S):
+                while len(started) < 4:  # two, then each again after its watchdog kill
+                    line = await trio.to_thread.run_sync(proc.stdout.readline)
+                    started.append(int(line.split()[2]))
+            assert len(set(started)) == 4
+            proc.send_signal(signal.SIGTERM)
+            assert await wait_exit(proc) == 0
+        finally:
+            stop(proc)
+        ns.drain()
+    assert sum("READY=1" in m.split("\n") for m in ns.received) == 1
+    assert any("WATCHDOG=1" in m.split("\n") for m in ns.received)
+    assert set(ns.senders) == {proc.pid}
+
+
+def alive(pid: int) -> bool:
+    return Path(f"/proc/{pid}").exists()
+
+
+def shared_kb(pid: int) -> int:
+    """Resident memory ``pid`` shares with other processes (smaps_rollup Shared_*)."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+        key, value = line.split(":", 1)
+        fields[key] = int(value.split()[0])
+    return fields["Shared_Clean"] + fields["Shared_Dirty"]
+
+
+async def heard_workers(
+    nats_url: str, pool: str, want: int, exclude: frozenset[str] | set[str] = frozenset()
+) -> set[str]:
+    """Ids of ``want`` workers of ``pool`` (not in ``exclude``) heard sending heartbeats."""
+    from asrd import wire
+    from asrd.bus import heartbeat_subject
+    from asrd.bus.natsbus import open_nats_bus
+
+    seen: set[str] = set()
+    async with open_nats_bus(NatsConfig(), nats_url, name="test-heartbeats") as bus:
+        sub = await bus.subscribe(heartbeat_subject("asrd"), max_pending=1024)
+        with trio.fail_after(GUARD_S):
+            while len(seen) < want:
+                beat = wire.decode_heartbeat((await sub.receive()).data)
+                if beat.pool == pool and beat.worker_id not in exclude:
+                    seen.add(beat.worker_id)
+    return seen
+
+
+async def test_forked_workers_share_the_model_serve_and_are_supervised(nats: Nats) -> None:
+    """One `asrd worker --processes 2`: two workers on the bus that share one loaded model,
+    READY=1 from the parent only once both serve, and a killed one is forked again."""
+    argv = asrd_argv(
+        "worker", "--nats-url", nats.url, "--pool", "fork-en", "--decoders", "1",
+        "--processes", "2",
+    )  # fmt: skip
+    with notify_socket("abstract") as ns:
+        # The parent kills a child silent for a watchdog period: a busy 2-core machine must
+        # not look like a wedged worker.
+        proc = spawn_notifying(argv, ns, watchdog_s=20.0)
+        try:
+            with trio.fail_after(GUARD_S):
+                await ns.wait_for("READY=1")
+            kids = children_of(proc.pid)
+            assert len(kids) == 2
+            workers = await heard_workers(nats.url, "fork-en", 2)
+            assert {int(w.split("-")[-2]) for w in workers} == set(kids)
+            # A decoder is ~91 MB of model; a worker that loaded its own shares only libraries.
+            for kid in kids:
+                assert shared_kb(kid) > 64 * 1024, shared_kb(kid)
+            with trio.fail_after(GUARD_S):
+                await ns.wait_for("WATCHDOG=1")  # the parent pings systemd for the family
+
+            # Both processes decode: two concurrent sessions take both decoders.
+            pool = Pool("fork-en", [proc, proc], 1)
+            pcm = load_clip("0930") + silence(1000, 16000)
+            texts: list[str] = []
+            async with open_gateway(nats.url, pool) as gw:
+
+                async def one() -> None:
+                    async with open_transcription(
+                        gw.url, pcm, 16000, token="t", appkey="default", realtime=False
+                    ) as tr:
+                        events = [e async for e in tr]
+                    assert events[-1]["header"]["name"] == "TranscriptionCompleted"
+                    texts.append(
+                        " ".join(
+                            e["payload"]["result"]
+                            for e in events
+                            if e["header"]["name"] == "SentenceEnd"
+                        )
+                    )
+
+                with trio.fail_after(GUARD_S):
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(one)
+                        nursery.start_soon(one)
+            reference = transcripts()["0930"]
+            assert len(texts) == 2
+            for text in texts:
+                assert wer([reference], [text]) <= 0.2, text
+
+            # A worker process that dies is forked again from the loaded engine.
+            os.kill(kids[0], signal.SIGKILL)
+            (new_worker,) = await heard_workers(nats.url, "fork-en", 1, exclude=workers)
+            now = children_of(proc.pid)
+            assert len(now) == 2 and kids[0] not in now and kids[1] in now
+            assert int(new_worker.split("-")[-2]) in now
+
+            proc.send_signal(signal.SIGTERM)
+            with trio.fail_after(GUARD_S):
+                await ns.wait_for("STOPPING=1")
+            assert await wait_exit(proc) == 0
+            assert not any(alive(kid) for kid in now)
+        finally:
+            stop(proc)
+        ns.drain()
+    assert sum("READY=1" in m.split("\n") for m in ns.received) == 1
+    assert set(ns.senders) == {proc.pid}, "a forked process reported to systemd itself"
 
 
 # --- NATS with authentication ------------------------------------------------------------------
@@ -569,7 +733,7 @@ async def worker_process(
     config = tmp_path / "worker.toml"
     config.write_text(
         f'[nats]\nuser = "{nats_config.user}"\npassword = "{nats_config.password}"\n\n'
-        f'[worker]\npool = "{pool}"\ndecoders = 1\n'
+        f'[worker]\npool = "{pool}"\ndecoders = 1\nprocesses = 1\n'
     )
     with notify_socket("abstract") as ns:
         argv = asrd_argv("worker", "--config", str(config), "--nats-url", nats_url)

@@ -66,8 +66,9 @@ async def _run_gateway(
         url = nats_url or config.nats.url
         if not url:
             _, url = await start_nats_server(children)
-        for i in range(workers):
-            await start_child(children, worker_argv(config_path, url), f"worker {i}")
+        if workers:  # one `asrd worker` loads the engine once and forks them all
+            argv = worker_argv(config_path, url, ["--processes", str(workers)])
+            await start_child(children, argv, "asrd worker")
         async with (
             open_nats_bus(config.nats, url, name="asrd-gateway") as bus,
             open_control_plane(config) as control,  # Redis when [redis] url is set
@@ -105,13 +106,17 @@ def _tune_gc() -> None:
     gc.set_threshold(GC_GEN0_THRESHOLD, 50, 100)
 
 
+def _worker_processes(config: Config) -> int:
+    return config.worker.processes or os.cpu_count() or 1
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     config = _load(
         args,
         server={"host": args.host, "port": args.port},
         worker={"processes": args.workers},
     )
-    workers = config.worker.processes or os.cpu_count() or 1
+    workers = _worker_processes(config)
     _tune_gc()
     trio.run(_run_gateway, config, _config_path(args.config), None, workers)
     return 0
@@ -140,6 +145,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
             "pool": args.pool,
             "engine": args.engine,
             "metrics_port": args.metrics_port,
+            "processes": args.processes,
         },
     )
     if not config.nats.url:
@@ -153,8 +159,27 @@ def cmd_worker(args: argparse.Namespace) -> int:
         )
     except ValueError as exc:
         raise ConfigError(f"[worker] engine {config.worker.engine!r}: {exc}") from None
-    _tune_gc()
-    trio.run(_run_worker, config, engine)
+    _tune_gc()  # before forking: the frozen objects' pages stay shared
+    processes = _worker_processes(config)
+    if processes == 1:
+        return _worker_process(config, engine, 0)
+    from asrd.prefork import run_forked
+
+    return run_forked(processes, partial(_worker_process, config, engine))
+
+
+def _worker_process(config: Config, engine: Any, index: int) -> int:
+    """One worker process; worker process ``index`` serves metrics on ``metrics_port + index``."""
+    if index and config.worker.metrics_port:
+        port = config.worker.metrics_port + index
+        config = config.model_copy(
+            update={"worker": config.worker.model_copy(update={"metrics_port": port})}
+        )
+    try:
+        trio.run(_run_worker, config, engine)
+    except AsrdError as exc:  # e.g. NATS unreachable; a forked process ends here, not in main()
+        print(f"asrd: {exc.reason}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -244,9 +269,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--nats-url")
     g.set_defaults(func=cmd_gateway)
 
-    w = sub.add_parser("worker", help="one engine worker process, against an external NATS")
+    w = sub.add_parser("worker", help="engine worker processes, against an external NATS")
     w.add_argument("--config")
     w.add_argument("--nats-url")
+    w.add_argument(
+        "--processes",
+        type=int,
+        help="processes forked after the engine is loaded, sharing it (default: one per core)",
+    )
     w.add_argument("--decoders", type=int, help="decoders preloaded by this worker")
     w.add_argument("--pool", help="the pool (language) served, e.g. en-US")
     w.add_argument("--engine", help="engine name (pocketsphinx, loadtest)")

@@ -57,7 +57,9 @@ class NatsConfig(_Model):
 
 
 class WorkerConfig(_Model):
-    processes: int = Field(default=0, ge=0, le=256)  # 0: one per core (asrd serve)
+    # Worker processes forked by one `asrd worker` (or `asrd serve`) after it loaded the
+    # engine, sharing its model (asrd.prefork); 0: one per core.
+    processes: int = Field(default=0, ge=0, le=256)
     engine: str = "pocketsphinx"
     pool: str = "en-US"  # the pool (language) this worker serves
     decoders: int = Field(default=3, ge=1, le=64)

@@ -1,0 +1,259 @@
+"""Worker processes forked from one that has loaded the engine, so that they share its model.
+
+A pocketsphinx decoder is about 91 MB of model tables that decoding only reads. A process
+that loads the engine and then forks N children gives them those pages copy-on-write, so the
+model sits in RAM once instead of N times: 14 pocketsphinx worker processes take 537 MB
+(the sum of their PSS) instead of 1,873 MB, and start in the time one takes to load
+(docs/benchmarks.md, "Worker processes that share the model").
+
+The parent only supervises; it never starts a thread or an event loop, so forking is safe:
+
+* it forwards SIGTERM and SIGINT to every child and exits when all have stopped;
+* it stands between systemd and the children: they report to the parent's own notification
+  socket (the protocol of :mod:`asrd.sdnotify`); the parent sends READY=1 once every child
+  has, STOPPING=1 on a signal, and the watchdog while it runs, and kills a child that stops
+  pinging it for a watchdog period;
+* a child that exits before it was ready fails the whole command with the child's status
+  (a wrong NATS URL fails ``asrd worker`` as it does without forking); one that exits later
+  is forked again from the parent's untouched copy of the engine, after a second.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import secrets
+import select
+import signal
+import socket
+import struct
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from asrd import sdnotify
+
+__all__ = ["RESTART_DELAY_S", "STOP_TIMEOUT_S", "run_forked"]
+
+log = logging.getLogger(__name__)
+
+RESTART_DELAY_S = 1.0  # before a child that died after it was ready is forked again
+STOP_TIMEOUT_S = 30.0  # after SIGTERM, children still running then are killed
+_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD)
+_PR_SET_PDEATHSIG = 1
+_UCRED = struct.Struct("3i")  # pid, uid, gid of SCM_CREDENTIALS
+
+
+@dataclass
+class _Child:
+    index: int
+    ready: bool = False
+    pinged: float = 0.0  # time.monotonic() of its last WATCHDOG=1 (or of its start)
+
+
+def _status(wait_status: int) -> int:
+    """A child's exit status as a shell shows it (128 + N when killed by signal N)."""
+    if os.WIFSIGNALED(wait_status):
+        return 128 + os.WTERMSIG(wait_status)
+    return os.WEXITSTATUS(wait_status)
+
+
+def _in_child(
+    index: int,
+    target: Callable[[int], int],
+    notify_address: str,
+    watchdog_usec: str | None,
+    fds: list[int],
+) -> None:
+    """Runs after fork in the child and never returns."""
+    code = 1
+    try:
+        for fd in fds:
+            os.close(fd)
+        signal.set_wakeup_fd(-1)
+        for signum in _SIGNALS:
+            signal.signal(signum, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        with contextlib.suppress(OSError):  # die with the parent, even on SIGKILL
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        for key in sdnotify.ENVIRONMENT_KEYS:
+            os.environ.pop(key, None)
+        os.environ["NOTIFY_SOCKET"] = notify_address
+        if watchdog_usec is not None:  # the child pings us; we ping systemd for all
+            os.environ["WATCHDOG_USEC"] = watchdog_usec
+        code = target(index)
+    except KeyboardInterrupt:
+        code = 130
+    except BaseException:  # a child must never return into the parent's code
+        traceback.print_exc()
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
+
+
+def run_forked(count: int, target: Callable[[int], int], *, what: str = "worker") -> int:
+    """Run ``target(index)`` in ``count`` forked children until a signal stops them.
+
+    ``target`` returns the child's exit status. Returns the command's exit status: 0 after a
+    signal, or the status of a child that failed before every child was ready.
+    """
+    return _Supervisor(count, target, what).run()
+
+
+class _Supervisor:
+    def __init__(self, count: int, target: Callable[[int], int], what: str) -> None:
+        self.count = count
+        self.target = target
+        self.what = what
+        self.children: dict[int, _Child] = {}
+        self.restarts: list[tuple[float, int]] = []  # (when, index) of children to fork again
+        self.announced = False  # READY=1 sent
+        self.stopping = False
+        self.stop_deadline = 0.0
+        self.failure = 0
+        self.watchdog = sdnotify.watchdog_interval()
+        self.child_watchdog = os.environ["WATCHDOG_USEC"] if self.watchdog is not None else None
+        self.own_fds: list[int] = []  # closed in children
+        self.name = f"\0asrd-prefork-{os.getpid()}-{secrets.token_hex(4)}"
+
+    def run(self) -> int:
+        notifications = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        notifications.bind(self.name)
+        notifications.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        notifications.setblocking(False)
+        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        previous = {signum: signal.signal(signum, lambda *_: None) for signum in _SIGNALS}
+        old_wakeup = signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        self.own_fds = [notifications.fileno(), wake_r, wake_w]
+        try:
+            for index in range(self.count):
+                self._fork(index)
+            next_ping = time.monotonic()
+            while self.children or self.restarts:
+                now = time.monotonic()
+                timeouts = [1.0]
+                if self.watchdog is not None:
+                    if now >= next_ping:
+                        self._ping(now)
+                        next_ping = now + self.watchdog
+                    timeouts.append(next_ping - now)
+                if self.restarts:
+                    timeouts.append(self.restarts[0][0] - now)
+                readable, _, _ = select.select(
+                    [notifications.fileno(), wake_r], [], [], max(0.0, min(timeouts))
+                )
+                if wake_r in readable:
+                    for signum in os.read(wake_r, 512):
+                        if signum in (signal.SIGTERM, signal.SIGINT):
+                            self._stop(f"received {signal.Signals(signum).name}: stopping")
+                if notifications.fileno() in readable:
+                    _read_notification(notifications, self.children)
+                    if not self.announced and not self.stopping:
+                        if all(c.ready for c in self.children.values()):
+                            self.announced = True
+                            sdnotify.ready(f"{len(self.children)} {self.what} processes")
+                self._reap()
+                while self.restarts and self.restarts[0][0] <= time.monotonic():
+                    self._fork(self.restarts.pop(0)[1])
+                if self.stopping and time.monotonic() > self.stop_deadline:
+                    for pid in self.children:
+                        log.warning("%s pid %d did not stop: killing it", self.what, pid)
+                        self._signal(pid, signal.SIGKILL)
+                    self.stop_deadline = float("inf")
+            return self.failure
+        finally:
+            for pid in self.children:  # only left after an exception of our own
+                self._signal(pid, signal.SIGKILL)
+            signal.set_wakeup_fd(old_wakeup)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+            os.close(wake_r)
+            os.close(wake_w)
+            notifications.close()
+
+    def _fork(self, index: int) -> None:
+        pid = os.fork()
+        if pid == 0:
+            _in_child(index, self.target, "@" + self.name[1:], self.child_watchdog, self.own_fds)
+        self.children[pid] = _Child(index, pinged=time.monotonic())
+        log.info("%s process %d started (pid %d)", self.what, index, pid)
+
+    def _ping(self, now: float) -> None:
+        """Ping systemd's watchdog for the family, and do its job for each child.
+
+        A child pings us while its event loop runs and NATS is connected. One silent for a
+        whole watchdog period is killed (SIGABRT, as systemd would) and forked again, so one
+        wedged process does not take its siblings down with a restart of the whole unit.
+        """
+        assert self.watchdog is not None
+        sdnotify.notify("WATCHDOG=1")
+        for pid, child in self.children.items():
+            if now - child.pinged >= 2 * self.watchdog and not self.stopping:
+                log.warning("%s pid %d stopped pinging the watchdog: killing it", self.what, pid)
+                child.pinged = float("inf")  # once
+                self._signal(pid, signal.SIGABRT)
+
+    def _stop(self, why: str) -> None:
+        if self.stopping:
+            return
+        log.info("%s", why)
+        self.stopping = True
+        self.stop_deadline = time.monotonic() + STOP_TIMEOUT_S
+        self.restarts.clear()
+        sdnotify.stopping()
+        for pid in self.children:
+            self._signal(pid, signal.SIGTERM)
+
+    def _reap(self) -> None:
+        while self.children:
+            pid, wait_status = os.waitpid(-1, os.WNOHANG)
+            if pid == 0:
+                return
+            child = self.children.pop(pid, None)
+            if child is None or self.stopping:
+                continue
+            code = _status(wait_status)
+            if not self.announced:
+                log.error("%s process %d exited with %d at start", self.what, child.index, code)
+                self.failure = code or 1
+                self._stop("stopping the other processes")
+            else:
+                log.warning(
+                    "%s process %d (pid %d) exited with %d: starting it again",
+                    self.what,
+                    child.index,
+                    pid,
+                    code,
+                )
+                self.restarts.append((time.monotonic() + RESTART_DELAY_S, child.index))
+
+    @staticmethod
+    def _signal(pid: int, signum: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
+
+
+def _read_notification(sock: socket.socket, children: dict[int, _Child]) -> None:
+    """Note the sender's READY=1 and WATCHDOG=1."""
+    try:
+        data, ancdata, _, _ = sock.recvmsg(4096, socket.CMSG_SPACE(_UCRED.size))
+    except BlockingIOError:
+        return
+    sender = 0
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+            sender = _UCRED.unpack(payload[: _UCRED.size])[0]
+    child = children.get(sender)
+    if child is None:
+        return
+    lines = data.split(b"\n")
+    if b"READY=1" in lines:
+        child.ready = True
+    if b"WATCHDOG=1" in lines:
+        child.pinged = time.monotonic()
