@@ -1,6 +1,6 @@
 #!/bin/sh
 # Reruns every measurement of docs/benchmarks.md on this machine; the JSON reports go to
-# $OUT (default bench/results/). Takes about an hour and a half on 2 cores, most of it the
+# $OUT (default bench/results/). Takes about two hours on 2 cores, most of it the
 # capacity searches and the soak run. Rerun it whenever the hot path changes
 # (session.py, remote.py, bus/, segmentation/, dialects/, worker.py, engines/).
 #
@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results}
 PY=${PY:-.venv/bin/python}
 QUIET=${QUIET:-600}
-STEPS=${STEPS:-"baseline loadtest loadtest-capacity transport pocketsphinx idle soak"}
+STEPS=${STEPS:-"baseline loadtest loadtest-capacity transport pocketsphinx forked engine-realtime idle soak"}
 SOAK_S=${SOAK_S:-1200}
 mkdir -p "$OUT"
 bench() { $PY -m asrd --log-level warning bench --quiet-wait "$QUIET" --retry-noisy "${RETRY:-3}" "$@"; }
@@ -40,15 +40,33 @@ for step in $STEPS; do
     # sharing a process share one core and each other's stalls.
     # final_pass "live": finals from the streaming search, the engine's streaming limit
     bench --spawn --engine pocketsphinx --workers 14 --decoders 1 --final-pass live \
-      --engine-baseline --find-capacity --start 7 --max 14 --duration 60 --ramp 6 \
+      --engine-baseline --find-capacity --start 8 --max 14 --duration 60 --ramp 6 \
       -o "$OUT/pocketsphinx-live-capacity.json"
     # final_pass "batch" (the default): a full-utterance pass per sentence
     bench --spawn --engine pocketsphinx --workers 14 --decoders 1 --engine-baseline \
       -n "${BATCH_SESSIONS:-4}" --duration 60 --ramp 6 -o "$OUT/pocketsphinx-batch.json" ;;
+  forked)
+    # worker processes forked from one that loaded the model (the default) against each
+    # loading its own: memory (PSS) and CPU, alternating, each on a fresh stack
+    for i in 1 2 3; do
+      for mode in separate forked; do
+        flag=; [ $mode = separate ] && flag=--separate-workers
+        bench --spawn $flag --engine pocketsphinx --final-pass live --workers 14 --decoders 1 \
+          -n 9 --duration 60 --ramp 6 -o "$OUT/pocketsphinx-$mode-$i.json"
+      done
+    done ;;
+  engine-realtime)
+    # the engine alone, fed as the service feeds it (bench/engine_realtime.py)
+    for args in "1 batch per-process" "1 realtime per-process" "2 batch per-process" \
+        "9 batch per-process" "9 batch shared" "9 realtime per-process" "9 realtime shared"; do
+      set -- $args
+      $PY bench/engine_realtime.py --streams "$1" --pace "$2" --load "$3" --duration 60 \
+        | tee -a "$OUT/engine-realtime.txt"
+    done ;;
   idle)
     bench $LOADTEST --idle-sessions 500 -o "$OUT/idle-500.json" ;;
   soak)
-    # 80% of the load-test capacity (300 streams in docs/benchmarks.md)
+    # 80% of the load-test capacity with p99 under 100 ms (300 streams, docs/benchmarks.md)
     bench $LOADTEST -n "${SOAK_SESSIONS:-240}" --duration "$SOAK_S" --ramp 10 \
       --sample-interval 5 -o "$OUT/soak-loadtest.json" ;;
   *) echo "unknown step $step" >&2; exit 2 ;;

@@ -200,9 +200,26 @@ def test_rss_growth_compares_the_warmed_up_reading_with_the_highest_after_it() -
     assert rss_growth(series, warmup_s=500.0) == {}  # the run never warmed up
 
 
+def test_pss_growth_uses_only_the_readings_that_have_pss() -> None:
+    series = [
+        {"t": 0.0, "worker_rss_mb": 500.0, "worker_pss_mb": 200.0},
+        {"t": 60.0, "worker_rss_mb": 510.0},
+        {"t": 65.0, "worker_rss_mb": 512.0},
+        {"t": 90.0, "worker_rss_mb": 515.0, "worker_pss_mb": 210.0},
+        {"t": 120.0, "worker_rss_mb": 514.0, "worker_pss_mb": 213.0},
+    ]
+    growth = rss_growth(series, warmup_s=60.0)
+    assert growth["worker"]["warm_mb"] == 510 and growth["worker"]["max_after_mb"] == 515
+    pss = growth["worker PSS"]
+    assert (pss["warm_t_s"], pss["warm_mb"], pss["max_after_mb"]) == (90, 210, 213)
+
+
 def test_proc_readings_of_this_process() -> None:
     me = read_proc(os.getpid())
     assert me is not None and me.cpu_s > 0 and me.rss_kb > 0 and me.hwm_kb >= me.rss_kb
+    assert me.pss_kb == 0  # only when asked: reading it walks the page tables
+    with_pss = read_proc(os.getpid(), pss=True)
+    assert with_pss is not None and 0 < with_pss.pss_kb <= with_pss.rss_kb + 1024
     assert read_proc(2**22 + 12345) is None
     assert machine_busy_s() > 0
     assert parse_pids("gateway=1, worker=2,worker=3") == {"gateway": [1], "worker": [2, 3]}

@@ -23,13 +23,15 @@ from __future__ import annotations
 import os
 import statistics
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from asrd.bench.corpus import Corpus, Playlist
+from asrd.engines.base import Recognizer
 from asrd.wer import wer
 
-__all__ = ["Baseline", "run_baseline"]
+__all__ = ["Baseline", "feed_events", "run_baseline"]
 
 CHUNK_MS = 100
 PARTIAL_MS = 200
@@ -118,16 +120,30 @@ def _raw(corpus: Corpus, live: bool) -> tuple[float, float]:
     return cpu, wer([c.reference for c in corpus.clips], hyps)
 
 
+def feed_events(rec: Recognizer, events: Iterable[object], step: int) -> None:
+    """Segmenter events into a recogniser as a worker feeds them: a partial every ``step``
+    bytes of an utterance's audio."""
+    from asrd.segmentation import UtteranceAudio, UtteranceEnded, UtteranceStarted
+
+    fed = next_partial = 0
+    for ev in events:
+        if isinstance(ev, UtteranceStarted):
+            rec.start()
+            fed, next_partial = 0, step
+        elif isinstance(ev, UtteranceAudio):
+            rec.accept(ev.pcm)
+            fed += len(ev.pcm)
+            if fed >= next_partial:
+                next_partial = fed + step
+                rec.partial()
+        elif isinstance(ev, UtteranceEnded):
+            rec.finish()
+
+
 def _workload(corpus: Corpus, final_pass: str, gap_ms: int, mss_ms: int) -> tuple[float, float]:
     """(CPU seconds, stream seconds) of the engine work of one playlist per recording."""
     from asrd.engines.pocketsphinx import PocketsphinxEngine
-    from asrd.segmentation import (
-        Segmenter,
-        SegmenterConfig,
-        UtteranceAudio,
-        UtteranceEnded,
-        UtteranceStarted,
-    )
+    from asrd.segmentation import Segmenter, SegmenterConfig
 
     engine = PocketsphinxEngine(decoders=1, final_pass=final_pass)
     step = 2 * corpus.sample_rate * PARTIAL_MS // 1000
@@ -145,19 +161,7 @@ def _workload(corpus: Corpus, final_pass: str, gap_ms: int, mss_ms: int) -> tupl
         events += segmenter.flush()  # segmentation is gateway work: not timed
         rec = engine.acquire(corpus.sample_rate, partials=True)
         t = time.process_time()
-        fed = next_partial = 0
-        for ev in events:
-            if isinstance(ev, UtteranceStarted):
-                rec.start()
-                fed, next_partial = 0, step
-            elif isinstance(ev, UtteranceAudio):
-                rec.accept(ev.pcm)
-                fed += len(ev.pcm)
-                if fed >= next_partial:
-                    next_partial = fed + step
-                    rec.partial()
-            elif isinstance(ev, UtteranceEnded):
-                rec.finish()
+        feed_events(rec, events, step)
         cpu += time.process_time() - t
         engine.release(rec)
     return cpu, stream_s

@@ -69,6 +69,12 @@ def add_commands(subparsers: Any) -> None:
     )
     target.add_argument("--workers", type=int, default=2, help="--spawn: worker processes")
     target.add_argument("--decoders", type=int, default=3, help="--spawn: decoders per worker")
+    target.add_argument(
+        "--separate-workers",
+        action="store_true",
+        help="--spawn: start each worker as its own `asrd worker --processes 1`, loading its own "
+        "model, instead of one `asrd worker` forking them all (the default, as asrd serve does)",
+    )
     target.add_argument("--final-pass", choices=("batch", "live"), default="batch")
     target.add_argument(
         "--nats-monitor-port",
@@ -238,6 +244,7 @@ async def open_target(args: argparse.Namespace) -> AsyncIterator[Target]:
         engine=args.engine,
         workers=args.workers,
         decoders=args.decoders,
+        shared_workers=not args.separate_workers,
         final_pass=args.final_pass,
         idle_timeout_s=idle_timeout,
         max_sessions=100_000,
@@ -272,6 +279,7 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
                 "engine": target.stack.engine,
                 "workers": target.stack.workers,
                 "decoders": target.stack.decoders,
+                "shared_workers": target.stack.shared_workers,
                 "final_pass": target.stack.final_pass,
                 "idle_timeout_s": target.stack.idle_timeout_s,
             }
@@ -634,9 +642,10 @@ def report_text(report: dict[str, Any]) -> str:
     )
     if "stack" in report:
         s = report["stack"]
+        forked = "forked from one" if s.get("shared_workers", False) else "separate"
         lines.append(
-            f"stack: nats-server, gateway, {s['workers']} {s['engine']} workers x {s['decoders']} "
-            f"decoders (final_pass {s['final_pass']})"
+            f"stack: nats-server, gateway, {s['workers']} {s['engine']} workers ({forked}) x "
+            f"{s['decoders']} decoders (final_pass {s['final_pass']})"
         )
     if "engine_baseline" in report:
         b = report["engine_baseline"]

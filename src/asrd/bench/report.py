@@ -97,6 +97,9 @@ def build_report(
             "rss_mb_end": round(u.rss_end_kb / _MB, 1),
             "rss_mb_peak": round(u.rss_peak_kb / _MB, 1),
             "hwm_mb": round(u.hwm_kb / _MB, 1),
+            "pss_mb_start": round(u.pss_start_kb / _MB, 1),
+            "pss_mb_end": round(u.pss_end_kb / _MB, 1),
+            "pss_mb_peak": round(u.pss_peak_kb / _MB, 1),
         }
     ours = client_cpu_s + sum(u.cpu_s for u in usage.values())
     cores = os.cpu_count() or 1
@@ -238,25 +241,33 @@ def format_table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def rss_growth(
-    series: Sequence[dict[str, float]], warmup_s: float
-) -> dict[str, dict[str, float]]:
-    """Each role's RSS once warmed up (the first reading at or after ``warmup_s``) against its
-    highest reading after that: whether memory stays flat under a steady load."""
+def rss_growth(series: Sequence[dict[str, float]], warmup_s: float) -> dict[str, dict[str, float]]:
+    """Each role's RSS (and PSS) once warmed up (the first reading at or after ``warmup_s``)
+    against its highest reading after that: whether memory stays flat under a steady load.
+
+    Keys are the role (RSS) and ``"<role> PSS"``; forked workers share pages, so for them
+    the sum of PSS is the memory they use.
+    """
     after = [p for p in series if p["t"] >= warmup_s]
-    if len(after) < 2:
-        return {}
     out: dict[str, dict[str, float]] = {}
-    for key in after[0]:
-        if not key.endswith("_rss_mb"):
+    keys = dict.fromkeys(k for p in after for k in p)  # PSS is in some readings only
+    for key in keys:
+        if key.endswith("_rss_mb"):
+            name = key.removesuffix("_rss_mb")
+        elif key.endswith("_pss_mb"):
+            name = key.removesuffix("_pss_mb") + " PSS"
+        else:
             continue
-        warm = after[0][key]
-        peak = max(p.get(key, 0.0) for p in after)
-        out[key.removesuffix("_rss_mb")] = {
-            "warm_t_s": after[0]["t"],
+        points = [p for p in after if key in p]
+        if len(points) < 2:
+            continue
+        warm = points[0][key]
+        peak = max(p[key] for p in points)
+        out[name] = {
+            "warm_t_s": points[0]["t"],
             "warm_mb": warm,
             "max_after_mb": peak,
-            "end_mb": after[-1][key],
+            "end_mb": points[-1][key],
             "growth_pct": round(100 * (peak - warm) / warm, 2) if warm else 0.0,
         }
     return out
@@ -285,8 +296,9 @@ def format_reports(reports: Sequence[dict[str, Any]]) -> str:
                 line += " - WARNING: other load on the machine, figures are not clean"
             out.append(line)
         for role, g in (r.get("rss_growth") or {}).items():
+            metric = role if role.endswith(" PSS") else f"{role} RSS"
             out.append(
-                f"  {r['sessions']['requested']} streams: {role} RSS {g['warm_mb']:.1f} MB at "
+                f"  {r['sessions']['requested']} streams: {metric} {g['warm_mb']:.1f} MB at "
                 f"{g['warm_t_s']:.0f} s (warmed up), at most {g['max_after_mb']:.1f} MB after: "
                 f"{g['growth_pct']:+.1f}%"
             )

@@ -2,9 +2,9 @@
 
 The same processes ``asrd serve`` runs (a private nats-server, the engine workers, the
 gateway), each started here with a generated configuration so that the bench knows every
-PID: ``python -m asrd worker`` and ``python -m asrd gateway`` against a nats-server on a free
-loopback port. The stack is ready once the gateway listens and every worker has sent a
-heartbeat.
+PID: ``python -m asrd worker`` (which forks the worker processes) and ``python -m asrd
+gateway`` against a nats-server on a free loopback port. The stack is ready once the gateway
+listens and every worker has sent a heartbeat.
 
 Children are started from the main thread with ``PR_SET_PDEATHSIG``, so they die with the
 bench even if it is killed. (The parent-death signal follows the *thread* that forked: a
@@ -29,7 +29,7 @@ from typing import Any
 
 import trio
 
-from asrd.bench.procs import ProcSet
+from asrd.bench.procs import ProcSet, children_of
 from asrd.children import free_port, nats_server_binary
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,10 @@ class StackConfig:
     engine: str = "loadtest"
     workers: int = 2
     decoders: int = 3
+    # True: one `asrd worker --processes N` that loads the engine once and forks N processes
+    # (what `asrd serve` and the default configuration run); False: N separate `asrd worker
+    # --processes 1`, each loading its own copy of the model.
+    shared_workers: bool = True
     final_pass: str = "batch"
     idle_timeout_s: float = 10.0
     max_sessions: int = 1000
@@ -181,8 +185,10 @@ async def open_stack(
             started.append(nats)
             await _wait_port(nats_port, started, startup_timeout_s)
             workers = []
-            for _ in range(config.workers):
-                w = _popen([*asrd, "worker", "--config", str(path), "--nats-url", nats_url])
+            worker_argv = [*asrd, "worker", "--config", str(path), "--nats-url", nats_url]
+            for _ in range(1 if config.shared_workers else config.workers):
+                processes = config.workers if config.shared_workers else 1
+                w = _popen([*worker_argv, "--processes", str(processes)])
                 workers.append(w)
                 started.append(w)
             gateway = _popen([*asrd, "gateway", "--config", str(path), "--nats-url", nats_url])
@@ -190,17 +196,20 @@ async def open_stack(
             await _wait_port(port, started, startup_timeout_s)
             await _wait_workers(nats_url, config, started, startup_timeout_s)
             await trio.sleep(0.5)  # the gateway hears the heartbeats too
+            worker_pids = [w.pid for w in workers]
+            if config.shared_workers and config.workers > 1:
+                worker_pids += children_of(workers[0].pid)  # the forked processes
             procs = ProcSet(
                 {
                     "gateway": [gateway.pid],
-                    "worker": [w.pid for w in workers],
+                    "worker": worker_pids,
                     "nats": [nats.pid],
                 }
             )
             log.info(
                 "bench stack up: gateway pid %d, %d %s workers, nats pid %d",
                 gateway.pid,
-                len(workers),
+                config.workers,
                 config.engine,
                 nats.pid,
             )

@@ -1,0 +1,124 @@
+"""pocketsphinx alone, fed the way the service feeds it: what one stream costs under load.
+
+``asrd bench --engine-baseline`` decodes the bench workload back to back in one process: one
+decoder, hot in the CPU's caches. A worker of the service decodes 100 ms of audio every
+100 ms, with many other decoders running in between. This script measures the engine's own
+CPU per stream-second in between those two, with no gateway, NATS or worker code:
+
+* ``--streams N`` processes, each with its own decoder, each decoding the bench workload
+  (the same playlists, segmenter and engine class as the baseline);
+* ``--pace realtime`` sleeps until each 100 ms frame would have arrived; ``--pace batch``
+  decodes back to back;
+* ``--load per-process`` builds the engine in each process (what ``asrd worker`` does now);
+  ``--load shared`` builds it once and forks, so the processes share the model's memory
+  pages (copy-on-write) and with them the CPU's caches.
+
+Each process reports ``time.process_time()`` over its decoding; the script prints CPU per
+stream-second, the figure the service's workers are compared with (docs/benchmarks.md).
+
+    .venv/bin/python bench/engine_realtime.py --streams 9 --pace realtime --duration 60
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from asrd.bench.baseline import feed_events
+from asrd.bench.corpus import Playlist, default_data_dir, load_corpus
+from asrd.segmentation import Segmenter, SegmenterConfig
+
+FRAME_MS = 100
+PARTIAL_MS = 200
+
+
+def _timed_events(first: int, duration_s: float) -> tuple[list[tuple[float, Any]], float]:
+    """Segmenter events of one bench session's playlist, each with its arrival time."""
+    corpus = load_corpus(default_data_dir())
+    playlist = Playlist.build(
+        corpus, first=first, min_duration_s=duration_s, gap_ms=1500, frame_ms=FRAME_MS
+    )
+    config = SegmenterConfig(sample_rate=corpus.sample_rate, max_sentence_silence_ms=800)
+    segmenter = Segmenter(config)
+    events: list[tuple[float, Any]] = []
+    for k, frame in enumerate(playlist.frames, 1):
+        events += [(k * FRAME_MS / 1000, ev) for ev in segmenter.feed(frame)]
+    events += [(len(playlist.frames) * FRAME_MS / 1000, ev) for ev in segmenter.flush()]
+    return events, playlist.duration_s
+
+
+def _paced(events: list[tuple[float, Any]], pace: str) -> Iterator[Any]:
+    """The events, each when its audio would have arrived (``realtime``) or at once."""
+    t0 = time.monotonic()
+    for at, ev in events:
+        if pace == "realtime":
+            delay = t0 + at - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+        yield ev
+
+
+def _decode(engine: Any, index: int, args: argparse.Namespace, start_at: float, out: Any) -> None:
+    events, stream_s = _timed_events(index, args.duration)
+    rec = engine.acquire(16000, partials=True)
+    while time.time() < start_at:
+        time.sleep(0.01)
+    t0 = time.monotonic()
+    cpu0 = time.process_time()
+    feed_events(rec, _paced(events, args.pace), 2 * 16000 * PARTIAL_MS // 1000)
+    cpu = time.process_time() - cpu0
+    late = time.monotonic() - t0 - stream_s
+    engine.release(rec)
+    out.put((cpu, stream_s, late))
+
+
+def _child(index: int, args: argparse.Namespace, engine: Any, start_at: float, out: Any) -> None:
+    if engine is None:
+        from asrd.engines.pocketsphinx import PocketsphinxEngine
+
+        engine = PocketsphinxEngine(decoders=1, final_pass=args.final_pass)
+    _decode(engine, index, args, start_at, out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--streams", type=int, default=9)
+    parser.add_argument("--pace", choices=("realtime", "batch"), default="realtime")
+    parser.add_argument("--load", choices=("per-process", "shared"), default="per-process")
+    parser.add_argument("--final-pass", choices=("live", "batch"), default="live")
+    parser.add_argument("--duration", type=float, default=60.0)
+    args = parser.parse_args()
+
+    ctx = multiprocessing.get_context("fork")
+    shared = None
+    if args.load == "shared":
+        from asrd.engines.pocketsphinx import PocketsphinxEngine
+
+        shared = PocketsphinxEngine(decoders=1, final_pass=args.final_pass)
+    out = ctx.Queue()
+    start_at = time.time() + 5.0 + 0.4 * args.streams  # every decoder loaded first
+    procs = [
+        ctx.Process(target=_child, args=(i, args, shared, start_at, out))
+        for i in range(args.streams)
+    ]
+    for p in procs:
+        p.start()
+    results = [out.get() for _ in procs]
+    for p in procs:
+        p.join()
+    cpu = sum(r[0] for r in results)
+    stream_s = sum(r[1] for r in results)
+    worst_late = max(r[2] for r in results)
+    print(
+        f"streams={args.streams} pace={args.pace} load={args.load} final_pass={args.final_pass} "
+        f"cores={os.cpu_count()}: {1000 * cpu / stream_s:.1f} ms CPU per stream-second "
+        f"({stream_s:.0f} stream-s), worst stream finished {worst_late:+.2f} s after its audio"
+    )
+
+
+if __name__ == "__main__":
+    main()
