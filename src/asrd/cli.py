@@ -57,38 +57,47 @@ async def _stop_on_signals(event: trio.Event, *, task_status: trio.TaskStatus[No
 async def _run_gateway(
     config: Config, config_path: str | None, nats_url: str | None, workers: int
 ) -> None:
-    from asrd.bus.natsbus import open_nats_bus
     from asrd.children import start_child, start_nats_server, worker_argv
+
+    # Nested: the workers stop (and leave NATS cleanly) before their nats-server does.
+    async with trio.open_nursery() as nats_child:
+        url = nats_url or config.nats.url
+        if not url:
+            _, url = await start_nats_server(nats_child)
+        async with trio.open_nursery() as worker_child:
+            if workers:  # one `asrd worker` loads the engine once and forks them all
+                argv = worker_argv(config_path, url, ["--processes", str(workers)])
+                await start_child(worker_child, argv, "asrd worker")
+            await _serve_gateway(config, url, workers)
+            worker_child.cancel_scope.cancel()
+        nats_child.cancel_scope.cancel()
+
+
+async def _serve_gateway(config: Config, url: str, workers: int) -> None:
+    """Serve until SIGTERM/SIGINT and the drain; READY once NATS (and Redis) are reachable,
+    ``workers`` workers are heard and the port is bound."""
+    from asrd.bus.natsbus import open_nats_bus
     from asrd.gateway import Gateway
     from asrd.store import open_control_plane
 
-    async with trio.open_nursery() as children:
-        url = nats_url or config.nats.url
-        if not url:
-            _, url = await start_nats_server(children)
-        if workers:  # one `asrd worker` loads the engine once and forks them all
-            argv = worker_argv(config_path, url, ["--processes", str(workers)])
-            await start_child(children, argv, "asrd worker")
-        async with (
-            open_nats_bus(config.nats, url, name="asrd-gateway") as bus,
-            open_control_plane(config) as control,  # Redis when [redis] url is set
-        ):
-            gateway = Gateway(config, bus, control)
-            async with trio.open_nursery() as nursery:
-                await nursery.start(_stop_on_signals, gateway.stop_requested)
-                nursery.start_soon(
-                    partial(
-                        sdnotify.watchdog_loop,
-                        lambda: bus.connected,
-                        describe=lambda: f"{gateway.state.active} sessions",
-                    )
+    async with (
+        open_nats_bus(config.nats, url, name="asrd-gateway") as bus,
+        open_control_plane(config) as control,  # Redis when [redis] url is set
+    ):
+        gateway = Gateway(config, bus, control)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(_stop_on_signals, gateway.stop_requested)
+            nursery.start_soon(
+                partial(
+                    sdnotify.watchdog_loop,
+                    lambda: bus.connected,
+                    describe=lambda: f"{gateway.state.active} sessions",
                 )
-                async with trio.open_nursery() as serving:
-                    # READY only once NATS (and Redis) are reachable and the port is bound.
-                    port = await serving.start(partial(gateway.serve, wait_for_workers=workers))
-                    sdnotify.ready(f"listening on port {port}")
-                nursery.cancel_scope.cancel()
-        children.cancel_scope.cancel()
+            )
+            async with trio.open_nursery() as serving:
+                port = await serving.start(partial(gateway.serve, wait_for_workers=workers))
+                sdnotify.ready(f"listening on port {port}")
+            nursery.cancel_scope.cancel()
 
 
 def _tune_gc() -> None:
