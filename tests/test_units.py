@@ -16,10 +16,12 @@ from asrd.bus import NoResponders, claim_subject, session_in
 from asrd.bus.memory import InMemoryBus
 from asrd.config import AuthConfig, ConfigError, WorkerConfig, load_config
 from asrd.engines.loadtest import LoadtestEngine
-from asrd.errors import AppKeyTokenMismatch, AuthError, BusError, UnknownAppKey
+from asrd.errors import AppKeyTokenMismatch, AuthError, BusError, ServerError, UnknownAppKey
 from asrd.events import ResultChanged, SentenceBegin, SentenceEnd
 from asrd.handshake import HeadError, dedupe_head, parse_head, split_head
 from asrd.params import SessionParams
+from asrd.registry import WorkerRegistry
+from asrd.remote import RemoteRecognizer
 from asrd.sentences import SentenceTracker
 from asrd.worker import STALL_S, Worker
 
@@ -332,6 +334,60 @@ async def test_worker_takes_claims_again_after_a_burst_overflowed_them(
         assert wire.decode_claim_reply(reply).ok
         assert set(worker.sessions) == {"after"}
         nursery.cancel_scope.cancel()
+
+
+def _link(bus: InMemoryBus, registry: WorkerRegistry, session_id: str) -> RemoteRecognizer:
+    return RemoteRecognizer(
+        bus,
+        registry,
+        prefix="asrd",
+        session_id=session_id,
+        pool="en-US",
+        sample_rate=16000,
+        partials=False,
+        claim_timeout_s=2.0,
+        failover_timeout_s=10.0,
+        journal_max_bytes=1 << 20,
+    )
+
+
+async def test_a_claim_nobody_answers_is_sent_again_under_a_new_epoch(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A member of the claim queue group that never answers (a worker that died or hangs,
+    still subscribed) costs the session one claim timeout, not the session."""
+    bus = InMemoryBus()
+    registry = WorkerRegistry(bus, "asrd", timeout_s=1.0)
+    subject = claim_subject("asrd", "en-US")
+    silent = await bus.subscribe(subject, queue=worker_module.CLAIM_QUEUE)  # first in turn
+    session_input = await bus.subscribe(session_in("asrd", "s1"))
+    worker = Worker(WorkerConfig(decoders=1), "asrd", bus, LoadtestEngine(1))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(registry.run)
+        await nursery.start(worker.run)
+        link = _link(bus, registry, "s1")
+        start = trio.current_time()
+        await link.open()
+        assert trio.current_time() - start == pytest.approx(2.0, abs=0.1)  # one timeout
+        assert link.worker_id == worker.id and link.epoch == 1
+        assert wire.decode_claim((await silent.receive()).data).epoch == 0
+        # The close for whoever took the lost claim went out before the second claim.
+        assert wire.decode_input((await session_input.receive()).data).kind == "close"
+        nursery.cancel_scope.cancel()
+
+
+async def test_claims_nobody_answers_end_in_a_server_error(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    bus = InMemoryBus()
+    registry = WorkerRegistry(bus, "asrd", timeout_s=1.0)
+    silent = await bus.subscribe(claim_subject("asrd", "en-US"), queue=worker_module.CLAIM_QUEUE)
+    start = trio.current_time()
+    with pytest.raises(ServerError, match="answered 3 claims of 2 s"):
+        await _link(bus, registry, "s2").open()
+    assert trio.current_time() - start == pytest.approx(6.0, abs=0.1)
+    epochs = [wire.decode_claim(silent._recv.receive_nowait().data).epoch for _ in range(3)]
+    assert epochs == [0, 1, 2]
 
 
 def test_worker_heartbeat_stops_when_its_event_loop_is_stuck() -> None:

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 KEEPALIVE_S = 1.0
 BUSY_WAIT_S = 0.5  # how long a claim waits for a decoder to come free before 40000005
+CLAIM_ATTEMPTS = 3  # claims sent, each waiting claim_timeout_s, before "no worker answered"
 
 
 class RemoteRecognizer:
@@ -95,9 +96,28 @@ class RemoteRecognizer:
         # A decoder freed by a session that just ended comes back a moment later: a client
         # reconnecting at once should not be told "busy" for that.
         busy_until = trio.current_time() + BUSY_WAIT_S
+        unanswered = 0
         while True:
             try:
                 raw = await self._bus.request(subject, data, self._claim_timeout_s)
+            except BusTimeout:
+                # NATS gave the claim to a member of the queue group that never answered: a
+                # worker that died or hangs keeps its subscription until the server or the
+                # process notices. Ask again; the group picks a member at random.
+                unanswered += 1
+                if unanswered >= CLAIM_ATTEMPTS:
+                    raise ServerError(
+                        f"no engine worker of pool {self.pool!r} answered "
+                        f"{CLAIM_ATTEMPTS} claims of {self._claim_timeout_s:g} s"
+                    ) from None
+                # If a slow worker took the claim after all, the close lets it go (if it
+                # listens already), and whatever it decodes is void (a new epoch). Published
+                # before the next claim, so the worker that takes that one never sees it.
+                self._publish_quietly(wire.encode_control("close"))
+                self.epoch += 1
+                data = dataclasses.replace(self._claim, epoch=self.epoch).encode()
+                busy_until = trio.current_time() + BUSY_WAIT_S
+                continue
             except NoResponders:
                 alive = self._registry.alive(self.pool)
                 if not alive:
@@ -109,8 +129,6 @@ class RemoteRecognizer:
                     ) from None
                 await trio.sleep(0.05)
                 continue
-            except BusTimeout:
-                raise ServerError(f"no engine worker of pool {self.pool!r} answered") from None
             reply = wire.decode_claim_reply(raw)
             if reply.ok:
                 self.worker_id = reply.worker_id

@@ -102,8 +102,8 @@ class NatsBus:
         nsub = self._subs.pop(id(sub), None)
         if nsub is not None:
             try:
-                if drain:
-                    await self._call(self._drain_subscription(nsub))
+                if drain:  # after what we published: our own messages to it come back
+                    await self._call(self._after_outbox(self._drain_subscription(nsub)))
                 else:
                     await self._call(nsub.unsubscribe())
             except BusError as exc:  # closed connection: the server forgets it anyway
@@ -192,7 +192,11 @@ class NatsBus:
                 log.warning("NATS publish to %s failed: %r", subject, exc)
 
     async def _drain_subscription(self, nsub: NatsSubscription) -> None:
-        """UNSUB, then a round-trip: what the server sent before it still reaches the callback."""
+        """UNSUB, then a round-trip: what the server sent before it still reaches the callback.
+
+        Not a guarantee for messages other connections publish meanwhile: the server may route
+        one to us before it removes the subscription and write it after the PONG. Those are
+        lost, as before; the drain only makes the window small (docs/engine-protocol.md)."""
         try:
             await asyncio.wait_for(nsub.drain(), DRAIN_TIMEOUT_S)  # type: ignore[no-untyped-call]
         finally:
