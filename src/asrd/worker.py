@@ -126,7 +126,8 @@ class Worker:
             self._nursery.start_soon(self._claim_loop, self._claim_sub)
         elif not want and self._claim_sub is not None:
             # Drained: claims already on their way to us are answered "busy" by the claim
-            # loop (the gateway retries them elsewhere), not dropped to time out.
+            # loop (the gateway tries again), not dropped. The server can still route one to
+            # us after the drain; the gateway sends a claim nobody answers again (remote.py).
             sub, self._claim_sub = self._claim_sub, None
             await self.bus.unsubscribe(sub, drain=True)
 
