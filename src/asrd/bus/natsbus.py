@@ -217,8 +217,13 @@ async def open_nats_bus(
     nc = NatsClient()
     holder: list[NatsBus] = []
 
+    closing = False
+
     async def disconnected() -> None:
-        log.warning("NATS disconnected from %s", url)
+        if closing:  # our own close: not worth a warning
+            log.debug("NATS connection to %s closed", url)
+        else:
+            log.warning("NATS disconnected from %s", url)
 
     async def reconnected() -> None:
         if holder:
@@ -269,6 +274,7 @@ async def open_nats_bus(
         try:
             yield bus
         finally:
+            closing = True
             with trio.CancelScope(shield=True), trio.move_on_after(3):
                 try:
                     await bus._call(bus._drain_then_flush(1.0))
