@@ -96,6 +96,19 @@ def test_serve_then_transcribe_then_sigterm_leaves_no_orphans(tmp_path: Path) ->
         assert names[0] == "TranscriptionStarted" and names[-1] == "TranscriptionCompleted"
         assert "SentenceEnd" in names
 
+        # `asrd transcribe --json ... | head -1`: the reader goes away after the first event.
+        head = subprocess.Popen(
+            [sys.executable, "-m", "asrd", "transcribe", "--json", "--url", url, str(clip)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert head.stdout is not None and head.stderr is not None
+        assert json.loads(head.stdout.readline())["header"]["name"] == "TranscriptionStarted"
+        head.stdout.close()  # real time: the next event comes a good while later
+        assert head.wait(GUARD_S) == 141
+        assert "Traceback" not in head.stderr.read()
+
         bad = subprocess.run(
             [sys.executable, "-m", "asrd", "transcribe", "--url", url, str(tmp_path / "nope.wav")],
             capture_output=True,

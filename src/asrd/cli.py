@@ -332,3 +332,18 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        return _output_closed()
+    except BaseExceptionGroup as group:
+        if group.split(BrokenPipeError)[1] is not None:
+            raise
+        return _output_closed()
+
+
+def _output_closed() -> int:
+    """Whoever read our output went away (``asrd transcribe --json | head``): end quietly with
+    the status of a process killed by SIGPIPE, as a C tool in the same pipe would, and keep
+    Python's exit from failing again on flushing stdout."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 128 + signal.SIGPIPE
