@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+def die_with_parent() -> None:  # pragma: no cover - runs in the child after fork
+    """SIGTERM this process when the thread that forked it exits, even if it was SIGKILLed."""
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
@@ -60,7 +61,7 @@ async def start_child(
     """
     proc = subprocess.Popen(  # noqa: ASYNC220 - see above: must fork in this thread
         list(argv),
-        preexec_fn=_die_with_parent,
+        preexec_fn=die_with_parent,
         start_new_session=True,  # a terminal's Ctrl-C reaches only us; we stop the children
         env=sdnotify.child_environ(),  # only we report to systemd
         stdout=subprocess.DEVNULL if quiet else None,

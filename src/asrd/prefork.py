@@ -21,7 +21,6 @@ The parent only supervises; it never starts a thread or an event loop, so forkin
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import os
 import secrets
@@ -36,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from asrd import sdnotify
+from asrd.children import die_with_parent
 
 __all__ = ["RESTART_DELAY_S", "STOP_TIMEOUT_S", "run_forked"]
 
@@ -44,7 +44,6 @@ log = logging.getLogger(__name__)
 RESTART_DELAY_S = 1.0  # before a child that died after it was ready is forked again
 STOP_TIMEOUT_S = 30.0  # after SIGTERM, children still running then are killed
 _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD)
-_PR_SET_PDEATHSIG = 1
 _UCRED = struct.Struct("3i")  # pid, uid, gid of SCM_CREDENTIALS
 
 
@@ -78,8 +77,7 @@ def _in_child(
         for signum in _SIGNALS:
             signal.signal(signum, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        with contextlib.suppress(OSError):  # die with the parent, even on SIGKILL
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        die_with_parent()  # even when the parent is SIGKILLed
         for key in sdnotify.ENVIRONMENT_KEYS:
             os.environ.pop(key, None)
         os.environ["NOTIFY_SOCKET"] = notify_address

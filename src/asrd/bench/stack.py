@@ -14,10 +14,8 @@ it as soon as that thread exits.)
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
-import signal
 import subprocess
 import sys
 import tempfile
@@ -30,20 +28,11 @@ from typing import Any
 import trio
 
 from asrd.bench.procs import ProcSet, children_of
-from asrd.children import free_port, nats_server_binary
+from asrd.children import die_with_parent, free_port, nats_server_binary
 
 log = logging.getLogger(__name__)
 
 __all__ = ["Stack", "StackConfig", "open_stack", "render_toml"]
-
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:
-        pass
 
 
 @dataclass(frozen=True)
@@ -104,7 +93,7 @@ class Stack:
 def _popen(argv: list[str], *, quiet: bool = False) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         argv,
-        preexec_fn=_die_with_parent,
+        preexec_fn=die_with_parent,
         start_new_session=True,
         stdout=subprocess.DEVNULL if quiet else None,
         stderr=subprocess.DEVNULL if quiet else None,
