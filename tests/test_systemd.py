@@ -8,6 +8,7 @@ bound in a temporary directory, and an abstract one), the watchdog cadence on tr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import secrets
@@ -30,7 +31,7 @@ import nats.errors
 import pytest
 import trio
 
-from asrd import sdnotify
+from asrd import reuseport, sdnotify
 from asrd.bench.procs import children_of
 from asrd.children import free_port, nats_server_binary
 from asrd.client import open_transcription
@@ -38,7 +39,7 @@ from asrd.config import NatsConfig, ServerConfig, load_config
 from asrd.wer import wer
 from tests.audio_fixtures import load_clip, silence, transcripts
 from tests.conftest import Nats, Pool, open_gateway
-from tests.servers import stop, wait_port
+from tests.servers import start_worker, stop, wait_port
 
 ROOT = Path(__file__).resolve().parent.parent
 UNITS = ROOT / "systemd"
@@ -459,7 +460,7 @@ async def test_serve_notifies_from_its_main_process_only(tmp_path: Path) -> None
 
 PREFORK_SCRIPT = """
 import os, sys, time
-from asrd import sdnotify
+from asrd import reuseport, sdnotify
 from asrd.prefork import run_forked
 
 def target(index):
@@ -615,6 +616,171 @@ async def test_forked_workers_share_the_model_serve_and_are_supervised(nats: Nat
         ns.drain()
     assert sum("READY=1" in m.split("\n") for m in ns.received) == 1
     assert set(ns.senders) == {proc.pid}, "a forked process reported to systemd itself"
+
+
+# --- gateway processes sharing one port --------------------------------------------------------
+
+
+async def test_reserved_port_spreads_connections_over_every_listening_process() -> None:
+    """asrd.reuseport: each listener gets a share of the connections; the reservation holds
+    the port but takes none; with no listener left, connections are refused."""
+    reservation = reuseport.reserve("127.0.0.1", 0)
+    try:
+        port = reservation.port
+        with pytest.raises(OSError):  # nobody else can take the port
+            socket.create_server(("127.0.0.1", port))
+        listeners = [await reuseport.listen(reservation) for _ in range(2)]
+        accepted = [0, 0]
+
+        async def accept(i: int) -> None:
+            while True:
+                stream = await listeners[i][0].accept()
+                accepted[i] += 1
+                await stream.aclose()
+
+        async with trio.open_nursery() as nursery:
+            for i in range(2):
+                nursery.start_soon(accept, i)
+            with trio.fail_after(GUARD_S):
+                for _ in range(40):
+                    stream = await trio.open_tcp_stream("127.0.0.1", port)
+                    await stream.receive_some(1)  # EOF once accepted and closed
+                    await stream.aclose()
+            nursery.cancel_scope.cancel()
+        assert sum(accepted) == 40 and min(accepted) > 0, accepted
+        for pair in listeners:
+            await pair[0].aclose()
+        with pytest.raises(OSError):
+            await trio.open_tcp_stream("127.0.0.1", port)
+    finally:
+        reservation.close()
+
+
+def two_free_ports() -> int:
+    """A port p such that p and p + 1 were both free."""
+    for _ in range(100):
+        port = free_port()
+        with contextlib.suppress(OSError), socket.create_server(("127.0.0.1", port + 1)):
+            return port
+    raise AssertionError("no two consecutive free ports")
+
+
+async def scrape(port: int) -> dict[str, float]:
+    """``{sample name with labels: value}`` from /metrics on ``port``."""
+    body = (await http_get(port, "/metrics")).split(b"\r\n\r\n", 1)[1].decode()
+    return {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in body.splitlines()
+        if line and not line.startswith("#")
+    }
+
+
+async def sessions_ended(port: int) -> float:
+    samples = await scrape(port)
+    return sum(v for k, v in samples.items() if k.startswith("asrd_sessions_total"))
+
+
+async def test_gateway_processes_share_the_port_and_are_supervised(
+    nats: Nats, tmp_path: Path
+) -> None:
+    """`[server] processes = 2`: both processes take sessions on one port, each reports its
+    own metrics, a killed one is forked again while the other serves, and SIGTERM closes the
+    port."""
+    worker = start_worker(nats.url, "gwp-en", 24, "--engine", "loadtest")
+    port, metrics = free_port(), two_free_ports()
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        f"[server]\nport = {port}\nprocesses = 2\nmetrics_port = {metrics}\n"
+        f'default_language = "gwp-en"\n\n[nats]\nurl = "{nats.url}"\n'
+    )
+    pcm = load_clip("0930") + silence(1000, 16000)
+
+    async def sessions(n: int) -> None:
+        async def one() -> None:
+            async with open_transcription(
+                f"ws://127.0.0.1:{port}/ws/v1", pcm, 16000, token="t", appkey="default",
+                realtime=False,
+            ) as tr:  # fmt: skip
+                events = [e async for e in tr]
+            assert events[-1]["header"]["name"] == "TranscriptionCompleted"
+
+        with trio.fail_after(GUARD_S):
+            async with trio.open_nursery() as nursery:
+                for _ in range(n):
+                    nursery.start_soon(one)
+
+    async def ended(index: int, want: float) -> None:
+        """Until process ``index`` answers on its metrics port and counted ``want`` sessions."""
+        with trio.fail_after(GUARD_S):
+            while True:
+                with contextlib.suppress(OSError):
+                    if await sessions_ended(metrics + index) >= want:
+                        return
+                await trio.sleep(0.05)
+
+    with notify_socket("abstract") as ns:
+        proc = spawn_notifying(asrd_argv("gateway", "--config", str(config)), ns, watchdog_s=20)
+        try:
+            with trio.fail_after(GUARD_S):
+                await ns.wait_for("READY=1")
+            kids = children_of(proc.pid)
+            assert len(kids) == 2
+            await heard_workers(nats.url, "gwp-en", 1)
+            await trio.sleep(1.0)  # every gateway process hears the worker too
+
+            # 20 connections: the kernel gives each process some (all to one: p = 2 ** -19).
+            await sessions(20)
+            counts = [await sessions_ended(metrics + i) for i in range(2)]
+            with trio.fail_after(GUARD_S):
+                while sum(counts) < 20:  # a process counts a session just after its client
+                    await trio.sleep(0.05)
+                    counts = [await sessions_ended(metrics + i) for i in range(2)]
+            assert sum(counts) == 20 and min(counts) > 0, counts
+            for i in range(2):  # every process is also reachable for health checks
+                assert (await http_get(metrics + i, "/readyz")).startswith(b"HTTP/1.1 200")
+
+            # One dies: its socket goes with it, and the other takes every new session.
+            os.kill(kids[0], signal.SIGKILL)
+            with trio.fail_after(GUARD_S):
+                while alive(kids[0]):  # noqa: ASYNC110 - another process
+                    await trio.sleep(0.01)
+            await sessions(6)
+            # ... and it is forked again, and serves metrics on its port again.
+            with trio.fail_after(GUARD_S):
+                while len(now := children_of(proc.pid)) < 2 or kids[0] in now:  # noqa: ASYNC110
+                    await trio.sleep(0.05)
+            assert kids[1] in now
+            await ended(0, 0)
+
+            proc.send_signal(signal.SIGTERM)
+            with trio.fail_after(GUARD_S):
+                await ns.wait_for("STOPPING=1")
+            assert await wait_exit(proc) == 0
+            assert not any(alive(kid) for kid in now)
+            with pytest.raises(OSError):  # the port closed with the last process
+                await trio.open_tcp_stream("127.0.0.1", port)
+        finally:
+            stop(proc)
+            stop(worker)
+        ns.drain()
+    assert sum("READY=1" in m.split("\n") for m in ns.received) == 1
+    assert set(ns.senders) == {proc.pid}, "a forked process reported to systemd itself"
+
+
+def test_gateway_processes_fail_clearly_on_a_port_in_use(nats: Nats, tmp_path: Path) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        config = tmp_path / "gateway.toml"
+        config.write_text(f'[server]\nport = {port}\nprocesses = 2\n[nats]\nurl = "{nats.url}"\n')
+        result = subprocess.run(
+            asrd_argv("gateway", "--config", str(config)),
+            capture_output=True,
+            text=True,
+            timeout=GUARD_S,
+        )
+    assert result.returncode == 1
+    assert f"asrd: cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 # --- NATS with authentication ------------------------------------------------------------------

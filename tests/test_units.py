@@ -32,6 +32,15 @@ def test_shipped_config_toml_equals_the_defaults() -> None:
     assert load_config("config.toml") == load_config(None)
 
 
+def test_gateway_metrics_ports_must_exist_for_every_process(tmp_path: Any) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[server]\nprocesses = 4\nmetrics_port = 65533\n")
+    with pytest.raises(ConfigError, match="metrics_port 65533 \\+ 4 processes passes 65535"):
+        load_config(path)
+    path.write_text("[server]\nprocesses = 3\nmetrics_port = 65533\n")
+    assert load_config(path).server.processes == 3
+
+
 def test_defaults_follow_the_protocol() -> None:
     cfg = load_config(None)
     assert cfg.server.idle_timeout_s == 10.0

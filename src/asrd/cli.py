@@ -3,21 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import importlib
 import logging
 import os
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import trio
 
 from asrd import sdnotify
 from asrd.config import Config, ConfigError, load_config
 from asrd.errors import AsrdError
+from asrd.reuseport import Reservation
 
 log = logging.getLogger("asrd")
 
@@ -73,11 +76,14 @@ async def _run_gateway(
         nats_child.cancel_scope.cancel()
 
 
-async def _serve_gateway(config: Config, url: str, workers: int) -> None:
+async def _serve_gateway(
+    config: Config, url: str, workers: int, reservation: Reservation | None = None
+) -> None:
     """Serve until SIGTERM/SIGINT and the drain; READY once NATS (and Redis) are reachable,
     ``workers`` workers are heard and the port is bound."""
     from asrd.bus.natsbus import open_nats_bus
     from asrd.gateway import Gateway
+    from asrd.httpserve import serve_http
     from asrd.store import open_control_plane
 
     async with (
@@ -94,8 +100,16 @@ async def _serve_gateway(config: Config, url: str, workers: int) -> None:
                     describe=lambda: f"{gateway.state.active} sessions",
                 )
             )
+            server = config.server
+            if server.metrics_port:
+                port = await nursery.start(
+                    serve_http, server.metrics_host, server.metrics_port, gateway.health_routes()
+                )
+                log.info("gateway metrics on http://%s:%d/metrics", server.metrics_host, port)
             async with trio.open_nursery() as serving:
-                port = await serving.start(partial(gateway.serve, wait_for_workers=workers))
+                port = await serving.start(
+                    partial(gateway.serve, wait_for_workers=workers, reservation=reservation)
+                )
                 sdnotify.ready(f"listening on port {port}")
             nursery.cancel_scope.cancel()
 
@@ -126,17 +140,65 @@ def cmd_serve(args: argparse.Namespace) -> int:
         worker={"processes": args.workers},
     )
     workers = _worker_processes(config)
+    if config.server.processes > 1:
+        log.warning(
+            "asrd serve runs one gateway process; [server] processes = %d is for asrd gateway",
+            config.server.processes,
+        )
     _tune_gc()
     trio.run(_run_gateway, config, _config_path(args.config), None, workers)
     return 0
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:
-    config = _load(args, server={"host": args.host, "port": args.port}, nats={"url": args.nats_url})
+    config = _load(
+        args,
+        server={"host": args.host, "port": args.port, "processes": args.processes},
+        nats={"url": args.nats_url},
+    )
     if not config.nats.url:
         raise ConfigError("asrd gateway needs a NATS server: set [nats] url or --nats-url")
     _tune_gc()
-    trio.run(_run_gateway, config, None, config.nats.url, 0)
+    server = config.server
+    if server.processes == 1:
+        trio.run(_run_gateway, config, None, config.nats.url, 0)
+        return 0
+    from asrd import reuseport
+    from asrd.prefork import run_forked
+
+    try:  # before forking, so that port 0 is one port for all
+        reservation = reuseport.reserve(server.host, server.port)
+    except OSError as exc:
+        print(f"asrd: cannot listen on {server.host}:{server.port}: {exc}", file=sys.stderr)
+        return 1
+    serve = partial(_serve_gateway, url=config.nats.url, workers=0, reservation=reservation)
+    with contextlib.closing(reservation):
+        return run_forked(
+            server.processes,
+            partial(_process, "server", serve, config),
+            what="gateway",
+            stop_timeout_s=server.shutdown_grace_s + 15,  # the drain (Gateway.serve) and more
+            on_stop=reservation.close,  # the port refuses connections once no process listens
+        )
+
+
+def _process(
+    section: Literal["server", "worker"],
+    run: Callable[[Config], Awaitable[None]],
+    config: Config,
+    index: int,
+) -> int:
+    """Process ``index`` of a command's forked processes (asrd.prefork) runs ``run(config)``;
+    it serves metrics on ``[section] metrics_port + index``."""
+    part = config.server if section == "server" else config.worker
+    if index and part.metrics_port:
+        port = part.metrics_port + index
+        config = config.model_copy(update={section: part.model_copy(update={"metrics_port": port})})
+    try:
+        trio.run(run, config)
+    except AsrdError as exc:  # e.g. NATS unreachable; a forked process ends here, not in main()
+        print(f"asrd: {exc.reason}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -170,26 +232,12 @@ def cmd_worker(args: argparse.Namespace) -> int:
         raise ConfigError(f"[worker] engine {config.worker.engine!r}: {exc}") from None
     _tune_gc()  # before forking: the frozen objects' pages stay shared
     processes = _worker_processes(config)
+    work = partial(_process, "worker", partial(_run_worker, engine=engine), config)
     if processes == 1:
-        return _worker_process(config, engine, 0)
+        return work(0)
     from asrd.prefork import run_forked
 
-    return run_forked(processes, partial(_worker_process, config, engine))
-
-
-def _worker_process(config: Config, engine: Any, index: int) -> int:
-    """One worker process; worker process ``index`` serves metrics on ``metrics_port + index``."""
-    if index and config.worker.metrics_port:
-        port = config.worker.metrics_port + index
-        config = config.model_copy(
-            update={"worker": config.worker.model_copy(update={"metrics_port": port})}
-        )
-    try:
-        trio.run(_run_worker, config, engine)
-    except AsrdError as exc:  # e.g. NATS unreachable; a forked process ends here, not in main()
-        print(f"asrd: {exc.reason}", file=sys.stderr)
-        return 1
-    return 0
+    return run_forked(processes, work)
 
 
 async def _run_worker(config: Config, engine: Any) -> None:
@@ -276,6 +324,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--host")
     g.add_argument("--port", type=int)
     g.add_argument("--nats-url")
+    g.add_argument(
+        "--processes",
+        type=int,
+        help="gateway processes sharing the port, one event loop each (default: 1)",
+    )
     g.set_defaults(func=cmd_gateway)
 
     w = sub.add_parser("worker", help="engine worker processes, against an external NATS")

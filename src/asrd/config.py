@@ -42,6 +42,21 @@ class ServerConfig(_Model):
     claim_timeout_s: float = Field(default=2.0, gt=0, le=60)
     worker_timeout_s: float = Field(default=1.0, gt=0, le=60)
     default_language: str = "en-US"
+    # Gateway processes forked by `asrd gateway`, all listening on `port` (asrd.reuseport): one
+    # event loop uses one core. Each has its own sessions and metrics; max_sessions is per process.
+    processes: int = Field(default=1, ge=1, le=256)
+    # > 0: gateway process i also serves /metrics, /healthz and /readyz on metrics_port + i, so
+    # that a scrape reaches every process (one on `port` reaches whichever process accepts it).
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = Field(default=0, ge=0, le=65535)
+
+    @model_validator(mode="after")
+    def _metrics_ports_exist(self) -> ServerConfig:
+        if self.metrics_port and self.metrics_port + self.processes - 1 > 65535:
+            raise ValueError(
+                f"metrics_port {self.metrics_port} + {self.processes} processes passes 65535"
+            )
+        return self
 
 
 class NatsConfig(_Model):

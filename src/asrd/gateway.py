@@ -15,6 +15,7 @@ import trio
 import trio_websocket
 from trio_websocket import ConnectionClosed
 
+from asrd import reuseport
 from asrd.bus import Bus
 from asrd.config import Config
 from asrd.control import ConnectInfo, ControlPlane
@@ -28,8 +29,9 @@ from asrd.handshake import (
     http_response,
     parse_head,
 )
-from asrd.httpserve import read_head
+from asrd.httpserve import Route, read_head, respond
 from asrd.registry import WorkerRegistry
+from asrd.reuseport import Reservation
 from asrd.session import GatewayState, Session
 from asrd.store.http import TOKEN_PATH, token_endpoint
 
@@ -84,15 +86,23 @@ class Gateway:
         self,
         *,
         wait_for_workers: int = 0,
+        reservation: Reservation | None = None,
         task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Serve until :attr:`stop_requested` is set, then drain and return."""
+        """Serve until :attr:`stop_requested` is set, then drain and return.
+
+        With a ``reservation`` (one of several gateway processes, asrd.reuseport) this process
+        listens on the reserved port beside its siblings; without, on ``[server] port``.
+        """
         server = self.config.server
         async with trio.open_nursery() as outer:
             await outer.start(self.registry.run)
             if wait_for_workers:
                 await self._wait_for_workers(wait_for_workers)
-            listeners = await trio.open_tcp_listeners(server.port, host=server.host)
+            if reservation is None:
+                listeners = await trio.open_tcp_listeners(server.port, host=server.host)
+            else:
+                listeners = await reuseport.listen(reservation)
             self.port = listeners[0].socket.getsockname()[1]
             async with trio.open_nursery() as handlers:
                 accept_scope = trio.CancelScope()
@@ -159,7 +169,7 @@ class Gateway:
                 reply = await token_endpoint(self.state.control, stream, head, parts[1])
                 await stream.send_all(reply)
                 return
-            await stream.send_all(self._http(head))
+            await stream.send_all(respond(self.health_routes(), head.path))
             return
         if self.draining:
             await stream.send_all(http_response(503, "Service Unavailable", b"draining\n"))
@@ -195,14 +205,16 @@ class Gateway:
         finally:
             self.state.session_ended(session)
 
-    def _http(self, head: RequestHead) -> bytes:
-        if head.path == "/metrics":
-            body = self.state.metrics.registry.render()
-            return http_response(200, "OK", body, "text/plain; version=0.0.4")
-        if head.path == "/healthz":
-            return http_response(200, "OK", b"ok\n")
-        if head.path == "/readyz":
-            if self.state.bus.connected and not self.draining:
-                return http_response(200, "OK", b"ready\n")
-            return http_response(503, "Service Unavailable", b"not ready\n")
-        return http_response(404, "Not Found", f"unknown path {head.path}\n".encode())
+    def health_routes(self) -> dict[str, Route]:
+        """/metrics, /healthz and /readyz: on the gateway's port, and on its own metrics port
+        (:func:`asrd.httpserve.serve_http`) when ``[server] metrics_port`` is set."""
+
+        def ready() -> tuple[int, bytes]:
+            ok = self.state.bus.connected and not self.draining
+            return (200, b"ready\n") if ok else (503, b"not ready\n")
+
+        return {
+            "/metrics": lambda: (200, self.state.metrics.registry.render()),
+            "/healthz": lambda: (200, b"ok\n"),
+            "/readyz": ready,
+        }

@@ -1,4 +1,4 @@
-"""A minimal HTTP/1.1 server for health and metrics endpoints of worker processes.
+"""A minimal HTTP/1.1 server for the health and metrics endpoints of each process.
 
 GET only, one response per connection; parsing shared with the gateway (asrd.handshake).
 """
@@ -33,6 +33,14 @@ async def serve_http(
         task_status.started(bound)
 
 
+def respond(routes: dict[str, Route], path: str) -> bytes:
+    """The whole HTTP response of the route for ``path`` (404 for none)."""
+    route = routes.get(path)
+    status, body = route() if route else (404, f"unknown path {path}\n".encode())
+    ctype = "text/plain; version=0.0.4" if path == "/metrics" else "text/plain"
+    return http_response(status, _REASONS.get(status, ""), body, ctype)
+
+
 async def read_head(stream: trio.abc.Stream, timeout_s: float) -> tuple[bytes, bytes] | None:
     """``(head, bytes after it)`` of an HTTP request; None on EOF or timeout."""
     buffer = b""
@@ -51,10 +59,7 @@ async def _handle(routes: dict[str, Route], stream: trio.SocketStream) -> None:
         parts = await read_head(stream, 5.0)
         if parts is not None:
             head = parse_head(parts[0])
-            route = routes.get(head.path)
-            status, body = route() if route else (404, b"not found\n")
-            ctype = "text/plain; version=0.0.4" if head.path == "/metrics" else "text/plain"
-            await stream.send_all(http_response(status, _REASONS.get(status, ""), body, ctype))
+            await stream.send_all(respond(routes, head.path))
     except (HeadError, trio.BrokenResourceError, trio.ClosedResourceError):
         pass
     except Exception:

@@ -6,6 +6,9 @@ model sits in RAM once instead of N times: 14 pocketsphinx worker processes take
 (the sum of their PSS) instead of 1,873 MB, and start in the time one takes to load
 (docs/benchmarks.md, "Worker processes that share the model").
 
+``asrd gateway`` with ``[server] processes`` above 1 forks its gateway processes the same way;
+they share a port (asrd.reuseport) rather than a model.
+
 The parent only supervises; it never starts a thread or an event loop, so forking is safe:
 
 * it forwards SIGTERM and SIGINT to every child and exits when all have stopped;
@@ -42,7 +45,7 @@ __all__ = ["RESTART_DELAY_S", "STOP_TIMEOUT_S", "run_forked"]
 log = logging.getLogger(__name__)
 
 RESTART_DELAY_S = 1.0  # before a child that died after it was ready is forked again
-STOP_TIMEOUT_S = 30.0  # after SIGTERM, children still running then are killed
+STOP_TIMEOUT_S = 30.0  # by default, children still running this long after SIGTERM are killed
 _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD)
 _UCRED = struct.Struct("3i")  # pid, uid, gid of SCM_CREDENTIALS
 
@@ -95,20 +98,38 @@ def _in_child(
         os._exit(code)
 
 
-def run_forked(count: int, target: Callable[[int], int], *, what: str = "worker") -> int:
+def run_forked(
+    count: int,
+    target: Callable[[int], int],
+    *,
+    what: str = "worker",
+    stop_timeout_s: float = STOP_TIMEOUT_S,
+    on_stop: Callable[[], None] | None = None,
+) -> int:
     """Run ``target(index)`` in ``count`` forked children until a signal stops them.
 
     ``target`` returns the child's exit status. Returns the command's exit status: 0 after a
-    signal, or the status of a child that failed before every child was ready.
+    signal, or the status of a child that failed before every child was ready. ``on_stop``
+    runs once when stopping begins (no child is forked after it); children still running
+    ``stop_timeout_s`` later are killed.
     """
-    return _Supervisor(count, target, what).run()
+    return _Supervisor(count, target, what, stop_timeout_s, on_stop).run()
 
 
 class _Supervisor:
-    def __init__(self, count: int, target: Callable[[int], int], what: str) -> None:
+    def __init__(
+        self,
+        count: int,
+        target: Callable[[int], int],
+        what: str,
+        stop_timeout_s: float,
+        on_stop: Callable[[], None] | None,
+    ) -> None:
         self.count = count
         self.target = target
         self.what = what
+        self.stop_timeout_s = stop_timeout_s
+        self.on_stop = on_stop
         self.children: dict[int, _Child] = {}
         self.restarts: list[tuple[float, int]] = []  # (when, index) of children to fork again
         self.announced = False  # READY=1 sent
@@ -202,8 +223,10 @@ class _Supervisor:
             return
         log.info("%s", why)
         self.stopping = True
-        self.stop_deadline = time.monotonic() + STOP_TIMEOUT_S
+        self.stop_deadline = time.monotonic() + self.stop_timeout_s
         self.restarts.clear()
+        if self.on_stop is not None:
+            self.on_stop()
         sdnotify.stopping()
         for pid in self.children:
             self._signal(pid, signal.SIGTERM)

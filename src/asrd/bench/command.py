@@ -67,6 +67,12 @@ def add_commands(subparsers: Any) -> None:
         default="loadtest",
         help="--spawn: engine of the workers (loadtest or pocketsphinx; default loadtest)",
     )
+    target.add_argument(
+        "--gateways",
+        type=int,
+        default=1,
+        help="--spawn: gateway processes sharing the port ([server] processes; default 1)",
+    )
     target.add_argument("--workers", type=int, default=2, help="--spawn: worker processes")
     target.add_argument("--decoders", type=int, default=3, help="--spawn: decoders per worker")
     target.add_argument(
@@ -242,6 +248,7 @@ async def open_target(args: argparse.Namespace) -> AsyncIterator[Target]:
         idle_timeout = max(idle_timeout, 600.0)
     config = StackConfig(
         engine=args.engine,
+        gateways=args.gateways,
         workers=args.workers,
         decoders=args.decoders,
         shared_workers=not args.separate_workers,
@@ -277,6 +284,7 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
         if target.stack is not None:
             report["stack"] = {
                 "engine": target.stack.engine,
+                "gateways": target.stack.gateways,
                 "workers": target.stack.workers,
                 "decoders": target.stack.decoders,
                 "shared_workers": target.stack.shared_workers,
@@ -644,7 +652,8 @@ def report_text(report: dict[str, Any]) -> str:
         s = report["stack"]
         forked = "forked from one" if s.get("shared_workers", False) else "separate"
         lines.append(
-            f"stack: nats-server, gateway, {s['workers']} {s['engine']} workers ({forked}) x "
+            f"stack: nats-server, {s.get('gateways', 1)} gateway processes, "
+            f"{s['workers']} {s['engine']} workers ({forked}) x "
             f"{s['decoders']} decoders (final_pass {s['final_pass']})"
         )
     if "engine_baseline" in report:

@@ -38,6 +38,7 @@ __all__ = ["Stack", "StackConfig", "open_stack", "render_toml"]
 @dataclass(frozen=True)
 class StackConfig:
     engine: str = "loadtest"
+    gateways: int = 1  # [server] processes: gateway processes sharing the port
     workers: int = 2
     decoders: int = 3
     # True: one `asrd worker --processes N` that loads the engine once and forks N processes
@@ -58,6 +59,7 @@ class StackConfig:
                 "port": port,
                 "idle_timeout_s": self.idle_timeout_s,
                 "max_sessions": self.max_sessions,
+                "processes": self.gateways,
             },
             "nats": {"subject_prefix": self.prefix},
             "worker": {
@@ -129,6 +131,29 @@ async def _wait_port(port: int, procs: list[subprocess.Popen[bytes]], timeout_s:
             return
 
 
+def _listening_sockets(port: int) -> int:
+    """How many sockets listen on ``port`` (one per gateway process, asrd.reuseport)."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                local, state = line.split()[1], line.split()[3]
+                count += state == "0A" and int(local.rsplit(":", 1)[1], 16) == port
+    return count
+
+
+async def _wait_listening(
+    port: int, count: int, procs: list[subprocess.Popen[bytes]], timeout_s: float
+) -> None:
+    """Until ``count`` processes listen on ``port``: else the first takes every session."""
+    with trio.fail_after(timeout_s):
+        while _listening_sockets(port) < count:
+            for p in procs:
+                if p.poll() is not None:
+                    raise RuntimeError(f"{p.args!r} exited with status {p.returncode}")
+            await trio.sleep(0.05)
+
+
 async def _wait_workers(
     nats_url: str, config: StackConfig, procs: list[subprocess.Popen[bytes]], timeout_s: float
 ) -> None:
@@ -156,7 +181,8 @@ async def _wait_workers(
 async def open_stack(
     config: StackConfig, *, log_level: str = "warning", startup_timeout_s: float = 300.0
 ) -> AsyncIterator[Stack]:
-    """Run nats-server, ``config.workers`` workers and a gateway until the block ends."""
+    """Run nats-server, ``config.workers`` workers and ``config.gateways`` gateway processes
+    until the block ends."""
     port = free_port()
     nats_port = free_port()
     nats_url = f"nats://127.0.0.1:{nats_port}"
@@ -182,15 +208,18 @@ async def open_stack(
                 started.append(w)
             gateway = _popen([*asrd, "gateway", "--config", str(path), "--nats-url", nats_url])
             started.append(gateway)
-            await _wait_port(port, started, startup_timeout_s)
+            await _wait_listening(port, config.gateways, started, startup_timeout_s)
             await _wait_workers(nats_url, config, started, startup_timeout_s)
             await trio.sleep(0.5)  # the gateway hears the heartbeats too
             worker_pids = [w.pid for w in workers]
             if config.shared_workers and config.workers > 1:
                 worker_pids += children_of(workers[0].pid)  # the forked processes
+            gateway_pids = [gateway.pid]
+            if config.gateways > 1:
+                gateway_pids += children_of(gateway.pid)
             procs = ProcSet(
                 {
-                    "gateway": [gateway.pid],
+                    "gateway": gateway_pids,
                     "worker": worker_pids,
                     "nats": [nats.pid],
                 }
