@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results}
 PY=${PY:-.venv/bin/python}
 QUIET=${QUIET:-600}
-STEPS=${STEPS:-"baseline loadtest loadtest-capacity transport pocketsphinx forked engine-realtime idle soak"}
+STEPS=${STEPS:-"baseline loadtest gateways loadtest-capacity transport pocketsphinx forked engine-realtime idle soak"}
 SOAK_S=${SOAK_S:-1200}
 mkdir -p "$OUT"
 bench() { $PY -m asrd --log-level warning bench --quiet-wait "$QUIET" --retry-noisy "${RETRY:-3}" "$@"; }
@@ -28,6 +28,12 @@ for step in $STEPS; do
     for n in ${LOADTEST_NS:-50 100 150 200 300 500}; do
       bench $LOADTEST -n $n --duration 60 --ramp 10 -o "$OUT/loadtest-$n.json"
     done ;;
+  gateways)
+    # one gateway process against two sharing the port ([server] processes), alternated
+    for i in 1 2 3; do for g in 1 2; do
+      bench $LOADTEST --gateways $g -n ${GATEWAYS_N:-150} --duration 60 --ramp 10 \
+        -o "$OUT/gateways-$g-$i.json"
+    done; done ;;
   loadtest-capacity)
     bench $LOADTEST --find-capacity --start 200 --lag-limit-ms 100 --duration 60 --ramp 10 \
       -o "$OUT/loadtest-capacity.json" ;;
