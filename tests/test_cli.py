@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -175,3 +176,21 @@ def test_forked_workers_that_cannot_reach_nats_fail_as_one_worker_does(tmp_path:
     assert "asrd: cannot connect to NATS at nats://127.0.0.1:1" in result.stderr
     assert "exited with 1 at start" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_gateway_processes_that_cannot_reach_nats_fail_and_serve_runs_one(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "c.toml").write_text(
+        '[server]\nport = 0\nprocesses = 2\n\n[nats]\nurl = "nats://127.0.0.1:1"\n'
+        '\n[worker]\nprocesses = 1\nengine = "loadtest"\n'
+    )
+    result = run_asrd(tmp_path, "gateway", "--config", "c.toml")
+    assert result.returncode == 1, result.stderr
+    assert "asrd: cannot connect to NATS at nats://127.0.0.1:1" in result.stderr
+    assert re.search(r"gateway process \d exited with 1 at start", result.stderr)
+    assert "Traceback" not in result.stderr
+    # `asrd serve` runs one gateway process in its own process, and says so.
+    result = run_asrd(tmp_path, "serve", "--config", "c.toml")
+    assert "asrd serve runs one gateway process; [server] processes = 2" in result.stderr
+    assert result.returncode == 1, result.stderr
