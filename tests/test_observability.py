@@ -61,6 +61,7 @@ async def test_gateway_metrics_and_health(gateway: RunningGateway) -> None:
     assert metric(text, "asrd_endpointing_seconds_count") >= 1
     assert metric(text, "asrd_workers_alive") == 2
     assert metric(text, "asrd_decoders_total") == 4
+    assert metric(text, "asrd_redis_errors_total") == 0  # no Redis configured
     assert (await trio.to_thread.run_sync(get, base + "/healthz"))[0] == 200
     assert (await trio.to_thread.run_sync(get, base + "/readyz"))[0] == 200
     assert (await trio.to_thread.run_sync(get, base + "/nope"))[0] == 404

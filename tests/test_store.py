@@ -49,6 +49,7 @@ from asrd.worker import Worker
 from tests.audio_fixtures import load_clip, silence
 from tests.conftest import Nats, Pool
 from tests.servers import redis_server, stop, wait_port
+from tests.test_observability import get, metric
 
 pytestmark = pytest.mark.integration
 GUARD_S = 120  # hang guards, not speed thresholds
@@ -648,6 +649,44 @@ async def test_workers_follow_the_live_routing(nats: Nats, pool: Pool, redis_url
             nursery.cancel_scope.cancel()
 
 
+async def test_a_worker_following_the_routing_counts_redis_errors_and_reconnects(
+    nats: Nats, pool: Pool, restartable_redis: RedisProcess
+) -> None:
+    """The worker's /metrics: failed Redis commands while Redis is away, a reconnect after."""
+    redis = restartable_redis
+    redis.start()
+    config = gateway_config(nats.url, pool, redis.url, config_poll_s=0.1).model_copy(
+        update={"worker": WorkerConfig(pool="follow-q", decoders=1)}
+    )
+    async with (
+        open_nats_bus(config.nats, nats.url, name="test-worker") as bus,
+        trio.open_nursery() as nursery,
+    ):
+        worker = Worker(config.worker, config.nats.subject_prefix, bus, FakeEngine(1))
+        await nursery.start(follow_worker_pool, config, worker)
+
+        def sample(name: str) -> float:
+            return metric(worker.metrics.registry.render().decode(), name)
+
+        await trio.sleep(0.5)  # a few polls
+        errors0 = sample("asrd_redis_errors_total")  # 0 unless Redis was still LOADING
+        reconnects0 = sample("asrd_redis_reconnects_total")
+        redis.stop()
+
+        async def failing() -> bool:
+            return sample("asrd_redis_errors_total") >= errors0 + 2
+
+        await eventually(failing)
+        assert sample("asrd_redis_reconnects_total") == reconnects0
+        redis.start()
+
+        async def reconnected() -> bool:
+            return sample("asrd_redis_reconnects_total") > reconnects0
+
+        await eventually(reconnected)
+        nursery.cancel_scope.cancel()
+
+
 # --- 5. admission across gateways ----------------------------------------------------------------
 
 
@@ -797,7 +836,16 @@ async def test_redis_stop_and_start_during_live_sessions(
     async with open_redis_gateway(
         nats.url, pool, redis.url, slot_ttl_s=4.0, slot_refresh_s=1.0
     ) as gw:
+
+        async def redis_metrics() -> tuple[float, float]:
+            """(asrd_redis_errors_total, asrd_redis_reconnects_total) from /metrics."""
+            status, text = await trio.to_thread.run_sync(get, f"http://127.0.0.1:{gw.port}/metrics")
+            assert status == 200
+            names = ("asrd_redis_errors_total", "asrd_redis_reconnects_total")
+            return metric(text, names[0]), metric(text, names[1])
+
         assert await started(gw.url, "steady", cached_token)  # validated: now cached
+        errors0, reconnects0 = await redis_metrics()  # 0, 0 unless Redis was still LOADING
 
         async def recorded(n: int) -> bool:
             return sum(row.sessions for row in await repo.usage("steady")) == n
@@ -816,6 +864,8 @@ async def test_redis_stop_and_start_during_live_sessions(
 
             await eventually(refused)
             assert not gw.plane.available
+            errors, reconnects = await redis_metrics()
+            assert errors > errors0 and reconnects == reconnects0
             assert any("unreachable" in rec.getMessage() for rec in caplog.records)
             assert any(
                 "refusing a session of appkey 'steady' with 50000000" in rec.getMessage()
@@ -850,6 +900,7 @@ async def test_redis_stop_and_start_during_live_sessions(
 
         await eventually(flushed)
         assert any("reachable again" in rec.getMessage() for rec in caplog.records)
+        assert (await redis_metrics())[1] > reconnects0
         async with open_repo(redis.url) as repo:
             (row,) = await repo.usage("steady")
             assert row.sessions == 3 and row.lost_transcripts == 0

@@ -78,6 +78,8 @@ class Gateway:
         m.decoders_total.fn = lambda: sum(b.capacity for b in self.registry.all())
         m.nats_reconnects.fn = lambda: bus.reconnects
         m.nats_errors.fn = lambda: getattr(bus, "errors", 0)
+        m.redis_errors.fn = lambda: getattr(control, "redis_errors", 0)  # 0: no Redis
+        m.redis_reconnects.fn = lambda: getattr(control, "redis_reconnects", 0)
         self.stop_requested = trio.Event()
         self.draining = False
         self.port = 0

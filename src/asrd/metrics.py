@@ -122,6 +122,7 @@ class GatewayMetrics:
         self.decoders_total = r.add(Gauge("asrd_decoders_total", "decoders of live workers"))
         self.nats_reconnects = r.add(Gauge("asrd_nats_reconnects_total", "NATS reconnections"))
         self.nats_errors = r.add(Gauge("asrd_nats_errors_total", "NATS errors"))
+        self.redis_errors, self.redis_reconnects = _redis_gauges(r)
 
 
 class WorkerMetrics:
@@ -138,3 +139,12 @@ class WorkerMetrics:
         self.errors = r.add(Counter("asrd_worker_session_errors_total", "sessions failed"))
         self.nats_reconnects = r.add(Gauge("asrd_nats_reconnects_total", "NATS reconnections"))
         self.nats_errors = r.add(Gauge("asrd_nats_errors_total", "NATS errors"))
+        self.redis_errors, self.redis_reconnects = _redis_gauges(r)  # following the routing
+
+
+def _redis_gauges(r: Registry) -> tuple[Gauge, Gauge]:
+    """Failed Redis commands and recoveries; 0 for a process that uses no Redis."""
+    return (
+        r.add(Gauge("asrd_redis_errors_total", "failed Redis commands")),
+        r.add(Gauge("asrd_redis_reconnects_total", "Redis reachable again after an outage")),
+    )

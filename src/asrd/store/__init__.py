@@ -48,6 +48,11 @@ class Store(Protocol):
         """Where the store lives, without credentials (for messages)."""
         ...
 
+    @property
+    def errors(self) -> int:
+        """Commands that failed so far (StoreUnavailable or StoreError), for /metrics."""
+        ...
+
     async def execute(self, *args: Arg) -> Any:
         """One command, e.g. ``execute("HGETALL", key)``."""
 

@@ -14,6 +14,7 @@ from typing import Protocol
 import trio
 
 from asrd.config import Config, RoutingConfig
+from asrd.metrics import WorkerMetrics
 from asrd.store import StoreError, StoreUnavailable
 from asrd.store.plane import ConfigWatcher
 from asrd.store.redisstore import open_redis_store
@@ -23,6 +24,8 @@ log = logging.getLogger(__name__)
 
 
 class PoolServer(Protocol):
+    metrics: WorkerMetrics
+
     async def set_pool(self, pool: str) -> None:
         """Serve claims of ``pool`` from now on (running sessions continue)."""
 
@@ -43,6 +46,9 @@ async def follow_worker_pool(
         watcher = ConfigWatcher(Repository(store, config.redis))
         task_status.started()
         reachable = True
+        reconnects = 0
+        worker.metrics.redis_errors.fn = lambda: store.errors
+        worker.metrics.redis_reconnects.fn = lambda: reconnects
         while True:
             try:
                 changed, doc = await watcher.poll()
@@ -55,6 +61,7 @@ async def follow_worker_pool(
             else:
                 if not reachable:
                     log.warning("Redis at %s is reachable again", store.url)
+                    reconnects += 1
                 reachable = True
                 if changed:
                     routing = doc.routing if doc is not None else config.routing

@@ -128,6 +128,7 @@ class RedisControlPlane:
         self.lost_transcripts = 0  # dropped from the full buffer (counted in usage)
         self.refused_unavailable = 0
         self.served_from_cache = 0
+        self.redis_reconnects = 0  # reachable again after being marked unreachable
         self._refusals = RateLimitedLog(log)
         self._drops = RateLimitedLog(log)
 
@@ -483,9 +484,14 @@ class RedisControlPlane:
                 self._rc.buffer_records,
             )
 
+    @property
+    def redis_errors(self) -> int:
+        return self._repo.store.errors
+
     def _mark_up(self) -> None:
         if not self.available:
             self.available = True
+            self.redis_reconnects += 1
             log.warning(
                 "Redis at %s is reachable again; writing %d buffered records",
                 self._repo.store.url,

@@ -51,6 +51,7 @@ class RedisStore:
         self._thread = thread
         self._client = client
         self._url = redacted(url)
+        self.errors = 0
 
     @property
     def url(self) -> str:
@@ -70,14 +71,18 @@ class RedisStore:
         return await self._call(self._eval(script, keys, args))
 
     async def _call(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Run a coroutine on the asyncio thread; redis exceptions become StoreError here."""
+        """Run a coroutine on the asyncio thread; redis exceptions become StoreError here, and
+        are counted (``errors``, for /metrics)."""
         try:
             return await self._thread.run(coro)
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+            self.errors += 1
             raise StoreUnavailable(f"Redis at {self._url} unreachable: {exc}") from exc
         except (TimeoutError, OSError, concurrent.futures.CancelledError) as exc:
+            self.errors += 1
             raise StoreUnavailable(f"Redis at {self._url} unreachable: {exc!r}") from exc
         except redis.exceptions.RedisError as exc:
+            self.errors += 1
             raise StoreError(f"Redis at {self._url}: {exc}") from exc
 
     # --- asyncio side ----------------------------------------------------------------------
