@@ -767,6 +767,55 @@ async def test_gateway_processes_share_the_port_and_are_supervised(
     assert set(ns.senders) == {proc.pid}, "a forked process reported to systemd itself"
 
 
+async def test_ctrl_c_lets_the_sessions_of_gateway_processes_finish(
+    nats: Nats, tmp_path: Path
+) -> None:
+    """A terminal's Ctrl-C (SIGINT to the whole process group) reaches each forked process
+    once, through the parent: the processes drain, and a running session completes."""
+    worker = start_worker(nats.url, "cc-en", 2, "--engine", "loadtest")
+    port = free_port()
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        f'[server]\nport = {port}\nprocesses = 2\ndefault_language = "cc-en"\n'
+        f'\n[nats]\nurl = "{nats.url}"\n'
+    )
+    argv = asrd_argv("gateway", "--config", str(config))
+    # A session of its own, as a terminal's foreground job has a process group of its own.
+    proc = subprocess.Popen(  # noqa: ASYNC220 - as spawn_notifying does
+        argv, start_new_session=True, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        await heard_workers(nats.url, "cc-en", 1)
+        with trio.fail_after(GUARD_S):
+            while len(children_of(proc.pid)) < 2 or not await ready(port):  # noqa: ASYNC110
+                await trio.sleep(0.05)
+        await trio.sleep(1.0)  # both processes hear the worker too
+        pcm = load_clip("0930") + silence(1000, 16000)  # 4.3 s, sent in real time
+        with trio.fail_after(GUARD_S):
+            async with open_transcription(
+                f"ws://127.0.0.1:{port}/ws/v1", pcm, 16000, token="t", appkey="default",
+                realtime=True,
+            ) as tr:  # fmt: skip
+                await trio.sleep(0.5)
+                os.killpg(proc.pid, signal.SIGINT)
+                events = [e async for e in tr]
+        assert events[-1]["header"]["name"] == "TranscriptionCompleted", events[-1]
+        assert await wait_exit(proc) == 0
+        assert proc.stderr is not None
+        log = proc.stderr.read()
+        assert log.count("gateway stopped") == 2, log
+    finally:
+        stop(proc)
+        stop(worker)
+
+
+async def ready(port: int) -> bool:
+    try:
+        return (await http_get(port, "/readyz")).startswith(b"HTTP/1.1 200")
+    except OSError:
+        return False
+
+
 def test_gateway_processes_fail_clearly_on_a_port_in_use(nats: Nats, tmp_path: Path) -> None:
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]

@@ -11,7 +11,8 @@ they share a port (asrd.reuseport) rather than a model.
 
 The parent only supervises; it never starts a thread or an event loop, so forking is safe:
 
-* it forwards SIGTERM and SIGINT to every child and exits when all have stopped;
+* it forwards SIGTERM and SIGINT to every child (each in a process group of its own, so that
+  a terminal's Ctrl-C reaches it once, through the parent) and exits when all have stopped;
 * it stands between systemd and the children: they report to the parent's own notification
   socket (the protocol of :mod:`asrd.sdnotify`); the parent sends READY=1 once every child
   has, STOPPING=1 on a signal, and the watchdog while it runs, and kills a child that stops
@@ -80,6 +81,10 @@ def _in_child(
         for signum in _SIGNALS:
             signal.signal(signum, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        # A process group of its own: a terminal's Ctrl-C reaches only the parent, which passes
+        # it on once. A child that got it twice (from the terminal, then from the parent) would
+        # take the second as "stop now" and cut its drain short.
+        os.setpgid(0, 0)
         die_with_parent()  # even when the parent is SIGKILLed
         for key in sdnotify.ENVIRONMENT_KEYS:
             os.environ.pop(key, None)
