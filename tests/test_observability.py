@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
+import os
+import time
 import urllib.request
 
 import pytest
@@ -12,6 +15,8 @@ import trio
 from asrd import logs
 from asrd.children import free_port
 from asrd.client import open_transcription
+from asrd.metrics import WorkerMetrics
+from asrd.procfs import read_proc
 from tests.audio_fixtures import load_clip, silence
 from tests.conftest import Nats, RunningGateway
 from tests.servers import start_worker, stop
@@ -62,6 +67,7 @@ async def test_gateway_metrics_and_health(gateway: RunningGateway) -> None:
     assert metric(text, "asrd_workers_alive") == 2
     assert metric(text, "asrd_decoders_total") == 4
     assert metric(text, "asrd_redis_errors_total") == 0  # no Redis configured
+    assert metric(text, "process_open_fds") > 3  # the listener, NATS, the metrics socket
     assert (await trio.to_thread.run_sync(get, base + "/healthz"))[0] == 200
     assert (await trio.to_thread.run_sync(get, base + "/readyz"))[0] == 200
     assert (await trio.to_thread.run_sync(get, base + "/nope"))[0] == 404
@@ -75,8 +81,6 @@ def test_worker_metrics_endpoint(nats: Nats) -> None:
     port = free_port()
     worker = start_worker(nats.url, "it-metrics", 1, "--metrics-port", str(port))
     try:
-        import time
-
         deadline = time.monotonic() + GUARD_S
         while True:
             try:
@@ -88,9 +92,58 @@ def test_worker_metrics_endpoint(nats: Nats) -> None:
         assert status == 200
         assert metric(text, "asrd_worker_decoders_total") == 1
         assert metric(text, "asrd_worker_decoders_free") == 1
+        # The worker's own process, not ours: its RSS as seen from outside (pocketsphinx's
+        # model makes it far larger than a bare Python).
+        outside = read_proc(worker.pid)
+        assert outside is not None and outside.rss_kb > 50_000
+        rss = metric(text, "process_resident_memory_bytes")
+        assert 0.8 < rss / (outside.rss_kb * 1024) < 1.25
+        assert metric(text, "process_cpu_seconds_total") <= outside.cpu_s
         assert get(f"http://127.0.0.1:{port}/readyz")[0] == 200
     finally:
         stop(worker)
+
+
+def test_process_metrics_follow_this_process() -> None:
+    """The standard process_* and python_gc_* metrics (each scrape reads them afresh):
+    memory, CPU, file descriptors and collections move when the process uses more."""
+    registry = WorkerMetrics().registry
+
+    def scrape() -> str:
+        return registry.render().decode()
+
+    before = scrape()
+    ballast = bytearray(64 << 20)  # zero pages: resident only once written
+    for i in range(0, len(ballast), 4096):
+        ballast[i] = 1
+    spin_until = time.process_time() + 0.3
+    while time.process_time() < spin_until:
+        pass
+    gc.collect()
+    closed = scrape()  # (the collection may close sockets earlier tests left to it)
+    with open(os.devnull) as _a, open(os.devnull) as _b:
+        after = scrape()
+    full = 'python_gc_collections_total{generation="2"}'
+    assert metric(after, full) > metric(before, full)
+    grown = metric(after, "process_resident_memory_bytes") - metric(
+        before, "process_resident_memory_bytes"
+    )
+    assert grown > 60 << 20
+    assert metric(after, "process_virtual_memory_bytes") >= metric(
+        after, "process_resident_memory_bytes"
+    )
+    assert (
+        metric(after, "process_cpu_seconds_total") - metric(before, "process_cpu_seconds_total")
+        >= 0.25
+    )
+    assert metric(after, "process_open_fds") == metric(closed, "process_open_fds") + 2
+    assert metric(after, "process_max_fds") >= metric(after, "process_open_fds")
+    # Seconds since the epoch (not since boot, not clock ticks): this test process
+    # started before now, and within the last day.
+    started = metric(after, "process_start_time_seconds")
+    assert time.time() - 86400 < started <= time.time()
+    assert "# TYPE process_cpu_seconds_total counter" in after
+    del ballast
 
 
 def test_json_log_lines_carry_session_and_task_ids() -> None:

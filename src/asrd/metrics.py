@@ -7,8 +7,12 @@ the per-frame path. One :class:`Registry` per process.
 from __future__ import annotations
 
 import bisect
+import gc
+import os
 from collections.abc import Callable, Iterable, Sequence
 from typing import TypeVar
+
+from asrd import procfs
 
 LATENCY_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -68,13 +72,54 @@ class Histogram:
         yield f"{self.name}_count {self.count}"
 
 
-Metric = Counter | Gauge | Histogram
+class ProcessMetrics:
+    """This process's CPU, memory, file descriptors and garbage collections, read when scraped.
+
+    The names and meanings are those of the official Prometheus client for Python
+    (``process_*``, ``python_gc_*``), so stock dashboards and alerts work unchanged: a slow
+    leak shows in ``process_resident_memory_bytes`` long before the out-of-memory killer does.
+    """
+
+    def render(self) -> Iterable[str]:
+        pid = os.getpid()
+        s = procfs.read_proc(pid)
+        if s is not None:  # else no /proc: not Linux
+            yield from _family("process_cpu_seconds_total", "counter", "user and system CPU, s")
+            yield f"process_cpu_seconds_total {s.cpu_s:.15g}"
+            yield from _family("process_resident_memory_bytes", "gauge", "resident memory")
+            yield f"process_resident_memory_bytes {s.rss_kb * 1024}"
+            yield from _family("process_virtual_memory_bytes", "gauge", "virtual memory")
+            yield f"process_virtual_memory_bytes {s.vm_kb * 1024}"
+            yield from _family("process_start_time_seconds", "gauge", "start, s since the epoch")
+            yield f"process_start_time_seconds {procfs.boot_time() + s.started_s:.15g}"
+            yield from _family("process_open_fds", "gauge", "open file descriptors")
+            yield f"process_open_fds {procfs.open_fds(pid)}"
+            yield from _family("process_max_fds", "gauge", "most file descriptors it may open")
+            yield f"process_max_fds {procfs.max_fds()}"
+        stats = gc.get_stats()
+        for key, name, help_ in (
+            ("collections", "python_gc_collections_total", "collections by generation"),
+            ("collected", "python_gc_objects_collected_total", "objects collected"),
+            ("uncollectable", "python_gc_objects_uncollectable_total", "uncollectable objects"),
+        ):
+            yield from _family(name, "counter", help_)
+            for generation, stat in enumerate(stats):
+                yield f'{name}{{generation="{generation}"}} {stat[key]}'
+
+
+def _family(name: str, kind: str, help_: str) -> tuple[str, str]:
+    return f"# HELP {name} {help_}", f"# TYPE {name} {kind}"
+
+
+Metric = Counter | Gauge | Histogram | ProcessMetrics
 M = TypeVar("M", Counter, Gauge, Histogram)
 
 
 class Registry:
+    """The metrics of one process; each starts with the ``process_*`` ones."""
+
     def __init__(self) -> None:
-        self.metrics: list[Metric] = []
+        self.metrics: list[Metric] = [ProcessMetrics()]
 
     def add(self, metric: M) -> M:
         self.metrics.append(metric)

@@ -1,4 +1,4 @@
-"""CPU time and memory of the processes under test, read from ``/proc`` (Linux).
+"""CPU time and memory of the processes under test (:mod:`asrd.procfs`), by role, over a run.
 
 :class:`ProcSet` names the processes of a stack by role (``gateway``, ``worker``, ``nats``,
 ``client``); :class:`Sampler` reads them periodically during a run, so a report can give CPU
@@ -7,12 +7,13 @@ seconds over exactly the run, the peak and final RSS, and an RSS time series (fo
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
+
+from asrd.procfs import TICKS, ProcSample, read_proc
 
 __all__ = [
     "ProcSample",
@@ -22,52 +23,6 @@ __all__ = [
     "parse_pids",
     "read_proc",
 ]
-
-_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
-@dataclass(frozen=True, slots=True)
-class ProcSample:
-    cpu_s: float  # user + system CPU seconds since the process started
-    rss_kb: int  # VmRSS
-    hwm_kb: int  # VmHWM: peak RSS since the process started
-    # Pss: RSS with each page shared by N processes counted 1/N. Forked workers share the
-    # engine's model, so only the sum of their PSS is the memory they use together.
-    pss_kb: int = 0
-
-
-def read_proc(pid: int, *, pss: bool = False) -> ProcSample | None:
-    """CPU and memory of ``pid``; None when it is gone (or not readable).
-
-    ``pss`` also reads Pss, which costs the kernel a walk of the process's page tables
-    (~2.6 ms for a 250 MB worker, holding its memory-map lock): not for every sample.
-    """
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return None
-    # Field 2 (comm) may contain spaces and parentheses: split after its closing ")".
-    fields = stat[stat.rindex(")") + 2 :].split()
-    cpu = (int(fields[11]) + int(fields[12])) / _TICKS  # utime, stime (fields 14, 15)
-    rss = hwm = 0
-    for line in status.splitlines():
-        if line.startswith("VmRSS:"):
-            rss = int(line.split()[1])
-        elif line.startswith("VmHWM:"):
-            hwm = int(line.split()[1])
-    return ProcSample(cpu, rss, hwm, _pss_kb(pid) if pss else 0)
-
-
-def _pss_kb(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
 
 
 def machine_busy_s() -> float:
@@ -80,7 +35,7 @@ def machine_busy_s() -> float:
     values = [int(v) for v in fields[1:]]
     idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
     guest = sum(values[8:10]) if len(values) > 9 else 0  # already counted in user/nice
-    return (sum(values) - idle - guest) / _TICKS
+    return (sum(values) - idle - guest) / TICKS
 
 
 def children_of(pid: int) -> list[int]:
