@@ -416,13 +416,39 @@ def test_worker_heartbeat_stops_when_its_event_loop_is_stuck() -> None:
 def test_services_freeze_startup_objects_and_collect_less_often() -> None:
     import gc
 
-    from asrd import cli
+    from asrd import gctune
 
     before = gc.get_threshold()
     try:
-        cli._tune_gc()
+        gctune.tune()
         assert gc.get_freeze_count() > 1000  # the imported modules' objects
-        assert gc.get_threshold()[0] == cli.GC_GEN0_THRESHOLD > before[0]
+        assert gc.get_threshold()[0] == gctune.GEN0_THRESHOLD > before[0]
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
+
+
+async def test_services_run_a_full_collection_every_minute(autojump_clock: trio.abc.Clock) -> None:
+    """Only a full (generation 2) collection empties CPython's free lists; with the raised
+    threshold none would come on its own."""
+    import gc
+
+    from asrd import gctune
+
+    full: list[float] = []
+
+    def on_gc(phase: str, info: dict[str, int]) -> None:
+        if phase == "stop" and info["generation"] == 2:
+            full.append(trio.current_time())
+
+    gc.callbacks.append(on_gc)
+    try:
+        async with trio.open_nursery() as nursery:
+            start = trio.current_time()
+            nursery.start_soon(gctune.collect_periodically)
+            await trio.sleep(gctune.FULL_COLLECTION_INTERVAL_S * 3 + 1)
+            nursery.cancel_scope.cancel()
+    finally:
+        gc.callbacks.remove(on_gc)
+    # (A collection the test process makes on its own may come in between.)
+    assert {60, 120, 180} <= {round(t - start) for t in full}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import importlib
 import logging
 import os
@@ -17,7 +16,7 @@ from typing import Any, Literal
 
 import trio
 
-from asrd import sdnotify
+from asrd import gctune, sdnotify
 from asrd.config import Config, ConfigError, load_config
 from asrd.errors import AsrdError
 from asrd.reuseport import Reservation
@@ -25,7 +24,6 @@ from asrd.reuseport import Reservation
 log = logging.getLogger("asrd")
 
 DEFAULT_CONFIG = "config.toml"
-GC_GEN0_THRESHOLD = 10_000  # the default, 700, collects many times a second under load
 
 
 def _setup_logging(level: str, json_lines: bool) -> None:
@@ -93,6 +91,7 @@ async def _serve_gateway(
         gateway = Gateway(config, bus, control)
         async with trio.open_nursery() as nursery:
             await nursery.start(_stop_on_signals, gateway.stop_requested)
+            nursery.start_soon(gctune.collect_periodically)
             nursery.start_soon(
                 partial(
                     sdnotify.watchdog_loop,
@@ -114,21 +113,6 @@ async def _serve_gateway(
             nursery.cancel_scope.cancel()
 
 
-def _tune_gc() -> None:
-    """Make the cyclic garbage collector cheap for a long-running service.
-
-    What was imported and configured lives as long as the process: ``gc.freeze`` takes it out
-    of every later collection. A service allocates containers steadily (messages, events,
-    tuples of the journal), so the default gen-0 threshold (700) runs a collection many times
-    a second. Measured in the gateway at 262 load-test streams (docs/benchmarks.md): GC took
-    3.9 s of CPU per 75 s run with the defaults, 0.4 s with this, and its longest pause (CPU)
-    went from 117 to 37 ms.
-    """
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(GC_GEN0_THRESHOLD, 50, 100)
-
-
 def _worker_processes(config: Config) -> int:
     return config.worker.processes or os.cpu_count() or 1
 
@@ -145,7 +129,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "asrd serve runs one gateway process; [server] processes = %d is for asrd gateway",
             config.server.processes,
         )
-    _tune_gc()
+    gctune.tune()
     trio.run(_run_gateway, config, _config_path(args.config), None, workers)
     return 0
 
@@ -158,7 +142,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     )
     if not config.nats.url:
         raise ConfigError("asrd gateway needs a NATS server: set [nats] url or --nats-url")
-    _tune_gc()
+    gctune.tune()
     server = config.server
     if server.processes == 1:
         trio.run(_run_gateway, config, None, config.nats.url, 0)
@@ -230,7 +214,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         )
     except ValueError as exc:
         raise ConfigError(f"[worker] engine {config.worker.engine!r}: {exc}") from None
-    _tune_gc()  # before forking: the frozen objects' pages stay shared
+    gctune.tune()  # before forking: the frozen objects' pages stay shared
     processes = _worker_processes(config)
     work = partial(_process, "worker", partial(_run_worker, engine=engine), config)
     if processes == 1:
@@ -251,6 +235,7 @@ async def _run_worker(config: Config, engine: Any) -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(_stop_on_signals, stop)
             await nursery.start(worker.run)
+            nursery.start_soon(gctune.collect_periodically)
             nursery.start_soon(
                 partial(
                     sdnotify.watchdog_loop,
