@@ -428,7 +428,7 @@ def test_services_freeze_startup_objects_and_collect_less_often() -> None:
         gc.set_threshold(*before)
 
 
-async def test_services_run_a_full_collection_every_minute(autojump_clock: trio.abc.Clock) -> None:
+async def test_workers_run_a_full_collection_every_minute(autojump_clock: trio.abc.Clock) -> None:
     """Only a full (generation 2) collection empties CPython's free lists; with the raised
     threshold none would come on its own."""
     import gc

@@ -91,7 +91,6 @@ async def _serve_gateway(
         gateway = Gateway(config, bus, control)
         async with trio.open_nursery() as nursery:
             await nursery.start(_stop_on_signals, gateway.stop_requested)
-            nursery.start_soon(gctune.collect_periodically)
             nursery.start_soon(
                 partial(
                     sdnotify.watchdog_loop,
@@ -235,7 +234,7 @@ async def _run_worker(config: Config, engine: Any) -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(_stop_on_signals, stop)
             await nursery.start(worker.run)
-            nursery.start_soon(gctune.collect_periodically)
+            nursery.start_soon(gctune.collect_periodically)  # (not the gateway: see gctune)
             nursery.start_soon(
                 partial(
                     sdnotify.watchdog_loop,
