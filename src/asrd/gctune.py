@@ -12,8 +12,9 @@ Measured in docs/benchmarks.md ("Garbage collection", "The workers' growth"):
   grew 3.5-4.2 MB (7-8%) in 12 minutes, still rising; with one every 30 s, 0.1-0.2 MB. Those
   collections found no garbage at all: what they freed was the free lists. So workers run
   one every :data:`FULL_COLLECTION_INTERVAL_S`: 2-6 ms of CPU each. A gateway does not. It
-  tracks far more objects (the sessions' journals): at 80 sessions a full collection took
-  37-47 ms, a pause of every session, and its RSS stayed within 5% without them.
+  tracks far more objects (trio's tasks and coroutines of its sessions): at 80 sessions a
+  full collection took 37-77 ms, a pause of every session. Its RSS grows less with them,
+  but stayed within 5% after a 5-minute warm-up without them.
 """
 
 from __future__ import annotations
