@@ -84,18 +84,17 @@ class ProcessMetrics:
         pid = os.getpid()
         s = procfs.read_proc(pid)
         if s is not None:  # else no /proc: not Linux
-            yield from _family("process_cpu_seconds_total", "counter", "user and system CPU, s")
-            yield f"process_cpu_seconds_total {s.cpu_s:.15g}"
-            yield from _family("process_resident_memory_bytes", "gauge", "resident memory")
-            yield f"process_resident_memory_bytes {s.rss_kb * 1024}"
-            yield from _family("process_virtual_memory_bytes", "gauge", "virtual memory")
-            yield f"process_virtual_memory_bytes {s.vm_kb * 1024}"
-            yield from _family("process_start_time_seconds", "gauge", "start, s since the epoch")
-            yield f"process_start_time_seconds {procfs.boot_time() + s.started_s:.15g}"
-            yield from _family("process_open_fds", "gauge", "open file descriptors")
-            yield f"process_open_fds {procfs.open_fds(pid)}"
-            yield from _family("process_max_fds", "gauge", "most file descriptors it may open")
-            yield f"process_max_fds {procfs.max_fds()}"
+            started = procfs.boot_time() + s.started_s
+            for name, kind, help_, value in (
+                ("process_cpu_seconds_total", "counter", "user and system CPU, s", s.cpu_s),
+                ("process_resident_memory_bytes", "gauge", "resident memory", s.rss_kb * 1024),
+                ("process_virtual_memory_bytes", "gauge", "virtual memory", s.vm_kb * 1024),
+                ("process_start_time_seconds", "gauge", "start, s since the epoch", started),
+                ("process_open_fds", "gauge", "open file descriptors", procfs.open_fds(pid)),
+                ("process_max_fds", "gauge", "most file descriptors it may open", procfs.max_fds()),
+            ):
+                yield from _family(name, kind, help_)
+                yield f"{name} {value:.15g}"
         stats = gc.get_stats()
         for key, name, help_ in (
             ("collections", "python_gc_collections_total", "collections by generation"),
