@@ -26,8 +26,7 @@ class Counter:
         self.values[label_values] = self.values.get(label_values, 0.0) + amount
 
     def render(self) -> Iterable[str]:
-        yield f"# HELP {self.name} {self.help}"
-        yield f"# TYPE {self.name} counter"
+        yield from _family(self.name, "counter", self.help)
         if not self.values and not self.labels:
             yield f"{self.name} 0"
         for lv, v in sorted(self.values.items()):
@@ -42,8 +41,7 @@ class Gauge:
         self.value = 0.0
 
     def render(self) -> Iterable[str]:
-        yield f"# HELP {self.name} {self.help}"
-        yield f"# TYPE {self.name} gauge"
+        yield from _family(self.name, "gauge", self.help)
         yield f"{self.name} {(self.fn() if self.fn else self.value):g}"
 
 
@@ -61,8 +59,7 @@ class Histogram:
         self.count += 1
 
     def render(self) -> Iterable[str]:
-        yield f"# HELP {self.name} {self.help}"
-        yield f"# TYPE {self.name} histogram"
+        yield from _family(self.name, "histogram", self.help)
         cumulative = 0
         for bound, n in zip(self.buckets, self.counts, strict=False):
             cumulative += n
@@ -107,6 +104,7 @@ class ProcessMetrics:
 
 
 def _family(name: str, kind: str, help_: str) -> tuple[str, str]:
+    """The HELP and TYPE lines that head a metric family."""
     return f"# HELP {name} {help_}", f"# TYPE {name} {kind}"
 
 
