@@ -428,27 +428,47 @@ def test_services_freeze_startup_objects_and_collect_less_often() -> None:
         gc.set_threshold(*before)
 
 
-async def test_workers_run_a_full_collection_every_minute(autojump_clock: trio.abc.Clock) -> None:
-    """Only a full (generation 2) collection empties CPython's free lists; with the raised
-    threshold none would come on its own."""
+def test_free_lists_are_emptied_without_examining_any_object() -> None:
+    """What the gateway runs every minute: the free lists go, as after a full collection,
+    but the collector looks at nothing (so a loaded gateway does not pause)."""
     import gc
+    import sys
+    import weakref
 
     from asrd import gctune
 
-    full: list[float] = []
+    class Node:
+        pass
 
-    def on_gc(phase: str, info: dict[str, int]) -> None:
-        if phase == "stop" and info["generation"] == 2:
-            full.append(trio.current_time())
-
-    gc.callbacks.append(on_gc)
+    gc.disable()  # no automatic collection in between
     try:
-        async with trio.open_nursery() as nursery:
-            start = trio.current_time()
-            nursery.start_soon(gctune.collect_periodically)
-            await trio.sleep(gctune.FULL_COLLECTION_INTERVAL_S * 3 + 1)
-            nursery.cancel_scope.cancel()
+        node = Node()
+        node.self = node  # type: ignore[attr-defined]
+        cycle = weakref.ref(node)
+        del node  # garbage that only the collector can find
+        tuples = [tuple([i]) for i in range(5000)]
+        del tuples  # 2,000 of them stay allocated, on the 1-tuple free list
+        full = gc.get_stats()[2]["collections"]
+        blocks = sys.getallocatedblocks()
+        gctune.empty_free_lists()
+        assert blocks - sys.getallocatedblocks() >= 2000
+        assert gc.get_stats()[2]["collections"] == full + 1
+        assert cycle() is not None  # not examined ...
+        assert gc.get_freeze_count() == 0  # ... and nothing left frozen
+        gctune.full_collection()
+        assert cycle() is None  # a worker's full collection does examine it
+        assert gc.get_stats()[2]["collections"] == full + 2
     finally:
-        gc.callbacks.remove(on_gc)
-    # (A collection the test process makes on its own may come in between.)
-    assert {60, 120, 180} <= {round(t - start) for t in full}
+        gc.enable()
+
+
+async def test_free_lists_are_emptied_every_minute(autojump_clock: trio.abc.Clock) -> None:
+    from asrd import gctune
+
+    start = trio.current_time()
+    runs: list[float] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(gctune.periodically, lambda: runs.append(trio.current_time() - start))
+        await trio.sleep(gctune.FREE_LISTS_INTERVAL_S * 3 + 1)
+        nursery.cancel_scope.cancel()
+    assert [round(t) for t in runs] == [60, 120, 180]

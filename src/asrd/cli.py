@@ -91,6 +91,8 @@ async def _serve_gateway(
         gateway = Gateway(config, bus, control)
         async with trio.open_nursery() as nursery:
             await nursery.start(_stop_on_signals, gateway.stop_requested)
+            # a full collection would pause every session: see gctune
+            nursery.start_soon(gctune.periodically, gctune.empty_free_lists)
             nursery.start_soon(
                 partial(
                     sdnotify.watchdog_loop,
@@ -234,7 +236,7 @@ async def _run_worker(config: Config, engine: Any) -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(_stop_on_signals, stop)
             await nursery.start(worker.run)
-            nursery.start_soon(gctune.collect_periodically)  # (not the gateway: see gctune)
+            nursery.start_soon(gctune.periodically, gctune.full_collection)
             nursery.start_soon(
                 partial(
                     sdnotify.watchdog_loop,
