@@ -16,6 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import pydantic
 import pytest
 import trio
 
@@ -234,6 +235,25 @@ def test_stack_config_renders_valid_asrd_toml() -> None:
     config = Config.model_validate(tomllib.loads(text))
     assert config.server.port == 12345 and config.worker.engine == "loadtest"
     assert config.worker.decoders == 7
+
+
+def test_decoders_per_worker_are_bounded_with_a_clear_error() -> None:
+    from asrd.config import MAX_DECODERS, Config
+
+    most = StackConfig(engine="loadtest", decoders=MAX_DECODERS).sections(12345)
+    assert Config.model_validate(tomllib.loads(render_toml(most))).worker.decoders == 256
+    too_many = StackConfig(engine="loadtest", decoders=MAX_DECODERS + 1).sections(12345)
+    with pytest.raises(pydantic.ValidationError, match="less than or equal to 256"):
+        Config.model_validate(tomllib.loads(render_toml(too_many)))
+    proc = subprocess.run(
+        [sys.executable, "-m", "asrd", "bench", "--spawn", "--decoders", str(MAX_DECODERS + 1)],
+        capture_output=True,
+        text=True,
+        timeout=GUARD_S,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert "--decoders is at most 256 per worker" in proc.stderr
 
 
 # --- real runs -------------------------------------------------------------------------------

@@ -71,13 +71,18 @@ class NatsConfig(_Model):
     publish_batch_ms: float = Field(default=2.0, ge=0, le=50)
 
 
+# Decoders per worker process: pocketsphinx's are ~91 MB each; the load-test engine's are a few
+# KB, and one process per core with hundreds of them costs the least (docs/benchmarks.md).
+MAX_DECODERS = 256
+
+
 class WorkerConfig(_Model):
     # Worker processes forked by one `asrd worker` (or `asrd serve`) after it loaded the
     # engine, sharing its model (asrd.prefork); 0: one per core.
     processes: int = Field(default=0, ge=0, le=256)
     engine: str = "pocketsphinx"
     pool: str = "en-US"  # the pool (language) this worker serves
-    decoders: int = Field(default=3, ge=1, le=64)
+    decoders: int = Field(default=3, ge=1, le=MAX_DECODERS)
     final_pass: Literal["batch", "live"] = "batch"  # see engines/pocketsphinx.py
     # Engine-specific settings, e.g. pocketsphinx decoder options ({"maxhmmpf": 5000, "beam":
     # 1e-48, "hmm": "/path/to/model"}): passed to the engine as they are.

@@ -33,12 +33,12 @@ from asrd.bench.report import (
 )
 from asrd.bench.stack import StackConfig, open_stack
 from asrd.client import start_message
+from asrd.config import MAX_DECODERS
 
 log = logging.getLogger(__name__)
 
 __all__ = ["add_commands", "cmd_bench"]
 
-MAX_DECODERS_PER_WORKER = 64  # config.WorkerConfig.decoders upper bound
 MAX_CAPACITY_STEPS = 16
 
 
@@ -215,9 +215,9 @@ def _check_args(args: argparse.Namespace) -> list[str]:
         problems.append("--processes must be at least 1")
     if args.gap_ms is not None and args.gap_ms < args.max_sentence_silence + 100:
         problems.append("--gap-ms must exceed --max-sentence-silence by 100 ms at least")
-    if args.spawn and args.decoders > MAX_DECODERS_PER_WORKER:
+    if args.spawn and args.decoders > MAX_DECODERS:
         problems.append(
-            f"--decoders is at most {MAX_DECODERS_PER_WORKER} per worker "
+            f"--decoders is at most {MAX_DECODERS} per worker "
             "(config.WorkerConfig): use more --workers"
         )
     return problems
