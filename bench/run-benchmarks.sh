@@ -14,11 +14,13 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results}
 PY=${PY:-.venv/bin/python}
 QUIET=${QUIET:-600}
-STEPS=${STEPS:-"baseline loadtest gateways loadtest-capacity transport pocketsphinx forked engine-realtime idle soak"}
+STEPS=${STEPS:-"baseline loadtest worker-layout gateways loadtest-capacity transport pocketsphinx forked engine-realtime idle soak"}
 SOAK_S=${SOAK_S:-1200}
 mkdir -p "$OUT"
 bench() { $PY -m asrd --log-level warning bench --quiet-wait "$QUIET" --retry-noisy "${RETRY:-3}" "$@"; }
-LOADTEST="--spawn --engine loadtest --workers 8 --decoders 64"
+# One load-test worker process per core: 8 of them cost 40% more worker CPU and tripled the
+# lag p99 at 312 streams (docs/benchmarks.md, "The whole path doing nothing").
+LOADTEST="--spawn --engine loadtest --workers 2 --decoders 256"
 SOAK_N='
 import json, sys
 try:
@@ -39,6 +41,13 @@ for step in $STEPS; do
     for n in ${LOADTEST_NS:-50 100 150 200 300 500}; do
       bench $LOADTEST -n $n --duration 60 --ramp 10 -o "$OUT/loadtest-$n.json"
     done ;;
+  worker-layout)
+    # eight load-test worker processes against one per core, alternated
+    for i in 1 2; do for w in "8 64" "2 256"; do
+      set -- $w
+      bench --spawn --engine loadtest --workers "$1" --decoders "$2" -n ${LAYOUT_N:-312} \
+        --duration 60 --ramp 10 -o "$OUT/worker-layout-$1x$2-$i.json"
+    done; done ;;
   gateways)
     # one gateway process against two sharing the port ([server] processes), alternated
     for i in 1 2 3; do for g in 1 2; do
@@ -46,12 +55,17 @@ for step in $STEPS; do
         -o "$OUT/gateways-$g-$i.json"
     done; done ;;
   loadtest-capacity)
-    bench $LOADTEST --find-capacity --start 200 --lag-limit-ms 100 --duration 60 --ramp 10 \
+    bench $LOADTEST --find-capacity --start 250 --max 500 --lag-limit-ms 100 --duration 60 --ramp 10 \
       -o "$OUT/loadtest-capacity.json" ;;
   transport)
     # the floor: a bare trio-websocket server, no asrd code (bench/transport_floor.py)
     $PY bench/transport_floor.py --sessions 100 --reply-every 0 | tee "$OUT/transport-floor.txt"
-    $PY bench/transport_floor.py --sessions 100 --reply-every 2 | tee -a "$OUT/transport-floor.txt" ;;
+    $PY bench/transport_floor.py --sessions 100 --reply-every 2 | tee -a "$OUT/transport-floor.txt"
+    # the whole path doing nothing: WebSocket -> NATS -> a worker -> NATS -> WebSocket
+    for n in 250 500; do
+      $PY bench/transport_floor.py --sessions $n --reply-every 2 --transport relay \
+        | tee -a "$OUT/transport-floor.txt"
+    done ;;
   pocketsphinx)
     # One decoder per worker process: a decoder holds the GIL while it works, so decoders
     # sharing a process share one core and each other's stalls.
