@@ -68,12 +68,13 @@ def _reply(frame: bytes | bytearray) -> str:
     return bytes(frame[:8]).hex() + REPLY[STAMP:]
 
 
-async def _measure(counter: list[int], seconds: float) -> tuple[int, float]:
-    """Frames counted and CPU used over the window: WARMUP_S from now, for ``seconds``."""
+async def _measure(counter: list[int], seconds: float) -> tuple[int, float, float]:
+    """Frames counted and CPU used over the window (WARMUP_S from now, for ``seconds``), and
+    when the window opened (``time.monotonic()``)."""
     await trio.sleep(WARMUP_S)
-    cpu0, n0 = _cpu_s(), counter[0]
+    cpu0, n0, opened = _cpu_s(), counter[0], time.monotonic()
     await trio.sleep(seconds)
-    return counter[0] - n0, _cpu_s() - cpu0
+    return counter[0] - n0, _cpu_s() - cpu0, opened
 
 
 # --- server ----------------------------------------------------------------------------------
@@ -145,7 +146,7 @@ async def serve(
                     trio_websocket.serve_websocket, serve_ws, "127.0.0.1", port, None
                 )
             print("ready", flush=True)
-            frames, cpu = await _measure(count, seconds)
+            frames, cpu, _ = await _measure(count, seconds)
             print(f"{frames} {cpu:.3f}", flush=True)
             nursery.cancel_scope.cancel()
 
@@ -181,8 +182,7 @@ async def clients(
 ) -> tuple[int, float, list[float]]:
     """Frames sent and CPU used over the server's window, and the replies' lags (s) in it."""
     sent = [0]
-    lags: list[float] = []
-    measuring = False
+    replies: list[tuple[float, float]] = []  # (received, sent) in time.monotonic()
 
     async def one_tcp(i: int) -> None:
         frame = bytes(32 * frame_ms)  # 16 kHz, 16-bit mono
@@ -214,9 +214,8 @@ async def clients(
                 try:
                     while True:
                         reply = await ws.get_message()
-                        if measuring:
-                            (t,) = struct.unpack("<d", bytes.fromhex(str(reply)[:STAMP]))
-                            lags.append(time.monotonic() - t)
+                        (t,) = struct.unpack("<d", bytes.fromhex(str(reply)[:STAMP]))
+                        replies.append((time.monotonic(), t))
                 except trio_websocket.ConnectionClosed:
                     done.cancel()  # the server has measured and gone
 
@@ -235,23 +234,13 @@ async def clients(
                     due += frame_ms / 1000
                     await trio.sleep_until(due)
 
-    window: list[tuple[int, float]] = []
-
-    async def measure() -> None:
-        nonlocal measuring
-        await trio.sleep(WARMUP_S)
-        measuring = True
-        cpu0, n0 = _cpu_s(), sent[0]
-        await trio.sleep(seconds)
-        window.append((sent[0] - n0, _cpu_s() - cpu0))
-        measuring = False
-
     with trio.move_on_after(seconds + WARMUP_S + 2.0):
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(measure)
             for i in range(sessions):
                 nursery.start_soon(one_tcp if transport == "tcp" else one, i)
-    return (*window[0], lags)
+            frames, cpu, opened = await _measure(sent, seconds)
+    lags = [got - t for got, t in replies if opened <= got <= opened + seconds]
+    return frames, cpu, lags
 
 
 # --- main ------------------------------------------------------------------------------------
