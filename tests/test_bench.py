@@ -5,6 +5,7 @@ No test here asserts a speed: the bench measures speed, the docs record it.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
@@ -20,6 +21,7 @@ import pydantic
 import pytest
 import trio
 
+from asrd import gctune
 from asrd.bench.corpus import Playlist, default_data_dir, load_corpus
 from asrd.bench.load import COMPLETED, LoadPlan, SessionResult, run_load, schedule, split
 from asrd.bench.procs import Sampler, machine_busy_s, parse_pids, read_proc
@@ -35,6 +37,15 @@ from asrd.bench.stats import FrameClock, endpoint_latency_s, percentile, summari
 
 DATA = Path(__file__).parent / "data"
 GUARD_S = 240  # hang guard for the real runs, not a speed threshold
+
+
+@pytest.fixture
+def restore_gc() -> Any:
+    """run_load tunes the collector of the process it runs in: give pytest its own back."""
+    before = gc.get_threshold()
+    yield
+    gc.unfreeze()
+    gc.set_threshold(*before)
 
 # --- statistics --------------------------------------------------------------------------------
 
@@ -241,9 +252,9 @@ def test_decoders_per_worker_are_bounded_with_a_clear_error() -> None:
     from asrd.config import MAX_DECODERS, Config
 
     most = StackConfig(engine="loadtest", decoders=MAX_DECODERS).sections(12345)
-    assert Config.model_validate(tomllib.loads(render_toml(most))).worker.decoders == 256
+    assert Config.model_validate(tomllib.loads(render_toml(most))).worker.decoders == MAX_DECODERS
     too_many = StackConfig(engine="loadtest", decoders=MAX_DECODERS + 1).sections(12345)
-    with pytest.raises(pydantic.ValidationError, match="less than or equal to 256"):
+    with pytest.raises(pydantic.ValidationError, match=f"less than or equal to {MAX_DECODERS}"):
         Config.model_validate(tomllib.loads(render_toml(too_many)))
     proc = subprocess.run(
         [sys.executable, "-m", "asrd", "bench", "--spawn", "--decoders", str(MAX_DECODERS + 1)],
@@ -253,7 +264,7 @@ def test_decoders_per_worker_are_bounded_with_a_clear_error() -> None:
         check=False,
     )
     assert proc.returncode == 2
-    assert "--decoders is at most 256 per worker" in proc.stderr
+    assert f"--decoders is at most {MAX_DECODERS} per worker" in proc.stderr
 
 
 # --- real runs -------------------------------------------------------------------------------
@@ -310,8 +321,23 @@ def test_idle_sessions_mode_measures_memory_per_session() -> None:
     assert {"kb_per_connection", "kb_per_started_session"} <= set(idle["gateway"])
 
 
+async def test_load_generator_tunes_its_collector_before_the_clock_starts(
+    restore_gc: None,
+) -> None:
+    """A gen-2 collection in the client pauses every session at once, and each result
+    received meanwhile is measured late by the pause: the client tunes itself first."""
+    gc.set_threshold(700, 10, 10)
+    gc.unfreeze()
+    plan = LoadPlan("ws://127.0.0.1:1/ws/v1", (), str(DATA), duration_s=2.0)
+    assert await run_load(plan) == []
+    assert gc.get_threshold()[0] == gctune.GEN0_THRESHOLD
+    assert gc.get_freeze_count() > 1000  # the corpus and playlists among them
+
+
 @pytest.mark.integration
-async def test_in_process_and_sharded_clients_give_the_same_kind_of_results() -> None:
+async def test_in_process_and_sharded_clients_give_the_same_kind_of_results(
+    restore_gc: None,
+) -> None:
     """One stack; the same plan run in this process and by a shard process."""
     with trio.fail_after(GUARD_S):
         async with open_stack(StackConfig(engine="loadtest", workers=1, decoders=4)) as stack:

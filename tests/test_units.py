@@ -428,6 +428,33 @@ def test_services_freeze_startup_objects_and_collect_less_often() -> None:
         gc.set_threshold(*before)
 
 
+def test_tuning_again_thaws_what_the_last_tuning_froze() -> None:
+    """The load generator tunes before each run of a capacity search: what the last run
+    froze and has since become garbage must still be found."""
+    import gc
+    import weakref
+
+    from asrd import gctune
+
+    class Node:
+        pass
+
+    before = gc.get_threshold()
+    try:
+        node = Node()
+        node.self = node  # type: ignore[attr-defined]
+        cycle = weakref.ref(node)
+        gctune.tune()  # frozen while alive
+        del node
+        gc.collect()
+        assert cycle() is not None  # frozen objects are not examined ...
+        gctune.tune()
+        assert cycle() is None  # ... until the next tuning thaws them
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
+
+
 def test_free_lists_are_emptied_without_examining_any_object() -> None:
     """What the gateway runs every minute: the free lists go, as after a full collection,
     but the collector looks at nothing (so a loaded gateway does not pause)."""

@@ -7,6 +7,10 @@ session, so delays never accumulate. Every timestamp is ``time.monotonic()``, wh
 is one clock for every process on the machine, so shards in separate processes can share a
 schedule.
 
+Before each run the load generator tunes its garbage collector as the services do
+(:func:`asrd.gctune.tune`): a full collection of its hundreds of sessions paused every one of
+them at once, and each result received meanwhile was measured late by that pause.
+
 For each session the load generator keeps only what the report needs: the partial lags,
 the endpointing latencies, the sentence texts per recording, and how late its own sends
 were (a late client means the measurement, not the server, is the bottleneck).
@@ -23,6 +27,7 @@ from typing import Any
 import trio
 import trio_websocket
 
+from asrd import gctune
 from asrd.bench.corpus import Corpus, Playlist, load_corpus
 from asrd.bench.stats import FrameClock, endpoint_latency_s
 from asrd.client import start_message, stop_message
@@ -328,6 +333,7 @@ async def run_load(plan: LoadPlan, corpus: Corpus | None = None) -> list[Session
     playlists = playlists_for(plan, corpus)
     for p in playlists.values():
         _ = p.frames, p.frame_samples  # slice before the clock starts
+    gctune.tune()  # before the clock starts too: no collection pauses every session
     results: list[SessionResult] = []
 
     async def one(spec: SessionSpec) -> None:
