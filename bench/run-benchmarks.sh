@@ -18,9 +18,13 @@ STEPS=${STEPS:-"baseline loadtest worker-layout gateways loadtest-capacity trans
 SOAK_S=${SOAK_S:-1200}
 mkdir -p "$OUT"
 bench() { $PY -m asrd --log-level warning bench --quiet-wait "$QUIET" --retry-noisy "${RETRY:-3}" "$@"; }
-# One load-test worker process per core: 8 of them cost 40% more worker CPU and tripled the
-# lag p99 at 312 streams (docs/benchmarks.md, "The whole path doing nothing").
-LOADTEST="--spawn --engine loadtest --workers 2 --decoders 256"
+# One load-test worker process holding every session: 8 of them cost 40% more worker CPU and
+# tripled the lag p99 at 312 streams, and one costs 15-20% less than one per core
+# (docs/benchmarks.md, "The whole path doing nothing", "575 streams").
+LOADTEST="--spawn --engine loadtest --workers 1 --decoders 1024"
+# Capacity with two gateway processes sharing the port: one gateway's event loop and NATS
+# thread share one GIL, and at 500 streams it needs 0.85 of a core ("575 streams").
+CAPACITY="$LOADTEST --gateways 2"
 SOAK_N='
 import json, sys
 try:
@@ -42,8 +46,8 @@ for step in $STEPS; do
       bench $LOADTEST -n $n --duration 60 --ramp 10 -o "$OUT/loadtest-$n.json"
     done ;;
   worker-layout)
-    # eight load-test worker processes against one per core, alternated
-    for i in 1 2; do for w in "8 64" "2 256"; do
+    # eight load-test worker processes, one per core and one for all, alternated
+    for i in 1 2; do for w in "8 64" "2 256" "1 512"; do
       set -- $w
       bench --spawn --engine loadtest --workers "$1" --decoders "$2" -n ${LAYOUT_N:-312} \
         --duration 60 --ramp 10 -o "$OUT/worker-layout-$1x$2-$i.json"
@@ -51,11 +55,11 @@ for step in $STEPS; do
   gateways)
     # one gateway process against two sharing the port ([server] processes), alternated
     for i in 1 2 3; do for g in 1 2; do
-      bench $LOADTEST --gateways $g -n ${GATEWAYS_N:-150} --duration 60 --ramp 10 \
+      bench $LOADTEST --gateways $g -n ${GATEWAYS_N:-500} --duration 60 --ramp 10 \
         -o "$OUT/gateways-$g-$i.json"
     done; done ;;
   loadtest-capacity)
-    bench $LOADTEST --find-capacity --start 250 --max 500 --lag-limit-ms 100 --duration 60 --ramp 10 \
+    bench $CAPACITY --find-capacity --start 300 --max 650 --lag-limit-ms 100 --duration 60 --ramp 10 \
       -o "$OUT/loadtest-capacity.json" ;;
   transport)
     # the floor: a bare trio-websocket server, no asrd code (bench/transport_floor.py)
@@ -101,7 +105,7 @@ for step in $STEPS; do
     # 100 ms), read from the loadtest-capacity step's report: the machines' speed varies from
     # day to day (docs/benchmarks.md). SOAK_SESSIONS=N skips that.
     n=${SOAK_SESSIONS:-$($PY -c "$SOAK_N" "$OUT/loadtest-capacity.json")}
-    bench $LOADTEST -n "$n" --duration "$SOAK_S" --ramp 10 \
+    bench $CAPACITY -n "$n" --duration "$SOAK_S" --ramp 10 \
       --sample-interval 5 -o "$OUT/soak-loadtest.json" ;;
   *) echo "unknown step $step" >&2; exit 2 ;;
   esac
