@@ -2,7 +2,7 @@
 collector.
 
 Measured in docs/benchmarks.md ("Garbage collection", "The workers' growth", "Free lists
-emptied without a pause"):
+emptied without a pause", "575 streams"):
 
 * Python's default gen-0 threshold (700) collects many times a second under load, and a
   gen-2 collection stops every session of a gateway at once: GC took 10% of a loaded
@@ -23,7 +23,7 @@ emptied without a pause"):
 * The load generator of ``asrd bench`` tunes itself the same way before each run: with
   Python's defaults it paused for gen-2 collections of 56-163 ms, up to twelve times a
   minute at 400 sessions, and every partial it received during one was measured that much
-  later ("The load generator's own pauses").
+  later ("575 streams").
 """
 
 from __future__ import annotations
