@@ -24,6 +24,7 @@ serve: $(STAMP)
 
 lint: setup
 	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff format --check src tests bench
 	$(PY) -m mypy
 
 test: lint

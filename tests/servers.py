@@ -28,7 +28,7 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 20.0) -
     raise TimeoutError(f"nothing listens on port {port} after {timeout} s")
 
 
-def stop(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+def stop(proc: subprocess.Popen[bytes] | subprocess.Popen[str], timeout: float = 10.0) -> None:
     if proc.poll() is None:
         proc.terminate()
         try:

@@ -47,6 +47,7 @@ def restore_gc() -> Any:
     gc.unfreeze()
     gc.set_threshold(*before)
 
+
 # --- statistics --------------------------------------------------------------------------------
 
 

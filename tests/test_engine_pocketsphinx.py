@@ -403,8 +403,10 @@ def test_create_engine(engine: PocketsphinxEngine) -> None:
 
 def test_decoder_options_default_and_override() -> None:
     # asrd caps the active HMMs per frame unless the operator says otherwise.
-    assert create_engine("pocketsphinx", decoders=1)._free[0].config["maxhmmpf"] == 5000
+    default = create_engine("pocketsphinx", decoders=1)
     mine = create_engine("pocketsphinx", decoders=1, maxhmmpf=30000, beam=1e-60)
+    assert isinstance(default, PocketsphinxEngine) and isinstance(mine, PocketsphinxEngine)
+    assert default._free[0].config["maxhmmpf"] == 5000
     assert mine._free[0].config["maxhmmpf"] == 30000
     assert mine._free[0].config["beam"] == pytest.approx(1e-60)
     for bad, says in (({"nonesuch": 1}, "nonesuch"), ({"hmm": "/no/such/model"}, "/no/such")):

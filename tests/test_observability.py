@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import mmap
 import os
 import time
 import urllib.request
@@ -112,9 +113,12 @@ def test_process_metrics_follow_this_process() -> None:
     def scrape() -> str:
         return registry.render().decode()
 
+    gc.collect()  # earlier tests' garbage is freed now, not between the scrapes compared
     before = scrape()
-    ballast = bytearray(64 << 20)  # zero pages: resident only once written
-    for i in range(0, len(ballast), 4096):
+    # Fresh pages of its own, resident only once written: a bytearray may reuse memory an
+    # earlier test freed that the allocator kept resident, and then RSS does not move.
+    ballast = mmap.mmap(-1, 64 << 20)
+    for i in range(0, len(ballast), mmap.PAGESIZE):
         ballast[i] = 1
     spin_until = time.process_time() + 0.3
     while time.process_time() < spin_until:
@@ -143,7 +147,7 @@ def test_process_metrics_follow_this_process() -> None:
     started = metric(after, "process_start_time_seconds")
     assert time.time() - 86400 < started <= time.time()
     assert "# TYPE process_cpu_seconds_total counter" in after
-    del ballast
+    ballast.close()
 
 
 def test_json_log_lines_carry_session_and_task_ids() -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Iterator
 from functools import partial
 from typing import Any
 
@@ -239,7 +240,7 @@ async def raw_session(
     stop_at: tuple[str, ...] = ("TaskFailed", "TranscriptionStarted"),
 ) -> dict[str, Any]:
     """Send raw frames; return the first TaskFailed or TranscriptionStarted the server sent."""
-    headers = [("X-NLS-Token", token)] if token else []
+    headers = [(b"X-NLS-Token", token.encode())] if token else []
     with trio.fail_after(GUARD_S):
         async with trio_websocket.open_websocket_url(url, extra_headers=headers) as ws:
             for m in messages:
@@ -271,7 +272,7 @@ def command(
     return json.dumps(msg)
 
 
-BAD_INPUTS = {
+BAD_INPUTS: dict[str, tuple[list[str | bytes], int]] = {
     "non-json": (["{not json"], 40000002),
     "unknown name": ([command("DanceTranscription", "a" * 32)], 40010003),
     "audio before start": ([b"\x00\x01" * 100], 40000002),
@@ -356,7 +357,7 @@ async def test_unknown_path_is_refused(gateway: RunningGateway) -> None:
 
 
 @pytest.fixture(scope="module")
-def one_decoder(nats: Nats) -> Pool:
+def one_decoder(nats: Nats) -> Iterator[Pool]:
     from tests.servers import start_worker, stop
 
     worker = start_worker(nats.url, "it-one", 1)
@@ -377,7 +378,7 @@ async def test_all_decoders_busy_gets_40000005_and_hangup_frees_the_slot(
                 busy = await raw_session(gw.url, [command("StartTranscription", "0" * 32, {})])
             assert busy["header"]["status"] == 40000005
             # hang up abruptly (no Stop): the decoder must come back
-            await holder._stream.aclose()  # type: ignore[attr-defined]
+            await holder._stream.aclose()
         with trio.fail_after(GUARD_S):
             while True:
                 reply = await raw_session(gw.url, [command("StartTranscription", "1" * 32, {})])

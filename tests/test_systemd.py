@@ -393,7 +393,7 @@ def spawn_notifying(
     return subprocess.Popen(argv, env=env)
 
 
-async def wait_exit(proc: subprocess.Popen[bytes]) -> int:
+async def wait_exit(proc: subprocess.Popen[bytes] | subprocess.Popen[str]) -> int:
     with trio.fail_after(GUARD_S):
         while proc.poll() is None:  # noqa: ASYNC110 - a child process, no trio handle
             await trio.sleep(0.05)

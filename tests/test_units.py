@@ -192,7 +192,7 @@ async def test_memory_bus_queue_groups_and_requests() -> None:
     b = await bus.subscribe("x.*", queue="q")
     for _ in range(4):
         bus.publish("x.y", b"m")
-    assert len(a._recv._state.data) == 2 and len(b._recv._state.data) == 2  # type: ignore[attr-defined]
+    assert len(a._recv._state.data) == 2 and len(b._recv._state.data) == 2
     with pytest.raises(NoResponders):
         await bus.request("nobody", b"", 1)
 
@@ -295,7 +295,7 @@ async def test_worker_decodes_a_long_message_in_steps_with_heartbeats_between() 
     log: list[str] = []
     bus = InMemoryBus()
     config = WorkerConfig(decoders=1, heartbeat_interval_s=1e-6)  # a tick is always due
-    worker = Worker(config, "asrd", bus, _StepEngine(log))  # type: ignore[arg-type]
+    worker = Worker(config, "asrd", bus, _StepEngine(log))
     progress: list[float] = []
     record = _StepRecorder.accept
 
@@ -381,7 +381,8 @@ async def test_a_claim_nobody_answers_is_sent_again_under_a_new_epoch(
         assert link.worker_id == worker.id and link.epoch == 1
         assert wire.decode_claim((await silent.receive()).data).epoch == 0
         # The close for whoever took the lost claim went out before the second claim.
-        assert wire.decode_input((await session_input.receive()).data).kind == "close"
+        close = wire.decode_input((await session_input.receive()).data)
+        assert isinstance(close, wire.ControlIn) and close.kind == "close"
         nursery.cancel_scope.cancel()
 
 
