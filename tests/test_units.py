@@ -12,16 +12,23 @@ import trio.testing
 from asrd import wire
 from asrd import worker as worker_module
 from asrd.auth import StaticAuthenticator
-from asrd.bus import NoResponders, claim_subject, session_in
+from asrd.bus import NoResponders, claim_subject, heartbeat_subject, session_in
 from asrd.bus.memory import InMemoryBus
 from asrd.config import AuthConfig, ConfigError, WorkerConfig, load_config
 from asrd.engines.loadtest import LoadtestEngine
-from asrd.errors import AppKeyTokenMismatch, AuthError, BusError, ServerError, UnknownAppKey
+from asrd.errors import (
+    AppKeyTokenMismatch,
+    AuthError,
+    BusError,
+    ServerError,
+    TooManyRequests,
+    UnknownAppKey,
+)
 from asrd.events import ResultChanged, SentenceBegin, SentenceEnd
 from asrd.handshake import HeadError, dedupe_head, parse_head, split_head
 from asrd.params import SessionParams
 from asrd.registry import WorkerRegistry
-from asrd.remote import RemoteRecognizer
+from asrd.remote import BUSY_WAIT_S, RemoteRecognizer
 from asrd.sentences import SentenceTracker
 from asrd.worker import STALL_S, Worker
 
@@ -384,6 +391,70 @@ async def test_a_claim_nobody_answers_is_sent_again_under_a_new_epoch(
         close = wire.decode_input((await session_input.receive()).data)
         assert isinstance(close, wire.ControlIn) and close.kind == "close"
         nursery.cancel_scope.cancel()
+
+
+async def test_a_late_busy_answer_does_not_cost_the_free_decoders_of_other_workers(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A worker too loaded to answer at once says "busy" only after the claim's wait for a
+    decoder is over. The claim goes on to a worker with a free decoder, not to 40000005."""
+    bus = InMemoryBus()
+    registry = WorkerRegistry(bus, "asrd", timeout_s=1.0)
+    subject = claim_subject("asrd", "en-US")
+    loaded = await bus.subscribe(subject, queue=worker_module.CLAIM_QUEUE)  # first in turn
+    worker = Worker(WorkerConfig(decoders=1), "asrd", bus, LoadtestEngine(1))
+
+    async def answer_busy_late() -> None:
+        msg = await loaded.receive()
+        await trio.sleep(BUSY_WAIT_S + 0.5)
+        await bus.unsubscribe(loaded)  # full: a worker leaves the group before it answers
+        busy = wire.ClaimReply(False, "loaded", TooManyRequests.code, "worker is full")
+        bus.publish(msg.reply, busy.encode())
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(registry.run)
+        await nursery.start(worker.run)
+        nursery.start_soon(answer_busy_late)
+        link = _link(bus, registry, "s3")
+        start = trio.current_time()
+        await link.open()
+        assert link.worker_id == worker.id
+        assert trio.current_time() - start > BUSY_WAIT_S
+        nursery.cancel_scope.cancel()
+
+
+async def test_claims_refused_busy_end_in_40000005_once_each_worker_said_so(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A worker that keeps answering "busy" (it never leaves the group) still ends the claim:
+    after the wait, once per alive worker, not forever."""
+    bus = InMemoryBus()
+    registry = WorkerRegistry(bus, "asrd", timeout_s=1.0)
+    subject = claim_subject("asrd", "en-US")
+    stuck = await bus.subscribe(subject, queue=worker_module.CLAIM_QUEUE)
+    refused_at: list[float] = []
+
+    async def always_busy() -> None:
+        while True:
+            msg = await stuck.receive()
+            refused_at.append(trio.current_time())
+            busy = wire.ClaimReply(False, "stuck", TooManyRequests.code, "worker is full")
+            bus.publish(msg.reply, busy.encode())
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(registry.run)
+        for worker_id in ("stuck", "other"):  # the pool has two workers alive
+            beat = wire.Heartbeat(worker_id, "en-US", "loadtest", 1, 0, False, 0.0)
+            bus.publish(heartbeat_subject("asrd"), beat.encode())
+        nursery.start_soon(always_busy)
+        start = trio.current_time()
+        with pytest.raises(TooManyRequests, match="busy"):
+            await _link(bus, registry, "s4").open()
+        nursery.cancel_scope.cancel()
+    # Every 50 ms during the wait; past it, once more for each of the two workers and the
+    # refusal that ends the claim.
+    late = [t for t in refused_at if t >= start + BUSY_WAIT_S]
+    assert len(refused_at) > len(late) > 0 and len(late) == 3
 
 
 async def test_claims_nobody_answers_end_in_a_server_error(

@@ -96,7 +96,7 @@ class RemoteRecognizer:
         # A decoder freed by a session that just ended comes back a moment later: a client
         # reconnecting at once should not be told "busy" for that.
         busy_until = trio.current_time() + BUSY_WAIT_S
-        unanswered = 0
+        unanswered = late_refusals = 0
         while True:
             try:
                 raw = await self._bus.request(subject, data, self._claim_timeout_s)
@@ -137,8 +137,17 @@ class RemoteRecognizer:
                 raise AsrdError(reply.reason, code=reply.code)
             # The worker filled up between subscribing and our claim (claims raced to it, or
             # a decoder is still being released): like no responders, retry for a moment.
+            # It left the claim queue group before it answered, so the next claim reaches
+            # only workers with a free decoder, or nobody (no responders, above). An answer
+            # that came late, from a worker too loaded to answer at once, must not cost the
+            # session the other workers' free decoders: past the deadline, each alive worker
+            # of the pool (at least one) may still refuse once.
             if trio.current_time() >= busy_until:
-                raise TooManyRequests(f"all decoders of pool {self.pool!r} are busy; retry later")
+                late_refusals += 1
+                if late_refusals > max(1, len(self._registry.alive(self.pool))):
+                    raise TooManyRequests(
+                        f"all decoders of pool {self.pool!r} are busy; retry later"
+                    )
             await trio.sleep(0.05)
 
     # --- input -----------------------------------------------------------------------------
