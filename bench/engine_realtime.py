@@ -5,8 +5,10 @@ decoder, hot in the CPU's caches. A worker of the service decodes 100 ms of audi
 100 ms, with many other decoders running in between. This script measures the engine's own
 CPU per stream-second in between those two, with no gateway, NATS or worker code:
 
-* ``--streams N`` processes, each with its own decoder, each decoding the bench workload
+* ``--streams N`` streams, each with its own decoder, each decoding the bench workload
   (the same playlists, segmenter and engine class as the baseline);
+* ``--processes P`` spreads them over P processes (by default one per stream); a process
+  with several takes their frames in turn, as a worker with several decoders does;
 * ``--pace realtime`` sleeps until each 100 ms frame would have arrived; ``--pace batch``
   decodes back to back;
 * ``--load per-process`` builds the engine in each process (what ``asrd worker`` does now);
@@ -76,17 +78,69 @@ def _decode(engine: Any, index: int, args: argparse.Namespace, start_at: float, 
     out.put((cpu, stream_s, late))
 
 
-def _child(index: int, args: argparse.Namespace, engine: Any, start_at: float, out: Any) -> None:
+def _decode_group(
+    engine: Any, indices: list[int], args: argparse.Namespace, start_at: float, out: Any
+) -> None:
+    """Several streams in one process, their frames interleaved by arrival time, as a worker
+    with several decoders takes its sessions' messages in turn."""
+    from asrd.segmentation import UtteranceAudio, UtteranceEnded, UtteranceStarted
+
+    step = 2 * 16000 * PARTIAL_MS // 1000
+    timed = [_timed_events(i, args.duration) for i in indices]
+    merged = sorted(
+        (at, k, n, ev) for k, (events, _) in enumerate(timed) for n, (at, ev) in enumerate(events)
+    )
+    recs = [engine.acquire(16000, partials=True) for _ in indices]
+    fed = [0] * len(indices)
+    next_partial = [0] * len(indices)
+    while time.time() < start_at:
+        time.sleep(0.01)
+    t0 = time.monotonic()
+    cpu0 = time.process_time()
+    for at, k, _, ev in merged:
+        if args.pace == "realtime":
+            delay = t0 + at - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+        rec = recs[k]
+        if isinstance(ev, UtteranceStarted):
+            rec.start()
+            fed[k], next_partial[k] = 0, step
+        elif isinstance(ev, UtteranceAudio):
+            rec.accept(ev.pcm)
+            fed[k] += len(ev.pcm)
+            if fed[k] >= next_partial[k]:
+                next_partial[k] = fed[k] + step
+                rec.partial()
+        elif isinstance(ev, UtteranceEnded):
+            rec.finish()
+    cpu = time.process_time() - cpu0
+    stream_s = sum(d for _, d in timed)
+    late = time.monotonic() - t0 - max(d for _, d in timed)
+    for rec in recs:
+        engine.release(rec)
+    out.put((cpu, stream_s, late))
+
+
+def _child(
+    indices: list[int], args: argparse.Namespace, engine: Any, start_at: float, out: Any
+) -> None:
     if engine is None:
         from asrd.engines.pocketsphinx import PocketsphinxEngine
 
-        engine = PocketsphinxEngine(decoders=1, final_pass=args.final_pass)
-    _decode(engine, index, args, start_at, out)
+        engine = PocketsphinxEngine(decoders=len(indices), final_pass=args.final_pass)
+    if len(indices) == 1:
+        _decode(engine, indices[0], args, start_at, out)
+    else:
+        _decode_group(engine, indices, args, start_at, out)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--streams", type=int, default=9)
+    parser.add_argument(
+        "--processes", type=int, default=0, help="spread the streams over this many (0: one each)"
+    )
     parser.add_argument("--pace", choices=("realtime", "batch"), default="realtime")
     parser.add_argument("--load", choices=("per-process", "shared"), default="per-process")
     parser.add_argument("--final-pass", choices=("live", "batch"), default="live")
@@ -94,16 +148,19 @@ def main() -> None:
     args = parser.parse_args()
 
     ctx = multiprocessing.get_context("fork")
+    nproc = args.processes or args.streams
+    groups = [list(range(p, args.streams, nproc)) for p in range(nproc)]
     shared = None
     if args.load == "shared":
         from asrd.engines.pocketsphinx import PocketsphinxEngine
 
-        shared = PocketsphinxEngine(decoders=1, final_pass=args.final_pass)
+        shared = PocketsphinxEngine(
+            decoders=max(len(g) for g in groups), final_pass=args.final_pass
+        )
     out = ctx.Queue()
     start_at = time.time() + 5.0 + 0.4 * args.streams  # every decoder loaded first
     procs = [
-        ctx.Process(target=_child, args=(i, args, shared, start_at, out))
-        for i in range(args.streams)
+        ctx.Process(target=_child, args=(group, args, shared, start_at, out)) for group in groups
     ]
     for p in procs:
         p.start()
@@ -114,7 +171,8 @@ def main() -> None:
     stream_s = sum(r[1] for r in results)
     worst_late = max(r[2] for r in results)
     print(
-        f"streams={args.streams} pace={args.pace} load={args.load} final_pass={args.final_pass} "
+        f"streams={args.streams} processes={nproc} pace={args.pace} load={args.load} "
+        f"final_pass={args.final_pass} "
         f"cores={os.cpu_count()}: {1000 * cpu / stream_s:.1f} ms CPU per stream-second "
         f"({stream_s:.0f} stream-s), worst stream finished {worst_late:+.2f} s after its audio"
     )

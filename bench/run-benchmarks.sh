@@ -97,6 +97,13 @@ for step in $STEPS; do
       set -- $args
       $PY bench/engine_realtime.py --streams "$1" --pace "$2" --load "$3" --duration 60 \
         | tee -a "$OUT/engine-realtime.txt"
+    done
+    # nine decoders in one process per core, alternated with one process per decoder
+    for i in 1 2 3; do
+      for p in 2 9; do
+        $PY bench/engine_realtime.py --streams 9 --processes "$p" --load shared --duration 60 \
+          | tee -a "$OUT/engine-realtime.txt"
+      done
     done ;;
   idle)
     bench $LOADTEST --idle-sessions 500 -o "$OUT/idle-500.json" ;;
