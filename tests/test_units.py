@@ -12,7 +12,13 @@ import trio.testing
 from asrd import wire
 from asrd import worker as worker_module
 from asrd.auth import StaticAuthenticator
-from asrd.bus import NoResponders, claim_subject, heartbeat_subject, session_in
+from asrd.bus import (
+    NoResponders,
+    claim_subject,
+    heartbeat_subject,
+    session_in,
+    session_out,
+)
 from asrd.bus.memory import InMemoryBus
 from asrd.config import AuthConfig, ConfigError, WorkerConfig, load_config
 from asrd.engines.loadtest import LoadtestEngine
@@ -263,15 +269,19 @@ class _StepRecorder:
 
     def __init__(self, log: list[str]) -> None:
         self.log = log
+        self.heard = 0
 
     def start(self) -> None:
         self.log.append("start")
 
     def accept(self, pcm: bytes) -> None:
         self.log.append(f"accept {len(pcm)}")
+        self.heard += len(pcm)
 
-    def partial(self) -> None:
-        return None
+    def partial(self) -> Any:
+        from asrd.engines.base import Hypothesis
+
+        return Hypothesis(f"heard {self.heard}", (), 0.0)
 
     def finish(self) -> Any:
         from asrd.engines.base import EMPTY_HYPOTHESIS
@@ -329,6 +339,55 @@ async def test_worker_decodes_a_long_message_in_steps_with_heartbeats_between() 
     assert len(progress) == 10 and len(set(progress)) > 1
     steps = [e for e in log if e.startswith("accept")]
     assert steps == ["accept 3200"] * 10
+
+
+async def test_a_worker_behind_decodes_what_waits_before_its_next_partial() -> None:
+    """Audio that piled up (a sentence's pre-roll, a busy core) is decoded before the next
+    partial, which then covers all of it: made earlier, it would be stale when it arrived.
+    Not for ever: no more than MAX_PARTIAL_DEFER_MS of audio goes without one."""
+    log: list[str] = []
+    bus = InMemoryBus()
+    worker = Worker(WorkerConfig(decoders=1), "asrd", bus, _StepEngine(log))
+    results = await bus.subscribe(session_out("asrd", "s"))
+    inbox = session_in("asrd", "s")
+    frame = bytes(3200)  # 100 ms at 16 kHz; partials every 200 ms of audio by default
+
+    async def decoded(finishes: int) -> None:
+        with trio.fail_after(5):
+            while log.count("finish") < finishes:  # noqa: ASYNC110 - the fake has no event
+                await trio.sleep(0.01)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(worker.run)
+        claim = wire.Claim("s", 16000, True).encode()
+        assert wire.decode_claim_reply(
+            await bus.request(claim_subject("asrd", "en-US"), claim, 1)
+        ).ok
+        # 2 s of audio waiting at once, then the end of the sentence
+        bus.publish(inbox, wire.encode_control("begin", 1))
+        for _ in range(20):
+            bus.publish(inbox, wire.encode_audio(1, frame))
+        bus.publish(inbox, wire.encode_control("end", 1))
+        await decoded(1)
+        # in real time: each frame decoded before the next arrives
+        bus.publish(inbox, wire.encode_control("begin", 2))
+        for _ in range(4):
+            bus.publish(inbox, wire.encode_audio(2, frame))
+            await trio.testing.wait_all_tasks_blocked()
+        bus.publish(inbox, wire.encode_control("end", 2))
+        await decoded(2)
+        nursery.cancel_scope.cancel()
+    partials = []
+    while True:
+        try:
+            item = wire.decode_output(results._recv.receive_nowait().data)
+        except trio.WouldBlock:
+            break
+        if isinstance(item, wire.Result) and not item.final:
+            partials.append((item.utt, item.audio_ms))
+    defer_ms = worker_module.MAX_PARTIAL_DEFER_MS
+    # behind: one partial, forced once the deferral reached its bound, none just before the end
+    assert partials == [(1, 200 + defer_ms), (2, 200), (2, 400)]
 
 
 async def test_worker_takes_claims_again_after_a_burst_overflowed_them(

@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 CLAIM_QUEUE = "asrd-workers"
 CLAIM_BACKLOG = 1024  # claims received but not yet answered; a burst beyond it overflows
 MAX_STEP_MS = 100  # audio decoded between two checkpoints of the worker's event loop
+# A partial is put off while more of the session's audio already waits, by at most this much
+# audio: made before that audio is decoded, it would be stale when it arrives.
+MAX_PARTIAL_DEFER_MS = 1000
 STALL_S = 5.0  # heartbeats stop when the event loop has made no progress for this long
 
 
@@ -188,6 +191,7 @@ class Worker:
         last_partial = ""
         bytes_per_ms = claim.sample_rate * 2 // 1000
         step_bytes = bytes_per_ms * MAX_STEP_MS
+        defer_bytes = bytes_per_ms * MAX_PARTIAL_DEFER_MS
         try:
             with served.scope:
                 while True:
@@ -207,7 +211,13 @@ class Worker:
                                 await trio.lowlevel.checkpoint()
                             rec.accept(pcm[i : i + step_bytes])
                         audio_bytes += len(pcm)
-                        if claim.partials and audio_bytes >= next_partial:
+                        # Behind (a sentence's pre-roll, a busy core): decode what waits
+                        # first, then report one partial that covers it.
+                        if (
+                            claim.partials
+                            and audio_bytes >= next_partial
+                            and (not sub.pending or audio_bytes >= next_partial + defer_bytes)
+                        ):
                             next_partial = audio_bytes + step
                             hyp = rec.partial()
                             if hyp is not None and hyp.text and hyp.text != last_partial:

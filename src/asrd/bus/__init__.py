@@ -57,6 +57,11 @@ class Subscription:
         except trio.ClosedResourceError:
             pass
 
+    @property
+    def pending(self) -> int:
+        """Messages delivered and not yet received: the consumer's backlog."""
+        return self._recv.statistics().current_buffer_used
+
     async def receive(self) -> Msg:
         try:
             return await self._recv.receive()
