@@ -27,10 +27,9 @@ import argparse
 import multiprocessing
 import os
 import time
-from collections.abc import Iterator
 from typing import Any
 
-from asrd.bench.baseline import feed_events
+from asrd.bench.baseline import EventFeeder
 from asrd.bench.corpus import Playlist, default_data_dir, load_corpus
 from asrd.segmentation import Segmenter, SegmenterConfig
 
@@ -53,46 +52,17 @@ def _timed_events(first: int, duration_s: float) -> tuple[list[tuple[float, Any]
     return events, playlist.duration_s
 
 
-def _paced(events: list[tuple[float, Any]], pace: str) -> Iterator[Any]:
-    """The events, each when its audio would have arrived (``realtime``) or at once."""
-    t0 = time.monotonic()
-    for at, ev in events:
-        if pace == "realtime":
-            delay = t0 + at - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
-        yield ev
-
-
-def _decode(engine: Any, index: int, args: argparse.Namespace, start_at: float, out: Any) -> None:
-    events, stream_s = _timed_events(index, args.duration)
-    rec = engine.acquire(16000, partials=True)
-    while time.time() < start_at:
-        time.sleep(0.01)
-    t0 = time.monotonic()
-    cpu0 = time.process_time()
-    feed_events(rec, _paced(events, args.pace), 2 * 16000 * PARTIAL_MS // 1000)
-    cpu = time.process_time() - cpu0
-    late = time.monotonic() - t0 - stream_s
-    engine.release(rec)
-    out.put((cpu, stream_s, late))
-
-
-def _decode_group(
+def _decode(
     engine: Any, indices: list[int], args: argparse.Namespace, start_at: float, out: Any
 ) -> None:
-    """Several streams in one process, their frames interleaved by arrival time, as a worker
-    with several decoders takes its sessions' messages in turn."""
-    from asrd.segmentation import UtteranceAudio, UtteranceEnded, UtteranceStarted
-
-    step = 2 * 16000 * PARTIAL_MS // 1000
+    """The streams of one process, their frames interleaved by arrival time, as a worker with
+    several decoders takes its sessions' messages in turn."""
     timed = [_timed_events(i, args.duration) for i in indices]
     merged = sorted(
         (at, k, n, ev) for k, (events, _) in enumerate(timed) for n, (at, ev) in enumerate(events)
     )
-    recs = [engine.acquire(16000, partials=True) for _ in indices]
-    fed = [0] * len(indices)
-    next_partial = [0] * len(indices)
+    step = 2 * 16000 * PARTIAL_MS // 1000
+    feeders = [EventFeeder(engine.acquire(16000, partials=True), step) for _ in indices]
     while time.time() < start_at:
         time.sleep(0.01)
     t0 = time.monotonic()
@@ -102,24 +72,12 @@ def _decode_group(
             delay = t0 + at - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
-        rec = recs[k]
-        if isinstance(ev, UtteranceStarted):
-            rec.start()
-            fed[k], next_partial[k] = 0, step
-        elif isinstance(ev, UtteranceAudio):
-            rec.accept(ev.pcm)
-            fed[k] += len(ev.pcm)
-            if fed[k] >= next_partial[k]:
-                next_partial[k] = fed[k] + step
-                rec.partial()
-        elif isinstance(ev, UtteranceEnded):
-            rec.finish()
+        feeders[k].feed(ev)
     cpu = time.process_time() - cpu0
-    stream_s = sum(d for _, d in timed)
     late = time.monotonic() - t0 - max(d for _, d in timed)
-    for rec in recs:
-        engine.release(rec)
-    out.put((cpu, stream_s, late))
+    for feeder in feeders:
+        engine.release(feeder.rec)
+    out.put((cpu, sum(d for _, d in timed), late))
 
 
 def _child(
@@ -129,10 +87,7 @@ def _child(
         from asrd.engines.pocketsphinx import PocketsphinxEngine
 
         engine = PocketsphinxEngine(decoders=len(indices), final_pass=args.final_pass)
-    if len(indices) == 1:
-        _decode(engine, indices[0], args, start_at, out)
-    else:
-        _decode_group(engine, indices, args, start_at, out)
+    _decode(engine, indices, args, start_at, out)
 
 
 def main() -> None:

@@ -120,24 +120,36 @@ def _raw(corpus: Corpus, live: bool) -> tuple[float, float]:
     return cpu, wer([c.reference for c in corpus.clips], hyps)
 
 
-def feed_events(rec: Recognizer, events: Iterable[object], step: int) -> None:
-    """Segmenter events into a recogniser as a worker feeds them: a partial every ``step``
-    bytes of an utterance's audio."""
-    from asrd.segmentation import UtteranceAudio, UtteranceEnded, UtteranceStarted
+class EventFeeder:
+    """Segmenter events into one recogniser as a worker feeds them: a partial every ``step``
+    bytes of an utterance's audio. One per stream, so that several can take turns."""
 
-    fed = next_partial = 0
-    for ev in events:
+    def __init__(self, rec: Recognizer, step: int) -> None:
+        self.rec = rec
+        self.step = step
+        self.fed = self.next_partial = 0
+
+    def feed(self, ev: object) -> None:
+        from asrd.segmentation import UtteranceAudio, UtteranceEnded, UtteranceStarted
+
         if isinstance(ev, UtteranceStarted):
-            rec.start()
-            fed, next_partial = 0, step
+            self.rec.start()
+            self.fed, self.next_partial = 0, self.step
         elif isinstance(ev, UtteranceAudio):
-            rec.accept(ev.pcm)
-            fed += len(ev.pcm)
-            if fed >= next_partial:
-                next_partial = fed + step
-                rec.partial()
+            self.rec.accept(ev.pcm)
+            self.fed += len(ev.pcm)
+            if self.fed >= self.next_partial:
+                self.next_partial = self.fed + self.step
+                self.rec.partial()
         elif isinstance(ev, UtteranceEnded):
-            rec.finish()
+            self.rec.finish()
+
+
+def feed_events(rec: Recognizer, events: Iterable[object], step: int) -> None:
+    """All of one stream's segmenter events, back to back (see :class:`EventFeeder`)."""
+    feeder = EventFeeder(rec, step)
+    for ev in events:
+        feeder.feed(ev)
 
 
 def _workload(corpus: Corpus, final_pass: str, gap_ms: int, mss_ms: int) -> tuple[float, float]:
