@@ -101,6 +101,15 @@ def test_secrets_are_checked_against_their_hash() -> None:
     assert not signing.secret_matches(secret + "x", stored)
 
 
+def test_secrets_and_tokens_can_follow_an_option_on_the_command_line() -> None:
+    # One base64url draw in 64 begins with "-", which argparse takes for an option.
+    values = [signing.new_secret() for _ in range(1000)] + [
+        signing.new_token() for _ in range(1000)
+    ]
+    assert not [v for v in values if v.startswith("-")]
+    assert len(base64.urlsafe_b64decode(signing.new_token())) == 24
+
+
 # --- routing and configuration ---------------------------------------------------------------
 
 

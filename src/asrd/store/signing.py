@@ -34,12 +34,24 @@ _TS = re.compile(r"^[0-9]{1,12}$")
 _SIG = re.compile(r"^[0-9a-f]{64}$")
 
 
+def _urlsafe(nbytes: int) -> str:
+    """Random base64url text that never begins with "-".
+
+    Secrets and tokens are pasted after options (``--secret S``, ``token --revoke T``);
+    argparse reads a value that begins with "-" as another option, so one draw in 64 failed.
+    """
+    while True:
+        value = secrets.token_urlsafe(nbytes)
+        if not value.startswith("-"):
+            return value
+
+
 def new_secret() -> str:
-    return secrets.token_urlsafe(32)
+    return _urlsafe(32)
 
 
 def new_token() -> str:
-    return secrets.token_urlsafe(24)
+    return _urlsafe(24)
 
 
 def new_nonce() -> str:
