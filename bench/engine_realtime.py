@@ -13,7 +13,9 @@ CPU per stream-second in between those two, with no gateway, NATS or worker code
   decodes back to back;
 * ``--load per-process`` builds the engine in each process (what ``asrd worker`` does now);
   ``--load shared`` builds it once and forks, so the processes share the model's memory
-  pages (copy-on-write) and with them the CPU's caches.
+  pages (copy-on-write) and with them the CPU's caches;
+* ``--pin`` keeps process k on CPU k mod cores, so that no decoder's state moves between the
+  cores' caches.
 
 Each process reports ``time.process_time()`` over its decoding; the script prints CPU per
 stream-second, the figure the service's workers are compared with (docs/benchmarks.md).
@@ -83,6 +85,9 @@ def _decode(
 def _child(
     indices: list[int], args: argparse.Namespace, engine: Any, start_at: float, out: Any
 ) -> None:
+    if args.pin:
+        cpus = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {cpus[indices[0] % len(cpus)]})
     if engine is None:
         from asrd.engines.pocketsphinx import PocketsphinxEngine
 
@@ -100,6 +105,7 @@ def main() -> None:
     parser.add_argument("--load", choices=("per-process", "shared"), default="per-process")
     parser.add_argument("--final-pass", choices=("live", "batch"), default="live")
     parser.add_argument("--duration", type=float, default=60.0)
+    parser.add_argument("--pin", action="store_true", help="pin process k to CPU k mod cores")
     args = parser.parse_args()
 
     ctx = multiprocessing.get_context("fork")
@@ -127,7 +133,7 @@ def main() -> None:
     worst_late = max(r[2] for r in results)
     print(
         f"streams={args.streams} processes={nproc} pace={args.pace} load={args.load} "
-        f"final_pass={args.final_pass} "
+        f"final_pass={args.final_pass} pin={args.pin} "
         f"cores={os.cpu_count()}: {1000 * cpu / stream_s:.1f} ms CPU per stream-second "
         f"({stream_s:.0f} stream-s), worst stream finished {worst_late:+.2f} s after its audio"
     )

@@ -104,6 +104,13 @@ for step in $STEPS; do
         $PY bench/engine_realtime.py --streams 9 --processes "$p" --load shared --duration 60 \
           | tee -a "$OUT/engine-realtime.txt"
       done
+    done
+    # each process kept on one CPU, alternated with the scheduler's choice
+    for i in 1 2 3; do
+      for pin in "" --pin; do
+        $PY bench/engine_realtime.py --streams 9 --load shared --duration 60 $pin \
+          | tee -a "$OUT/engine-realtime.txt"
+      done
     done ;;
   idle)
     bench $LOADTEST --idle-sessions 500 -o "$OUT/idle-500.json" ;;
