@@ -15,7 +15,9 @@ CPU per stream-second in between those two, with no gateway, NATS or worker code
   ``--load shared`` builds it once and forks, so the processes share the model's memory
   pages (copy-on-write) and with them the CPU's caches;
 * ``--pin`` keeps process k on CPU k mod cores, so that no decoder's state moves between the
-  cores' caches.
+  cores' caches;
+* ``--gate S`` lets at most S processes decode at once (asrd.cpugate, as the service's forked
+  workers do).
 
 Each process reports ``time.process_time()`` over its decoding; the script prints CPU per
 stream-second, the figure the service's workers are compared with (docs/benchmarks.md).
@@ -33,6 +35,7 @@ from typing import Any
 
 from asrd.bench.baseline import EventFeeder
 from asrd.bench.corpus import Playlist, default_data_dir, load_corpus
+from asrd.cpugate import CpuGate
 from asrd.segmentation import Segmenter, SegmenterConfig
 
 FRAME_MS = 100
@@ -55,7 +58,12 @@ def _timed_events(first: int, duration_s: float) -> tuple[list[tuple[float, Any]
 
 
 def _decode(
-    engine: Any, indices: list[int], args: argparse.Namespace, start_at: float, out: Any
+    engine: Any,
+    indices: list[int],
+    args: argparse.Namespace,
+    start_at: float,
+    out: Any,
+    gate: CpuGate | None = None,
 ) -> None:
     """The streams of one process, their frames interleaved by arrival time, as a worker with
     several decoders takes its sessions' messages in turn."""
@@ -74,7 +82,11 @@ def _decode(
             delay = t0 + at - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
-        feeders[k].feed(ev)
+        if gate is None:
+            feeders[k].feed(ev)
+        else:
+            with gate:
+                feeders[k].feed(ev)
     cpu = time.process_time() - cpu0
     late = time.monotonic() - t0 - max(d for _, d in timed)
     for feeder in feeders:
@@ -83,8 +95,15 @@ def _decode(
 
 
 def _child(
-    indices: list[int], args: argparse.Namespace, engine: Any, start_at: float, out: Any
+    indices: list[int],
+    args: argparse.Namespace,
+    engine: Any,
+    start_at: float,
+    out: Any,
+    gate: CpuGate | None = None,
 ) -> None:
+    if gate is not None:
+        gate.bind(indices[0])  # process p decodes streams p, p + P, ...
     if args.pin:
         cpus = sorted(os.sched_getaffinity(0))
         os.sched_setaffinity(0, {cpus[indices[0] % len(cpus)]})
@@ -92,7 +111,7 @@ def _child(
         from asrd.engines.pocketsphinx import PocketsphinxEngine
 
         engine = PocketsphinxEngine(decoders=len(indices), final_pass=args.final_pass)
-    _decode(engine, indices, args, start_at, out)
+    _decode(engine, indices, args, start_at, out, gate)
 
 
 def main() -> None:
@@ -106,6 +125,9 @@ def main() -> None:
     parser.add_argument("--final-pass", choices=("live", "batch"), default="live")
     parser.add_argument("--duration", type=float, default=60.0)
     parser.add_argument("--pin", action="store_true", help="pin process k to CPU k mod cores")
+    parser.add_argument(
+        "--gate", type=int, default=0, help="at most this many processes decode at once (0: any)"
+    )
     args = parser.parse_args()
 
     ctx = multiprocessing.get_context("fork")
@@ -119,9 +141,11 @@ def main() -> None:
             decoders=max(len(g) for g in groups), final_pass=args.final_pass
         )
     out = ctx.Queue()
+    gate = CpuGate(args.gate, nproc) if args.gate else None
     start_at = time.time() + 5.0 + 0.4 * args.streams  # every decoder loaded first
     procs = [
-        ctx.Process(target=_child, args=(group, args, shared, start_at, out)) for group in groups
+        ctx.Process(target=_child, args=(group, args, shared, start_at, out, gate))
+        for group in groups
     ]
     for p in procs:
         p.start()
@@ -133,7 +157,7 @@ def main() -> None:
     worst_late = max(r[2] for r in results)
     print(
         f"streams={args.streams} processes={nproc} pace={args.pace} load={args.load} "
-        f"final_pass={args.final_pass} pin={args.pin} "
+        f"final_pass={args.final_pass} pin={args.pin} gate={args.gate} "
         f"cores={os.cpu_count()}: {1000 * cpu / stream_s:.1f} ms CPU per stream-second "
         f"({stream_s:.0f} stream-s), worst stream finished {worst_late:+.2f} s after its audio"
     )

@@ -105,10 +105,11 @@ for step in $STEPS; do
           | tee -a "$OUT/engine-realtime.txt"
       done
     done
-    # each process kept on one CPU, alternated with the scheduler's choice
+    # each process kept on one CPU, and two decoding at a time (asrd.cpugate), alternated
+    # with every process free
     for i in 1 2 3; do
-      for pin in "" --pin; do
-        $PY bench/engine_realtime.py --streams 9 --load shared --duration 60 $pin \
+      for opt in "" --pin "--gate 2"; do
+        $PY bench/engine_realtime.py --streams 9 --load shared --duration 60 $opt \
           | tee -a "$OUT/engine-realtime.txt"
       done
     done ;;

@@ -546,12 +546,17 @@ async def heard_workers(
     return seen
 
 
-async def test_forked_workers_share_the_model_serve_and_are_supervised(nats: Nats) -> None:
+async def test_forked_workers_share_the_model_serve_and_are_supervised(
+    nats: Nats, tmp_path: Path
+) -> None:
     """One `asrd worker --processes 2`: two workers on the bus that share one loaded model,
-    READY=1 from the parent only once both serve, and a killed one is forked again."""
+    READY=1 from the parent only once both serve, and a killed one is forked again. One decode
+    slot (asrd.cpugate) makes the two take turns."""
+    config = tmp_path / "asrd.toml"
+    config.write_text("[worker]\ndecode_slots = 1\n")
     argv = asrd_argv(
-        "worker", "--nats-url", nats.url, "--pool", "fork-en", "--decoders", "1",
-        "--processes", "2",
+        "worker", "--config", str(config), "--nats-url", nats.url, "--pool", "fork-en",
+        "--decoders", "1", "--processes", "2",
     )  # fmt: skip
     with notify_socket("abstract") as ns:
         # The parent kills a child silent for a watchdog period: a busy 2-core machine must

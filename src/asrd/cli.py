@@ -18,6 +18,7 @@ import trio
 
 from asrd import gctune, sdnotify
 from asrd.config import Config, ConfigError, load_config
+from asrd.cpugate import CpuGate
 from asrd.errors import AsrdError
 from asrd.reuseport import Reservation
 
@@ -217,21 +218,29 @@ def cmd_worker(args: argparse.Namespace) -> int:
         raise ConfigError(f"[worker] engine {config.worker.engine!r}: {exc}") from None
     gctune.tune()  # before forking: the frozen objects' pages stay shared
     processes = _worker_processes(config)
-    work = partial(_process, "worker", partial(_run_worker, engine=engine), config)
+    slots = config.worker.decode_slots or os.cpu_count() or 1
+    gate = CpuGate(slots, processes) if processes > slots else None
+    run = partial(_process, "worker", partial(_run_worker, engine=engine, gate=gate), config)
+
+    def work(index: int) -> int:
+        if gate is not None:
+            gate.bind(index)
+        return run(index)
+
     if processes == 1:
         return work(0)
     from asrd.prefork import run_forked
 
-    return run_forked(processes, work)
+    return run_forked(processes, work, on_exit=gate.reclaim if gate is not None else None)
 
 
-async def _run_worker(config: Config, engine: Any) -> None:
+async def _run_worker(config: Config, engine: Any, gate: CpuGate | None = None) -> None:
     from asrd.bus.natsbus import open_nats_bus
     from asrd.httpserve import serve_http
     from asrd.worker import Worker
 
     async with open_nats_bus(config.nats, config.nats.url, name="asrd-worker") as bus:
-        worker = Worker(config.worker, config.nats.subject_prefix, bus, engine)
+        worker = Worker(config.worker, config.nats.subject_prefix, bus, engine, gate)
         stop = trio.Event()
         async with trio.open_nursery() as nursery:
             await nursery.start(_stop_on_signals, stop)

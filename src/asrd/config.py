@@ -86,6 +86,8 @@ class WorkerConfig(_Model):
     engine: str = "pocketsphinx"
     pool: str = "en-US"  # the pool (language) this worker serves
     decoders: int = Field(default=3, ge=1, le=MAX_DECODERS)
+    # At most this many of those processes decode at once (asrd.cpugate); 0: one per core.
+    decode_slots: int = Field(default=0, ge=0, le=256)
     final_pass: Literal["batch", "live"] = "batch"  # see engines/pocketsphinx.py
     # Engine-specific settings, e.g. pocketsphinx decoder options ({"maxhmmpf": 5000, "beam":
     # 1e-48, "hmm": "/path/to/model"}): passed to the engine as they are.

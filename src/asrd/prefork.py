@@ -110,15 +110,17 @@ def run_forked(
     what: str = "worker",
     stop_timeout_s: float = STOP_TIMEOUT_S,
     on_stop: Callable[[], None] | None = None,
+    on_exit: Callable[[int], None] | None = None,
 ) -> int:
     """Run ``target(index)`` in ``count`` forked children until a signal stops them.
 
     ``target`` returns the child's exit status. Returns the command's exit status: 0 after a
     signal, or the status of a child that failed before every child was ready. ``on_stop``
     runs once when stopping begins (no child is forked after it); children still running
-    ``stop_timeout_s`` later are killed.
+    ``stop_timeout_s`` later are killed. ``on_exit(index)`` runs after each child has exited
+    (asrd.cpugate hands back what it held).
     """
-    return _Supervisor(count, target, what, stop_timeout_s, on_stop).run()
+    return _Supervisor(count, target, what, stop_timeout_s, on_stop, on_exit).run()
 
 
 class _Supervisor:
@@ -129,8 +131,10 @@ class _Supervisor:
         what: str,
         stop_timeout_s: float,
         on_stop: Callable[[], None] | None,
+        on_exit: Callable[[int], None] | None = None,
     ) -> None:
         self.count = count
+        self.on_exit = on_exit
         self.target = target
         self.what = what
         self.stop_timeout_s = stop_timeout_s
@@ -242,6 +246,8 @@ class _Supervisor:
             if pid == 0:
                 return
             child = self.children.pop(pid, None)
+            if child is not None and self.on_exit is not None:
+                self.on_exit(child.index)
             if child is None or self.stopping:
                 continue
             code = _status(wait_status)

@@ -8,12 +8,14 @@ decoder until the gateway closes it or goes silent (``session_idle_timeout_s``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
 import socket
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 import trio
 
@@ -49,11 +51,20 @@ class _Served:
 
 
 class Worker:
-    def __init__(self, config: WorkerConfig, prefix: str, bus: Bus, engine: Engine) -> None:
+    def __init__(
+        self,
+        config: WorkerConfig,
+        prefix: str,
+        bus: Bus,
+        engine: Engine,
+        gate: AbstractContextManager[None] | None = None,
+    ) -> None:
         self.config = config
         self.prefix = prefix
         self.bus = bus
         self.engine = engine
+        # Held around engine work: a slot among the forked processes (asrd.cpugate).
+        self.gate = gate if gate is not None else contextlib.nullcontext()
         self.id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         self.sessions: dict[str, _Served] = {}
         self.draining = False
@@ -209,7 +220,8 @@ class Worker:
                         for i in range(0, len(pcm), step_bytes):
                             if i:
                                 await trio.lowlevel.checkpoint()
-                            rec.accept(pcm[i : i + step_bytes])
+                            with self.gate:
+                                rec.accept(pcm[i : i + step_bytes])
                         audio_bytes += len(pcm)
                         # Behind (a sentence's pre-roll, a busy core): decode what waits
                         # first, then report one partial that covers it.
@@ -219,7 +231,8 @@ class Worker:
                             and (not sub.pending or audio_bytes >= next_partial + defer_bytes)
                         ):
                             next_partial = audio_bytes + step
-                            hyp = rec.partial()
+                            with self.gate:
+                                hyp = rec.partial()
                             if hyp is not None and hyp.text and hyp.text != last_partial:
                                 last_partial = hyp.text
                                 self.bus.publish(
@@ -237,7 +250,8 @@ class Worker:
                     elif item.kind == "end":
                         if item.utt == utt:
                             await self._announce_pause(audio_bytes / (2 * claim.sample_rate))
-                            hyp = rec.finish()
+                            with self.gate:
+                                hyp = rec.finish()
                             self.metrics.utterances.inc()
                             self.metrics.audio.inc(audio_bytes / (2 * claim.sample_rate))
                             self.bus.publish(
