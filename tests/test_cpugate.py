@@ -72,6 +72,8 @@ def test_a_process_killed_holding_a_slot_gives_it_back_through_the_parent() -> N
     assert WAIT_S <= 1.0  # the event loop of a worker waits at most this long
 
 
-def test_a_gate_needs_a_slot() -> None:
+def test_a_gate_needs_a_slot_and_each_process_its_index() -> None:
     with pytest.raises(ValueError, match="at least 1"):
         CpuGate(0, 2)
+    with pytest.raises(RuntimeError, match="bind"), CpuGate(1, 2):
+        pass

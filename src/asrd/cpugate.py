@@ -48,6 +48,8 @@ class CpuGate:
         return self._holding
 
     def __enter__(self) -> None:
+        if self._index < 0:
+            raise RuntimeError("CpuGate.bind(index) must be called in each process first")
         # Marked before the wait: a process that dies in between makes the parent release a
         # slot it never took (one slot too many for a while), never lose one.
         self._held[self._index] = 1
