@@ -286,11 +286,14 @@ def _bench(*args: str) -> dict[str, Any]:
 
 @pytest.mark.integration
 def test_bench_spawn_with_the_loadtest_engine_reports_every_figure() -> None:
+    # Two forked workers and one decode slot: the sessions take turns through asrd.cpugate.
     report = _bench(
-        *("--spawn", "--engine", "loadtest", "--workers", "1", "--decoders", "4"),
+        *("--spawn", "--engine", "loadtest", "--workers", "2", "--decoders", "2"),
+        *("--decode-slots", "1"),
         *("--sessions", "3", "--duration", "3", "--ramp", "0.5", "--speed", "2"),
     )
     assert report["stack"]["engine"] == "loadtest"
+    assert report["stack"]["decode_slots"] == 1
     assert report["machine"]["cpus"] == os.cpu_count()
     (run,) = report["runs"]
     assert run["sessions"]["requested"] == run["sessions"]["completed"] == 3
@@ -301,7 +304,7 @@ def test_bench_spawn_with_the_loadtest_engine_reports_every_figure() -> None:
     assert isinstance(run["wer"], float)  # placeholder text: high, but scored
     assert run["sentences"]["unmapped_results"] == 0
     assert run["audio_s"] >= 9.0
-    for role, count in (("gateway", 1), ("worker", 1), ("nats", 1)):
+    for role, count in (("gateway", 1), ("worker", 3), ("nats", 1)):  # workers: parent + 2
         proc = run["procs"][role]
         assert proc["processes"] == count and proc["cpu_s"] >= 0 and proc["rss_mb_peak"] > 0
         assert proc["cpu_ms_per_audio_s"] is not None

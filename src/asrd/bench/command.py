@@ -83,6 +83,13 @@ def add_commands(subparsers: Any) -> None:
     )
     target.add_argument("--final-pass", choices=("batch", "live"), default="batch")
     target.add_argument(
+        "--decode-slots",
+        type=int,
+        default=0,
+        help="--spawn: [worker] decode_slots, how many forked workers decode at once "
+        "(0: one per core)",
+    )
+    target.add_argument(
         "--nats-monitor-port",
         type=int,
         default=0,
@@ -256,6 +263,7 @@ async def open_target(args: argparse.Namespace) -> AsyncIterator[Target]:
         idle_timeout_s=idle_timeout,
         max_sessions=100_000,
         nats_monitor_port=args.nats_monitor_port,
+        extra={"worker": {"decode_slots": args.decode_slots}},
     )
     async with open_stack(config) as stack:
         yield Target(stack.url, stack.procs, config, config.workers * config.decoders)
@@ -288,6 +296,7 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
                 "workers": target.stack.workers,
                 "decoders": target.stack.decoders,
                 "shared_workers": target.stack.shared_workers,
+                "decode_slots": args.decode_slots,
                 "final_pass": target.stack.final_pass,
                 "idle_timeout_s": target.stack.idle_timeout_s,
             }
