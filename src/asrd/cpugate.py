@@ -32,7 +32,6 @@ class CpuGate:
         if slots < 1:
             raise ValueError(f"slots must be at least 1, got {slots}")
         ctx = multiprocessing.get_context("fork")
-        self.slots = slots
         self.wait_s = wait_s
         self._sem = ctx.Semaphore(slots)
         self._held = ctx.RawArray("b", processes)  # 1: process i holds (or waits for) a slot

@@ -131,7 +131,7 @@ class _Supervisor:
         what: str,
         stop_timeout_s: float,
         on_stop: Callable[[], None] | None,
-        on_exit: Callable[[int], None] | None = None,
+        on_exit: Callable[[int], None] | None,
     ) -> None:
         self.count = count
         self.on_exit = on_exit

@@ -15,7 +15,6 @@ import secrets
 import socket
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager
 
 import trio
 
@@ -57,7 +56,7 @@ class Worker:
         prefix: str,
         bus: Bus,
         engine: Engine,
-        gate: AbstractContextManager[None] | None = None,
+        gate: contextlib.AbstractContextManager[None] | None = None,
     ) -> None:
         self.config = config
         self.prefix = prefix
