@@ -17,7 +17,9 @@ CPU per stream-second in between those two, with no gateway, NATS or worker code
 * ``--pin`` keeps process k on CPU k mod cores, so that no decoder's state moves between the
   cores' caches;
 * ``--gate S`` lets at most S processes decode at once (asrd.cpugate, as the service's forked
-  workers do).
+  workers do);
+* ``--wake-ms M`` (real time) wakes every M ms and decodes all the audio that has arrived in
+  one hold of the gate: fewer, longer turns per decoder, at the price of partials M ms apart.
 
 Each process reports ``time.process_time()`` over its decoding; the script prints CPU per
 stream-second, the figure the service's workers are compared with (docs/benchmarks.md).
@@ -79,13 +81,25 @@ def _decode(
     slot = gate if gate is not None else contextlib.nullcontext()  # as asrd.worker holds it
     t0 = time.monotonic()
     cpu0 = time.process_time()
-    for at, k, _, ev in merged:
+    wake = args.wake_ms / 1000
+    i = 0
+    while i < len(merged):
+        at = merged[i][0]
         if args.pace == "realtime":
-            delay = t0 + at - time.monotonic()
+            due = -(-at // wake) * wake if wake else at
+            delay = t0 + due - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
+            now = time.monotonic() - t0
+        else:
+            now = at + wake
+        j = i + 1
+        while j < len(merged) and merged[j][0] <= now + 1e-9:
+            j += 1
         with slot:
-            feeders[k].feed(ev)
+            for _, k, _, ev in merged[i:j]:
+                feeders[k].feed(ev)
+        i = j
     cpu = time.process_time() - cpu0
     late = time.monotonic() - t0 - max(d for _, d in timed)
     for feeder in feeders:
@@ -127,6 +141,9 @@ def main() -> None:
     parser.add_argument(
         "--gate", type=int, default=0, help="at most this many processes decode at once (0: any)"
     )
+    parser.add_argument(
+        "--wake-ms", type=float, default=0, help="decode what has arrived every this many ms"
+    )
     args = parser.parse_args()
 
     ctx = multiprocessing.get_context("fork")
@@ -156,7 +173,7 @@ def main() -> None:
     worst_late = max(r[2] for r in results)
     print(
         f"streams={args.streams} processes={nproc} pace={args.pace} load={args.load} "
-        f"final_pass={args.final_pass} pin={args.pin} gate={args.gate} "
+        f"final_pass={args.final_pass} pin={args.pin} gate={args.gate} wake={args.wake_ms:g} "
         f"cores={os.cpu_count()}: {1000 * cpu / stream_s:.1f} ms CPU per stream-second "
         f"({stream_s:.0f} stream-s), worst stream finished {worst_late:+.2f} s after its audio"
     )

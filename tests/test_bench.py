@@ -22,6 +22,7 @@ import pytest
 import trio
 
 from asrd import gctune
+from asrd.bench.command import report_text
 from asrd.bench.corpus import Playlist, default_data_dir, load_corpus
 from asrd.bench.load import COMPLETED, LoadPlan, SessionResult, run_load, schedule, split
 from asrd.bench.procs import Sampler, machine_busy_s, parse_pids, read_proc
@@ -381,6 +382,33 @@ def test_engine_baseline_on_one_short_recording(tmp_path: Path) -> None:
     assert b["streams_per_core_live"] == pytest.approx(1 / b["rtf_live"], rel=0.01)
     assert b["engine_limit_streams"] > 0 and b["cores"] == os.cpu_count()
     assert 0.0 <= b["wer_batch"] <= 1.0
+
+
+@pytest.mark.integration
+def test_engine_baseline_brackets_a_capacity_search(tmp_path: Path) -> None:
+    # The machine's speed drifts: the engine is measured before the service runs and after.
+    name = "sense_and_sensibility_01_austen_64kb-0880"
+    shutil.copy(DATA / f"{name}.wav", tmp_path)
+    line = next(x for x in (DATA / "librivox.transcription").read_text().splitlines() if name in x)
+    (tmp_path / "one.transcription").write_text(line + "\n")
+    report = _bench(
+        *("--engine-baseline", "--baseline-repeat", "1", "--data", str(tmp_path)),
+        *("--spawn", "--engine", "loadtest", "--workers", "1", "--decoders", "2"),
+        *("--find-capacity", "--start", "1", "--max", "1", "--lag-limit-ms", "60000"),
+        *("--duration", "3", "--ramp", "0", "--speed", "2"),
+    )
+    before, after = report["engine_baseline"], report["engine_baseline_after"]
+    assert before["engine_limit_streams"] > 0 and after["engine_limit_streams"] > 0
+    cap = report["capacity"]
+    assert cap["held_sessions"] == 1
+    assert cap["engine_limit_streams"] == before["engine_limit_streams"]
+    assert cap["engine_limit_streams_after"] == after["engine_limit_streams"]
+    assert cap["ratio_to_engine_limit_after"] == pytest.approx(
+        1 / after["engine_limit_streams"], rel=0.01
+    )
+    text = report_text(report)
+    assert "engine baseline:" in text and "engine baseline, after the runs:" in text
+    assert f"after the runs {cap['engine_limit_streams_after']} streams" in text
 
 
 def test_markdown_tables_group_runs_by_stack() -> None:

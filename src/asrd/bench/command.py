@@ -275,16 +275,7 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
     report: dict[str, Any] = {"machine": machine_info()}
     baseline: Baseline | None = None
     if args.engine_baseline:
-        if args.quiet_wait > 0:
-            await wait_quiet(args.quiet_wait)
-        print("engine baseline: decoding with pocketsphinx ...", file=sys.stderr)
-        baseline = run_baseline(
-            corpus,
-            final_pass=args.final_pass,
-            gap_ms=gap_ms(args),
-            max_sentence_silence_ms=args.max_sentence_silence,
-            repeat=args.baseline_repeat,
-        )
+        baseline = await _baseline(args, corpus, "engine baseline")
         report["engine_baseline"] = baseline.as_dict()
     if not (args.url or args.spawn):
         return report
@@ -307,7 +298,32 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
         else:
             _warn_capacity(args.sessions, target)
             report["runs"] = [await one_run(args, target, corpus, args.sessions, baseline)]
+    if baseline is not None:
+        # The machine's speed drifts within minutes (docs/benchmarks.md): measuring the
+        # engine again once the service has run brackets the figures between two limits.
+        after = await _baseline(args, corpus, "engine baseline, after the runs")
+        report["engine_baseline_after"] = after.as_dict()
+        if "capacity" in report:
+            cap = report["capacity"]
+            limit = after.engine_limit_streams
+            cap["engine_limit_streams_after"] = round(limit, 1)
+            cap["ratio_to_engine_limit_after"] = (
+                round(cap["held_sessions"] / limit, 3) if limit else None
+            )
     return report
+
+
+async def _baseline(args: argparse.Namespace, corpus: Corpus, what: str) -> Baseline:
+    if args.quiet_wait > 0:
+        await wait_quiet(args.quiet_wait)
+    print(f"{what}: decoding with pocketsphinx ...", file=sys.stderr)
+    return run_baseline(
+        corpus,
+        final_pass=args.final_pass,
+        gap_ms=gap_ms(args),
+        max_sentence_silence_ms=args.max_sentence_silence,
+        repeat=args.baseline_repeat,
+    )
 
 
 def _warn_capacity(n: int, target: Target) -> None:
@@ -665,8 +681,13 @@ def report_text(report: dict[str, Any]) -> str:
             f"{s['workers']} {s['engine']} workers ({forked}) x "
             f"{s['decoders']} decoders (final_pass {s['final_pass']})"
         )
-    if "engine_baseline" in report:
-        b = report["engine_baseline"]
+    baselines = [
+        (f"engine baseline{label}", report[key])
+        for key, label in (("engine_baseline", ""), ("engine_baseline_after", ", after the runs"))
+        if key in report
+    ]
+    for title, b in baselines:
+        lines.append(f"{title}:")
         lines.append(
             format_table(
                 [
@@ -708,6 +729,11 @@ def report_text(report: dict[str, Any]) -> str:
             line += (
                 f"; engine limit {c['engine_limit_streams']} streams, "
                 f"ratio {c['ratio_to_engine_limit']:.2f}"
+            )
+        if c.get("ratio_to_engine_limit_after") is not None:
+            line += (
+                f"; after the runs {c['engine_limit_streams_after']} streams, "
+                f"ratio {c['ratio_to_engine_limit_after']:.2f}"
             )
         lines.append(line)
     if "idle" in report:
