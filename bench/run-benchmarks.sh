@@ -112,6 +112,13 @@ for step in $STEPS; do
         $PY bench/engine_realtime.py --streams 9 --load shared --duration 60 $opt \
           | tee -a "$OUT/engine-realtime.txt"
       done
+    done
+    # one stream: back to back, each 100 ms frame on arrival, woken every 500 ms (triples)
+    for i in 1 2 3 4 5 6; do
+      for opt in "--pace batch" "" "--wake-ms 500"; do
+        $PY bench/engine_realtime.py --streams 1 --load shared --duration 12 $opt \
+          | tee -a "$OUT/engine-realtime.txt"
+      done
     done ;;
   idle)
     bench $LOADTEST --idle-sessions 500 -o "$OUT/idle-500.json" ;;
