@@ -93,8 +93,8 @@ def _decode(
             now = time.monotonic() - t0
         else:
             now = at + wake
-        j = i + 1
-        while j < len(merged) and merged[j][0] <= now + 1e-9:
+        j = i + 1  # without --wake-ms, one event per hold of the gate, as the worker
+        while wake and j < len(merged) and merged[j][0] <= now + 1e-9:
             j += 1
         with slot:
             for _, k, _, ev in merged[i:j]:
