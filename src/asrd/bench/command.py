@@ -305,11 +305,7 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
         report["engine_baseline_after"] = after.as_dict()
         if "capacity" in report:
             cap = report["capacity"]
-            limit = after.engine_limit_streams
-            cap["engine_limit_streams_after"] = round(limit, 1)
-            cap["ratio_to_engine_limit_after"] = (
-                round(cap["held_sessions"] / limit, 3) if limit else None
-            )
+            cap.update(_vs_limit(cap["held_sessions"], after, suffix="_after"))
     return report
 
 
@@ -539,10 +535,17 @@ async def find_capacity(
         "runs": steps,
     }
     if baseline is not None:
-        limit = baseline.engine_limit_streams
-        out["capacity"]["engine_limit_streams"] = round(limit, 1)
-        out["capacity"]["ratio_to_engine_limit"] = round(held_n / limit, 3) if limit else None
+        out["capacity"].update(_vs_limit(held_n, baseline))
     return out
+
+
+def _vs_limit(held: int, baseline: Baseline, suffix: str = "") -> dict[str, Any]:
+    """The streams held as a share of the engine's own limit."""
+    limit = baseline.engine_limit_streams
+    return {
+        f"engine_limit_streams{suffix}": round(limit, 1),
+        f"ratio_to_engine_limit{suffix}": round(held / limit, 3) if limit else None,
+    }
 
 
 # --- idle sessions ---------------------------------------------------------------------------
