@@ -177,3 +177,35 @@ def test_a_session_keeps_its_transcript_only_when_it_is_recorded() -> None:
     assert session._transcript == [
         {"index": 1, "begin_time": 100, "time": 2000, "text": "Hello.", "confidence": 0.9}
     ]
+
+
+async def test_a_client_that_stops_reading_at_completion_still_frees_its_slot(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """TranscriptionCompleted rendered but stuck in the socket, then the send timeout: the
+    session ends with 40000000, sends no TaskFailed after Completed (the protocol's last word),
+    and still gives its concurrency slot back."""
+    from asrd.control import Admission
+    from asrd.events import TranscriptionCompleted
+
+    session, ws = make_session(send_timeout_s=3.0, idle_timeout_s=60.0)
+    session.codec.render(TranscriptionStarted("s"))
+    session.codec.receive_text(
+        '{"header":{"message_id":"' + "c" * 32 + '","task_id":"' + "b" * 32 + '",'
+        '"namespace":"SpeechTranscriber","name":"StopTranscription","appkey":"k"}}'
+    )
+    session._stopping = True
+    session.admission = Admission("k", "en-US", record_transcript=False)
+    finished: list[int] = []
+
+    async def finish(admission: Admission, record: Any) -> None:
+        finished.append(record.code)
+
+    session.state.control.finish = finish  # type: ignore[method-assign]
+    session._out_send.send_nowait(TranscriptionCompleted())
+    with trio.fail_after(60):
+        await session.run()
+    assert session.error is not None and session.error.code == 40000000
+    assert finished == [40000000]
+    assert ws.sent == 1  # TranscriptionCompleted only: no TaskFailed after it
+    assert 'code="40000000"' in session.state.metrics.registry.render().decode()

@@ -77,6 +77,11 @@ class Codec(Protocol):
     @property
     def task_id(self) -> str: ...
 
+    @property
+    def closed(self) -> bool:
+        """True once the task's last message (completed or failed) was rendered."""
+        ...
+
     def receive_text(self, text: str) -> ClientCommand: ...
 
     def receive_binary(self, data: bytes) -> AudioReceived: ...
@@ -173,27 +178,33 @@ class Session:
                 if self.state.stopped:
                     self.shut_down()
         finally:
+            # The appkey's concurrency slot is given back whatever happens in the teardown.
             with trio.CancelScope(shield=True):
-                if self.remote is not None:
-                    await self.remote.aclose()
-                await self._finish()
+                try:
+                    if self.remote is not None:
+                        await self.remote.aclose()
+                    await self._finish()
+                finally:
+                    await self._account(started_at, time.monotonic() - started)
+
+    async def _account(self, started_at: float, duration_s: float) -> None:
+        """Count the session, record it and give its slot back to the control plane."""
         code = self.error.code if self.error else 20000000
         metrics = self.state.metrics
         metrics.sessions.inc(1, str(code))
         if self.remote is not None and self.remote.failovers:
             metrics.failovers.inc(self.remote.failovers)
         if self.admission is not None:
-            with trio.CancelScope(shield=True):
-                await self.state.control.finish(
-                    self.admission, self._record(started_at, time.monotonic() - started, code)
-                )
+            await self.state.control.finish(
+                self.admission, self._record(started_at, duration_s, code)
+            )
         log.info(
             "session %s task %s ended: %s (%s) after %.1f s, %.1f s of audio, %d sentences",
             self.id,
             self.codec.task_id or "-",
             code,
             self.error.reason if self.error else "completed",
-            time.monotonic() - started,
+            duration_s,
             self.audio_bytes / (2 * self.params.sample_rate),
             self._finals,
         )
@@ -215,10 +226,15 @@ class Session:
         )
 
     async def _finish(self) -> None:
-        """Tell the client why we stop (unless it hung up) and close the socket."""
+        """Tell the client why we stop (unless it hung up, or TranscriptionCompleted, the
+        task's last word, is already on its way) and close the socket."""
         err = self.error
         with trio.move_on_after(2):
-            if err is not None and not isinstance(err, ClientDisconnected):
+            if (
+                err is not None
+                and not isinstance(err, ClientDisconnected)
+                and not self.codec.closed
+            ):
                 try:
                     await self.ws.send_message(self.codec.render(TaskFailed(err.code, err.reason)))
                 except ConnectionClosed:
