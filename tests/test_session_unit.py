@@ -209,3 +209,30 @@ async def test_a_client_that_stops_reading_at_completion_still_frees_its_slot(
     assert finished == [40000000]
     assert ws.sent == 1  # TranscriptionCompleted only: no TaskFailed after it
     assert 'code="40000000"' in session.state.metrics.registry.render().decode()
+
+
+@pytest.mark.parametrize("path", ["/ws/v1", "/nowhere"])
+async def test_a_client_gone_before_the_handshake_reply_is_no_server_error(
+    path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The client sends its upgrade and hangs up at once: the 101 (or the 404) finds the
+    socket closed. That is the client's business, not a traceback in the gateway's log."""
+    import logging
+
+    from trio.testing import memory_stream_pair
+
+    from asrd.gateway import Gateway
+
+    config = Config()
+    gateway = Gateway(config, InMemoryBus(), StaticControlPlane(config))
+    client, server = memory_stream_pair()
+    await client.send_all(
+        f"GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+        "X-NLS-Token: t\r\n\r\n".encode()
+    )
+    await client.aclose()
+    caplog.set_level(logging.WARNING, logger="asrd")
+    with trio.fail_after(5):
+        await gateway._handle(server)  # type: ignore[arg-type]
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]

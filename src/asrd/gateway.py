@@ -149,9 +149,11 @@ class Gateway:
     async def _handle(self, stream: trio.SocketStream) -> None:
         try:
             await self._handle_connection(stream)
-        except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        except Exception:
+        # except*: the handshake runs in trio-websocket's nursery, which wraps what it raises
+        # in an ExceptionGroup.
+        except* (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the client hung up
+        except* Exception:
             log.exception("connection handler failed")
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(1):
