@@ -791,6 +791,28 @@ async def test_max_sessions_per_gateway(
             )
 
 
+async def test_an_unknown_path_gets_task_failed_not_an_http_error(
+    nats: Nats, pool: Pool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An SDK pointed at a wrong path learns why in on_error: 40010001 after the upgrade."""
+    with no_errors_logged(caplog):
+        async with open_gateway(nats.url, pool, server=PATIENT) as gw:
+            url = gw.url.replace("/ws/v1", "/ws/v2") + "?token=t"
+            with trio.fail_after(GUARD_S):
+                async with trio_websocket.open_websocket_url(url) as ws:
+                    header = json.loads(await ws.get_message())["header"]
+                    with pytest.raises(trio_websocket.ConnectionClosed):
+                        await ws.get_message()
+            assert (header["namespace"], header["name"]) == ("Default", "TaskFailed")
+            assert header["status"] == UNKNOWN_NAMESPACE
+            assert "unknown path '/ws/v2'" in header["status_text"]
+            assert gw.gateway.state.outcomes == {UNKNOWN_NAMESPACE: 1}
+            check(  # the right path still serves
+                Case("after it", (start(), STARTED, STOP), COMPLETED),
+                await play(gw.url, [start(), STARTED, STOP]),
+            )
+
+
 async def test_max_session_duration(
     nats: Nats, pool: Pool, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -20,7 +20,7 @@ from asrd.bus import Bus
 from asrd.config import Config
 from asrd.control import ConnectInfo, ControlPlane
 from asrd.dialects.alibaba import AlibabaCodec
-from asrd.errors import NoWorkers, TooManyRequests
+from asrd.errors import AsrdError, NoWorkers, TooManyRequests, UnknownNamespace
 from asrd.events import TaskFailed
 from asrd.handshake import (
     HeadError,
@@ -184,23 +184,27 @@ class Gateway:
             request = await trio_websocket.wrap_server_stream(
                 nursery, wrapped, message_queue_size=4, max_message_size=4 * limit
             )
-            if head.path != ALIBABA_PATH:
-                await request.reject(404, body=f"unknown path {head.path}\n".encode())
-            else:
-                ws = await request.accept()
-                await self._session(ws, head)
+            ws = await request.accept()
+            await self._session(ws, head)
             nursery.cancel_scope.cancel()
 
     async def _session(self, ws: trio_websocket.WebSocketConnection, head: RequestHead) -> None:
         codec = AlibabaCodec(max_text_bytes=self.config.server.max_text_bytes)
         token = (head.header(b"x-nls-token") or b"").decode("latin-1") or head.query("token")
         connect = ConnectInfo(head.method, head.path, head.query_dict(), token)
+        # Refused after the upgrade, as TaskFailed: an HTTP error on the upgrade reaches SDK
+        # users only as an unexplained close.
+        if head.path != ALIBABA_PATH:
+            shown = head.path if len(head.path) <= 60 else head.path[:60] + "..."
+            await self._refuse(
+                ws, codec, UnknownNamespace(f"unknown path {shown!r}: use {ALIBABA_PATH}")
+            )
+            return
         if self.state.active >= self.config.server.max_sessions:
             err = TooManyRequests(
                 f"this gateway already runs {self.config.server.max_sessions} sessions"
             )
-            await ws.send_message(codec.render(TaskFailed(err.code, err.reason)))
-            await ws.aclose()
+            await self._refuse(ws, codec, err)
             return
         session = Session(self.state, ws, codec, connect)
         self.state.session_started(session)
@@ -208,6 +212,14 @@ class Gateway:
             await session.run()
         finally:
             self.state.session_ended(session)
+
+    async def _refuse(
+        self, ws: trio_websocket.WebSocketConnection, codec: AlibabaCodec, err: AsrdError
+    ) -> None:
+        """End a connection that gets no session: TaskFailed, counted by its code."""
+        self.state.metrics.sessions.inc(1, str(err.code))
+        await ws.send_message(codec.render(TaskFailed(err.code, err.reason)))
+        await ws.aclose()
 
     def health_routes(self) -> dict[str, Route]:
         """/metrics, /healthz and /readyz: on the gateway's port, and on its own metrics port
