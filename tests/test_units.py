@@ -26,6 +26,8 @@ from asrd.errors import (
     AppKeyTokenMismatch,
     AuthError,
     BusError,
+    ClientError,
+    EngineFailed,
     ServerError,
     TooManyRequests,
     UnknownAppKey,
@@ -424,6 +426,27 @@ def _link(bus: InMemoryBus, registry: WorkerRegistry, session_id: str) -> Remote
         failover_timeout_s=10.0,
         journal_max_bytes=1 << 20,
     )
+
+
+def test_a_full_journal_blames_the_client_only_for_a_sentence_too_long() -> None:
+    """The replay journal holds audio not yet final. Filled by one open sentence (possible
+    only with enable_ignore_sentence_timeout) it is the client's doing: 40000000. Filled by
+    sentences the engine has not finished, it is the server's: 50000000."""
+    bus = InMemoryBus()
+    registry = WorkerRegistry(bus, "asrd", timeout_s=1.0)
+    frame = bytes(64 * 1024)
+    long_sentence = _link(bus, registry, "s1")
+    long_sentence.begin(1)
+    with pytest.raises(ClientError, match="sentence longer than 1048576 bytes"):
+        for _ in range(17):
+            long_sentence.audio(1, frame)
+    behind = _link(bus, registry, "s2")
+    with pytest.raises(EngineFailed, match="fell more than 1048576 bytes of audio behind"):
+        for utt in range(1, 6):
+            behind.begin(utt)
+            for _ in range(4):
+                behind.audio(utt, frame)
+            behind.end(utt)  # never finalised: the engine is behind
 
 
 async def test_a_claim_nobody_answers_is_sent_again_under_a_new_epoch(

@@ -29,6 +29,7 @@ from asrd.bus import (
 from asrd.errors import (
     AsrdError,
     BusError,
+    ClientError,
     EngineFailed,
     NoWorkers,
     ServerError,
@@ -156,6 +157,12 @@ class RemoteRecognizer:
         self.journal.append((utt, data))
         self._journal_bytes += len(data)
         if self._journal_bytes > self._journal_max_bytes:
+            if self.journal[0][0] == utt:  # all of it is the open sentence: the client's doing
+                raise ClientError(
+                    f"a sentence longer than {self._journal_max_bytes} bytes of audio cannot "
+                    "be kept for failover: leave enable_ignore_sentence_timeout off, or let "
+                    "sentences end sooner"
+                )
             raise EngineFailed(
                 f"the engine fell more than {self._journal_max_bytes} bytes of audio behind"
             )
