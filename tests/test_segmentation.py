@@ -484,6 +484,20 @@ def test_quiet_speech_opens_on_time_unless_threshold_is_high() -> None:
     assert real_segment(pcm, 16000, speech_noise_threshold=1.0)[0] == []
 
 
+def test_threshold_changed_mid_stream_applies_to_the_next_frames() -> None:
+    """ControlTranscriber's speech_noise_threshold: the same quiet sentence twice, with the
+    threshold raised to +1 between them, opens only the first time; lowered back, it opens."""
+    quiet = attenuated(load_clip("0880"), 15)
+    seg = Segmenter(SegmenterConfig(sample_rate=16000))
+    events = feed_all(seg, silence(500, 16000) + quiet + silence(1500, 16000), 3200)
+    assert len(utterances(events)) == 1
+    seg.set_speech_noise_threshold(1.0)
+    assert feed_all(seg, quiet + silence(1500, 16000), 3200) == []
+    seg.set_speech_noise_threshold(0.0)
+    events = feed_all(seg, quiet + silence(1500, 16000), 3200) + seg.flush()
+    assert len(utterances(events)) == 1
+
+
 def test_threshold_mapping() -> None:
     assert [webrtc_mode(t) for t in (None, -1.0, -0.6, -0.5, -0.1, 0.0, 0.49, 0.5, 1.0)] == [
         2,

@@ -236,3 +236,21 @@ async def test_a_client_gone_before_the_handshake_reply_is_no_server_error(
     with trio.fail_after(5):
         await gateway._handle(server)  # type: ignore[arg-type]
     assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_control_changes_reach_the_segmenter() -> None:
+    """ControlTranscriber's max_sentence_silence and speech_noise_threshold apply mid-stream."""
+    from asrd.events import ControlRequested
+    from asrd.segmentation import Segmenter, SegmenterConfig, WebrtcVad
+
+    session, _ = make_session()
+    session.params = SessionParams()
+    session.segmenter = Segmenter(SegmenterConfig(sample_rate=16000))
+    vad = session.segmenter._vad
+    assert isinstance(vad, WebrtcVad) and (vad.mode, vad.gate_dbfs) == (2, -47.0)
+    session._control(ControlRequested({"speech_noise_threshold": 1.0}))
+    assert (vad.mode, vad.gate_dbfs) == (3, -30.0)
+    session._control(ControlRequested({"speech_noise_threshold": 7.0}))  # junk: ignored
+    assert (vad.mode, vad.gate_dbfs) == (3, -30.0)
+    session._control(ControlRequested({"max_sentence_silence_ms": 2000}))
+    assert session.segmenter._max_silence == 2000 * 16

@@ -489,6 +489,13 @@ class Session:
             self.tracker.params = self.params
         if self.segmenter is not None and "max_sentence_silence_ms" in changes:
             self.segmenter.set_max_sentence_silence(self.params.max_sentence_silence_ms)
+        threshold = self.params.speech_noise_threshold
+        if (
+            self.segmenter is not None
+            and "speech_noise_threshold" in changes
+            and threshold is not None
+        ):
+            self.segmenter.set_speech_noise_threshold(threshold)
 
     async def _stop(self) -> None:
         """Flush the segmenter, then complete once every sentence is final. The wait runs

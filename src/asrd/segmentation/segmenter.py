@@ -132,6 +132,7 @@ class Segmenter:
         rate = config.sample_rate
         if vad is None:
             vad = WebrtcVad(rate, config.speech_noise_threshold)
+        self._vad = vad
         self._classify = (vad if isinstance(vad, BatchVoiceDetector) else _PerFrame(vad)).classify
 
         self._rate = rate
@@ -173,6 +174,12 @@ class Segmenter:
         """Change the closing silence mid-stream; applies from the next frame processed."""
         _check_silence(ms)
         self._max_silence = ms * self._rate // 1000
+
+    def set_speech_noise_threshold(self, threshold: float) -> None:
+        """Change the detector's threshold mid-stream; applies from the next frame processed.
+        A detector passed in by the caller keeps its own setting."""
+        if isinstance(self._vad, WebrtcVad):
+            self._vad.set_threshold(threshold)
 
     def feed(self, pcm: bytes) -> list[SegmentEvent]:
         """Process audio of any length; a trailing partial frame waits for the next call."""

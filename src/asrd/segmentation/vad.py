@@ -80,17 +80,24 @@ class WebrtcVad:
     Stateful (webrtcvad adapts to the noise it hears), so use one instance per stream.
     """
 
-    __slots__ = ("_gate", "_process", "_rate", "gate_dbfs", "mode")
+    __slots__ = ("_gate", "_process", "_rate", "_vad", "gate_dbfs", "mode")
 
     def __init__(self, sample_rate: int, threshold: float | None = None) -> None:
         if sample_rate not in VALID_SAMPLE_RATES:
             raise ValueError(f"sample_rate must be one of {VALID_SAMPLE_RATES}")
         self._rate = sample_rate
+        self._vad = webrtcvad.Vad()
+        self._process = self._vad.is_speech
+        self.set_threshold(threshold)
+
+    def set_threshold(self, threshold: float | None) -> None:
+        """Change the threshold mid-stream (ControlTranscriber); webrtcvad keeps what it has
+        learnt of the noise."""
         self.mode = webrtc_mode(threshold)
         self.gate_dbfs = energy_gate_dbfs(threshold)
         # Compared against the mean square of a frame, so no sqrt/log per frame.
         self._gate = (FULL_SCALE * 10 ** (self.gate_dbfs / 20)) ** 2
-        self._process = webrtcvad.Vad(self.mode).is_speech
+        self._vad.set_mode(self.mode)
 
     def is_speech(self, frame: bytes) -> bool:
         voiced = bool(self._process(frame, self._rate))
