@@ -454,6 +454,7 @@ def good_header(**changes: Any) -> dict[str, Any]:
         (raw(good_header(namespace=_ABSENT)), "header.namespace"),
         (raw(good_header(namespace=["SpeechTranscriber"])), "header.namespace"),
         (raw(good_header(appkey=12)), "header.appkey"),
+        (raw(good_header(appkey="k" * 129)), "header.appkey is longer than 128"),
         (raw(good_header(message_id=_ABSENT)), "header.message_id"),
         (raw(good_header(message_id="1234")), "header.message_id"),
         (raw(good_header(message_id=str(uuid.uuid4()))), "header.message_id"),  # dashed form

@@ -301,8 +301,7 @@ class Session:
             )
             if ahead_s > 0:
                 await trio.sleep(ahead_s / speed)
-            if not self._stopping:
-                await self._audio(event.data)
+            await self._audio(event.data)
 
     async def _handle(self, event: ClientCommand) -> None:
         if self._stopping:

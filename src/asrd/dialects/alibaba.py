@@ -1,4 +1,5 @@
-"""Sans-IO codec for the Alibaba NLS ``SpeechTranscriber`` protocol (protocols.md §1).
+"""Sans-IO codec for the Alibaba NLS ``SpeechTranscriber`` protocol (README, "The protocol
+asrd speaks").
 
 Shaped like h11/wsproto: one :class:`AlibabaCodec` per WebSocket connection turns received
 frames into :mod:`asrd.events` client events and renders server events into text frames. It
@@ -12,8 +13,9 @@ Errors the *caller* causes (rendering an event the protocol does not allow now) 
 Leniency, decided once for all payload values so that clients built by hand from config
 strings work while typos still fail loudly:
 
-- booleans: JSON ``true``/``false``, or the strings ``"true"``/``"false"`` in any case. Numbers
-  (``0``/``1``) are rejected: they are more often a misplaced value than a flag.
+- booleans: JSON ``true``/``false``, the strings ``"true"``/``"false"`` in any case, or the
+  integers ``0``/``1`` (Alibaba's own MRCP server configuration writes them); anything else
+  is rejected.
 - integers: JSON integers, integral floats (``800.0``) or decimal strings (``"800"``);
   floats: JSON numbers or numeric strings; NaN and infinities are rejected.
 - strings (ids, language): ``""`` means "not set", like an absent key.
@@ -69,6 +71,8 @@ NAMESPACE: Final = "SpeechTranscriber"
 FAILED_NAMESPACE: Final = "Default"  # the Go SDK exits on any other namespace for TaskFailed
 STATUS_TEXT: Final = "Gateway:SUCCESS:Success."
 MAX_FILTER_WORDS: Final = 32
+# Alibaba's appkeys are 16 characters; a longer one is quoted in replies and logs, so bounded.
+MAX_APPKEY_CHARS: Final = 128
 
 START: Final = "StartTranscription"
 STOP: Final = "StopTranscription"
@@ -320,7 +324,7 @@ def _control_changes(payload: object) -> dict[str, object]:
         try:
             value = convert(key, raw)
         except ClientError:
-            continue  # protocols.md §1.3: tolerate junk, send no reply
+            continue  # the protocol: tolerate junk, send no reply
         if value is not None:
             changes[field] = value
     return changes
@@ -400,6 +404,8 @@ class AlibabaCodec:
             raise InvalidMessage(f"header.name must be a string, got {_show(name)}")
         if not isinstance(appkey, str):
             raise InvalidMessage(f"header.appkey must be a string, got {_show(appkey)}")
+        if len(appkey) > MAX_APPKEY_CHARS:
+            raise InvalidMessage(f"header.appkey is longer than {MAX_APPKEY_CHARS} characters")
         message_id = header.get("message_id")
         if not (isinstance(message_id, str) and _HEX32.fullmatch(message_id)):
             raise InvalidMessage(
