@@ -336,6 +336,8 @@ async def test_key_lifecycle_with_the_cli(
     assert signing.sha256_hex(secret) in await redis_dump(redis_url)
     status, _ = await asrd(capsys, "keys", "create", "app1", *r)
     assert status == 2  # exists already
+    status, _ = await asrd(capsys, "keys", "create", "apps", *r)
+    assert status == 2  # reserved: its usage hash would be the set of all keys with usage
 
     status, out = await asrd(capsys, "keys", "list", "--json", *r)
     assert [k["appkey"] for k in json.loads(out)] == ["app1"]

@@ -22,11 +22,13 @@ from asrd.store import Script, Store, StoreError, signing
 from asrd.store.keys import Keys
 
 APPKEY_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+# Its usage hash would be Keys.usage_apps, the set of all keys with usage.
+RESERVED_APPKEYS = frozenset({"apps"})
 Status = Literal["active", "disabled"]
 
 
 def valid_appkey(appkey: str) -> bool:
-    return bool(APPKEY_RE.match(appkey))
+    return bool(APPKEY_RE.match(appkey)) and appkey not in RESERVED_APPKEYS
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,7 +265,10 @@ class Repository:
         """Create a key; returns it and its secret (shown once, never stored)."""
         appkey = appkey or secrets.token_hex(8)
         if not valid_appkey(appkey):
-            raise InvalidParameter("appkey: 1 to 64 characters of A-Z a-z 0-9 _ . -")
+            raise InvalidParameter(
+                "appkey: 1 to 64 characters of A-Z a-z 0-9 _ . -, and not "
+                + ", ".join(sorted(RESERVED_APPKEYS))
+            )
         if max_sessions < 0:
             raise InvalidParameter("max_sessions must be >= 0 (0: no limit)")
         secret = signing.new_secret()
