@@ -56,6 +56,35 @@ def test_gateway_metrics_ports_must_exist_for_every_process(tmp_path: Any) -> No
     assert load_config(path).server.processes == 3
 
 
+def test_worker_metrics_ports_must_exist_for_every_process() -> None:
+    with pytest.raises(ConfigError, match="metrics_port 65534 \\+ 3 processes passes 65535"):
+        load_config(None, worker={"processes": 3, "metrics_port": 65534})
+    assert load_config(None, worker={"processes": 2, "metrics_port": 65534}).worker.processes == 2
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value"),
+    [
+        ("worker", "pool", "en US"),
+        ("worker", "pool", "en.US"),
+        ("server", "default_language", "en>"),
+        ("nats", "subject_prefix", "a b"),
+        ("nats", "subject_prefix", "asrd."),
+        ("nats", "subject_prefix", "*"),
+    ],
+)
+def test_names_that_become_nats_subjects_are_checked(section: str, key: str, value: str) -> None:
+    """A pool, language or prefix with a space, '*' or '>' would make subjects NATS refuses or
+    matches wildly: refused at start with the key named."""
+    with pytest.raises(ConfigError, match=key):
+        load_config(None, **{section: {key: value}})
+
+
+def test_names_that_are_fine_subject_tokens_are_accepted() -> None:
+    cfg = load_config(None, worker={"pool": "zh_CN-8k"}, nats={"subject_prefix": "site1.asrd"})
+    assert (cfg.worker.pool, cfg.nats.subject_prefix) == ("zh_CN-8k", "site1.asrd")
+
+
 def test_defaults_follow_the_protocol() -> None:
     cfg = load_config(None)
     assert cfg.server.idle_timeout_s == 10.0

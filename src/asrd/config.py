@@ -25,6 +25,14 @@ class _Model(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+# A language or pool name: one NATS subject token (pools name claim subjects).
+Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+# NATS subject tokens joined by dots: every subject asrd uses starts with it.
+SubjectPrefix = Annotated[
+    str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}(\.[A-Za-z0-9_-]{1,64}){0,7}$")
+]
+
+
 class ServerConfig(_Model):
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
@@ -41,7 +49,7 @@ class ServerConfig(_Model):
     journal_max_bytes: int = Field(default=16 * 1024 * 1024, ge=64 * 1024, le=1024**3)
     claim_timeout_s: float = Field(default=2.0, gt=0, le=60)
     worker_timeout_s: float = Field(default=1.0, gt=0, le=60)
-    default_language: str = "en-US"
+    default_language: Name = "en-US"
     # Gateway processes forked by `asrd gateway`, all listening on `port` (asrd.reuseport): one
     # event loop uses one core. Each has its own sessions and metrics; max_sessions is per process.
     processes: int = Field(default=1, ge=1, le=256)
@@ -61,7 +69,7 @@ class ServerConfig(_Model):
 
 class NatsConfig(_Model):
     url: str = ""  # empty: `asrd serve` starts a private nats-server child
-    subject_prefix: str = "asrd"
+    subject_prefix: SubjectPrefix = "asrd"
     user: str | None = None
     password: str | None = None
     token: str | None = None
@@ -84,7 +92,7 @@ class WorkerConfig(_Model):
     # engine, sharing its model (asrd.prefork); 0: one per core.
     processes: int = Field(default=0, ge=0, le=256)
     engine: str = "pocketsphinx"
-    pool: str = "en-US"  # the pool (language) this worker serves
+    pool: Name = "en-US"  # the pool (language) this worker serves
     decoders: int = Field(default=3, ge=1, le=MAX_DECODERS)
     # At most this many of those processes decode at once (asrd.cpugate); 0: one per core.
     decode_slots: int = Field(default=0, ge=0, le=256)
@@ -97,6 +105,15 @@ class WorkerConfig(_Model):
     session_idle_timeout_s: float = Field(default=5.0, gt=0, le=3600)
     metrics_host: str = "127.0.0.1"
     metrics_port: int = Field(default=0, ge=0, le=65535)  # 0: no /metrics endpoint
+
+    @model_validator(mode="after")
+    def _metrics_ports_exist(self) -> WorkerConfig:
+        last = self.metrics_port + max(self.processes, 1) - 1
+        if self.metrics_port and last > 65535:
+            raise ValueError(
+                f"metrics_port {self.metrics_port} + {self.processes} processes passes 65535"
+            )
+        return self
 
 
 class SegmentationConfig(_Model):
@@ -119,10 +136,6 @@ class AppConfig(_Model):
 class AuthConfig(_Model):
     enabled: bool = False
     apps: tuple[AppConfig, ...] = ()
-
-
-# A language or pool name: one NATS subject token (pools name claim subjects).
-Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 
 
 class RoutingConfig(_Model):
