@@ -343,6 +343,11 @@ async def test_key_lifecycle_with_the_cli(
     assert [k["appkey"] for k in json.loads(out)] == ["app1"]
     assert "secret" not in out and "link_key" not in out
 
+    for ttl in ("0", "3601"):  # beyond [redis] token_ttl_s, or none at all
+        status, _ = await asrd(capsys, "token", "app1", "--ttl", ttl, *r)
+        assert status == 2
+    status, out = await asrd(capsys, "token", "app1", "--ttl", "60", "--json", *r)
+    assert 55 <= json.loads(out)["expires_at"] - time.time() <= 60
     status, out = await asrd(capsys, "token", "app1", "--json", *r)
     token = json.loads(out)["token"]
     async with open_redis_gateway(nats.url, pool, redis_url) as gw:

@@ -203,7 +203,10 @@ def cmd_token(args: argparse.Namespace) -> int:
         app = await _need_app(repo, args.appkey)
         if not app.active:
             raise CommandError(f"appkey {app.appkey!r} is disabled")
-        ttl = args.ttl or repo.config.token_ttl_s
+        max_ttl = repo.config.token_ttl_s
+        if args.ttl is not None and not 1 <= args.ttl <= max_ttl:
+            raise ClientError(f"--ttl must be 1 to {max_ttl} s ([redis] token_ttl_s)")
+        ttl = args.ttl or max_ttl
         token, info = await repo.issue_token(app, ttl)
         if args.json:
             _print_json({"token": token, "appkey": app.appkey, "expires_at": int(info.expires_at)})
@@ -439,7 +442,9 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 
     t = sub.add_parser("token", parents=[common], help="issue (or revoke) an access token")
     t.add_argument("appkey", nargs="?")
-    t.add_argument("--ttl", type=int, help="lifetime in seconds (default: [redis] token_ttl_s)")
+    t.add_argument(
+        "--ttl", type=int, help="lifetime in seconds (default and maximum: [redis] token_ttl_s)"
+    )
     t.add_argument("--revoke", metavar="TOKEN", help="revoke this token instead")
     t.add_argument("--json", action="store_true")
     t.set_defaults(func=cmd_token)
