@@ -158,6 +158,20 @@ def run_asrd(cwd: Path, *argv: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def test_an_unknown_log_level_is_refused_not_ignored(tmp_path: Path) -> None:
+    result = run_asrd(tmp_path, "--log-level", "verbose", "config", "show")
+    assert result.returncode == 2 and "--log-level" in result.stderr
+    result = subprocess.run(
+        [sys.executable, "-m", "asrd", "config", "show"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=GUARD_S,
+        env={**os.environ, "ASRD_LOG_LEVEL": "verbose"},
+    )
+    assert result.returncode == 2 and "ASRD_LOG_LEVEL" in result.stderr
+
+
 def test_worker_refuses_engine_options_its_engine_does_not_know(tmp_path: Path) -> None:
     (tmp_path / "config.toml").write_text("[worker]\nengine_options = { nonesuch = 1 }\n")
     result = run_asrd(

@@ -294,11 +294,18 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
 # Modules that add their own sub-commands: each has ``add_commands(subparsers)`` whose parsers
 # set ``func`` to a function taking the parsed arguments and returning the exit status.
 COMMAND_MODULES: tuple[str, ...] = ("asrd.bench", "asrd.store.cli")
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="asrd", description=__doc__)
-    p.add_argument("--log-level", default=os.environ.get("ASRD_LOG_LEVEL", "info"))
+    p.add_argument(
+        "--log-level",
+        type=str.lower,
+        choices=LOG_LEVELS,
+        default=os.environ.get("ASRD_LOG_LEVEL", "info").lower(),
+        help="before the command; default $ASRD_LOG_LEVEL or info",
+    )
     p.add_argument(
         "--log-json",
         action="store_true",
@@ -368,7 +375,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.log_level not in LOG_LEVELS:  # from $ASRD_LOG_LEVEL, which argparse does not check
+        parser.error(f"ASRD_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}")
     _setup_logging(args.log_level, args.log_json)
     try:
         return int(args.func(args))
