@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup serve test lint bench
+.PHONY: setup serve test lint
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)

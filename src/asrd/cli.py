@@ -78,8 +78,8 @@ async def _run_gateway(
 async def _serve_gateway(
     config: Config, url: str, workers: int, reservation: Reservation | None = None
 ) -> None:
-    """Serve until SIGTERM/SIGINT and the drain; READY once NATS (and Redis) are reachable,
-    ``workers`` workers are heard and the port is bound."""
+    """Serve until SIGTERM/SIGINT and the drain; READY once NATS is reachable, ``workers``
+    workers are heard and the port is bound (Redis may still be down: that is logged)."""
     from asrd.bus.natsbus import open_nats_bus
     from asrd.gateway import Gateway
     from asrd.httpserve import serve_http

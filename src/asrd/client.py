@@ -1,6 +1,7 @@
 """``asrd transcribe``: a streaming client of the Alibaba NLS real-time transcription protocol.
 
-It speaks the protocol the way the official Python SDK does (protocols.md §1), so it doubles
+It speaks the protocol the way the official Python SDK does (README, "The protocol asrd
+speaks"), so it doubles
 as a smoke test of the gateway. :func:`open_transcription` is the library API;
 :func:`run_transcribe` is the body of the CLI command.
 """

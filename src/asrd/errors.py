@@ -1,7 +1,7 @@
 """The one exception hierarchy of asrd.
 
 Every error that can end a session is an :class:`AsrdError` carrying a status code. The codes
-are Alibaba NLS status codes (protocols.md §1.7) because that is the richest vocabulary of the
+are Alibaba NLS status codes (README, "Status codes") because that is the richest vocabulary of the
 protocols we speak; other dialects translate them to their own codes at their edge.
 Exceptions of third-party libraries are converted into these at exactly one place each
 (the bus for nats, the store for redis, the session's websocket edge for trio-websocket).

@@ -2,7 +2,7 @@
 
 The official Alibaba Python SDK sends two ``Sec-WebSocket-Key`` (and two
 ``Sec-WebSocket-Version``) headers and checks ``Sec-WebSocket-Accept`` against the FIRST key,
-while wsproto answers the LAST one (protocols.md §1.2). :func:`dedupe_head` keeps the first of
+while wsproto answers the LAST one. :func:`dedupe_head` keeps the first of
 each so the SDK's handshake succeeds. Requests that are not WebSocket upgrades (health checks)
 are recognised here too.
 """

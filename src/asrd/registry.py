@@ -1,9 +1,11 @@
 """The gateway's view of the engine workers, built from their heartbeats.
 
 A worker that has not been heard from for ``timeout_s`` is declared dead: its sessions learn of
-it through :meth:`WorkerRegistry.dead` within about a second, whatever the reason it went
-(SIGKILL, OOM, host gone, network split). A worker about to run a long final pass, which holds
-the GIL and so silences its heartbeats, announces a ``grace_s`` that extends its deadline once.
+it through the :class:`WorkerWatch` they hold (:meth:`WorkerRegistry.watch`) within about a
+second, whatever the reason it went (SIGKILL, OOM, host gone, network split). A worker about to
+run a long final pass, which holds the GIL and so silences its heartbeats, announces a
+``grace_s``; every beat repeats what is left of it, and the deadline is the later of
+``timeout_s`` and ``grace_s`` after the last beat.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 A worker listens for claims of its pool in a NATS queue group only while it has a free
 decoder, so a full worker is never picked: when every worker is full the gateway's claim gets
-"no responders" at once and the client a prompt 40000005. A claimed session is bound to one
-decoder until the gateway closes it or goes silent (``session_idle_timeout_s``).
+"no responders" at once, and the client 40000005 within half a second. A claimed session is
+bound to one decoder until the gateway closes it or goes silent (``session_idle_timeout_s``).
 """
 
 from __future__ import annotations
