@@ -191,6 +191,102 @@ def test_wire_junk_is_a_bus_error(junk: bytes) -> None:
             pass
 
 
+@pytest.mark.parametrize(
+    "junk",
+    [
+        b'{"worker_id":"w","pool":"p","capacity":1e400}',  # int(inf): OverflowError
+        b'{"session_id":"s","sample_rate":1e400}',
+        b'{"type":"final","utt":1e400,"text":""}',
+        b'{"type":"end","utt":-1e400}',
+        b"[" * 100_000,  # deeper than the recursion limit
+    ],
+)
+def test_wire_absurd_numbers_and_nesting_are_bus_errors(junk: bytes) -> None:
+    for decode in (wire.decode_output, wire.decode_input, wire.decode_heartbeat, wire.decode_claim):
+        with pytest.raises(BusError):
+            decode(junk)
+
+
+@pytest.mark.parametrize("session_id", ["", "a b", "*", ">", "a.b", "x" * 129, 7])
+def test_a_claim_whose_session_id_is_no_subject_token_is_malformed(session_id: object) -> None:
+    """It would make the worker subscribe to a subject NATS refuses, or to every session's."""
+    claim = wire._dumps({"session_id": session_id, "sample_rate": 16000})
+    with pytest.raises(BusError, match="session_id"):
+        wire.decode_claim(claim)
+
+
+def test_a_heartbeat_pause_is_bounded() -> None:
+    """A pause of infinity (or NaN) would keep a dead worker alive for ever."""
+    beat = b'{"worker_id":"w","pool":"p","grace_s":%s}'
+    assert wire.decode_heartbeat(beat % b"Infinity").grace_s == 0.0
+    assert wire.decode_heartbeat(beat % b"NaN").grace_s == 0.0
+    assert wire.decode_heartbeat(beat % b"-5").grace_s == 0.0
+    assert wire.decode_heartbeat(beat % b"1e9").grace_s == wire.MAX_GRACE_S
+    assert wire.decode_heartbeat(beat % b"2.5").grace_s == 2.5
+
+
+async def test_the_registry_survives_junk_and_a_flood_of_heartbeats() -> None:
+    """One gateway's registry task ends the gateway if it dies: a hostile beat or a burst that
+    overflows its subscription must cost nothing but a warning."""
+    bus = InMemoryBus()
+    registry = WorkerRegistry(bus, "asrd", timeout_s=1.0)
+    subject = heartbeat_subject("asrd")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(registry.run)
+        bus.publish(subject, b'{"worker_id":"w","pool":"p","capacity":1e400}')
+        for _ in range(5000):  # more than the subscription holds, with no checkpoint between
+            bus.publish(subject, wire.Heartbeat("w1", "en-US", "x", 1, 1).encode())
+        await trio.testing.wait_all_tasks_blocked()
+        bus.publish(subject, wire.Heartbeat("w2", "en-US", "x", 1, 1).encode())
+        await trio.testing.wait_all_tasks_blocked()
+        assert "w2" in {b.worker_id for b in registry.alive("en-US")}
+        nursery.cancel_scope.cancel()
+
+
+class _SlowSubscribeBus(InMemoryBus):
+    """Subscribing takes a round trip, as on NATS: a task switch can happen in between."""
+
+    async def subscribe(self, subject: str, **kw: Any) -> Any:
+        await trio.sleep(0.001)
+        return await super().subscribe(subject, **kw)
+
+
+def _claim_subscriptions(bus: InMemoryBus, subject: str) -> int:
+    return sum(pattern == subject for pattern, _, _ in bus._subs)
+
+
+async def test_a_worker_survives_bad_claims_and_keeps_one_claim_subscription(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """Two sessions ending together once left two claim subscriptions (claims reached a full
+    worker); a claim with a bad session id or an absurd rate once ended the worker."""
+    bus = _SlowSubscribeBus()
+    worker = Worker(WorkerConfig(decoders=2), "asrd", bus, LoadtestEngine(2))
+    subject = claim_subject("asrd", worker.config.pool)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(worker.run)
+        for junk in (
+            b'{"session_id":"a b","sample_rate":16000}',
+            b'{"session_id":"x","sample_rate":1e400}',
+        ):
+            bus.publish(subject, junk)
+        for sid in ("a", "b"):
+            reply = await bus.request(subject, wire.Claim(sid, 16000, False).encode(), 2)
+            assert wire.decode_claim_reply(reply).ok
+        assert _claim_subscriptions(bus, subject) == 0  # full
+        for sid in ("a", "b"):
+            bus.publish(session_in("asrd", sid), wire.encode_control("close"))
+        await trio.sleep(1)
+        assert _claim_subscriptions(bus, subject) == 1
+        for sid in ("c", "d"):
+            reply = await bus.request(subject, wire.Claim(sid, 16000, False).encode(), 2)
+            assert wire.decode_claim_reply(reply).ok
+        assert _claim_subscriptions(bus, subject) == 0
+        with pytest.raises(NoResponders):
+            await bus.request(subject, wire.Claim("e", 16000, False).encode(), 2)
+        nursery.cancel_scope.cancel()
+
+
 # --- sentence tracker ---------------------------------------------------------------------
 
 

@@ -31,6 +31,9 @@ class _Entry:
     watchers: set[trio.Event] = field(default_factory=set)
 
 
+HEARTBEAT_BACKLOG = 4096  # beats received but not yet read
+
+
 class WorkerRegistry:
     def __init__(self, bus: Bus, prefix: str, timeout_s: float) -> None:
         self._bus = bus
@@ -39,11 +42,21 @@ class WorkerRegistry:
         self._workers: dict[str, _Entry] = {}
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        sub = await self._bus.subscribe(heartbeat_subject(self._prefix), max_pending=4096)
+        subject = heartbeat_subject(self._prefix)
+        sub = await self._bus.subscribe(subject, max_pending=HEARTBEAT_BACKLOG)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._reap_loop)
             task_status.started()
-            async for msg in sub:
+            while True:
+                try:
+                    msg = await sub.receive()
+                except BusError as exc:
+                    # Overflowed (a burst of beats while this loop was starved): beats are
+                    # repeated every heartbeat_interval_s, so subscribe afresh and go on.
+                    log.warning("heartbeats: %s; subscribing again", exc)
+                    await self._bus.unsubscribe(sub)
+                    sub = await self._bus.subscribe(subject, max_pending=HEARTBEAT_BACKLOG)
+                    continue
                 try:
                     beat = wire.decode_heartbeat(msg.data)
                 except BusError as exc:

@@ -8,6 +8,8 @@ number + PCM16LE mono at the session's sample rate. Every other message is a JSO
 from __future__ import annotations
 
 import json
+import math
+import re
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,15 +20,19 @@ from asrd.errors import BusError
 T = TypeVar("T")
 _AUDIO = b"A"
 _UTT = struct.Struct(">I")
+# A session id becomes a NATS subject token (docs/engine-protocol.md): no '.', '*', '>' or space.
+_SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
+MAX_GRACE_S = 600.0  # the longest pause a heartbeat may announce (a foreign one may say more)
 
 
 def _wire_errors(fn: Callable[[bytes], T]) -> Callable[[bytes], T]:
-    """Missing keys and wrong types from a foreign engine become BusError, not crashes."""
+    """Missing keys, wrong types and absurd numbers (``1e400`` overflows ``int()``) from a
+    foreign engine become BusError, not crashes."""
 
     def wrapper(data: bytes) -> T:
         try:
             return fn(data)
-        except (KeyError, TypeError, ValueError, IndexError) as exc:
+        except (KeyError, TypeError, ValueError, IndexError, ArithmeticError) as exc:
             raise BusError(f"malformed message on the bus: {exc!r}") from exc
 
     return wrapper
@@ -35,8 +41,8 @@ def _wire_errors(fn: Callable[[bytes], T]) -> Callable[[bytes], T]:
 def _loads(data: bytes) -> dict[str, Any]:
     try:
         obj = json.loads(data)
-    except ValueError as exc:
-        raise BusError(f"malformed message on the bus: {exc}") from exc
+    except (ValueError, RecursionError) as exc:  # RecursionError: nesting beyond the limit
+        raise BusError(f"malformed message on the bus: {exc!r}") from exc
     if not isinstance(obj, dict):
         raise BusError("malformed message on the bus: not a JSON object")
     return obj
@@ -83,8 +89,11 @@ class ClaimReply:
 @_wire_errors
 def decode_claim(data: bytes) -> Claim:
     obj = _loads(data)
+    session_id = obj["session_id"]
+    if not (isinstance(session_id, str) and _SESSION_ID.fullmatch(session_id)):
+        raise BusError("malformed claim: session_id must be 1-128 of A-Z a-z 0-9 _ -")
     return Claim(
-        str(obj["session_id"]),
+        session_id,
         int(obj["sample_rate"]),
         bool(obj.get("partials")),
         int(obj.get("epoch", 0)),
@@ -238,5 +247,10 @@ def decode_heartbeat(data: bytes) -> Heartbeat:
         int(obj.get("capacity", 0)),
         int(obj.get("free", 0)),
         bool(obj.get("draining", False)),
-        float(obj.get("grace_s", 0.0)),
+        _grace(float(obj.get("grace_s", 0.0))),
     )
+
+
+def _grace(grace_s: float) -> float:
+    """A pause of 0..MAX_GRACE_S: NaN or infinity would keep a dead worker alive for ever."""
+    return min(grace_s, MAX_GRACE_S) if math.isfinite(grace_s) and grace_s > 0 else 0.0

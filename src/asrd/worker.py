@@ -76,6 +76,7 @@ class Worker:
         m.nats_reconnects.fn = lambda: bus.reconnects
         m.nats_errors.fn = lambda: getattr(bus, "errors", 0)
         self._claim_sub: Subscription | None = None
+        self._claim_lock = trio.Lock()
         self._nursery: trio.Nursery | None = None
 
     @property
@@ -120,29 +121,33 @@ class Worker:
             return
         log.info("worker %s moves from pool %r to %r", self.id, self.config.pool, pool)
         self.config = self.config.model_copy(update={"pool": pool})
-        if self._claim_sub is not None:
-            sub, self._claim_sub = self._claim_sub, None
-            await self.bus.unsubscribe(sub, drain=True)
+        async with self._claim_lock:
+            if self._claim_sub is not None:
+                sub, self._claim_sub = self._claim_sub, None
+                await self.bus.unsubscribe(sub, drain=True)
         await self._update_claim_subscription()
         self._beat()
 
     # --- claims ----------------------------------------------------------------------------
 
     async def _update_claim_subscription(self) -> None:
-        want = self.free > 0 and not self.draining
-        if want and self._claim_sub is None:
-            subject = claim_subject(self.prefix, self.config.pool)
-            self._claim_sub = await self.bus.subscribe(
-                subject, queue=CLAIM_QUEUE, max_pending=CLAIM_BACKLOG
-            )
-            assert self._nursery is not None
-            self._nursery.start_soon(self._claim_loop, self._claim_sub)
-        elif not want and self._claim_sub is not None:
-            # Drained: claims already on their way to us are answered "busy" by the claim
-            # loop (the gateway tries again), not dropped. The server can still route one to
-            # us after the drain; the gateway sends a claim nobody answers again (remote.py).
-            sub, self._claim_sub = self._claim_sub, None
-            await self.bus.unsubscribe(sub, drain=True)
+        # One change at a time: two sessions ending together must not both subscribe (the
+        # second subscription would be orphaned, and claims would reach us when full).
+        async with self._claim_lock:
+            want = self.free > 0 and not self.draining
+            if want and self._claim_sub is None:
+                subject = claim_subject(self.prefix, self.config.pool)
+                self._claim_sub = await self.bus.subscribe(
+                    subject, queue=CLAIM_QUEUE, max_pending=CLAIM_BACKLOG
+                )
+                assert self._nursery is not None
+                self._nursery.start_soon(self._claim_loop, self._claim_sub)
+            elif not want and self._claim_sub is not None:
+                # Drained: claims already on their way to us are answered "busy" by the claim
+                # loop (the gateway tries again), not dropped. The server can still route one
+                # to us after the drain; the gateway sends a claim nobody answers again.
+                sub, self._claim_sub = self._claim_sub, None
+                await self.bus.unsubscribe(sub, drain=True)
 
     async def _claim_loop(self, sub: Subscription) -> None:
         while True:
@@ -151,8 +156,9 @@ class Worker:
             except BusError as exc:
                 if sub is self._claim_sub:  # a burst overflowed it: subscribe afresh
                     log.warning("claims of pool %r: %s", self.config.pool, exc)
-                    self._claim_sub = None
-                    await self.bus.unsubscribe(sub)
+                    async with self._claim_lock:
+                        self._claim_sub = None
+                        await self.bus.unsubscribe(sub)
                     await self._update_claim_subscription()
                 return  # else unsubscribed because we are full, draining or moved
             try:
@@ -162,7 +168,10 @@ class Worker:
                 continue
             reply = await self._claim(claim)
             if msg.reply:
-                self.bus.publish(msg.reply, reply.encode())
+                try:
+                    self.bus.publish(msg.reply, reply.encode())
+                except BusError as exc:  # the gateway claims again when no answer comes
+                    log.warning("claim of session %s not answered: %s", claim.session_id, exc)
 
     async def _claim(self, claim: wire.Claim) -> wire.ClaimReply:
         old = self.sessions.get(claim.session_id)
@@ -179,8 +188,15 @@ class Worker:
         except AsrdError as exc:
             self.metrics.claims.inc(1, "refused")
             return wire.ClaimReply(False, self.id, exc.code, exc.reason)
+        try:
+            sub = await self.bus.subscribe(
+                session_in(self.prefix, claim.session_id), max_pending=4096
+            )
+        except BusError as exc:
+            self.engine.release(recognizer)
+            self.metrics.claims.inc(1, "refused")
+            return wire.ClaimReply(False, self.id, exc.code, f"cannot take it: {exc.reason}")
         self.metrics.claims.inc(1, "accepted")
-        sub = await self.bus.subscribe(session_in(self.prefix, claim.session_id), max_pending=4096)
         served = _Served()
         self.sessions[claim.session_id] = served
         assert self._nursery is not None
