@@ -110,6 +110,40 @@ async def test_results_piling_up_end_the_session_as_a_slow_consumer() -> None:
         await session._results_loop()
 
 
+async def test_a_failure_or_handoff_from_a_void_claim_is_ignored() -> None:
+    """A worker whose claim is void (it answered too late, or was failed over) may still say
+    "error" or "handoff": only the worker of the current claim is obeyed."""
+    from asrd.errors import EngineFailed
+
+    session, _ = make_session()
+    session.tracker = SentenceTracker(SessionParams())
+    results = Subscription("asrd.session.s.out", max_pending=8)
+    for item in (
+        wire.Handoff(0),
+        wire.Failure(50000000, "stale", 0),
+        wire.Failure(50000000, "now", 1),
+    ):
+        results.deliver(Msg(results.subject, item.encode()))
+
+    class Remote:
+        def __init__(self) -> None:
+            self.results = results
+            self.epoch = 1
+            self.handoffs = 0
+
+        def current_epoch(self, item: wire.Failure | wire.Handoff) -> bool:
+            return item.epoch == self.epoch
+
+        def handoff_requested(self) -> None:
+            self.handoffs += 1
+
+    remote = Remote()
+    session.remote = remote  # type: ignore[assignment]
+    with pytest.raises(EngineFailed, match="now"):
+        await session._results_loop()
+    assert remote.handoffs == 0
+
+
 class FastSocket:
     """A client pushing audio as fast as the gateway reads it."""
 

@@ -600,6 +600,88 @@ async def test_a_claim_nobody_answers_is_sent_again_under_a_new_epoch(
         nursery.cancel_scope.cancel()
 
 
+class _ReconnectingBus(InMemoryBus):
+    """An in-memory bus whose reconnect count a test can raise."""
+
+    reconnect_count = 0
+
+    @property
+    def reconnects(self) -> int:
+        return self.reconnect_count
+
+
+async def test_a_reconnect_while_claiming_is_followed_by_a_replay(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """The bus reconnects while the first claim is on its way (messages may be lost): the
+    session must fail over and replay, not distrust every result for the rest of its life."""
+    bus = _ReconnectingBus()
+    registry = WorkerRegistry(bus, "asrd", timeout_s=1.0)
+    claims = await bus.subscribe(claim_subject("asrd", "en-US"), queue="q")
+
+    async def fake_worker() -> None:
+        async for msg in claims:
+            if not bus.reconnect_count:
+                bus.reconnect_count = 1  # the link dropped and came back meanwhile
+            assert msg.reply
+            bus.publish(msg.reply, wire.ClaimReply(True, "w1").encode())
+
+    async def beats() -> None:
+        while True:
+            bus.publish(
+                heartbeat_subject("asrd"), wire.Heartbeat("w1", "en-US", "x", 1, 0).encode()
+            )
+            await trio.sleep(0.25)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(registry.run)
+        nursery.start_soon(fake_worker)
+        nursery.start_soon(beats)
+        link = _link(bus, registry, "s1")
+        await link.open()
+        nursery.start_soon(link.watch_loop)
+        await trio.sleep(3)
+        assert link.failovers == 1
+        assert link.current(wire.Result(True, 1, 100, "hi", (), 1.0, link.epoch))
+        nursery.cancel_scope.cancel()
+
+
+class _LateSubscribeBus(InMemoryBus):
+    """The first worker to take a session subscribes to its input 3 s late (loaded)."""
+
+    late = True
+
+    async def subscribe(self, subject: str, **kw: Any) -> Any:
+        if subject.endswith(".in") and self.late:
+            self.late = False
+            await trio.sleep(3)
+        return await super().subscribe(subject, **kw)
+
+
+async def test_a_worker_that_answered_a_claim_too_late_lets_go(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """The claim timed out and went to another worker; the first one took it anyway, after the
+    gateway's close. The keepalives carry the new epoch: it lets go, and the session is
+    decoded once."""
+    bus = _LateSubscribeBus()
+    registry = WorkerRegistry(bus, "asrd", timeout_s=1.0)
+    workers = [Worker(WorkerConfig(decoders=1), "asrd", bus, LoadtestEngine(1)) for _ in "ab"]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(registry.run)
+        for w in workers:
+            await nursery.start(w.run)
+        await trio.sleep(0.5)
+        link = _link(bus, registry, "s1")
+        await link.open()
+        nursery.start_soon(link.watch_loop)
+        assert link.epoch == 1
+        await trio.sleep(10)
+        assert [list(w.sessions) for w in workers].count(["s1"]) == 1
+        assert [w.id for w in workers if w.sessions] == [link.worker_id]
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_late_busy_answer_does_not_cost_the_free_decoders_of_other_workers(
     autojump_clock: trio.abc.Clock,
 ) -> None:

@@ -188,6 +188,10 @@ class RemoteRecognizer:
         if keep:
             del journal[:keep]
 
+    def current_epoch(self, item: wire.Failure | wire.Handoff) -> bool:
+        """Whether a failure or handoff comes from the worker of the current claim."""
+        return item.epoch == self.epoch
+
     def current(self, result: wire.Result) -> bool:
         """Whether ``result`` may be trusted: decoded under the current claim, and not while
         a reconnect (which may have lost audio on the way) still awaits its replay."""
@@ -206,7 +210,7 @@ class RemoteRecognizer:
         One event wakes this loop for either reason (the registry sets it when the worker is
         declared dead, :meth:`handoff_requested` when it asks to give the session back), so
         an idle session costs one timer a second, not a task per reason."""
-        reconnects = self._bus.reconnects
+        reconnects = self._reconnects_seen  # a reconnect during open() counts too
         while True:
             watch = self._registry.watch(self.worker_id, self._attention)
             try:
@@ -229,7 +233,7 @@ class RemoteRecognizer:
                 await self._failover("the bus reconnected")
                 self._reconnects_seen = reconnects
             else:
-                self._publish_quietly(wire.encode_control("keepalive"))
+                self._publish_quietly(wire.encode_control("keepalive", epoch=self.epoch))
 
     async def _failover(self, why: str) -> None:
         log.warning("session %s: %s; claiming a worker again", self.session_id, why)

@@ -363,10 +363,12 @@ class Session:
                     "results are not being read: the client is too slow a consumer"
                 ) from None
             item = wire.decode_output(msg.data)
-            if isinstance(item, wire.Handoff):
-                self.remote.handoff_requested()
-                continue
-            if isinstance(item, wire.Failure):
+            if isinstance(item, wire.Handoff | wire.Failure):
+                if not self.remote.current_epoch(item):
+                    continue  # from a worker whose claim is void: not ours to obey
+                if isinstance(item, wire.Handoff):
+                    self.remote.handoff_requested()
+                    continue
                 raise EngineFailed(item.reason, code=item.code)
             if not self.remote.current(item):
                 continue  # from before a failover or reconnect: the replay will redo it

@@ -118,8 +118,13 @@ def encode_audio(utt: int, pcm: bytes) -> bytes:
     return _AUDIO + _UTT.pack(utt) + pcm
 
 
-def encode_control(kind: str, utt: int = 0) -> bytes:
-    """``begin``/``end`` of an utterance, ``keepalive``, or ``close`` of the session."""
+def encode_control(kind: str, utt: int = 0, epoch: int = 0) -> bytes:
+    """``begin``/``end`` of an utterance, ``keepalive``, or ``close`` of the session.
+
+    ``keepalive`` and ``close`` carry the gateway's current claim epoch: a worker still
+    decoding under an older claim (one it answered too late) lets go when it sees it."""
+    if epoch:
+        return _dumps({"type": kind, "utt": utt, "epoch": epoch})
     return _dumps({"type": kind, "utt": utt})
 
 
@@ -133,6 +138,7 @@ class AudioIn:
 class ControlIn:
     kind: str
     utt: int
+    epoch: int = 0
 
 
 @_wire_errors
@@ -142,7 +148,7 @@ def decode_input(data: bytes) -> AudioIn | ControlIn:
             raise BusError("truncated audio frame on the bus")
         return AudioIn(_UTT.unpack_from(data, 1)[0], data[5:])
     obj = _loads(data)
-    return ControlIn(str(obj["type"]), int(obj.get("utt", 0)))
+    return ControlIn(str(obj["type"]), int(obj.get("utt", 0)), int(obj.get("epoch", 0)))
 
 
 # --- worker -> gateway: results --------------------------------------------------------------
@@ -176,17 +182,22 @@ class Result:
 class Failure:
     code: int
     reason: str
+    epoch: int = 0  # of the claim the session was served under, as for results
 
     def encode(self) -> bytes:
-        return _dumps({"type": "error", "code": self.code, "reason": self.reason})
+        return _dumps(
+            {"type": "error", "code": self.code, "reason": self.reason, "epoch": self.epoch}
+        )
 
 
 @dataclass(frozen=True, slots=True)
 class Handoff:
     """The worker is draining: the gateway should move the session to another worker."""
 
+    epoch: int = 0
+
     def encode(self) -> bytes:
-        return _dumps({"type": "handoff"})
+        return _dumps({"type": "handoff", "epoch": self.epoch})
 
 
 @_wire_errors
@@ -194,9 +205,9 @@ def decode_output(data: bytes) -> Result | Failure | Handoff:
     obj = _loads(data)
     kind = obj.get("type")
     if kind == "error":
-        return Failure(int(obj["code"]), str(obj["reason"]))
+        return Failure(int(obj["code"]), str(obj["reason"]), int(obj.get("epoch", 0)))
     if kind == "handoff":
-        return Handoff()
+        return Handoff(int(obj.get("epoch", 0)))
     if kind not in ("partial", "final"):
         raise BusError(f"unknown result type {kind!r} from worker")
     return Result(

@@ -277,19 +277,22 @@ class Worker:
                             served.in_utterance = False
                             if self.draining:
                                 return
-                    elif item.kind == "close":
+                    elif item.kind == "close" or item.epoch > claim.epoch:
+                        # Closed, or claimed again under a newer epoch (our answer came too
+                        # late and another worker serves it): let go, decode nothing twice.
                         return
         except AsrdError as exc:
             self.metrics.errors.inc()
             log.warning("session %s failed: %s", claim.session_id, exc)
-            self.bus.publish(out, wire.Failure(exc.code, exc.reason).encode())
+            self.bus.publish(out, wire.Failure(exc.code, exc.reason, claim.epoch).encode())
         except Exception as exc:
             self.metrics.errors.inc()
             log.exception("session %s: engine error", claim.session_id)
-            self.bus.publish(out, wire.Failure(50000000, f"engine error: {exc!r}").encode())
+            failure = wire.Failure(50000000, f"engine error: {exc!r}", claim.epoch)
+            self.bus.publish(out, failure.encode())
         finally:
             if self.draining:
-                self.bus.publish(out, wire.Handoff().encode())
+                self.bus.publish(out, wire.Handoff(claim.epoch).encode())
             self.engine.release(rec)
             del self.sessions[claim.session_id]
             with trio.CancelScope(shield=True):
