@@ -277,6 +277,23 @@ def test_silence_gives_an_empty_result(live_engine: PocketsphinxEngine) -> None:
         engine.release(rec)
 
 
+@pytest.mark.parametrize("partials", [False, True])
+def test_an_utterance_without_audio_harms_no_later_one(
+    engine: PocketsphinxEngine, streamed16: list[Streamed], partials: bool
+) -> None:
+    """begin then end with no audio (a foreign gateway may send it): an empty result, and the
+    shared batch decoder is not left mid-utterance for every later session."""
+    rec = engine.acquire(16000, partials=partials)
+    try:
+        rec.start()
+        assert rec.finish() == Hypothesis("", (), 0.0)
+    finally:
+        engine.release(rec)
+    after, before = stream(engine, CLIPS[0].pcm, 16000).final, streamed16[0].final
+    assert (after.text, after.words) == (before.text, before.words)
+    assert after.confidence == pytest.approx(before.confidence, abs=1e-4)
+
+
 @pytest.fixture(scope="module")
 def live_engine() -> PocketsphinxEngine:
     return PocketsphinxEngine(decoders=1, final_pass="live")

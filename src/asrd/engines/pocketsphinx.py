@@ -194,6 +194,8 @@ class PocketsphinxRecognizer:
                 decoder.end_utt()
             if self._batch:
                 assert self._engine is not None
+                if not self._utterance:
+                    return EMPTY_HYPOTHESIS  # an utterance with no audio: nothing to decode
                 decoder = self._engine._batch_decode(bytes(self._utterance), self._batch_cmn)
         except RuntimeError as exc:
             raise EngineFailed(f"pocketsphinx final decode failed: {exc}") from exc
@@ -391,8 +393,10 @@ class PocketsphinxEngine:
             decoder.start_stream()
         decoder.set_cmn(cmn)
         decoder.start_utt()
-        decoder.process_raw(pcm, False, True)
-        decoder.end_utt()
+        try:
+            decoder.process_raw(pcm, False, True)
+        finally:
+            decoder.end_utt()  # or the shared batch decoder stays mid-utterance for good
         return decoder
 
     def release(self, recognizer: Recognizer) -> None:
