@@ -9,6 +9,7 @@ import pytest
 import trio
 import trio.testing
 
+from asrd import remote as remote_module
 from asrd import wire
 from asrd import worker as worker_module
 from asrd.auth import StaticAuthenticator
@@ -598,6 +599,55 @@ async def test_a_claim_nobody_answers_is_sent_again_under_a_new_epoch(
         close = wire.decode_input((await session_input.receive()).data)
         assert isinstance(close, wire.ControlIn) and close.kind == "close"
         nursery.cancel_scope.cancel()
+
+
+async def test_a_replay_of_many_small_frames_fits_the_workers_input(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A journal of more messages than a worker's input holds (4096: 20 s of 5 ms frames)
+    is replayed with its audio merged, so the new worker is not 'too far behind' at once."""
+    bus = InMemoryBus()
+    registry = WorkerRegistry(bus, "asrd", timeout_s=1.0)
+    worker = Worker(WorkerConfig(decoders=1), "asrd", bus, LoadtestEngine(1))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(registry.run)
+        await nursery.start(worker.run)
+        link = _link(bus, registry, "s1")
+        await link.open()
+        link._paused = True  # as during a failover: the journal grows, nothing is sent
+        link.begin(1)
+        for _ in range(5000):  # 5 ms frames: 25 s, within the journal's 1 MiB
+            link.audio(1, bytes(160))
+        await link._failover("test")
+        link.end(1)
+        assert link.results is not None
+        with trio.fail_after(30):
+            item = wire.decode_output((await link.results.receive()).data)
+            while isinstance(item, wire.Result) and not item.final:
+                item = wire.decode_output((await link.results.receive()).data)
+        assert isinstance(item, wire.Result) and item.final, item
+        assert item.audio_ms == 5000 * 5
+        nursery.cancel_scope.cancel()
+
+
+def test_replayed_audio_is_merged_per_utterance_and_in_order() -> None:
+    journal = [
+        (1, wire.encode_control("begin", 1)),
+        (1, wire.encode_audio(1, b"ab")),
+        (1, wire.encode_audio(1, b"cd")),
+        (1, wire.encode_control("end", 1)),
+        (2, wire.encode_control("begin", 2)),
+        (2, wire.encode_audio(2, b"ef")),
+    ]
+    assert list(remote_module._replay(journal)) == [
+        wire.encode_control("begin", 1),
+        wire.encode_audio(1, b"abcd"),
+        wire.encode_control("end", 1),
+        wire.encode_control("begin", 2),
+        wire.encode_audio(2, b"ef"),
+    ]
+    big = [(1, wire.encode_audio(1, bytes(40_000))) for _ in range(3)]
+    assert [len(m) for m in remote_module._replay(big)] == [5 + 40_000] * 3
 
 
 class _ReconnectingBus(InMemoryBus):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Iterator
 
 import trio
 
@@ -39,6 +40,7 @@ from asrd.registry import WorkerRegistry
 
 log = logging.getLogger(__name__)
 
+REPLAY_AUDIO_BYTES = 64 * 1024  # audio per replayed message
 KEEPALIVE_S = 1.0
 BUSY_WAIT_S = 0.5  # how long a claim waits for a decoder to come free before 40000005
 CLAIM_ATTEMPTS = 3  # claims sent, each waiting claim_timeout_s, before "no worker answered"
@@ -258,7 +260,7 @@ class RemoteRecognizer:
                 f"{why}, and no engine worker took the session over within "
                 f"{self._failover_timeout_s:g} s ({last.reason if last else 'no answer'})"
             )
-        for _, data in self.journal:  # no checkpoint in between: the order is kept
+        for data in _replay(self.journal):  # no checkpoint in between: the order is kept
             self._bus.publish(self._in_subject, data)
         self._paused = False
         self.failovers += 1
@@ -275,3 +277,25 @@ class RemoteRecognizer:
             self._publish_quietly(wire.encode_control("close"))
         if self.results is not None:
             await self._bus.unsubscribe(self.results)
+
+
+def _replay(journal: list[tuple[int, bytes]]) -> Iterator[bytes]:
+    """The journal as messages to replay, consecutive audio of one utterance merged into
+    messages of up to REPLAY_AUDIO_BYTES: a worker's input holds a bounded number of messages
+    (4096), and a journal of 10 ms frames can hold many more."""
+    utt, pcm = 0, bytearray()
+    for _, data in journal:
+        item = wire.decode_input(data)
+        if isinstance(item, wire.AudioIn):
+            if pcm and (item.utt != utt or len(pcm) + len(item.pcm) > REPLAY_AUDIO_BYTES):
+                yield wire.encode_audio(utt, bytes(pcm))
+                pcm.clear()
+            utt = item.utt
+            pcm += item.pcm
+            continue
+        if pcm:
+            yield wire.encode_audio(utt, bytes(pcm))
+            pcm.clear()
+        yield data
+    if pcm:
+        yield wire.encode_audio(utt, bytes(pcm))
