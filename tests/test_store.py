@@ -840,6 +840,7 @@ async def test_redis_stop_and_start_during_live_sessions(
         app, secret = await repo.create_app("steady", max_sessions=5)
         cached_token, _ = await repo.issue_token(app, 3600)
         other_token, _ = await repo.issue_token(app, 3600)
+        revoked_token, _ = await repo.issue_token(app, 3600)
     async with open_redis_gateway(
         nats.url, pool, redis.url, slot_ttl_s=4.0, slot_refresh_s=1.0
     ) as gw:
@@ -852,13 +853,19 @@ async def test_redis_stop_and_start_during_live_sessions(
             return metric(text, names[0]), metric(text, names[1])
 
         assert await started(gw.url, "steady", cached_token)  # validated: now cached
+        # Validated, then revoked: Redis's "no" must also clear the cache, or the token would
+        # open sessions again as soon as Redis goes away.
+        assert await started(gw.url, "steady", revoked_token)
+        async with open_repo(redis.url) as repo:
+            assert await repo.revoke_token(revoked_token)
+        assert status_of(await start_reply(gw.url, "steady", revoked_token)) == 40000001
         errors0, reconnects0 = await redis_metrics()  # 0, 0 unless Redis was still LOADING
 
         async def recorded(n: int) -> bool:
             return sum(row.sessions for row in await repo.usage("steady")) == n
 
         async with open_repo(redis.url) as repo:
-            await eventually(partial(recorded, 1))
+            await eventually(partial(recorded, 2))
         live = LiveSession(gw.url, "steady", cached_token, clip())
         async with trio.open_nursery() as nursery:
             await nursery.start(live.run)
@@ -886,8 +893,9 @@ async def test_redis_stop_and_start_during_live_sessions(
                 gw.plane, "POST", [], json.dumps({"appkey": "steady", "secret": secret}).encode()
             )
             assert status == 503
-            # A token validated a moment ago is served from the cache.
+            # A token validated a moment ago is served from the cache; a revoked one is not.
             assert await started(gw.url, "steady", cached_token)
+            assert status_of(await start_reply(gw.url, "steady", revoked_token)) == 50000000
 
             # The session that was running when Redis went away completes normally.
             events = await live.finish()
@@ -910,7 +918,7 @@ async def test_redis_stop_and_start_during_live_sessions(
         assert (await redis_metrics())[1] > reconnects0
         async with open_repo(redis.url) as repo:
             (row,) = await repo.usage("steady")
-            assert row.sessions == 3 and row.lost_transcripts == 0
+            assert row.sessions == 4 and row.lost_transcripts == 0
             assert (await repo.transcript(live.task_id))[0]["code"] == 20000000
             assert await started(gw.url, "steady", other_token)  # everything works again
 

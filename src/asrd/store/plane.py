@@ -40,6 +40,7 @@ from asrd.control import Admission, ConnectInfo, SessionRecord, route_language
 from asrd.errors import (
     SUCCESS,
     AppKeyTokenMismatch,
+    AsrdError,
     AuthError,
     InvalidParameter,
     TooManyRequests,
@@ -207,16 +208,15 @@ class RedisControlPlane:
             self.served_from_cache += 1
             return cached, False
         self._mark_up()
-        if info is None:
-            raise AuthError("token invalid, expired or revoked")
-        if app is None:
-            raise UnknownAppKey(f"appkey {appkey!r} does not exist")
-        if info.appkey != appkey:
-            raise AppKeyTokenMismatch(f"the token does not belong to appkey {appkey!r}")
-        if info.app_id != app.id:
-            raise AuthError("token invalid: its appkey was deleted and created again")
-        if not app.active:
-            raise AuthError(f"appkey {appkey!r} is disabled")
+        try:
+            _check_token_answer(info, app, appkey)
+        except AsrdError:
+            # Redis said no: what the cache remembers must not open a session in an outage.
+            self._token_cache.pop(digest, None)
+            if app is None or not app.active:
+                self._app_cache.pop(appkey, None)
+            raise
+        assert info is not None and app is not None
         now = time.monotonic()
         _remember(self._token_cache, digest, (info, now))
         _remember(self._app_cache, appkey, (app, now))
@@ -233,7 +233,13 @@ class RedisControlPlane:
         info, seen = tok
         app, app_seen = entry
         fresh = now - min(seen, app_seen) <= self._rc.cache_ttl_s
-        if fresh and info.appkey == appkey and info.expires_at > time.time() and app.active:
+        if (
+            fresh
+            and info.appkey == appkey
+            and info.app_id == app.id
+            and info.expires_at > time.time()
+            and app.active
+        ):
             return app
         return None
 
@@ -251,6 +257,7 @@ class RedisControlPlane:
             self._refuse(appkey, "signed links need Redis to be used only once")
         self._mark_up()
         if app is None:
+            self._app_cache.pop(appkey, None)
             raise UnknownAppKey(f"appkey {appkey!r} does not exist")
         signing.check_link(
             link,
@@ -261,6 +268,7 @@ class RedisControlPlane:
             ttl_s=self._rc.link_ttl_s,
         )
         if not app.active:
+            self._app_cache.pop(appkey, None)
             raise AuthError(f"appkey {appkey!r} is disabled")
         try:
             first_use = await self._repo.use_nonce(appkey, link.nonce)
@@ -539,3 +547,17 @@ async def open_redis_control_plane(config: Config) -> AsyncIterator[RedisControl
                 nursery.cancel_scope.cancel()
                 with trio.CancelScope(shield=True):
                     await plane.aclose()
+
+
+def _check_token_answer(info: TokenInfo | None, app: AppKey | None, appkey: str) -> None:
+    """Raise why Redis's answer about a token and the appkey it was sent with opens nothing."""
+    if info is None:
+        raise AuthError("token invalid, expired or revoked")
+    if app is None:
+        raise UnknownAppKey(f"appkey {appkey!r} does not exist")
+    if info.appkey != appkey:
+        raise AppKeyTokenMismatch(f"the token does not belong to appkey {appkey!r}")
+    if info.app_id != app.id:
+        raise AuthError("token invalid: its appkey was deleted and created again")
+    if not app.active:
+        raise AuthError(f"appkey {appkey!r} is disabled")
