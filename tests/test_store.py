@@ -928,6 +928,38 @@ async def test_redis_stop_and_start_during_live_sessions(
             await eventually(slots_free)
 
 
+async def test_redis_error_replies_reach_no_client_and_read_only_is_an_outage(
+    nats: Nats, pool: Pool, redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A foreign value in one of our keys makes Redis answer an error: the client gets
+    50000000 with no Redis address or reply text in it (the log has them). A Redis that turned
+    read-only (a failover left us on a replica) is handled like an outage: a token validated a
+    moment ago still opens sessions."""
+    async with open_repo(redis_url) as repo:
+        app, _ = await repo.create_app("fine")
+        token, _ = await repo.issue_token(app, 3600)
+        broken, _ = await repo.create_app("broken")
+        broken_token, _ = await repo.issue_token(broken, 3600)
+        await repo.store.execute("DEL", repo.keys.app("broken"))
+        await repo.store.execute("SET", repo.keys.app("broken"), "not a hash")
+    async with open_redis_gateway(nats.url, pool, redis_url) as gw:
+        caplog.set_level(logging.ERROR, logger="asrd.store.plane")
+        reply = await start_reply(gw.url, "broken", broken_token)
+        assert status_of(reply) == 50000000
+        text = reply["header"]["status_text"]
+        assert "control plane failed" in text and "redis://" not in text and "WRONGTYPE" not in text
+        assert any("WRONGTYPE" in r.getMessage() for r in caplog.records)
+
+        assert await started(gw.url, "fine", token)  # validated: now cached
+        async with open_repo(redis_url) as repo:
+            await repo.store.execute("REPLICAOF", "127.0.0.1", str(free_port()))
+            try:
+                assert await started(gw.url, "fine", token)
+                assert not gw.plane.available
+            finally:
+                await repo.store.execute("REPLICAOF", "NO", "ONE")
+
+
 async def test_records_beyond_the_buffer_are_counted_not_lost(
     restartable_redis: RedisProcess, nats: Nats, pool: Pool
 ) -> None:

@@ -16,6 +16,7 @@ from asrd.errors import AuthError, InvalidParameter, ServerError
 from asrd.store import signing
 from asrd.store.cli import _get_path, _set_path
 from asrd.store.http import handle_token_request
+from asrd.store.redisstore import redacted
 from asrd.store.repo import RecordItem, TokenInfo
 
 # --- signed links: the documented test vector (README.md) ----------------------------------
@@ -229,3 +230,23 @@ async def test_token_request_credentials_and_answers() -> None:
     down = FakeIssuer(ServerError("Redis unreachable"))
     status, body = await handle_token_request(down, "POST", [_basic("a", "b")], b"")
     assert status == 503 and json.loads(body)["code"] == 50000000
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://h:6379/0", "redis://h:6379/0"),
+        ("redis://:pw@h:6379/0", "redis://:***@h:6379/0"),
+        ("redis://u:pw@h/0", "redis://u:***@h/0"),
+        ("redis://h:6379/0?password=s3cret&db=1", "redis://h:6379/0?password=***&db=1"),
+        ("redis://u:pw@[::1]:6379/0", "redis://u:***@[::1]:6379/0"),
+        ("redis://:pw@h:notaport/0", "<a Redis URL that does not parse>"),
+    ],
+)
+def test_redis_urls_are_shown_without_passwords(url: str, shown: str) -> None:
+    assert redacted(url) == shown
+
+
+async def test_a_token_request_nested_too_deep_is_a_bad_request() -> None:
+    status, body = await handle_token_request(FakeIssuer(), "POST", [], b"[" * 100_000)
+    assert status == 400 and json.loads(body)["error"]

@@ -74,7 +74,7 @@ def _credentials(
     if body.strip():
         try:
             data = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nesting beyond the limit
             raise _HttpError(400, "the body must be a JSON object") from None
         if not isinstance(data, dict):
             raise _HttpError(400, "the body must be a JSON object")

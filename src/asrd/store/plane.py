@@ -43,6 +43,7 @@ from asrd.errors import (
     AsrdError,
     AuthError,
     InvalidParameter,
+    ServerError,
     TooManyRequests,
     UnknownAppKey,
 )
@@ -51,6 +52,8 @@ from asrd.store.redisstore import open_redis_store
 from asrd.store.repo import AppKey, RecordItem, Repository, TokenInfo, day_of
 
 log = logging.getLogger(__name__)
+# What a client is told while Redis is away (the log says which Redis and why).
+UNREACHABLE = "the control plane (Redis) is unreachable; retry in a few seconds"
 
 V = TypeVar("V")
 
@@ -138,6 +141,17 @@ class RedisControlPlane:
     async def admit(
         self, connect: ConnectInfo, *, appkey: str, language: str | None, session_id: str
     ) -> Admission:
+        try:
+            return await self._admit(connect, appkey, language, session_id)
+        except StoreUnavailable as exc:
+            self._mark_down(exc)
+            raise StoreUnavailable(UNREACHABLE) from exc
+        except StoreError as exc:
+            raise _hidden(exc) from exc
+
+    async def _admit(
+        self, connect: ConnectInfo, appkey: str, language: str | None, session_id: str
+    ) -> Admission:
         link = signing.parse_link(connect.query)
         if link is not None:
             app = await self._check_link(connect, link, appkey)
@@ -174,12 +188,17 @@ class RedisControlPlane:
     ) -> tuple[str, TokenInfo]:
         """``POST /token``: a token for the holder of ``appkey``'s secret."""
         try:
-            app = await self._repo.get_app(appkey)
+            return await self._issue_token_with_secret(appkey, secret, ttl_s)
         except StoreUnavailable as exc:
             self._mark_down(exc)
-            raise StoreUnavailable(
-                "the control plane (Redis) is unreachable; retry in a few seconds"
-            ) from exc
+            raise StoreUnavailable(UNREACHABLE) from exc
+        except StoreError as exc:
+            raise _hidden(exc) from exc
+
+    async def _issue_token_with_secret(
+        self, appkey: str, secret: str, ttl_s: int | None
+    ) -> tuple[str, TokenInfo]:
+        app = await self._repo.get_app(appkey)
         # Compare even for an unknown key, so timing does not tell which keys exist.
         matches = signing.secret_matches(secret, app.secret_sha256 if app else _NO_HASH)
         if app is None or not matches:
@@ -322,7 +341,7 @@ class RedisControlPlane:
             self._repo.store.url,
             why,
         )
-        raise StoreUnavailable("the control plane (Redis) is unreachable; retry in a few seconds")
+        raise StoreUnavailable(UNREACHABLE)
 
     # --- records ---------------------------------------------------------------------------
 
@@ -561,3 +580,10 @@ def _check_token_answer(info: TokenInfo | None, app: AppKey | None, appkey: str)
         raise AuthError("token invalid: its appkey was deleted and created again")
     if not app.active:
         raise AuthError(f"appkey {appkey!r} is disabled")
+
+
+def _hidden(exc: StoreError) -> ServerError:
+    """What a client is told of a Redis error reply: not our Redis's address or its words.
+    The operator finds them in the log."""
+    log.error("control plane: %s", exc.reason)
+    return ServerError("the control plane failed (a Redis error, logged); retry later")

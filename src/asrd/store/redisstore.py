@@ -35,15 +35,35 @@ T = TypeVar("T")
 
 
 def redacted(url: str) -> str:
-    """``url`` without its password (for logs and messages)."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    user = f"{parts.username}:***@" if parts.username else ":***@"
-    return urlunsplit((parts.scheme, user + host, parts.path, parts.query, parts.fragment))
+    """``url`` without its password, in the user part or as ``?password=`` (for logs and
+    messages)."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return "<a Redis URL that does not parse>"
+    netloc = parts.netloc
+    if parts.password is not None:
+        host = parts.hostname or ""
+        if ":" in host:  # IPv6
+            host = f"[{host}]"
+        if port is not None:
+            host = f"{host}:{port}"
+        netloc = (f"{parts.username}:***@" if parts.username else ":***@") + host
+    query = "&".join(
+        "password=***" if item.lower().startswith("password=") else item
+        for item in parts.query.split("&")
+    )
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+# Error replies of a Redis that is up but cannot take writes for a while (a failover leaves
+# clients on a read-only replica; maxmemory is reached): handled as an outage, with the cache.
+_NOT_SERVING = (
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.OutOfMemoryError,
+    redis.exceptions.TryAgainError,
+)
 
 
 class RedisStore:
@@ -78,6 +98,9 @@ class RedisStore:
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
             self.errors += 1
             raise StoreUnavailable(f"Redis at {self._url} unreachable: {exc}") from exc
+        except _NOT_SERVING as exc:  # a replica promoted, memory full: like an outage, for now
+            self.errors += 1
+            raise StoreUnavailable(f"Redis at {self._url} cannot serve us now: {exc}") from exc
         except (TimeoutError, OSError, concurrent.futures.CancelledError) as exc:
             self.errors += 1
             raise StoreUnavailable(f"Redis at {self._url} unreachable: {exc!r}") from exc
