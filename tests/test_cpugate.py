@@ -72,6 +72,31 @@ def test_a_process_killed_holding_a_slot_gives_it_back_through_the_parent() -> N
     assert WAIT_S <= 1.0  # the event loop of a worker waits at most this long
 
 
+def _wait_then_report(gate: CpuGate, index: int, out: Any) -> None:
+    gate.bind(index)
+    with gate:
+        out.put(gate.holding)
+
+
+def test_a_process_killed_while_waiting_adds_no_slot() -> None:
+    """Killed while it waits for a slot, a process holds none: the parent must not give one
+    back, or the gate would have one slot more for good."""
+    gate = CpuGate(1, 3, wait_s=0.5)
+    gate.bind(2)
+    out = FORK.Queue()
+    with gate:  # the only slot, held here
+        waiter = FORK.Process(target=_wait_then_report, args=(gate, 0, out))
+        waiter.start()
+        time.sleep(0.2)  # it waits for the slot now
+        os.kill(waiter.pid or 0, signal.SIGKILL)
+        waiter.join()
+        gate.reclaim(0)
+        assert _run(_wait_then_report, gate, 1, out) == 0
+        assert out.get(timeout=5) is False  # still one slot, and it is ours
+    assert _run(_wait_then_report, gate, 1, out) == 0
+    assert out.get(timeout=5) is True
+
+
 def test_a_gate_needs_a_slot_and_each_process_its_index() -> None:
     with pytest.raises(ValueError, match="at least 1"):
         CpuGate(0, 2)

@@ -7,9 +7,11 @@ nine real-time streams cost 10-28% less CPU per stream-second when only two deco
 the others wait a few milliseconds for a slot instead of thrashing.
 
 A process killed while it holds a slot (the watchdog's SIGABRT, the OOM killer) would keep it
-forever, so each process marks the slot it holds in shared memory, and the parent hands back
-the slot of a process that died (:meth:`CpuGate.reclaim`, from asrd.prefork). A wait longer
-than :data:`WAIT_S` decodes without a slot rather than stalls.
+forever, so each process marks in shared memory whether it waits for a slot or holds one, and
+the parent hands back the slot of a process that died holding it (:meth:`CpuGate.reclaim`,
+from asrd.prefork). One killed while it waits holds none and gets none back: the semaphore
+cannot tell a slot given back twice, and would have one more for good. A wait longer than
+:data:`WAIT_S` decodes without a slot rather than stalls.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from types import TracebackType
 __all__ = ["WAIT_S", "CpuGate"]
 
 WAIT_S = 0.5  # the longest a decode waits for a slot (it blocks the worker's event loop)
+# What a process's mark says; only HOLDING makes the parent give a slot back.
+_IDLE, _BUSY, _HOLDING = 0, 1, 2  # _BUSY: waiting for a slot, or giving one back
 
 
 class CpuGate:
@@ -34,7 +38,7 @@ class CpuGate:
         ctx = multiprocessing.get_context("fork")
         self.wait_s = wait_s
         self._sem = ctx.Semaphore(slots)
-        self._held = ctx.RawArray("b", processes)  # 1: process i holds (or waits for) a slot
+        self._held = ctx.RawArray("b", processes)  # process i: _IDLE, _BUSY or _HOLDING
         self._index = -1
         self._holding = False
 
@@ -49,12 +53,11 @@ class CpuGate:
     def __enter__(self) -> None:
         if self._index < 0:
             raise RuntimeError("CpuGate.bind(index) must be called in each process first")
-        # Marked before the wait: a process that dies in between makes the parent release a
-        # slot it never took (one slot too many for a while), never lose one.
-        self._held[self._index] = 1
+        # Killed between the acquire and the mark, a process would lose its slot for good:
+        # a window of two bytecodes, against the whole wait if the wait were marked holding.
+        self._held[self._index] = _BUSY
         self._holding = self._sem.acquire(timeout=self.wait_s)
-        if not self._holding:
-            self._held[self._index] = 0
+        self._held[self._index] = _HOLDING if self._holding else _IDLE
 
     def __exit__(
         self,
@@ -64,11 +67,12 @@ class CpuGate:
     ) -> None:
         if self._holding:
             self._holding = False
+            self._held[self._index] = _BUSY
             self._sem.release()
-            self._held[self._index] = 0
+            self._held[self._index] = _IDLE
 
     def reclaim(self, index: int) -> None:
         """In the parent, once child ``index`` has exited: release the slot it held, if any."""
-        if self._held[index]:
-            self._held[index] = 0
+        mark, self._held[index] = self._held[index], _IDLE
+        if mark == _HOLDING:
             self._sem.release()
