@@ -650,6 +650,43 @@ def test_replayed_audio_is_merged_per_utterance_and_in_order() -> None:
     assert [len(m) for m in remote_module._replay(big)] == [5 + 40_000] * 3
 
 
+class _SlowInputBus(InMemoryBus):
+    """Subscribing to a session's input takes a moment, as a round trip to NATS does."""
+
+    async def subscribe(self, subject: str, **kw: Any) -> Any:
+        if subject.endswith(".in"):
+            await trio.sleep(0.001)
+        return await super().subscribe(subject, **kw)
+
+
+async def test_a_claim_taken_while_the_worker_starts_draining_is_refused(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """drain() hands back the sessions it sees; one whose claim was half-way (subscribing) when
+    it began would be missed and hold the drain up. It is refused instead: the gateway claims
+    another worker."""
+    bus = _SlowInputBus()
+    worker = Worker(WorkerConfig(decoders=1), "asrd", bus, LoadtestEngine(1))
+    subject = claim_subject("asrd", worker.config.pool)
+    replies: list[wire.ClaimReply] = []
+
+    async def claim() -> None:
+        raw = await bus.request(subject, wire.Claim("s1", 16000, False).encode(), 2)
+        replies.append(wire.decode_claim_reply(raw))
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(worker.run)
+        nursery.start_soon(claim)
+        await trio.sleep(0.0005)  # the worker is subscribing to the session's input now
+        start = trio.current_time()
+        await worker.drain()
+        assert trio.current_time() - start < 0.1
+        await trio.sleep(0.01)
+        assert [r.ok for r in replies] == [False] and "draining" in replies[0].reason
+        assert worker.free == 1 and not worker.sessions
+        nursery.cancel_scope.cancel()
+
+
 class _ReconnectingBus(InMemoryBus):
     """An in-memory bus whose reconnect count a test can raise."""
 

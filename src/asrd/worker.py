@@ -196,6 +196,12 @@ class Worker:
             self.engine.release(recognizer)
             self.metrics.claims.inc(1, "refused")
             return wire.ClaimReply(False, self.id, exc.code, f"cannot take it: {exc.reason}")
+        if self.draining:  # drain() began while we subscribed: it would not see this session
+            self.engine.release(recognizer)
+            with trio.CancelScope(shield=True):
+                await self.bus.unsubscribe(sub)
+            self.metrics.claims.inc(1, "draining")
+            return wire.ClaimReply(False, self.id, TooManyRequests.code, "worker is draining")
         self.metrics.claims.inc(1, "accepted")
         served = _Served()
         self.sessions[claim.session_id] = served
