@@ -502,6 +502,11 @@ async def test_signed_link_is_single_use_and_checked(
         reply = await start_reply(forged, "linked")
         assert status_of(reply) == 40000001
         assert "wrong signature" in reply["header"]["status_text"]
+        # A link cannot probe which keys exist: an unknown one gets the same answer.
+        probe = signing.sign_url(gw.url, appkey="nosuchkey", secret="guess")
+        reply = await start_reply(probe, "nosuchkey")
+        assert status_of(reply) == 40000001
+        assert reply["header"]["status_text"] == "signed link: wrong signature"
 
         fresh = signing.sign_url(gw.url, appkey="linked", secret=secret)
         assert status_of(await start_reply(fresh, "other")) == 40020106  # header names another

@@ -52,6 +52,7 @@ from asrd.store.redisstore import open_redis_store
 from asrd.store.repo import AppKey, RecordItem, Repository, TokenInfo, day_of
 
 log = logging.getLogger(__name__)
+_NO_LINK_KEY = "00" * 32  # checked against for an unknown appkey: the same work, the same "no"
 # What a client is told while Redis is away (the log says which Redis and why).
 UNREACHABLE = "the control plane (Redis) is unreachable; retry in a few seconds"
 
@@ -276,8 +277,12 @@ class RedisControlPlane:
             self._refuse(appkey, "signed links need Redis to be used only once")
         self._mark_up()
         if app is None:
+            # As for a wrong signature, so that links do not tell which keys exist.
             self._app_cache.pop(appkey, None)
-            raise UnknownAppKey(f"appkey {appkey!r} does not exist")
+            signing.link_signature(
+                _NO_LINK_KEY, connect.method, connect.path, link.appkey, link.ts, link.nonce
+            )
+            raise AuthError("signed link: wrong signature")
         signing.check_link(
             link,
             app.link_key,
