@@ -367,6 +367,10 @@ def test_word_filter_as_json_string() -> None:
         ({"filter_with_empty": None, "filter_with_signed": {}}, WordFilter()),
         ({"filter_with_empty": {"word_list": None}}, WordFilter()),
         ({"filter_with_empty": {"word_list": ["", "a", ""]}}, WordFilter(remove=("a",))),
+        (  # blank entries match nothing and do not count towards the 32
+            {"filter_with_empty": {"word_list": [" "] * 40 + [" a "]}},
+            WordFilter(remove=("a",)),
+        ),
         ({"system_reserved_filter": "false"}, WordFilter()),
         ({"system_reserved_filter": None}, WordFilter()),
         (

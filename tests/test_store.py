@@ -552,6 +552,8 @@ async def test_routing_change_is_picked_up_live_without_disturbing_sessions(
             # An invalid value is refused by the same model that validates config.toml.
             status, _ = await asrd(capsys, "config", "set", "routing.languages.de", "a.b", *r)
             assert status == 2
+            status, _ = await asrd(capsys, "config", "set", "routing", "{}", *r)
+            assert status == 2  # not section.key: invalid input too
             status, out = await asrd(capsys, "config", "get", "routing.languages", *r)
             assert json.loads(out) == {pool.name: pool.name, "fr": pool.name}
 

@@ -251,11 +251,29 @@ def test_statement() -> None:
 
 
 @pytest.mark.parametrize(
-    "first", ["what", "who", "how", "why", "is", "are", "do", "does", "can", "where"]
+    "first",
+    ["what", "who", "how", "why", "is", "are", "do", "does", "can", "where", "what's", "won't"],
 )
 def test_questions(first: str) -> None:
     out = punctuate(words(f"{first} it works"))
     assert texts(out) == f"{first.capitalize()} it works?"
+
+
+def test_a_question_stays_one_when_its_first_word_is_masked_or_removed() -> None:
+    """The word filter runs before punctuation; whether the sentence asks is decided before."""
+    masked = SessionParams(
+        enable_punctuation_prediction=True,
+        special_word_filter=WordFilter(mask=("what",)),
+    )
+    assert postprocess(words("what is this"), masked)[0] == "**** is this?"
+    removed = SessionParams(
+        enable_punctuation_prediction=True,
+        special_word_filter=WordFilter(remove=("why",)),
+    )
+    assert postprocess(words("why not"), removed)[0] == "Not?"
+    plain = SessionParams(enable_punctuation_prediction=True)
+    assert postprocess(words("what's up"), plain)[0] == "What's up?"
+    assert postprocess(words("the end"), plain)[0] == "The end."
 
 
 def test_i_is_capitalised() -> None:

@@ -73,7 +73,9 @@ QUESTION_WORDS = frozenset(
         "what", "who", "whom", "whose", "which", "when", "where", "why", "how",
         "is", "are", "am", "was", "were", "do", "does", "did", "can", "could", "would",
         "should", "shall", "isn't", "aren't", "wasn't", "weren't", "don't", "doesn't",
-        "didn't", "can't", "couldn't", "wouldn't", "shouldn't",
+        "didn't", "can't", "couldn't", "wouldn't", "shouldn't", "won't", "hasn't", "haven't",
+        "hadn't", "what's", "who's", "where's", "when's", "why's", "how's", "what're",
+        "who're", "where're",
     }
 )  # fmt: skip
 
@@ -345,8 +347,11 @@ def inverse_normalize(words: Sequence[Word]) -> list[Word]:
 _I_FORMS = {"i": "I", "i'm": "I'm", "i'll": "I'll", "i've": "I've", "i'd": "I'd"}
 
 
-def punctuate(words: Sequence[Word]) -> list[Word]:
-    """Capitalise the first word and "I", close the sentence with "." or "?"."""
+def punctuate(words: Sequence[Word], *, question: bool | None = None) -> list[Word]:
+    """Capitalise the first word and "I", close the sentence with "." or "?".
+
+    ``question``: whether the sentence is one, decided before a word filter masked or removed
+    its first word (by default from the first word here)."""
     if not words:
         return []
     out = [Word(_I_FORMS.get(w.text.lower(), w.text), w.start_ms, w.end_ms) for w in words]
@@ -355,9 +360,15 @@ def punctuate(words: Sequence[Word]) -> list[Word]:
         out[0] = Word(first.text[0].upper() + first.text[1:], first.start_ms, first.end_ms)
     last = out[-1]
     if last.text[-1:] not in (".", "?", "!"):
-        mark = "?" if _key(words[0].text) in QUESTION_WORDS else "."
+        if question is None:
+            question = _is_question(words)
+        mark = "?" if question else "."
         out[-1] = Word(last.text + mark, last.start_ms, last.end_ms)
     return out
+
+
+def _is_question(words: Sequence[Word]) -> bool:
+    return bool(words) and _key(words[0].text) in QUESTION_WORDS
 
 
 # --- all together -----------------------------------------------------------------------
@@ -369,10 +380,11 @@ def postprocess(words: Sequence[TimedWord], params: SessionParams) -> tuple[str,
     result = [w for w in result if w.text]
     if params.disfluency:
         result = remove_disfluencies(result)
+    question = _is_question(result)  # before the filter can mask or remove the first word
     if params.special_word_filter is not None:
         result = apply_word_filter(result, params.special_word_filter)
     if params.enable_inverse_text_normalization:
         result = inverse_normalize(result)
     if params.enable_punctuation_prediction:
-        result = punctuate(result)
+        result = punctuate(result, question=question)
     return " ".join(w.text for w in result), tuple(result)

@@ -223,8 +223,8 @@ def _word_list(key: str, value: object) -> tuple[str, ...]:
     result: list[str] = []
     for word in words:
         text = _to_str(f"{key}.word_list[]", word)
-        if text is not None:
-            result.append(text)
+        if text is not None and text.strip():  # blank entries match nothing: not counted
+            result.append(text.strip())
     return tuple(result)
 
 

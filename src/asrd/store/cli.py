@@ -245,7 +245,7 @@ def cmd_sign_url(args: argparse.Namespace) -> int:
 def _set_path(data: dict[str, Any], path: str, value: Any, *, remove: bool = False) -> None:
     parts = path.split(".")
     if len(parts) < 2 or not all(parts):
-        raise CommandError(f"{path!r}: name a key as section.key (e.g. routing.languages.en-US)")
+        raise ClientError(f"{path!r}: name a key as section.key (e.g. routing.languages.en-US)")
     node = data
     for part in parts[:-1]:
         child = node.setdefault(part, {})
