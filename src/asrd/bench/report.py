@@ -112,11 +112,13 @@ def build_report(
         "other_cores": round(max(0.0, machine_busy_s - ours) / wall_s, 2) if wall_s else None,
     }
     session_p95_max = max(p95s) * 1000 if p95s else None
+    unmeasured = sum(1 for r in completed if not r.partial_lags)
     held, why = True, "every session completed and kept its p95 partial lag under the limit"
     if failed:
         held, why = False, f"{sum(failed.values())} sessions failed"
-    elif session_p95_max is None:
-        held, why = False, "no partial results received"
+    elif unmeasured or session_p95_max is None:
+        # A session whose lag was never measured cannot be said to have kept it.
+        held, why = False, f"{unmeasured or len(completed)} sessions received no partial result"
     elif session_p95_max > criteria.lag_p95_limit_ms:
         held = False
         why = (
