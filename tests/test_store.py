@@ -967,6 +967,52 @@ async def test_redis_error_replies_reach_no_client_and_read_only_is_an_outage(
                 await repo.store.execute("REPLICAOF", "NO", "ONE")
 
 
+async def test_records_wait_whole_while_a_foreign_value_blocks_their_keys(
+    redis_url: str, nats: Nats, pool: Pool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A value of another type under one of our keys makes Redis refuse a write. Nothing of the
+    batch is written (a half-written batch would be skipped as written on the retry): the
+    records wait, the log names the key, and all of them arrive once it is removed."""
+    config = gateway_config(nats.url, pool, redis_url)
+    async with open_repo(redis_url) as repo:
+        foreign = repo.keys.usage("blocked")
+        await repo.store.execute("SET", foreign, "someone else's")
+    caplog.set_level(logging.ERROR, logger="asrd.store.plane")
+    async with open_redis_control_plane(config) as plane:
+        now = time.time()
+        for i, appkey in enumerate(["fine", "blocked", "fine"]):
+            admission = Admission(appkey=appkey, pool=pool.name, slot=f"s{i}")
+            record = SessionRecord(
+                task_id=f"{i:032x}",
+                session_id=f"s{i}",
+                appkey=appkey,
+                language=pool.name,
+                started_at=now,
+                duration_s=2.0,
+                audio_s=1.5,
+                code=20000000,
+                reason="completed",
+                sentences=[{"index": 1, "begin_time": 0, "time": 900, "text": f"s{i}"}],
+            )
+            await plane.finish(admission, record)
+
+        async def logged() -> bool:
+            return any(foreign in r.getMessage() for r in caplog.records)
+
+        await eventually(logged)
+        async with open_repo(redis_url) as repo:
+            assert await repo.usage("fine") == []  # not half of the batch
+            assert plane.pending == 3
+            await repo.store.execute("DEL", foreign)
+
+            async def flushed() -> bool:
+                return plane.pending == 0
+
+            await eventually(flushed)
+            assert [row.sessions for row in await repo.usage("fine")] == [2]
+            assert [row.sessions for row in await repo.usage("blocked")] == [1]
+
+
 async def test_records_beyond_the_buffer_are_counted_not_lost(
     restartable_redis: RedisProcess, nats: Nats, pool: Pool
 ) -> None:

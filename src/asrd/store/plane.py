@@ -80,6 +80,12 @@ class RateLimitedLog:
         self._suppressed = 0
 
     def warning(self, msg: str, *args: object) -> None:
+        self._emit(logging.WARNING, msg, *args)
+
+    def error(self, msg: str, *args: object) -> None:
+        self._emit(logging.ERROR, msg, *args)
+
+    def _emit(self, level: int, msg: str, *args: object) -> None:
         now = time.monotonic()
         if now - self._last < self._interval_s:
             self._suppressed += 1
@@ -88,7 +94,7 @@ class RateLimitedLog:
             msg += f" ({self._suppressed} similar lines suppressed)"
             self._suppressed = 0
         self._last = now
-        self._log.warning(msg, *args)
+        self._log.log(level, msg, *args)
 
 
 class ConfigWatcher:
@@ -136,6 +142,7 @@ class RedisControlPlane:
         self.redis_reconnects = 0  # reachable again after being marked unreachable
         self._refusals = RateLimitedLog(log)
         self._drops = RateLimitedLog(log)
+        self._write_errors = RateLimitedLog(log, interval_s=60.0)
 
     # --- ControlPlane ------------------------------------------------------------------------
 
@@ -498,7 +505,9 @@ class RedisControlPlane:
                 await trio.sleep(FLUSH_RETRY_S)
                 self._wake.set()
             except StoreError as exc:
-                log.error("writing session records failed: %s", exc)
+                # Nothing of the batch was written (repo.WRITE_BATCH checks first); it waits,
+                # with the records after it, until the key the message names is fixed.
+                self._write_errors.error("writing session records failed, retrying: %s", exc)
                 await trio.sleep(FLUSH_RETRY_S)
                 self._wake.set()
             else:

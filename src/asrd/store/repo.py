@@ -213,12 +213,24 @@ return redis.call('ZCOUNT', KEYS[1], '(' .. now, '+inf')
 
 # KEYS[1] batch marker, KEYS[2] usage apps set, then per item its usage hash, transcript hash
 # and transcripts zset. ARGV[1] marker ttl s, ARGV[2] retention s, ARGV[3] JSON items.
-# Returns 0 when the batch was written before (a retry after a lost reply).
+# Returns 0 when the batch was written before (a retry after a lost reply). A key holding a
+# value of another type is an error before anything is written: a script's writes are not
+# undone when a later command fails, and the retry would then skip the rest as written.
 WRITE_BATCH = Script(
     """
+local items = cjson.decode(ARGV[3])
+local want = {[2] = 'set'}
+for i = 1, #items do
+  want[3 * i], want[3 * i + 1], want[3 * i + 2] = 'hash', 'hash', 'zset'
+end
+for k, t in pairs(want) do
+  local have = redis.call('TYPE', KEYS[k]).ok
+  if have ~= 'none' and have ~= t then
+    return redis.error_reply('WRONGTYPE ' .. KEYS[k] .. ' holds a ' .. have .. ', not a ' .. t)
+  end
+end
 if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then return 0 end
 local retention = tonumber(ARGV[2])
-local items = cjson.decode(ARGV[3])
 for i, it in ipairs(items) do
   local usage, tr, trs = KEYS[3 * i], KEYS[3 * i + 1], KEYS[3 * i + 2]
   local d = it.day .. ':'
