@@ -250,6 +250,7 @@ return 1
 )
 
 BATCH_MARKER_TTL_S = 86400
+NONCE_CLOCK_SKEW_S = 60  # gateways' clocks may differ by this much without a link replayed
 MAX_BATCH = 100
 
 
@@ -393,8 +394,11 @@ class Repository:
     # --- signed links ----------------------------------------------------------------------
 
     async def use_nonce(self, appkey: str, nonce: str) -> bool:
-        """True the first time a link's nonce is seen, False on replay."""
-        ttl = 2 * self.config.link_ttl_s + 1
+        """True the first time a link's nonce is seen, False on replay.
+
+        Kept for the link's whole window (2 x link_ttl_s) plus NONCE_CLOCK_SKEW_S: a gateway
+        whose clock is behind still takes a link that expired on a faster one."""
+        ttl = 2 * self.config.link_ttl_s + NONCE_CLOCK_SKEW_S
         return bool(
             await self.store.execute("SET", self.keys.nonce(appkey, nonce), "1", "NX", "EX", ttl)
         )
