@@ -169,10 +169,13 @@ def test_service_settings(name: str) -> None:
         assert int(one("LimitNOFILE")) >= 10 * ServerConfig().max_sessions
 
 
-def test_target_pulls_in_the_gateway() -> None:
+def test_target_pulls_in_only_the_units_enabled_here() -> None:
+    """A machine with only asrd-worker@0 enabled must not start a gateway with the target."""
     target = unit_settings(UNITS / "asrd.target")
-    assert target["Unit"]["Wants"] == ["asrd-gateway.service"]
+    assert "Wants" not in target["Unit"] and "Requires" not in target["Unit"]
     assert target["Install"]["WantedBy"] == ["multi-user.target"]
+    for name in ("asrd-gateway.service", "asrd-worker@.service"):
+        assert unit_settings(UNITS / name)["Install"]["WantedBy"] == ["asrd.target"]
 
 
 def test_example_configurations_are_valid_and_match_nats_users() -> None:
