@@ -105,6 +105,26 @@ def test_worker_metrics_endpoint(nats: Nats) -> None:
         stop(worker)
 
 
+def test_exposition_keeps_every_digit_and_escapes_labels() -> None:
+    """``:g`` kept six digits: a total past 1e6 moved in steps, and rate() showed plateaus."""
+    from asrd.metrics import Counter, Gauge, Histogram
+
+    total = Counter("t_total", "a total", ["code"])
+    total.inc(1234567.8, 'a"b\\c\nd')
+    total.inc(40, 'a"b\\c\nd')
+    assert list(total.render())[-1] == 't_total{code="a\\"b\\\\c\\nd"} 1234607.8'
+    hist = Histogram("h_seconds", "a histogram", [0.1, 1.0])
+    for _ in range(3):
+        hist.observe(123456.789)
+    assert "h_seconds_sum 370370.367" in "\n".join(hist.render())
+    reconnects = Gauge("r_total", "read from a library", lambda: 3, kind="counter")
+    assert list(reconnects.render()) == [
+        "# HELP r_total read from a library",
+        "# TYPE r_total counter",
+        "r_total 3",
+    ]
+
+
 def test_process_metrics_follow_this_process() -> None:
     """The standard process_* and python_gc_* metrics (each scrape reads them afresh):
     memory, CPU, file descriptors and collections move when the process uses more."""

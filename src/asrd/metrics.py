@@ -30,19 +30,27 @@ class Counter:
         if not self.values and not self.labels:
             yield f"{self.name} 0"
         for lv, v in sorted(self.values.items()):
-            yield f"{self.name}{_labels(self.labels, lv)} {v:g}"
+            yield f"{self.name}{_labels(self.labels, lv)} {_num(v)}"
 
 
 class Gauge:
-    """A value read when scraped (``fn``) or set by the owner."""
+    """A value read when scraped (``fn``) or set by the owner. ``kind="counter"`` for a total
+    kept elsewhere (a client library's reconnect count) and only read here."""
 
-    def __init__(self, name: str, help_: str, fn: Callable[[], float] | None = None) -> None:
-        self.name, self.help, self.fn = name, help_, fn
+    def __init__(
+        self,
+        name: str,
+        help_: str,
+        fn: Callable[[], float] | None = None,
+        *,
+        kind: str = "gauge",
+    ) -> None:
+        self.name, self.help, self.fn, self.kind = name, help_, fn, kind
         self.value = 0.0
 
     def render(self) -> Iterable[str]:
-        yield from _family(self.name, "gauge", self.help)
-        yield f"{self.name} {(self.fn() if self.fn else self.value):g}"
+        yield from _family(self.name, self.kind, self.help)
+        yield f"{self.name} {_num(self.fn() if self.fn else self.value)}"
 
 
 class Histogram:
@@ -65,7 +73,7 @@ class Histogram:
             cumulative += n
             yield f'{self.name}_bucket{{le="{bound:g}"}} {cumulative}'
         yield f'{self.name}_bucket{{le="+Inf"}} {self.count}'
-        yield f"{self.name}_sum {self.sum:g}"
+        yield f"{self.name}_sum {_num(self.sum)}"
         yield f"{self.name}_count {self.count}"
 
 
@@ -132,8 +140,18 @@ class Registry:
 def _labels(names: tuple[str, ...], values: tuple[str, ...]) -> str:
     if not names:
         return ""
-    inner = ",".join(f'{n}="{v}"' for n, v in zip(names, values, strict=True))
+    inner = ",".join(f'{n}="{_escaped(v)}"' for n, v in zip(names, values, strict=True))
     return "{" + inner + "}"
+
+
+def _escaped(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _num(x: float) -> str:
+    """Every digit a counter has: ``:g`` keeps six, and a total past 1e6 would move in steps."""
+    x = float(x)
+    return str(int(x)) if x.is_integer() and abs(x) < 2**53 else repr(x)
 
 
 class GatewayMetrics:
@@ -162,8 +180,10 @@ class GatewayMetrics:
         self.workers = r.add(Gauge("asrd_workers_alive", "engine workers heard from"))
         self.decoders_free = r.add(Gauge("asrd_decoders_free", "free decoders of live workers"))
         self.decoders_total = r.add(Gauge("asrd_decoders_total", "decoders of live workers"))
-        self.nats_reconnects = r.add(Gauge("asrd_nats_reconnects_total", "NATS reconnections"))
-        self.nats_errors = r.add(Gauge("asrd_nats_errors_total", "NATS errors"))
+        self.nats_reconnects = r.add(
+            Gauge("asrd_nats_reconnects_total", "NATS reconnections", kind="counter")
+        )
+        self.nats_errors = r.add(Gauge("asrd_nats_errors_total", "NATS errors", kind="counter"))
         self.redis_errors, self.redis_reconnects = _redis_gauges(r)
 
 
@@ -179,14 +199,22 @@ class WorkerMetrics:
         self.utterances = r.add(Counter("asrd_worker_utterances_total", "final results sent"))
         self.audio = r.add(Counter("asrd_worker_audio_seconds_total", "audio decoded, seconds"))
         self.errors = r.add(Counter("asrd_worker_session_errors_total", "sessions failed"))
-        self.nats_reconnects = r.add(Gauge("asrd_nats_reconnects_total", "NATS reconnections"))
-        self.nats_errors = r.add(Gauge("asrd_nats_errors_total", "NATS errors"))
+        self.nats_reconnects = r.add(
+            Gauge("asrd_nats_reconnects_total", "NATS reconnections", kind="counter")
+        )
+        self.nats_errors = r.add(Gauge("asrd_nats_errors_total", "NATS errors", kind="counter"))
         self.redis_errors, self.redis_reconnects = _redis_gauges(r)  # following the routing
 
 
 def _redis_gauges(r: Registry) -> tuple[Gauge, Gauge]:
     """Failed Redis commands and recoveries; 0 for a process that uses no Redis."""
     return (
-        r.add(Gauge("asrd_redis_errors_total", "failed Redis commands")),
-        r.add(Gauge("asrd_redis_reconnects_total", "Redis reachable again after an outage")),
+        r.add(Gauge("asrd_redis_errors_total", "failed Redis commands", kind="counter")),
+        r.add(
+            Gauge(
+                "asrd_redis_reconnects_total",
+                "Redis reachable again after an outage",
+                kind="counter",
+            )
+        ),
     )
