@@ -165,6 +165,8 @@ def test_split_head_waits_for_the_blank_line_and_bounds_size() -> None:
         split_head(b"x" * 20000)
     with pytest.raises(HeadError):
         parse_head(b"\xff\xfe\r\n\r\n")
+    with pytest.raises(HeadError, match="request target"):  # urlsplit's ValueError
+        parse_head(b"GET http://[::1/metrics HTTP/1.1\r\nHost: x\r\n\r\n")
 
 
 # --- wire ---------------------------------------------------------------------------------

@@ -74,6 +74,10 @@ def parse_head(head: bytes) -> RequestHead:
         if not sep:
             raise HeadError("malformed header line")
         headers.append((name.strip().lower(), value.strip()))
+    try:
+        urlsplit(target)  # checked once here: RequestHead's properties split it again
+    except ValueError as exc:  # e.g. "http://[::1/x": an unclosed IPv6 bracket
+        raise HeadError(f"malformed request target: {exc}") from exc
     return RequestHead(method, target, tuple(headers))
 
 
