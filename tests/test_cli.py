@@ -183,6 +183,44 @@ def test_worker_refuses_engine_options_its_engine_does_not_know(tmp_path: Path) 
     assert "Traceback" not in result.stderr
 
 
+def test_serve_stops_when_its_worker_cannot_start(tmp_path: Path) -> None:
+    """The worker child exits at start (an engine option it does not know): serve says so and
+    stops, instead of waiting five minutes for workers that will never come."""
+    (tmp_path / "config.toml").write_text(
+        "[server]\nport = 0\n\n[worker]\nprocesses = 1\nengine_options = { nonesuch = 1 }\n"
+    )
+    result = run_asrd(tmp_path, "serve", "--config", "config.toml")
+    assert result.returncode == 1, result.stderr
+    assert re.search(r"asrd: asrd worker \(pid \d+\) exited with status 2", result.stderr)
+    assert "Traceback" not in result.stderr
+
+
+def test_serve_stopped_while_waiting_for_workers_stops(tmp_path: Path) -> None:
+    """SIGTERM while the workers are not up yet (here they serve another pool, so they never
+    count): serve stops at once rather than after the wait, and never reports itself ready."""
+    (tmp_path / "config.toml").write_text(
+        '[server]\nport = 0\n\n[worker]\nprocesses = 1\nengine = "loadtest"\npool = "other"\n'
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "asrd", "serve", "--config", "config.toml"],
+        cwd=tmp_path,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:  # the worker is up (in the wrong pool)
+            if "serving pool 'other'" in line:
+                break
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=GUARD_S)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1, err
+    assert "asrd: stopped before the engine workers came up" in err
+    assert "listening" not in err and "Traceback" not in err
+
+
 def test_forked_workers_that_cannot_reach_nats_fail_as_one_worker_does(tmp_path: Path) -> None:
     argv = ["--processes", "2", "--engine", "loadtest", "--nats-url", "nats://127.0.0.1:1"]
     result = run_asrd(tmp_path, "worker", *argv)

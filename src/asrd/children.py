@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import trio
 
 from asrd import sdnotify
+from asrd.errors import ChildExited
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +73,11 @@ async def start_child(
 
 
 async def _supervise(proc: subprocess.Popen[bytes], name: str) -> None:
+    """Wait for the child; stop it when cancelled. A child that exits on its own ends the
+    nursery with :class:`ChildExited`: the parent cannot serve without it."""
     try:
         code = await trio.to_thread.run_sync(proc.wait, abandon_on_cancel=True)
-        log.warning("%s (pid %d) exited with %s", name, proc.pid, code)
+        raise ChildExited(f"{name} (pid {proc.pid}) exited with status {code}")
     finally:
         if proc.poll() is None:
             proc.terminate()

@@ -392,10 +392,33 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return _output_closed()
-    except BaseExceptionGroup as group:
-        if group.split(BrokenPipeError)[1] is not None:
-            raise
+    except BaseExceptionGroup as group:  # from the nurseries of serve, gateway, transcribe
+        return _exit_status(group)
+
+
+def _exit_status(group: BaseExceptionGroup[BaseException]) -> int:
+    """What ``main`` does for one error, for a group of them; anything else is a bug and goes
+    on as a traceback."""
+    _, rest = group.split(BrokenPipeError)
+    if rest is None:
         return _output_closed()
+    _, unknown = rest.split((ConfigError, AsrdError))
+    if unknown is not None:
+        raise group
+    status = 1
+    for exc in _leaves(rest):
+        if isinstance(exc, ConfigError):
+            print(f"asrd: {exc}", file=sys.stderr)
+            status = 2
+        elif isinstance(exc, AsrdError):
+            print(f"asrd: {exc.reason}", file=sys.stderr)
+    return status
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
+    return [exc]
 
 
 def _output_closed() -> int:

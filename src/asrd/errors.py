@@ -122,6 +122,11 @@ class ShuttingDown(ServerError):
     """The server is stopping and ends the session."""
 
 
+class ChildExited(ServerError):
+    """A child process that ``asrd serve`` cannot do without (nats-server, asrd worker)
+    exited: the command stops rather than serve without it."""
+
+
 # Status codes that are not errors.
 SUCCESS = 20000000
 SENTENCE_TIMEOUT = 51040104

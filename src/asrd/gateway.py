@@ -20,7 +20,7 @@ from asrd.bus import Bus
 from asrd.config import Config
 from asrd.control import ConnectInfo, ControlPlane
 from asrd.dialects.alibaba import AlibabaCodec
-from asrd.errors import AsrdError, NoWorkers, TooManyRequests, UnknownNamespace
+from asrd.errors import AsrdError, NoWorkers, ShuttingDown, TooManyRequests, UnknownNamespace
 from asrd.events import TaskFailed
 from asrd.handshake import (
     HeadError,
@@ -134,7 +134,9 @@ class Gateway:
     async def _wait_for_workers(self, n: int, timeout_s: float = 300.0) -> None:
         pool = self.config.server.default_language
         with trio.move_on_after(timeout_s):
-            while len(self.registry.alive(pool)) < n:  # noqa: ASYNC110 - startup only
+            while len(self.registry.alive(pool)) < n:
+                if self.stop_requested.is_set():  # SIGTERM or Ctrl-C while starting
+                    raise ShuttingDown("stopped before the engine workers came up")
                 await trio.sleep(0.05)
             return
         raise NoWorkers(f"only {len(self.registry.alive(pool))} of {n} workers came up")
