@@ -469,6 +469,10 @@ from asrd.prefork import run_forked
 def target(index):
     if sys.argv[1] == "fail":
         return 3
+    if sys.argv[1] == "crash" and index == 0:
+        sdnotify.ready()
+        time.sleep(0.5)  # the family is ready by then: this is a crash after the start
+        return 1
     sdnotify.ready()  # and never a WATCHDOG=1: a wedged child
     os.write(1, f"started {index} {os.getpid()}\\n".encode())  # one write: no interleaving
     time.sleep(60)
@@ -487,6 +491,31 @@ def test_prefork_fails_with_the_status_of_a_child_that_fails_at_start() -> None:
     )
     assert result.returncode == 3, result.stderr
     assert "exited with 3 at start" in result.stderr
+
+
+def spawn_prefork(mode: str) -> subprocess.Popen[str]:
+    argv = [sys.executable, "-c", PREFORK_SCRIPT, mode]
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+async def test_prefork_waits_longer_each_time_a_child_dies_again_soon() -> None:
+    """A child that dies soon after each fork is forked again after 1, 2, 4 s ...: a fault that
+    kills it at once is not retried every second for good."""
+    proc = spawn_prefork("crash")
+    delays: list[str] = []
+    try:
+        assert proc.stderr is not None
+        with trio.fail_after(GUARD_S):
+            while len(delays) < 3:
+                line = await trio.to_thread.run_sync(proc.stderr.readline)
+                assert line, "prefork ended"
+                if "exited with 1: starting it again in" in line:
+                    delays.append(line.rsplit(" in ", 1)[1].strip())
+        proc.send_signal(signal.SIGTERM)
+        assert await wait_exit(proc) == 0
+    finally:
+        stop(proc)
+    assert delays == ["1 s", "2 s", "4 s"]
 
 
 def spawn_wedged_children(ns: NotifySocket) -> subprocess.Popen[bytes]:

@@ -253,7 +253,6 @@ async def _run_worker(config: Config, engine: Any, gate: CpuGate | None = None) 
                     describe=lambda: f"{len(worker.sessions)} of {engine.capacity} decoders busy",
                 )
             )
-            sdnotify.ready(f"worker {worker.id} serving pool {config.worker.pool}")
             if config.redis.url:  # the pool this worker serves may change live
                 from asrd.store.follow import follow_worker_pool
 
@@ -266,6 +265,8 @@ async def _run_worker(config: Config, engine: Any, gate: CpuGate | None = None) 
                     worker.health_routes(),
                 )
                 log.info("worker metrics on http://%s:%d/metrics", config.worker.metrics_host, port)
+            # Last: a process that cannot bind its metrics port fails at start, as a family.
+            sdnotify.ready(f"worker {worker.id} serving pool {config.worker.pool}")
             await stop.wait()
             with trio.move_on_after(10):
                 await worker.drain()

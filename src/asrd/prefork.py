@@ -46,6 +46,10 @@ __all__ = ["RESTART_DELAY_S", "STOP_TIMEOUT_S", "run_forked"]
 log = logging.getLogger(__name__)
 
 RESTART_DELAY_S = 1.0  # before a child that died after it was ready is forked again
+# A child that dies again within STABLE_S of its fork waits twice as long, up to this: a fault
+# that kills it at once (a port taken, a broken disk) is not re-forked every second for good.
+MAX_RESTART_DELAY_S = 60.0
+STABLE_S = 60.0
 STOP_TIMEOUT_S = 30.0  # by default, children still running this long after SIGTERM are killed
 _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD)
 _UCRED = struct.Struct("3i")  # pid, uid, gid of SCM_CREDENTIALS
@@ -56,6 +60,7 @@ class _Child:
     index: int
     ready: bool = False
     pinged: float = 0.0  # time.monotonic() of its last WATCHDOG=1 (or of its start)
+    started: float = 0.0  # time.monotonic() of its fork
 
 
 def _status(wait_status: int) -> int:
@@ -141,6 +146,7 @@ class _Supervisor:
         self.on_stop = on_stop
         self.children: dict[int, _Child] = {}
         self.restarts: list[tuple[float, int]] = []  # (when, index) of children to fork again
+        self.delays: dict[int, float] = {}  # index -> the wait before its next fork
         self.announced = False  # READY=1 sent
         self.stopping = False
         self.stop_deadline = 0.0
@@ -209,7 +215,8 @@ class _Supervisor:
         pid = os.fork()
         if pid == 0:
             _in_child(index, self.target, "@" + self.name[1:], self.child_watchdog, self.own_fds)
-        self.children[pid] = _Child(index, pinged=time.monotonic())
+        now = time.monotonic()
+        self.children[pid] = _Child(index, pinged=now, started=now)
         log.info("%s process %d started (pid %d)", self.what, index, pid)
 
     def _ping(self, now: float) -> None:
@@ -256,14 +263,23 @@ class _Supervisor:
                 self.failure = code or 1
                 self._stop("stopping the other processes")
             else:
+                now = time.monotonic()
+                delay = RESTART_DELAY_S
+                if now - child.started < STABLE_S:  # again soon after its last fork
+                    delay = min(
+                        2 * self.delays.get(child.index, RESTART_DELAY_S / 2), MAX_RESTART_DELAY_S
+                    )
+                self.delays[child.index] = delay
                 log.warning(
-                    "%s process %d (pid %d) exited with %d: starting it again",
+                    "%s process %d (pid %d) exited with %d: starting it again in %g s",
                     self.what,
                     child.index,
                     pid,
                     code,
+                    delay,
                 )
-                self.restarts.append((time.monotonic() + RESTART_DELAY_S, child.index))
+                self.restarts.append((now + delay, child.index))
+                self.restarts.sort()
 
     @staticmethod
     def _signal(pid: int, signum: int) -> None:
