@@ -87,7 +87,10 @@ def test_a_process_killed_while_waiting_adds_no_slot() -> None:
     with gate:  # the only slot, held here
         waiter = FORK.Process(target=_wait_then_report, args=(gate, 0, out))
         waiter.start()
-        time.sleep(0.2)  # it waits for the slot now
+        deadline = time.monotonic() + 30
+        while gate._held[0] != 1 and time.monotonic() < deadline:  # until it waits for the slot
+            time.sleep(0.01)
+        assert gate._held[0] == 1
         os.kill(waiter.pid or 0, signal.SIGKILL)
         waiter.join()
         gate.reclaim(0)

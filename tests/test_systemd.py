@@ -763,7 +763,10 @@ async def test_gateway_processes_share_the_port_and_are_supervised(
             kids = children_of(proc.pid)
             assert len(kids) == 2
             await heard_workers(nats.url, "gwp-en", 1)
-            await trio.sleep(1.0)  # every gateway process hears the worker too
+            with trio.fail_after(GUARD_S):  # every gateway process hears the worker too
+                for i in range(2):
+                    while (await scrape(metrics + i)).get("asrd_workers_alive", 0) < 1:  # noqa: ASYNC110
+                        await trio.sleep(0.05)
 
             # 20 connections: the kernel gives each process some (all to one: p = 2 ** -19).
             await sessions(20)
