@@ -469,6 +469,14 @@ from asrd.prefork import run_forked
 def target(index):
     if sys.argv[1] == "fail":
         return 3
+    if sys.argv[1] == "mask":  # what a child starts with: no signal blocked, default handlers
+        import signal
+        blocked = sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, []))
+        term = signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+        os.write(1, f"mask {index} {blocked} {term}\\n".encode())
+        sdnotify.ready()
+        time.sleep(60)  # until the test stops the family
+        return 0
     if sys.argv[1] == "crash" and index == 0:
         sdnotify.ready()
         time.sleep(0.5)  # the family is ready by then: this is a crash after the start
@@ -491,6 +499,22 @@ def test_prefork_fails_with_the_status_of_a_child_that_fails_at_start() -> None:
     )
     assert result.returncode == 3, result.stderr
     assert "exited with 3 at start" in result.stderr
+
+
+def test_a_forked_child_starts_with_no_signal_blocked() -> None:
+    """SIGTERM is blocked across the fork (so that one sent to a child before it resets the
+    parent's handlers is not lost) and must be unblocked in the child, or it could not stop."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", PREFORK_SCRIPT, "mask"], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        lines = sorted(proc.stdout.readline().strip() for _ in range(2))
+        proc.send_signal(signal.SIGTERM)  # reaches the children: they can be stopped
+        assert proc.wait(GUARD_S) == 0
+    finally:
+        stop(proc)
+    assert lines == ["mask 0 [] True", "mask 1 [] True"]
 
 
 def spawn_prefork(mode: str) -> subprocess.Popen[str]:

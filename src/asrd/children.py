@@ -16,6 +16,7 @@ import subprocess
 import sys
 import sysconfig
 from collections.abc import Sequence
+from functools import partial
 
 import trio
 
@@ -27,13 +28,18 @@ log = logging.getLogger(__name__)
 _PR_SET_PDEATHSIG = 1
 
 
-def die_with_parent() -> None:  # pragma: no cover - runs in the child after fork
-    """SIGTERM this process when the thread that forked it exits, even if it was SIGKILLed."""
+def die_with_parent(parent: int | None = None) -> None:  # pragma: no cover - in the child
+    """SIGTERM this process when the thread that forked it exits, even if it was SIGKILLed.
+
+    With ``parent`` (its pid, read before the fork): if that parent is gone already, before
+    the request took effect, exit now rather than run on as an orphan."""
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     except OSError:
         pass
+    if parent is not None and os.getppid() != parent:
+        os._exit(1)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -62,7 +68,7 @@ async def start_child(
     """
     proc = subprocess.Popen(  # noqa: ASYNC220 - see above: must fork in this thread
         list(argv),
-        preexec_fn=die_with_parent,
+        preexec_fn=partial(die_with_parent, os.getpid()),
         start_new_session=True,  # a terminal's Ctrl-C reaches only us; we stop the children
         env=sdnotify.child_environ(),  # only we report to systemd
         stdout=subprocess.DEVNULL if quiet else None,

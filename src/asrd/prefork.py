@@ -76,8 +76,9 @@ def _in_child(
     notify_address: str,
     watchdog_usec: str | None,
     fds: list[int],
+    parent: int,
 ) -> None:
-    """Runs after fork in the child and never returns."""
+    """Runs after fork in the child, with SIGTERM and SIGINT blocked, and never returns."""
     code = 1
     try:
         for fd in fds:
@@ -86,11 +87,12 @@ def _in_child(
         for signum in _SIGNALS:
             signal.signal(signum, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)  # one sent meanwhile: now
         # A process group of its own: a terminal's Ctrl-C reaches only the parent, which passes
         # it on once. A child that got it twice (from the terminal, then from the parent) would
         # take the second as "stop now" and cut its drain short.
         os.setpgid(0, 0)
-        die_with_parent()  # even when the parent is SIGKILLed
+        die_with_parent(parent)  # even when the parent is SIGKILLed
         for key in sdnotify.ENVIRONMENT_KEYS:
             os.environ.pop(key, None)
         os.environ["NOTIFY_SOCKET"] = notify_address
@@ -212,9 +214,24 @@ class _Supervisor:
             notifications.close()
 
     def _fork(self, index: int) -> None:
-        pid = os.fork()
-        if pid == 0:
-            _in_child(index, self.target, "@" + self.name[1:], self.child_watchdog, self.own_fds)
+        # Blocked across the fork: a SIGTERM passed on to the child before it has reset our
+        # handlers would run ours there, and be lost. The child unblocks it once its own
+        # handlers are in place; the parent at once.
+        parent = os.getpid()
+        signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+        try:
+            pid = os.fork()
+            if pid == 0:
+                _in_child(
+                    index,
+                    self.target,
+                    "@" + self.name[1:],
+                    self.child_watchdog,
+                    self.own_fds,
+                    parent,
+                )
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
         now = time.monotonic()
         self.children[pid] = _Child(index, pinged=now, started=now)
         log.info("%s process %d started (pid %d)", self.what, index, pid)
