@@ -28,8 +28,8 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import NoReturn, TypeVar
 
@@ -149,13 +149,23 @@ class RedisControlPlane:
     async def admit(
         self, connect: ConnectInfo, *, appkey: str, language: str | None, session_id: str
     ) -> Admission:
-        try:
+        with self._told_to_clients():
             return await self._admit(connect, appkey, language, session_id)
+
+    @contextmanager
+    def _told_to_clients(self) -> Iterator[None]:
+        """What a client learns of a Redis failure: that Redis is away (retry), or that the
+        control plane failed. Not our Redis's address or its reply: those go to the log."""
+        try:
+            yield
         except StoreUnavailable as exc:
             self._mark_down(exc)
             raise StoreUnavailable(UNREACHABLE) from exc
         except StoreError as exc:
-            raise _hidden(exc) from exc
+            log.error("control plane: %s", exc.reason)
+            raise ServerError(
+                "the control plane failed (a Redis error, logged); retry later"
+            ) from exc
 
     async def _admit(
         self, connect: ConnectInfo, appkey: str, language: str | None, session_id: str
@@ -195,13 +205,8 @@ class RedisControlPlane:
         self, appkey: str, secret: str, ttl_s: int | None = None
     ) -> tuple[str, TokenInfo]:
         """``POST /token``: a token for the holder of ``appkey``'s secret."""
-        try:
+        with self._told_to_clients():
             return await self._issue_token_with_secret(appkey, secret, ttl_s)
-        except StoreUnavailable as exc:
-            self._mark_down(exc)
-            raise StoreUnavailable(UNREACHABLE) from exc
-        except StoreError as exc:
-            raise _hidden(exc) from exc
 
     async def _issue_token_with_secret(
         self, appkey: str, secret: str, ttl_s: int | None
@@ -594,10 +599,3 @@ def _check_token_answer(info: TokenInfo | None, app: AppKey | None, appkey: str)
         raise AuthError("token invalid: its appkey was deleted and created again")
     if not app.active:
         raise AuthError(f"appkey {appkey!r} is disabled")
-
-
-def _hidden(exc: StoreError) -> ServerError:
-    """What a client is told of a Redis error reply: not our Redis's address or its words.
-    The operator finds them in the log."""
-    log.error("control plane: %s", exc.reason)
-    return ServerError("the control plane failed (a Redis error, logged); retry later")
