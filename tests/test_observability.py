@@ -113,6 +113,10 @@ def test_exposition_keeps_every_digit_and_escapes_labels() -> None:
     total.inc(1234567.8, 'a"b\\c\nd')
     total.inc(40, 'a"b\\c\nd')
     assert list(total.render())[-1] == 't_total{code="a\\"b\\\\c\\nd"} 1234607.8'
+    audio = Counter("a_total", "a sum of floats")
+    for _ in range(1315):
+        audio.inc(0.01)
+    assert list(audio.render())[-1] == "a_total 13.15"
     hist = Histogram("h_seconds", "a histogram", [0.1, 1.0])
     for _ in range(3):
         hist.observe(123456.789)

@@ -149,9 +149,10 @@ def _escaped(value: str) -> str:
 
 
 def _num(x: float) -> str:
-    """Every digit a counter has: ``:g`` keeps six, and a total past 1e6 would move in steps."""
+    """Twelve significant digits: ``:g`` keeps six, and a total past 1e6 would move in steps;
+    more would show the rounding noise of a float sum (13.1499999999998 for 13.15)."""
     x = float(x)
-    return str(int(x)) if x.is_integer() and abs(x) < 2**53 else repr(x)
+    return str(int(x)) if x.is_integer() and abs(x) < 2**53 else format(x, ".12g")
 
 
 class GatewayMetrics:
