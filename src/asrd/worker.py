@@ -154,11 +154,13 @@ class Worker:
             try:
                 msg = await sub.receive()
             except BusError as exc:
-                if sub is self._claim_sub:  # a burst overflowed it: subscribe afresh
-                    log.warning("claims of pool %r: %s", self.config.pool, exc)
-                    async with self._claim_lock:
+                async with self._claim_lock:
+                    overflowed = sub is self._claim_sub  # else we unsubscribed it ourselves
+                    if overflowed:
                         self._claim_sub = None
                         await self.bus.unsubscribe(sub)
+                if overflowed:  # a burst overflowed it: subscribe afresh
+                    log.warning("claims of pool %r: %s", self.config.pool, exc)
                     await self._update_claim_subscription()
                 return  # else unsubscribed because we are full, draining or moved
             try:
