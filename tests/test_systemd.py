@@ -517,6 +517,48 @@ def test_a_forked_child_starts_with_no_signal_blocked() -> None:
     assert lines == ["mask 0 [] True", "mask 1 [] True"]
 
 
+SLOW_STOP_SCRIPT = """
+import pathlib, signal, sys, time
+def on_term(signum, frame):
+    if sys.argv[2] == "drain":
+        time.sleep(1.0)  # a drain that takes a while
+        sys.exit(0)
+signal.signal(signal.SIGTERM, on_term)
+pathlib.Path(sys.argv[1]).touch()
+while True:
+    time.sleep(1)
+"""
+
+
+async def stop_started_child(tmp_path: Path, mode: str, stop_timeout_s: float) -> int:
+    """Start a child that handles SIGTERM (``drain``: exits 1 s later; ``ignore``: never),
+    stop it through its nursery, and return its exit status."""
+    from asrd.children import start_child
+
+    ready = tmp_path / "ready"
+    argv = [sys.executable, "-c", SLOW_STOP_SCRIPT, str(ready), mode]
+    with trio.fail_after(GUARD_S):
+        async with trio.open_nursery() as nursery:
+            proc = await start_child(nursery, argv, "slow", stop_timeout_s=stop_timeout_s)
+            # once it exists, the handler is in place: SIGTERM reaches it
+            while not ready.exists():  # noqa: ASYNC110 - a file, no event to wait on
+                await trio.sleep(0.02)
+            nursery.cancel_scope.cancel()
+    return proc.wait()
+
+
+async def test_a_child_gets_its_stop_timeout_to_drain(tmp_path: Path) -> None:
+    """`asrd serve` gives its worker child the time of the worker's drain: a child still
+    finishing its work after SIGTERM is not killed before ``stop_timeout_s``."""
+    assert await stop_started_child(tmp_path, "drain", stop_timeout_s=GUARD_S) == 0
+
+
+async def test_a_child_that_does_not_stop_is_killed_after_its_stop_timeout(
+    tmp_path: Path,
+) -> None:
+    assert await stop_started_child(tmp_path, "ignore", stop_timeout_s=0.5) == -signal.SIGKILL
+
+
 def spawn_prefork(mode: str) -> subprocess.Popen[str]:
     argv = [sys.executable, "-c", PREFORK_SCRIPT, mode]
     return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

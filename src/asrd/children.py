@@ -58,9 +58,15 @@ def nats_server_binary() -> str:
 
 
 async def start_child(
-    nursery: trio.Nursery, argv: Sequence[str], name: str, *, quiet: bool = False
+    nursery: trio.Nursery,
+    argv: Sequence[str],
+    name: str,
+    *,
+    quiet: bool = False,
+    stop_timeout_s: float = 5.0,
 ) -> subprocess.Popen[bytes]:
-    """Start a child now; cancelling ``nursery`` stops it (SIGTERM, then SIGKILL after 5 s).
+    """Start a child now; cancelling ``nursery`` stops it: SIGTERM, then SIGKILL if it still
+    runs ``stop_timeout_s`` later (give a child that drains on SIGTERM the time its drain takes).
 
     The fork happens here, in the trio thread, and not in a worker thread as with
     ``trio.run_process``: ``PR_SET_PDEATHSIG`` fires when the forking *thread* exits, and trio's
@@ -74,11 +80,11 @@ async def start_child(
         stdout=subprocess.DEVNULL if quiet else None,
         stderr=subprocess.DEVNULL if quiet else None,
     )
-    nursery.start_soon(_supervise, proc, name)
+    nursery.start_soon(_supervise, proc, name, stop_timeout_s)
     return proc
 
 
-async def _supervise(proc: subprocess.Popen[bytes], name: str) -> None:
+async def _supervise(proc: subprocess.Popen[bytes], name: str, stop_timeout_s: float) -> None:
     """Wait for the child; stop it when cancelled. A child that exits on its own ends the
     nursery with :class:`ChildExited`: the parent cannot serve without it."""
     try:
@@ -87,11 +93,13 @@ async def _supervise(proc: subprocess.Popen[bytes], name: str) -> None:
     finally:
         if proc.poll() is None:
             proc.terminate()
-            with trio.CancelScope(shield=True), trio.move_on_after(5):
+            with trio.CancelScope(shield=True), trio.move_on_after(stop_timeout_s):
                 while proc.poll() is None:  # noqa: ASYNC110 - a child has no fd to wait on
                     await trio.sleep(0.02)
             if proc.poll() is None:
-                log.warning("%s did not stop within 5 s after SIGTERM: killing it", name)
+                log.warning(
+                    "%s did not stop within %g s after SIGTERM: killing it", name, stop_timeout_s
+                )
                 proc.kill()
                 proc.wait()
 

@@ -25,6 +25,7 @@ from asrd.reuseport import Reservation
 log = logging.getLogger("asrd")
 
 DEFAULT_CONFIG = "config.toml"
+WORKER_DRAIN_S = 10.0  # a worker asked to stop finishes its sessions for at most this long
 
 
 def _setup_logging(level: str, json_lines: bool) -> None:
@@ -69,7 +70,10 @@ async def _run_gateway(
         async with trio.open_nursery() as worker_child:
             if workers:  # one `asrd worker` loads the engine once and forks them all
                 argv = worker_argv(config_path, url, ["--processes", str(workers)])
-                await start_child(worker_child, argv, "asrd worker")
+                # its drain, and the prefork supervisor's own teardown after it
+                await start_child(
+                    worker_child, argv, "asrd worker", stop_timeout_s=WORKER_DRAIN_S + 5
+                )
             await _serve_gateway(config, url, workers)
             worker_child.cancel_scope.cancel()
         nats_child.cancel_scope.cancel()
@@ -268,7 +272,7 @@ async def _run_worker(config: Config, engine: Any, gate: CpuGate | None = None) 
             # Last: a process that cannot bind its metrics port fails at start, as a family.
             sdnotify.ready(f"worker {worker.id} serving pool {config.worker.pool}")
             await stop.wait()
-            with trio.move_on_after(10):
+            with trio.move_on_after(WORKER_DRAIN_S):
                 await worker.drain()
             nursery.cancel_scope.cancel()
 
