@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import trio
 
-from asrd.bus import Bus
+from asrd.bus import Bus, NoResponders
 from asrd.bus.natsbus import open_nats_bus
 from asrd.client import TranscribeError, open_transcription
 from asrd.config import NatsConfig, WorkerConfig
@@ -246,6 +246,28 @@ async def test_a_drained_subscription_still_delivers_what_was_sent_to_it(nats: N
             except BusError:
                 pass
         assert received == list(range(500))
+
+
+async def test_a_cancelled_subscribe_or_unsubscribe_is_not_left_half_done(nats: Nats) -> None:
+    """A worker's pool change or shutdown can cancel a claim subscribe: the subscription is
+    then made and handed back all the same (a lost one would take claims nobody answers), and
+    a cancelled unsubscribe still removes it from the server."""
+    async with open_nats_bus(NatsConfig(), nats.url, name="test-cancel") as bus:
+        made = []
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            made.append(await bus.subscribe("it-cancel", queue="q"))
+        assert made, "the subscribe was cancelled half-way"
+        bus.publish("it-cancel", b"one")
+        with trio.fail_after(GUARD_S):
+            assert (await made[0].receive()).data == b"one"
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await bus.unsubscribe(made[0])
+        await bus.flush()
+        async with open_nats_bus(NatsConfig(), nats.url, name="test-cancel-2") as other:
+            with pytest.raises(NoResponders):  # nobody subscribes to it any more
+                await other.request("it-cancel", b"two", timeout=GUARD_S)
 
 
 async def test_sessions_racing_for_the_last_decoder_get_it_or_busy(nats: Nats) -> None:

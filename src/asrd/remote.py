@@ -85,9 +85,8 @@ class RemoteRecognizer:
 
     async def open(self) -> None:
         """Subscribe to results first (nothing may be missed), then claim a worker."""
-        # Shielded (bounded by the bus's request and claim timeouts): a subscribe cancelled
-        # half-way would leave a subscription nobody removes, and a claim cancelled half-way
-        # a worker holding a decoder for a session we never learn it took.
+        # Shielded (bounded by the bus's request and claim timeouts): a claim cancelled
+        # half-way would leave a worker holding a decoder for a session we never learn it took.
         with trio.CancelScope(shield=True):
             self.results = await self._bus.subscribe(
                 session_out(self._prefix, self.session_id), max_pending=1024

@@ -90,7 +90,10 @@ class Bus(Protocol):
 
     async def subscribe(
         self, subject: str, *, queue: str = "", max_pending: int = 1024
-    ) -> Subscription: ...
+    ) -> Subscription:
+        """Subscribe; ``receive`` on the result. Neither this nor ``unsubscribe`` is cancelled
+        half-way: a subscription the server keeps but the caller never got would take a queue
+        group's messages and nobody would read them."""
 
     async def unsubscribe(self, sub: Subscription, *, drain: bool = False) -> None:
         """Stop the subscription. With ``drain``, messages the server sent before it learnt

@@ -88,11 +88,17 @@ class NatsBus:
                 except trio.RunFinishedError:
                     pass
 
-        nsub = await self._call(
-            self._after_outbox(
-                self._nc.subscribe(subject, queue=queue, cb=cb, pending_msgs_limit=max_pending * 4)
+        # Shielded, as is unsubscribe (both are bounded: nats-py only queues the SUB): a cancel
+        # after nats-py subscribed would lose the handle, and the server would go on routing
+        # messages to it (a queue group's claims to a subscription nobody reads).
+        with trio.CancelScope(shield=True):
+            nsub = await self._call(
+                self._after_outbox(
+                    self._nc.subscribe(
+                        subject, queue=queue, cb=cb, pending_msgs_limit=max_pending * 4
+                    )
+                )
             )
-        )
         self._subs[id(sub)] = nsub
         return sub
 
@@ -102,15 +108,19 @@ class NatsBus:
         nsub = self._subs.pop(id(sub), None)
         if nsub is not None:
             try:
-                if drain:  # after what we published: our own messages to it come back
-                    await self._call(self._after_outbox(self._drain_subscription(nsub)))
-                else:
-                    await self._call(nsub.unsubscribe())
+                with trio.CancelScope(shield=True):  # bounded by DRAIN_TIMEOUT_S
+                    await self._unsubscribe(nsub, drain)
             except BusError as exc:  # closed connection: the server forgets it anyway
                 log.debug("unsubscribe %s: %s", sub.subject, exc)
         # After a drain the messages it let through were delivered before this (both go
         # through the trio token's FIFO queue): the receiver reads them, then the end.
         sub._mark_closed()
+
+    async def _unsubscribe(self, nsub: NatsSubscription, drain: bool) -> None:
+        if drain:  # after what we published: our own messages to it come back
+            await self._call(self._after_outbox(self._drain_subscription(nsub)))
+        else:
+            await self._call(nsub.unsubscribe())
 
     async def flush(self, timeout: float = 2.0) -> None:
         await self._call(self._drain_then_flush(timeout))
