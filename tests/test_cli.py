@@ -230,6 +230,19 @@ def test_forked_workers_that_cannot_reach_nats_fail_as_one_worker_does(tmp_path:
     assert "Traceback" not in result.stderr
 
 
+def test_under_log_json_every_line_of_a_failing_gateway_is_json(tmp_path: Path) -> None:
+    """A log collector parses each line: the reason the process ends is a JSON line too, and
+    nothing else follows it (nats-py's cancelled connect is unwound, not reported by asyncio
+    as a task destroyed while pending)."""
+    argv = ["--log-json", "gateway", "--port", "0", "--nats-url", "nats://127.0.0.1:1"]
+    result = run_asrd(tmp_path, *argv)
+    assert result.returncode == 1, result.stderr
+    lines = [json.loads(line) for line in result.stderr.splitlines()]
+    assert lines[-1]["level"] == "critical", lines
+    assert lines[-1]["message"].startswith("cannot connect to NATS at nats://127.0.0.1:1")
+    assert not [line for line in lines if line["logger"] == "asyncio"], lines
+
+
 def test_gateway_processes_that_cannot_reach_nats_fail_and_serve_runs_one(
     tmp_path: Path,
 ) -> None:

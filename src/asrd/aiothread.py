@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import trio
 
 T = TypeVar("T")
+UNWIND_S = 2.0  # on closing, the loop's tasks get this long to finish cancelling
 
 
 class AsyncioThread:
@@ -63,5 +64,18 @@ async def open_asyncio_thread(name: str) -> AsyncIterator[AsyncioThread]:
     try:
         yield AsyncioThread(loop)
     finally:
+        unwound = asyncio.run_coroutine_threadsafe(_cancel_pending(UNWIND_S), loop)
+        await trio.to_thread.run_sync(concurrent.futures.wait, [unwound], UNWIND_S + 1)
         loop.call_soon_threadsafe(loop.stop)
         await trio.to_thread.run_sync(thread.join, 3.0)
+
+
+async def _cancel_pending(timeout: float) -> None:
+    """Cancel the loop's tasks and let them unwind: one still pending when the loop stops (a
+    connect cancelled a moment ago) is reported at exit as "Task was destroyed but it is
+    pending!" by asyncio's logger."""
+    tasks = asyncio.all_tasks() - {asyncio.current_task()}
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        await asyncio.wait(tasks, timeout=timeout)

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import trio
 
-from asrd import gctune, sdnotify
+from asrd import gctune, logs, sdnotify
 from asrd.config import Config, ConfigError, load_config
 from asrd.cpugate import CpuGate
 from asrd.errors import AsrdError
@@ -26,12 +26,6 @@ log = logging.getLogger("asrd")
 
 DEFAULT_CONFIG = "config.toml"
 WORKER_DRAIN_S = 10.0  # a worker asked to stop finishes its sessions for at most this long
-
-
-def _setup_logging(level: str, json_lines: bool) -> None:
-    from asrd import logs
-
-    logs.setup(level, json_lines=json_lines)
 
 
 def _config_path(arg: str | None) -> str | None:
@@ -159,7 +153,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     try:  # before forking, so that port 0 is one port for all
         reservation = reuseport.reserve(server.host, server.port)
     except OSError as exc:
-        print(f"asrd: cannot listen on {server.host}:{server.port}: {exc}", file=sys.stderr)
+        logs.fatal(f"cannot listen on {server.host}:{server.port}: {exc}")
         return 1
     serve = partial(_serve_gateway, url=config.nats.url, workers=0, reservation=reservation)
     with contextlib.closing(reservation):
@@ -187,7 +181,7 @@ def _process(
     try:
         trio.run(run, config)
     except AsrdError as exc:  # e.g. NATS unreachable; a forked process ends here, not in main()
-        print(f"asrd: {exc.reason}", file=sys.stderr)
+        logs.fatal(exc.reason)
         return 1
     return 0
 
@@ -384,14 +378,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.log_level not in LOG_LEVELS:  # from $ASRD_LOG_LEVEL, which argparse does not check
         parser.error(f"ASRD_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}")
-    _setup_logging(args.log_level, args.log_json)
+    logs.setup(args.log_level, json_lines=args.log_json)
     try:
         return int(args.func(args))
     except ConfigError as exc:
-        print(f"asrd: {exc}", file=sys.stderr)
+        logs.fatal(str(exc))
         return 2
     except AsrdError as exc:  # e.g. NATS unreachable or refusing our credentials at start
-        print(f"asrd: {exc.reason}", file=sys.stderr)
+        logs.fatal(exc.reason)
         return 1
     except KeyboardInterrupt:
         return 130
@@ -413,10 +407,10 @@ def _exit_status(group: BaseExceptionGroup[BaseException]) -> int:
     status = 1
     for exc in _leaves(rest):
         if isinstance(exc, ConfigError):
-            print(f"asrd: {exc}", file=sys.stderr)
+            logs.fatal(str(exc))
             status = 2
         elif isinstance(exc, AsrdError):
-            print(f"asrd: {exc.reason}", file=sys.stderr)
+            logs.fatal(exc.reason)
     return status
 
 

@@ -63,3 +63,12 @@ def setup(level: str, *, json_lines: bool = False) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(getattr(logging, level.upper(), logging.INFO))
+
+
+def fatal(reason: str) -> None:
+    """Say why a command fails: ``asrd: reason`` on stderr for a person, or, under
+    ``--log-json``, a JSON line like every other (a log collector parses each line)."""
+    if any(isinstance(h.formatter, JsonFormatter) for h in logging.getLogger().handlers):
+        logging.getLogger("asrd").critical(reason)
+    else:
+        print(f"asrd: {reason}", file=sys.stderr)

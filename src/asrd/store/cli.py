@@ -20,6 +20,7 @@ from typing import Any
 import trio
 from pydantic import ValidationError
 
+from asrd import logs
 from asrd.config import Config, ConfigError, DynamicConfig, load_config
 from asrd.errors import ClientError
 from asrd.store import StoreError, signing
@@ -50,10 +51,10 @@ def _run(args: argparse.Namespace, fn: Callable[[Repository], Awaitable[int]]) -
     try:
         return trio.run(main)
     except (CommandError, StoreError) as exc:
-        print(f"asrd: {exc}", file=sys.stderr)
+        logs.fatal(str(exc))
         return 1
     except ClientError as exc:
-        print(f"asrd: {exc.reason}", file=sys.stderr)
+        logs.fatal(exc.reason)
         return 2
 
 
@@ -221,7 +222,7 @@ def cmd_token(args: argparse.Namespace) -> int:
 def cmd_sign_url(args: argparse.Namespace) -> int:
     secret = args.secret or os.environ.get("ASRD_SECRET")
     if not secret:
-        print("asrd: give the app key's secret with --secret or ASRD_SECRET", file=sys.stderr)
+        logs.fatal("give the app key's secret with --secret or ASRD_SECRET")
         return 2
     try:
         url = signing.sign_url(
@@ -233,7 +234,7 @@ def cmd_sign_url(args: argparse.Namespace) -> int:
             method=args.method,
         )
     except ValueError as exc:
-        print(f"asrd: {exc}", file=sys.stderr)
+        logs.fatal(str(exc))
         return 2
     print(url)
     return 0
@@ -283,13 +284,13 @@ def cmd_config(args: argparse.Namespace) -> int:
             text = Path(args.file).read_text()
             loaded = json.loads(text) if args.file.endswith(".json") else tomllib.loads(text)
         except (OSError, ValueError) as exc:  # TOMLDecodeError and JSONDecodeError too
-            print(f"asrd: cannot read {args.file}: {exc}", file=sys.stderr)
+            logs.fatal(f"cannot read {args.file}: {exc}")
             return 2
 
     async def fn(repo: Repository) -> int:
         state = await repo.load_config()
         if state.error:
-            print(f"asrd: the stored configuration is invalid: {state.error}", file=sys.stderr)
+            logs.fatal(f"the stored configuration is invalid: {state.error}")
         action = args.config_command
         if action in ("show", "get"):
             if state.doc is None:
