@@ -7,6 +7,7 @@ import json
 import logging
 import mmap
 import os
+import socket
 import time
 import urllib.request
 
@@ -75,6 +76,26 @@ async def test_gateway_metrics_and_health(gateway: RunningGateway) -> None:
     gateway.gateway.draining = True  # what SIGTERM does first: load balancers see not-ready
     assert (await trio.to_thread.run_sync(get, base + "/readyz"))[0] == 503
     gateway.gateway.draining = False
+    # The same answers as on the metrics ports (tests/test_httpserve.py): HEAD, 405, and a
+    # body nobody reads drained before the close, so that no RST loses the answer.
+    head = await trio.to_thread.run_sync(raw_exchange, gateway.port, b"HEAD /healthz", b"")
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n") and head.endswith(b"\r\n\r\n"), head
+    posted = await trio.to_thread.run_sync(raw_exchange, gateway.port, b"POST /metrics", 65536)
+    assert posted.startswith(b"HTTP/1.1 405 Method Not Allowed\r\n"), posted[:200]
+    assert b"\r\nAllow: GET, HEAD\r\n" in posted
+
+
+def raw_exchange(port: int, request_line: bytes, body: bytes | int) -> bytes:
+    """One HTTP/1.1 request with a body of ``body`` bytes, read to EOF (ConnectionResetError
+    if the server closes with the body unread)."""
+    data = bytes(body) if isinstance(body, int) else body
+    head = request_line + b" HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(data)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(head + data)
+        response = b""
+        while chunk := sock.recv(65536):
+            response += chunk
+        return response
 
 
 @pytest.mark.integration

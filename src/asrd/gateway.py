@@ -29,7 +29,7 @@ from asrd.handshake import (
     http_response,
     parse_head,
 )
-from asrd.httpserve import Route, read_head, respond
+from asrd.httpserve import Route, discard_body, read_head, respond
 from asrd.registry import WorkerRegistry
 from asrd.reuseport import Reservation
 from asrd.session import GatewayState, Session
@@ -175,7 +175,8 @@ class Gateway:
                 reply = await token_endpoint(self.state.control, stream, head, parts[1])
                 await stream.send_all(reply)
                 return
-            await stream.send_all(respond(self.health_routes(), head.path))
+            await stream.send_all(respond(self.health_routes(), head.path, head.method))
+            await discard_body(stream, head, parts[1])
             return
         if self.draining:
             await stream.send_all(http_response(503, "Service Unavailable", b"draining\n"))

@@ -9,6 +9,7 @@ are recognised here too.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import parse_qs, urlsplit
 
@@ -95,8 +96,17 @@ def dedupe_head(head: bytes) -> bytes:
     return b"\r\n".join(out)
 
 
-def http_response(status: int, reason: str, body: bytes, content_type: str = "text/plain") -> bytes:
-    return (
-        f"HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\n"
-        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-    ).encode() + body
+def http_response(
+    status: int,
+    reason: str,
+    body: bytes,
+    content_type: str = "text/plain",
+    *,
+    headers: Sequence[str] = (),
+    head_only: bool = False,
+) -> bytes:
+    """The whole response; ``head_only`` for a HEAD request: GET's headers (Content-Length of
+    the body) without the body."""
+    lines = [f"Content-Type: {content_type}", f"Content-Length: {len(body)}", *headers]
+    head = f"HTTP/1.1 {status} {reason}\r\n" + "".join(f"{h}\r\n" for h in lines)
+    return (head + "Connection: close\r\n\r\n").encode() + (b"" if head_only else body)

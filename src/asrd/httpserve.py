@@ -1,6 +1,7 @@
 """A minimal HTTP/1.1 server for the health and metrics endpoints of each process.
 
-GET only, one response per connection; parsing shared with the gateway (asrd.handshake).
+GET and HEAD only (405 for other methods), one response per connection; parsing shared with
+the gateway (asrd.handshake).
 """
 
 from __future__ import annotations
@@ -11,12 +12,23 @@ from functools import partial
 
 import trio
 
-from asrd.handshake import HeadError, http_response, parse_head, split_head
+from asrd.handshake import HeadError, RequestHead, http_response, parse_head, split_head
 
 log = logging.getLogger(__name__)
 
 Route = Callable[[], tuple[int, bytes]]
-_REASONS = {200: "OK", 404: "Not Found", 503: "Service Unavailable", 400: "Bad Request"}
+ALLOW = "GET, HEAD"
+# The time a client gets to send its request head, and then the body it declared.
+TIMEOUT_S = 5.0
+# The most of an unread body read before closing: as much as Go's net/http discards.
+MAX_DISCARD_BYTES = 256 * 1024
+_REASONS = {
+    200: "OK",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    503: "Service Unavailable",
+    400: "Bad Request",
+}
 
 
 async def serve_http(
@@ -33,12 +45,25 @@ async def serve_http(
         task_status.started(bound)
 
 
-def respond(routes: dict[str, Route], path: str) -> bytes:
-    """The whole HTTP response of the route for ``path`` (404 for none)."""
+def respond(routes: dict[str, Route], path: str, method: str = "GET") -> bytes:
+    """The whole HTTP response of the route for ``path`` (404 for none) to ``method``: HEAD
+    gets GET's status and headers without the body (RFC 9110 §9.3.2), other methods 405."""
     route = routes.get(path)
-    status, body = route() if route else (404, f"unknown path {path}\n".encode())
+    if route is None:
+        status, body = 404, f"unknown path {path}\n".encode()
+    elif method not in ("GET", "HEAD"):
+        status, body = 405, f"method not allowed: use {ALLOW}\n".encode()
+    else:
+        status, body = route()
     ctype = "text/plain; version=0.0.4" if path == "/metrics" else "text/plain"
-    return http_response(status, _REASONS.get(status, ""), body, ctype)
+    return http_response(
+        status,
+        _REASONS.get(status, ""),
+        body,
+        ctype,
+        headers=[f"Allow: {ALLOW}"] if status == 405 else [],
+        head_only=method == "HEAD",
+    )
 
 
 async def read_head(stream: trio.abc.Stream, timeout_s: float) -> tuple[bytes, bytes] | None:
@@ -54,12 +79,43 @@ async def read_head(stream: trio.abc.Stream, timeout_s: float) -> tuple[bytes, b
     return None
 
 
+def unread_body(head: RequestHead, received: int) -> int | None:
+    """Bytes of the request body not yet read, ``received`` of them read past the head: 0 for
+    none, None when the client did not declare its length (Transfer-Encoding, bad value)."""
+    if head.header(b"transfer-encoding") is not None:
+        return None
+    raw = head.header(b"content-length")
+    if raw is None:
+        return 0
+    if not raw.isdigit() or len(raw) > 18:  # past any real body; int() refuses 4300 digits
+        return None
+    return max(0, int(raw) - received)
+
+
+async def discard_body(
+    stream: trio.abc.HalfCloseableStream, head: RequestHead, already: bytes
+) -> None:
+    """Read and drop the body no route reads, before the connection closes: closing a socket
+    with unread data sends an RST, which fails the client's send, or its read, and the
+    response is lost. ``already``: bytes read past the head. At most MAX_DISCARD_BYTES for
+    TIMEOUT_S, so that no client holds the connection open."""
+    remaining = unread_body(head, len(already))
+    if remaining == 0:
+        return
+    await stream.send_eof()  # a FIN after the response: a client reading to EOF has it all
+    budget = MAX_DISCARD_BYTES if remaining is None else min(remaining, MAX_DISCARD_BYTES)
+    with trio.move_on_after(TIMEOUT_S):
+        while budget > 0 and (data := await stream.receive_some(min(budget, 65536))):
+            budget -= len(data)
+
+
 async def _handle(routes: dict[str, Route], stream: trio.SocketStream) -> None:
     try:
-        parts = await read_head(stream, 5.0)
+        parts = await read_head(stream, TIMEOUT_S)
         if parts is not None:
             head = parse_head(parts[0])
-            await stream.send_all(respond(routes, head.path))
+            await stream.send_all(respond(routes, head.path, head.method))
+            await discard_body(stream, head, parts[1])
     except (HeadError, trio.BrokenResourceError, trio.ClosedResourceError):
         pass
     except Exception:
