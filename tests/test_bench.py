@@ -25,7 +25,16 @@ from asrd import gctune
 from asrd.bench.command import report_text
 from asrd.bench.corpus import Playlist, default_data_dir, load_corpus
 from asrd.bench.load import COMPLETED, LoadPlan, SessionResult, run_load, schedule, split
-from asrd.bench.procs import Sampler, machine_busy_s, parse_pids, read_proc
+from asrd.bench.procs import (
+    MachineCpu,
+    ProcSample,
+    ProcSet,
+    Sampler,
+    machine_busy_s,
+    parse_cpu_line,
+    parse_pids,
+    read_proc,
+)
 from asrd.bench.report import (
     HoldCriteria,
     build_report,
@@ -304,6 +313,135 @@ def test_proc_readings_of_this_process() -> None:
     assert parse_pids("gateway=1, worker=2,worker=3") == {"gateway": [1], "worker": [2, 3]}
     with pytest.raises(ValueError):
         parse_pids("gateway")
+
+
+def test_a_process_set_lists_a_parents_children_at_each_reading() -> None:
+    """A supervisor's children are found again at each reading, not once: a child that exits
+    leaves the role, and one forked later joins it."""
+    procs = ProcSet({"worker": [os.getpid()]}, parents={"worker": [os.getpid()]})
+    child = subprocess.Popen(["cat"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    try:
+        assert child.pid in procs.pids()["worker"]
+        assert child.pid in procs.read_pids()["worker"]
+    finally:
+        child.communicate(b"")
+    assert child.pid not in procs.pids()["worker"]
+    assert procs.pids()["worker"][0] == os.getpid()
+
+
+class FakeProc:
+    """A process table in place of /proc: PID -> sample, and one supervisor's children."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, supervisor: int, boot0: float) -> None:
+        from asrd.bench import procs
+
+        self.table: dict[int, ProcSample] = {}
+        self.supervisor = supervisor
+        self.cpu = MachineCpu(0.0, 0.0)
+        monkeypatch.setattr(procs, "read_proc", lambda pid, pss=False: self.table.get(pid))
+        monkeypatch.setattr(procs, "children_of", self.children)
+        monkeypatch.setattr(procs, "since_boot_s", lambda: boot0)
+        monkeypatch.setattr(procs, "machine_cpu", lambda: self.cpu)
+
+    def children(self, pid: int) -> list[int]:
+        return sorted(p for p in self.table if p != pid) if pid == self.supervisor else []
+
+    def set(self, pid: int, cpu_s: float, rss_kb: int, started_s: float = 10.0) -> None:
+        self.table[pid] = ProcSample(cpu_s, rss_kb, rss_kb, rss_kb // 2, started_s)
+
+
+def test_sampler_counts_a_worker_that_is_forked_again_during_the_run(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The one that died counts up to its last reading; its replacement, forked during the
+    run, counts from its fork, and its memory is the role's."""
+    boot0 = 1000.0  # the run starts 1000 s after boot
+    fake = FakeProc(monkeypatch, supervisor=10, boot0=boot0)
+    fake.set(10, 5.0, 100_000)  # the supervisor
+    fake.set(11, 2.0, 50_000)
+    fake.set(12, 3.0, 50_000)
+    sampler = Sampler(ProcSet({"worker": [10]}, parents={"worker": [10]}))
+    sampler.start()
+    fake.set(11, 4.0, 50_000)
+    fake.set(12, 3.5, 50_000)
+    sampler.sample()
+    del fake.table[11]  # killed, and forked again as 13, which has used 0.5 s by its first read
+    fake.set(13, 0.5, 60_000, started_s=boot0 + 5.0)
+    sampler.sample()
+    fake.set(10, 5.1, 100_000)
+    fake.set(12, 4.5, 50_000)
+    fake.set(13, 1.5, 80_000, started_s=boot0 + 5.0)
+    sampler.stop()
+    worker = sampler.usage()["worker"]
+    assert worker.cpu_s == pytest.approx(0.1 + (4.0 - 2.0) + (4.5 - 3.0) + 1.5)
+    assert (worker.processes, worker.processes_seen) == (3, 4)
+    assert (worker.rss_start_kb, worker.rss_end_kb) == (200_000, 230_000)
+    assert worker.rss_peak_kb == worker.hwm_kb == 230_000
+    assert worker.pss_end_kb == worker.pss_peak_kb == 115_000
+    # The series' CPU (since each process started) keeps the one that exited.
+    assert [p["worker_cpu_s"] for p in sampler.series] == [10.0, 12.5, 13.0, 15.1]
+
+
+def test_sampler_takes_a_late_process_forked_before_the_run_from_its_first_reading(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fake = FakeProc(monkeypatch, supervisor=10, boot0=1000.0)
+    fake.set(10, 5.0, 100_000)
+    sampler = Sampler(ProcSet({"worker": [10]}, parents={"worker": [10]}))
+    sampler.start()
+    fake.set(11, 7.0, 50_000, started_s=999.0)  # its 7 s were used before the run
+    sampler.sample()
+    fake.set(11, 7.5, 50_000, started_s=999.0)
+    sampler.stop()
+    assert sampler.usage()["worker"].cpu_s == pytest.approx(0.5)
+
+
+def test_steal_is_not_busy_or_other_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hypervisor's steal is read apart from the machine's busy time and reported on
+    its own: it is no process on this machine."""
+    from asrd.procfs import TICKS
+
+    #         user nice system idle iowait irq softirq steal guest guest_nice
+    line = "cpu  100 5 50 1000 20 3 7 40 10 2"
+    cpu = parse_cpu_line(line)
+    assert cpu.busy_s == pytest.approx(165 / TICKS)  # user + nice + system + irq + softirq
+    assert cpu.steal_s == pytest.approx(40 / TICKS)
+    assert parse_cpu_line("cpu  100 5 50 1000 20 3 7").steal_s == 0.0  # an old kernel
+
+    fake = FakeProc(monkeypatch, supervisor=0, boot0=0.0)
+    fake.cpu = MachineCpu(100.0, 7.0)
+    sampler = Sampler(ProcSet({}))
+    sampler.start()
+    fake.cpu = MachineCpu(103.0, 9.0)
+    sampler.stop()
+    assert (sampler.machine_busy_s, sampler.machine_steal_s) == (3.0, 2.0)
+    assert sampler.series[-1]["machine_steal_s"] == 2.0
+
+    rep = build_report(
+        [_result(0, [0.01])],
+        usage={},
+        machine_busy_s=sampler.machine_busy_s,
+        machine_steal_s=sampler.machine_steal_s,
+        client_cpu_s=0.5,
+        client_processes=1,
+        wall_s=10.0,
+        run={},
+        criteria=HoldCriteria(),
+    )
+    load = rep["machine_load"]
+    assert (load["busy_cores"], load["other_cores"], load["steal_cores"]) == (0.3, 0.25, 0.2)
+    assert "other 0.25, steal 0.20" in format_reports([rep])
+    assert "Steal (cores taken by the hypervisor, not in other load): 1 streams 0.20." in (
+        markdown_tables([{"runs": [rep]}])
+    )
+
+
+def test_a_report_from_before_steal_still_renders() -> None:
+    rep = _report([_result(0, [0.01])])
+    assert rep["machine_load"]["steal_cores"] is None  # not measured: unknown
+    del rep["machine_load"]["steal_cores"]
+    assert "steal" not in format_reports([rep])
+    assert "Steal" not in markdown_tables([{"runs": [rep]}])
 
 
 def test_stack_config_renders_valid_asrd_toml() -> None:

@@ -417,6 +417,7 @@ async def _one_attempt(
         results,
         usage=sampler.usage(),
         machine_busy_s=sampler.machine_busy_s,
+        machine_steal_s=sampler.machine_steal_s,
         client_cpu_s=client_cpu,
         client_processes=processes,
         wall_s=wall_s,

@@ -67,6 +67,7 @@ def build_report(
     *,
     usage: dict[str, RoleUsage],
     machine_busy_s: float,
+    machine_steal_s: float | None = None,
     client_cpu_s: float,
     client_processes: int,
     wall_s: float,
@@ -90,6 +91,7 @@ def build_report(
     for role, u in usage.items():
         procs[role] = {
             "processes": u.processes,
+            "processes_seen": u.processes_seen,
             "cpu_s": round(u.cpu_s, 2),
             "cpu_ms_per_audio_s": round(1000 * u.cpu_s / audio_s, 3) if audio_s else None,
             "cpu_cores": round(u.cpu_s / wall_s, 3) if wall_s else None,
@@ -110,6 +112,11 @@ def build_report(
         # Anything else running on the machine during the run (other jobs, the kernel's
         # network work not charged to a process): a run with a large share is not clean.
         "other_cores": round(max(0.0, machine_busy_s - ours) / wall_s, 2) if wall_s else None,
+        # The hypervisor running other guests while this one had work: no process here, so
+        # neither busy nor other load, but the run had less CPU than it asked for.
+        "steal_cores": (
+            round(machine_steal_s / wall_s, 2) if wall_s and machine_steal_s is not None else None
+        ),
     }
     session_p95_max = max(p95s) * 1000 if p95s else None
     unmeasured = sum(1 for r in completed if not r.partial_lags)
@@ -294,8 +301,13 @@ def format_reports(reports: Sequence[dict[str, Any]]) -> str:
                 f"{load['cores']} cores, measured processes {load['measured_cores']:.2f}, "
                 f"other {load['other_cores']:.2f}"
             )
+            steal = load.get("steal_cores")  # None: unknown (a report from before it)
+            if steal is not None:
+                line += f", steal {steal:.2f}"
             if load["other_cores"] > 0.25:
                 line += " - WARNING: other load on the machine, figures are not clean"
+            elif steal is not None and steal > 0.25:
+                line += " - WARNING: the hypervisor took CPU (steal), figures are not clean"
             out.append(line)
         for role, g in (r.get("rss_growth") or {}).items():
             metric = role if role.endswith(" PSS") else f"{role} RSS"
@@ -364,6 +376,18 @@ MARKDOWN_HEADER = (
 )
 
 
+def _steal_note(runs: Sequence[dict[str, Any]]) -> list[str]:
+    """Steal of the runs that had some (no column: it is rare, and unknown in old reports)."""
+    steals = [
+        f"{r['sessions']['requested']} streams {steal:.2f}"
+        for r in runs
+        if (steal := (r.get("machine_load") or {}).get("steal_cores"))
+    ]
+    if not steals:
+        return []
+    return ["", f"Steal (cores taken by the hypervisor, not in other load): {', '.join(steals)}."]
+
+
 def markdown_tables(reports: Sequence[dict[str, Any]]) -> str:
     """Riva-style tables of saved JSON reports: one row per run, one table per stack.
 
@@ -380,8 +404,10 @@ def markdown_tables(reports: Sequence[dict[str, Any]]) -> str:
         if report.get("capacity"):
             groups[-1][2].append(report["capacity"])
     for title, runs, capacities in groups:
+        runs = sorted(runs, key=lambda r: r["sessions"]["requested"])
         out += [f"**{title}**", "", MARKDOWN_HEADER, sep]
-        out += [_markdown_row(r) for r in sorted(runs, key=lambda r: r["sessions"]["requested"])]
+        out += [_markdown_row(r) for r in runs]
+        out += _steal_note(runs)
         for cap in capacities:
             out += [
                 "",

@@ -29,7 +29,7 @@ from typing import Any
 
 import trio
 
-from asrd.bench.procs import ProcSet, children_of
+from asrd.bench.procs import ProcSet
 from asrd.children import die_with_parent, free_port, nats_server_binary
 
 log = logging.getLogger(__name__)
@@ -213,18 +213,19 @@ async def open_stack(
             await _wait_listening(port, config.gateways, started, startup_timeout_s)
             await _wait_workers(nats_url, config, started, startup_timeout_s)
             await trio.sleep(0.5)  # the gateway hears the heartbeats too
-            worker_pids = [w.pid for w in workers]
-            if config.shared_workers and config.workers > 1:
-                worker_pids += children_of(workers[0].pid)  # the forked processes
-            gateway_pids = [gateway.pid]
-            if config.gateways > 1:
-                gateway_pids += children_of(gateway.pid)
+            # The forked processes are their parent's children, listed again at each
+            # reading: the parent forks one again when one dies (asrd.prefork).
+            forked = config.shared_workers and config.workers > 1
             procs = ProcSet(
                 {
-                    "gateway": gateway_pids,
-                    "worker": worker_pids,
+                    "gateway": [gateway.pid],
+                    "worker": [w.pid for w in workers],
                     "nats": [nats.pid],
-                }
+                },
+                parents={
+                    "gateway": [gateway.pid] if config.gateways > 1 else [],
+                    "worker": [workers[0].pid] if forked else [],
+                },
             )
             log.info(
                 "bench stack up: gateway pid %d, %d %s workers, nats pid %d",
