@@ -35,7 +35,7 @@ from asrd.children import free_port
 from asrd.cli import main
 from asrd.client import TranscribeError, open_transcription
 from asrd.config import Config, DynamicConfig, RedisConfig, RoutingConfig, WorkerConfig
-from asrd.control import Admission, SessionRecord
+from asrd.control import Admission, ConnectInfo, SessionRecord
 from asrd.engines.base import EngineFull, EngineWord, Hypothesis, Recognizer
 from asrd.gateway import Gateway
 from asrd.handshake import parse_head, split_head
@@ -1011,6 +1011,47 @@ async def test_records_wait_whole_while_a_foreign_value_blocks_their_keys(
             await eventually(flushed)
             assert [row.sessions for row in await repo.usage("fine")] == [2]
             assert [row.sessions for row in await repo.usage("blocked")] == [1]
+
+
+async def test_a_slot_given_back_during_a_refresh_is_not_brought_back(
+    redis_url: str, nats: Nats, pool: Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The refresh re-adds every running slot in one round-trip. A session that ends meanwhile
+    can have its slot given back first; the refresh then brought it back, and the key counted
+    one session too many (refusing one under its limit) until the slot expired."""
+    config = gateway_config(nats.url, pool, redis_url)
+    async with open_repo(redis_url) as repo:
+        app, _ = await repo.create_app("racing")
+        token, _ = await repo.issue_token(app, 3600)
+    async with open_redis_control_plane(config) as plane:
+        connect = ConnectInfo("GET", "/ws/v1", {}, token)
+        admission = await plane.admit(connect, appkey="racing", language=None, session_id="s1")
+        real_refresh = plane._repo.refresh_slots
+
+        async def refresh_racing_a_release(running: dict[str, list[str]]) -> None:
+            record = SessionRecord(
+                task_id="0" * 32,
+                session_id="s1",
+                appkey="racing",
+                language=pool.name,
+                started_at=time.time(),
+                duration_s=1.0,
+                audio_s=1.0,
+                code=20000000,
+                reason="completed",
+            )
+            await plane.finish(admission, record)  # the session ends during the round-trip
+            with trio.fail_after(GUARD_S):
+                while plane._releases:  # noqa: ASYNC110 - and its slot is given back first
+                    await trio.sleep(0.01)
+            await real_refresh(running)
+
+        monkeypatch.setattr(plane._repo, "refresh_slots", refresh_racing_a_release)
+        await plane._refresh_once()
+        with trio.fail_after(GUARD_S):
+            while plane._releases:  # noqa: ASYNC110 - what is to be given back, given back
+                await trio.sleep(0.01)
+        assert await plane._repo.active_sessions("racing") == 0
 
 
 async def test_records_beyond_the_buffer_are_counted_not_lost(

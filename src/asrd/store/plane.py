@@ -487,17 +487,29 @@ class RedisControlPlane:
     async def _refresh_loop(self) -> None:
         while True:
             await trio.sleep(self._rc.slot_refresh_s)
-            running: dict[str, list[str]] = {}
-            for slot, r in self._running.items():
-                running.setdefault(r.appkey, []).append(slot)
-            try:
-                await self._repo.refresh_slots(running)
-            except StoreUnavailable as exc:
-                self._mark_down(exc)
-            except StoreError as exc:
-                log.error("refreshing concurrency slots failed: %s", exc)
-            else:
-                self._mark_up()
+            await self._refresh_once()
+
+    async def _refresh_once(self) -> None:
+        running: dict[str, list[str]] = {}
+        for slot, r in self._running.items():
+            running.setdefault(r.appkey, []).append(slot)
+        try:
+            await self._repo.refresh_slots(running)
+        except StoreUnavailable as exc:
+            self._mark_down(exc)
+        except StoreError as exc:
+            log.error("refreshing concurrency slots failed: %s", exc)
+        else:
+            self._mark_up()
+        finally:
+            # A session that ended during the round-trip may have had its slot given back
+            # before the refresh re-added it, which would then count for slot_ttl_s: give it
+            # back again, after the refresh (a release is idempotent).
+            ended = [(a, slot) for a, slots in running.items() for slot in slots]
+            ended = [(a, slot) for a, slot in ended if slot not in self._running]
+            if ended:
+                self._releases.update(ended)
+                self._wake.set()
 
     async def _flush_loop(self) -> None:
         while True:
