@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager
+from contextlib import ExitStack, asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -16,7 +16,7 @@ from asrd.bus.natsbus import open_nats_bus
 from asrd.config import Config
 from asrd.control import StaticControlPlane
 from asrd.gateway import Gateway
-from tests.servers import nats_server, start_worker, stop
+from tests.servers import nats_server, start_workers
 
 
 @dataclass
@@ -48,10 +48,8 @@ def nats() -> Iterator[Nats]:
 @pytest.fixture(scope="session")
 def pool(nats: Nats) -> Iterator[Pool]:
     """Two workers with two pocketsphinx decoders each, shared by the integration tests."""
-    workers = [start_worker(nats.url, "it-en", 2) for _ in range(2)]
-    yield Pool("it-en", workers, 2)
-    for w in workers:
-        stop(w)
+    with ExitStack() as stack:
+        yield Pool("it-en", start_workers(stack, 2, nats.url, "it-en", 2), 2)
 
 
 @dataclass

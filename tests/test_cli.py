@@ -16,6 +16,7 @@ import pytest
 from asrd.children import free_port
 from asrd.wer import wer
 from tests.audio_fixtures import LIBRIVOX, transcripts
+from tests.servers import alive, read_until
 
 pytestmark = pytest.mark.integration
 GUARD_S = 120
@@ -34,14 +35,6 @@ def children_of(pid: int) -> list[int]:
     return found
 
 
-def alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
 def test_serve_then_transcribe_then_sigterm_leaves_no_orphans(tmp_path: Path) -> None:
     port = free_port()
     serve = subprocess.Popen(
@@ -52,13 +45,7 @@ def test_serve_then_transcribe_then_sigterm_leaves_no_orphans(tmp_path: Path) ->
     )
     try:
         assert serve.stderr is not None
-        deadline = time.monotonic() + GUARD_S
-        lines = []
-        while time.monotonic() < deadline:
-            line = serve.stderr.readline()
-            lines.append(line)
-            if "gateway listening on" in line or not line:
-                break
+        lines = read_until(serve.stderr, "gateway listening on")
         assert f"ws://127.0.0.1:{port}/ws/v1" in lines[-1], lines
         kids = children_of(serve.pid)
         assert len(kids) == 2  # nats-server and one worker
@@ -105,7 +92,8 @@ def test_serve_then_transcribe_then_sigterm_leaves_no_orphans(tmp_path: Path) ->
             text=True,
         )
         assert head.stdout is not None and head.stderr is not None
-        assert json.loads(head.stdout.readline())["header"]["name"] == "TranscriptionStarted"
+        first = read_until(head.stdout, "")[0]
+        assert json.loads(first)["header"]["name"] == "TranscriptionStarted"
         head.stdout.close()  # real time: the next event comes a good while later
         assert head.wait(GUARD_S) == 141
         assert "Traceback" not in head.stderr.read()
@@ -209,9 +197,7 @@ def test_serve_stopped_while_waiting_for_workers_stops(tmp_path: Path) -> None:
     )
     try:
         assert proc.stderr is not None
-        for line in proc.stderr:  # the worker is up (in the wrong pool)
-            if "serving pool 'other'" in line:
-                break
+        read_until(proc.stderr, "serving pool 'other'")  # the worker is up (in the wrong pool)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=GUARD_S)
     finally:
