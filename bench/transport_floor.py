@@ -14,6 +14,10 @@ round-trip lag of the replies (send time of a frame to receipt of the reply it c
   audio-second any code on trio-websocket can reach.
 * ``tcp``: the same over plain trio TCP streams, with no WebSocket framing: what trio itself
   costs per frame (a wakeup, a ``recv``, a task switch). No lag (the replies are unframed).
+* ``wsproto``: the same WebSocket server without trio-websocket: one task per connection
+  reads the socket, feeds wsproto and replies inline (no reader task, no channel hop to the
+  reader of the message). What trio-websocket's own design costs per frame, beside the
+  ``websocket`` figure.
 * ``relay``: the whole path of the stack, doing nothing. The WebSocket server publishes each
   frame to NATS (:mod:`asrd.bus.natsbus`, nats-py on its asyncio thread), a worker process
   reads them and publishes the replies, and the server relays each reply to its WebSocket. A
@@ -39,6 +43,8 @@ from collections.abc import Sequence
 
 import trio
 import trio_websocket
+import wsproto
+import wsproto.events
 
 from asrd.bench.stats import percentile
 from asrd.bus.natsbus import open_nats_bus
@@ -111,6 +117,34 @@ async def serve(
                     if reply_every and n % reply_every == 0:
                         await stream.send_all(reply)
 
+    async def wsproto_handler(stream: trio.SocketStream) -> None:
+        conn = wsproto.WSConnection(wsproto.ConnectionType.SERVER)
+        n = 0
+        parts: list[bytes] = []
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            while data := await stream.receive_some(65536):
+                conn.receive_data(data)
+                out = b""
+                for event in conn.events():
+                    if isinstance(event, wsproto.events.Request):
+                        out += conn.send(wsproto.events.AcceptConnection())
+                    elif isinstance(event, wsproto.events.BytesMessage):
+                        parts.append(bytes(event.data))
+                        if not event.message_finished:
+                            continue
+                        message = b"".join(parts)
+                        parts.clear()
+                        count[0] += 1
+                        n += 1
+                        if reply_every and n % reply_every == 0:
+                            out += conn.send(wsproto.events.TextMessage(_reply(message)))
+                    elif isinstance(event, wsproto.events.CloseConnection):
+                        out += conn.send(event.response())
+                    elif isinstance(event, wsproto.events.Ping):
+                        out += conn.send(event.response())
+                if out:
+                    await stream.send_all(out)
+
     async with contextlib.AsyncExitStack() as stack:
         bus = None
         if transport == "relay":
@@ -140,6 +174,8 @@ async def serve(
         async with trio.open_nursery() as nursery:
             if transport == "tcp":
                 await nursery.start(trio.serve_tcp, tcp_handler, port)
+            elif transport == "wsproto":
+                await nursery.start(trio.serve_tcp, wsproto_handler, port)
             else:
                 serve_ws = relay_handler if transport == "relay" else handler
                 await nursery.start(
@@ -263,7 +299,9 @@ def main() -> int:
     p.add_argument("--reply-every", type=int, default=2, help="0: never reply")
     p.add_argument("--seconds", type=float, default=20.0, help="measured time")
     p.add_argument("--port", type=int, default=0, help="the server's port (default: a free one)")
-    p.add_argument("--transport", choices=("websocket", "tcp", "relay"), default="websocket")
+    p.add_argument(
+        "--transport", choices=("websocket", "wsproto", "tcp", "relay"), default="websocket"
+    )
     p.add_argument("--role", choices=("main", "server", "worker"), default="main")
     p.add_argument("--nats-url", default="", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -305,7 +343,12 @@ def main() -> int:
         frames, cpu = server.stdout.readline().split()
 
     per_s = 1000 / a.frame_ms / 1000  # frames per audio-second, in ms per us
-    name = {"tcp": "trio TCP", "websocket": "trio-websocket", "relay": "relay"}[a.transport]
+    name = {
+        "tcp": "trio TCP",
+        "websocket": "trio-websocket",
+        "wsproto": "wsproto on trio",
+        "relay": "relay",
+    }[a.transport]
     print(
         f"bare {name}, {a.sessions} sessions, {a.frame_ms} ms frames, a reply every "
         f"{a.reply_every or 'never'} frames, {int(frames)} frames in {a.seconds:g} s:"
