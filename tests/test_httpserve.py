@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import pytest
@@ -179,3 +180,24 @@ async def test_a_client_that_never_sends_its_body_is_closed(
 def test_unread_body(headers: str, received: int, unread: int | None) -> None:
     head = parse_head(f"POST /metrics HTTP/1.1\r\n{headers}\r\n".encode())
     assert unread_body(head, received) == unread
+
+
+async def test_a_client_that_does_not_read_the_answer_is_let_go(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that sends its request and never reads held the connection for good, the
+    server blocked in its send: now the send gives up after TIMEOUT_S and the connection
+    closes, with only what the socket buffers took delivered."""
+    monkeypatch.setattr(httpserve, "TIMEOUT_S", 0.05)
+    body = b"m" * (32 << 20)  # well beyond what the two sockets' buffers hold
+    port = int(await nursery.start(serve_http, "127.0.0.1", 0, {"/metrics": lambda: (200, body)}))
+    with trio.fail_after(GUARD_S):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            await stream.send_all(request("GET", "/metrics"))
+            await trio.sleep(0.5)  # not reading, well past the server's 0.05 s
+            received = 0
+            with contextlib.suppress(trio.BrokenResourceError):
+                while data := await stream.receive_some(1 << 20):
+                    received += len(data)
+    assert 0 < received < len(body)

@@ -29,7 +29,7 @@ from asrd.handshake import (
     http_response,
     parse_head,
 )
-from asrd.httpserve import Route, discard_body, read_head, respond
+from asrd.httpserve import Route, discard_body, read_head, respond, send_answer
 from asrd.registry import WorkerRegistry
 from asrd.reuseport import Reservation
 from asrd.session import GatewayState, Session
@@ -168,18 +168,18 @@ class Gateway:
                 return
             head = parse_head(parts[0])
         except HeadError as exc:
-            await stream.send_all(http_response(400, "Bad Request", f"{exc}\n".encode()))
+            await send_answer(stream, http_response(400, "Bad Request", f"{exc}\n".encode()))
             return
         if not head.is_websocket:
             if head.path == TOKEN_PATH:
                 reply = await token_endpoint(self.state.control, stream, head, parts[1])
-                await stream.send_all(reply)
+                await send_answer(stream, reply)
                 return
-            await stream.send_all(respond(self.health_routes(), head.path, head.method))
-            await discard_body(stream, head, parts[1])
+            if await send_answer(stream, respond(self.health_routes(), head.path, head.method)):
+                await discard_body(stream, head, parts[1])
             return
         if self.draining:
-            await stream.send_all(http_response(503, "Service Unavailable", b"draining\n"))
+            await send_answer(stream, http_response(503, "Service Unavailable", b"draining\n"))
             return
         limit = max(self.config.server.max_frame_bytes, self.config.server.max_text_bytes)
         wrapped = PrefixedStream(stream, dedupe_head(parts[0]) + parts[1])

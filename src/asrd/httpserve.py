@@ -109,13 +109,22 @@ async def discard_body(
             budget -= len(data)
 
 
+async def send_answer(stream: trio.abc.Stream, response: bytes) -> bool:
+    """Send a whole response within TIMEOUT_S; False if the client did not take it by then (a
+    client that never reads would otherwise hold the connection and its buffers for good)."""
+    with trio.move_on_after(TIMEOUT_S):
+        await stream.send_all(response)
+        return True
+    return False
+
+
 async def _handle(routes: dict[str, Route], stream: trio.SocketStream) -> None:
     try:
         parts = await read_head(stream, TIMEOUT_S)
         if parts is not None:
             head = parse_head(parts[0])
-            await stream.send_all(respond(routes, head.path, head.method))
-            await discard_body(stream, head, parts[1])
+            if await send_answer(stream, respond(routes, head.path, head.method)):
+                await discard_body(stream, head, parts[1])
     except (HeadError, trio.BrokenResourceError, trio.ClosedResourceError):
         pass
     except Exception:
