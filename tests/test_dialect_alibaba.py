@@ -333,6 +333,48 @@ def test_bad_string_params(key: str, value: Any) -> None:
     assert key in caught.value.reason
 
 
+@pytest.mark.parametrize(
+    "text", ["0_1", "-0_1", "\u0661", "\uff11", "0x1", "1_0e-1", "nan", "1e999", ". 5"]
+)
+def test_speech_noise_threshold_text_is_ascii_decimal(text: str) -> None:
+    """float() alone takes "0_1" as 1.0 and Arabic-Indic "\u0661" as 1.0: a typo that must fail
+    loudly (like "8_00" for an integer), not become the strongest noise setting."""
+    with pytest.raises(InvalidParameter, match="speech_noise_threshold must be a number"):
+        params_of(speech_noise_threshold=text)
+
+
+@pytest.mark.parametrize(
+    ("text", "value"), [(" 0.5 ", 0.5), ("-.25", -0.25), ("+1", 1.0), ("1e-1", 0.1), ("-1.", -1.0)]
+)
+def test_speech_noise_threshold_decimal_text(text: str, value: float) -> None:
+    assert params_of(speech_noise_threshold=text).speech_noise_threshold == value
+
+
+@pytest.mark.parametrize("language", ["en-US", "zh_CN", "EN", "x" * 64])
+def test_language_names_a_pool(language: str) -> None:
+    assert params_of(language=language).language == language
+
+
+@pytest.mark.parametrize(
+    "language", ["en US", "en.US", "*", ">", "en-US\n", "fr\r\nPUB x 0", "x" * 65, "français"]
+)
+def test_language_that_is_no_subject_token_is_an_invalid_parameter(language: str) -> None:
+    """Without a routing table the language is the pool and so a NATS subject token: a bad one
+    must be the client's 40000003 here, not a bus error (50000000: retry) further in."""
+    with pytest.raises(InvalidParameter) as caught:
+        params_of(language=language)
+    assert caught.value.code == 40000003
+    assert caught.value.reason.startswith("language must be 1 to 64 of A-Z a-z 0-9 _ -")
+    with pytest.raises(ValueError):
+        SessionParams(language=language)
+
+
+def test_long_language_is_not_quoted_whole() -> None:
+    with pytest.raises(InvalidParameter) as caught:
+        params_of(language="a." * 30_000)
+    assert len(caught.value.reason) < 200
+
+
 def test_first_bad_key_in_table_order_is_reported() -> None:
     with pytest.raises(InvalidParameter, match=r"^format"):
         params_of(max_sentence_silence=1, format="mp3")

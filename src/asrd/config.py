@@ -20,16 +20,18 @@ from pydantic import (
     model_validator,
 )
 
+from asrd.params import LANGUAGE_CHARS, Language
+
 
 class _Model(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
 # A language or pool name: one NATS subject token (pools name claim subjects).
-Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+Name = Language
 # NATS subject tokens joined by dots: every subject asrd uses starts with it.
 SubjectPrefix = Annotated[
-    str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}(\.[A-Za-z0-9_-]{1,64}){0,7}$")
+    str, StringConstraints(pattern=rf"^{LANGUAGE_CHARS}(\.{LANGUAGE_CHARS}){{0,7}}$")
 ]
 
 

@@ -6,12 +6,16 @@ Each dialect maps its own keys onto :class:`SessionParams`; validation errors be
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 SUPPORTED_FORMATS = ("pcm", "wav")
 SUPPORTED_SAMPLE_RATES = (8000, 16000)
+# A language names an engine pool, and without a routing table the pool IS the language: it
+# becomes a NATS subject token (claim subject). Same characters as config's ``Name``.
+LANGUAGE_CHARS = r"[A-Za-z0-9_-]{1,64}"
+Language = Annotated[str, StringConstraints(pattern=rf"^{LANGUAGE_CHARS}$")]
 
 
 class WordFilter(BaseModel):
@@ -29,7 +33,7 @@ class SessionParams(BaseModel):
 
     format: Literal["pcm", "wav"] = "pcm"
     sample_rate: Literal[8000, 16000] = 16000
-    language: str | None = None  # None: the gateway's default
+    language: Language | None = None  # None: the gateway's default
     enable_intermediate_result: bool = False
     enable_punctuation_prediction: bool = False
     enable_inverse_text_normalization: bool = False

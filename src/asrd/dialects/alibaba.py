@@ -18,7 +18,8 @@ strings work while typos still fail loudly:
   is rejected.
 - integers: JSON integers, integral floats (``800.0``) or decimal strings (``"800"``);
   floats: JSON numbers or numeric strings; NaN and infinities are rejected.
-- strings (ids, language): ``""`` means "not set", like an absent key.
+- strings (ids, language): ``""`` means "not set", like an absent key. ``language`` names an
+  engine pool (a NATS subject token), so it is limited to ``A-Z a-z 0-9 _ -``.
 - ``null`` for any payload key means "not set".
 - ``special_word_filter``: an object, or a string holding that object as JSON (the form
   Alibaba's own documentation shows); empty words are dropped before the 32-word limit.
@@ -63,7 +64,13 @@ from asrd.events import (
     TranscriptionStarted,
     Word,
 )
-from asrd.params import SUPPORTED_FORMATS, SUPPORTED_SAMPLE_RATES, SessionParams, WordFilter
+from asrd.params import (
+    LANGUAGE_CHARS,
+    SUPPORTED_FORMATS,
+    SUPPORTED_SAMPLE_RATES,
+    SessionParams,
+    WordFilter,
+)
 
 __all__ = ["NAMESPACE", "AlibabaCodec", "LocalProtocolError"]
 
@@ -80,6 +87,9 @@ CONTROL_NAMES: Final = frozenset({"ControlTranscriber", "ControlTranscription"})
 
 _HEX32 = re.compile(r"[0-9a-fA-F]{32}")
 _INT_TEXT = re.compile(r"\s*[+-]?[0-9]{1,12}\s*")
+# ASCII decimal only: float() alone also takes "0_1" (as 1.0) and non-ASCII digits ("١").
+_FLOAT_TEXT = re.compile(r"\s*[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?\s*")
+_LANGUAGE = re.compile(LANGUAGE_CHARS)
 _DUMPS = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
@@ -134,11 +144,8 @@ def _to_float(key: str, value: object, allowed: str) -> float:
             number = float(value)
         except OverflowError:  # an int beyond the float range
             number = None
-    elif isinstance(value, str) and len(value) <= 32:
-        try:
-            number = float(value)
-        except ValueError:
-            number = None
+    elif isinstance(value, str) and len(value) <= 32 and _FLOAT_TEXT.fullmatch(value):
+        number = float(value)
     if number is None or not math.isfinite(number):
         raise InvalidParameter(f"{key} must be a number {allowed}, got {_show(value)}")
     return number
@@ -152,6 +159,18 @@ def _to_str(key: str, value: object) -> str | None:
     except UnicodeEncodeError:
         raise InvalidParameter(f"{key} is not valid Unicode") from None
     return value or None
+
+
+def _to_language(key: str, value: object) -> str | None:
+    """Without a routing table the language is the pool's name and so a NATS subject token:
+    a dot, space or wildcard in it must be the client's 40000003, not a bus error (50000000,
+    "retry") quoting the whole string back."""
+    text = _to_str(key, value)
+    if text is not None and not _LANGUAGE.fullmatch(text):
+        raise InvalidParameter(
+            f"{key} must be 1 to 64 of A-Z a-z 0-9 _ - (like en-US), got {_show(value)}"
+        )
+    return text
 
 
 def _bounds(field: str) -> tuple[float, float]:
@@ -262,7 +281,7 @@ _Converter = Callable[[str, object], object]
 _PARAMS: Final[Mapping[str, tuple[str, _Converter]]] = {
     "format": ("format", _to_format),
     "sample_rate": ("sample_rate", _to_sample_rate),
-    "language": ("language", _to_str),
+    "language": ("language", _to_language),
     "enable_intermediate_result": ("enable_intermediate_result", _to_bool),
     "enable_punctuation_prediction": ("enable_punctuation_prediction", _to_bool),
     "enable_inverse_text_normalization": ("enable_inverse_text_normalization", _to_bool),
