@@ -197,6 +197,10 @@ def test_filter_everything() -> None:
         ("twenty five hundred", "2500"),
         ("eleven hundred and one", "1101"),
         ("a thousand", "a thousand"),
+        ("a hundred and twenty", "120"),
+        ("a thousand two hundred", "1200"),
+        ("a million and one", "1000001"),
+        ("a hundred percent", "a hundred percent"),
         ("two million three hundred thousand and one", "2300001"),
         ("one billion", "1000000000"),
         ("nineteen eighty four", "1984"),
@@ -221,11 +225,42 @@ def test_lone_small_numbers_and_stray_number_words_stay_words(spoken: str) -> No
     assert texts(inverse_normalize(words(spoken))) == spoken
 
 
+@pytest.mark.parametrize(
+    "spoken",
+    [
+        "the twenty first century",
+        "on the thirty first of may",
+        "a twenty second delay",
+        "one hundred and first",
+        "two thousand and tenth",
+        "the one hundred twentieth anniversary",
+    ],
+)
+def test_ordinals_stay_words_whole(spoken: str) -> None:
+    """Not "the 20 first century": the cardinal start of an ordinal is not a number."""
+    assert texts(inverse_normalize(words(spoken))) == spoken
+
+
+def test_cardinals_next_to_ordinals_still_convert() -> None:
+    assert texts(inverse_normalize(words("twenty seconds"))) == "20 seconds"
+    assert texts(inverse_normalize(words("the first twenty"))) == "the first 20"
+    assert texts(inverse_normalize(words("twenty three first"))) == "23 first"
+
+
 def test_numbers_at_start_middle_and_end() -> None:
     out = inverse_normalize(words("forty two is the answer to six times seven hundred"))
     assert texts(out) == "42 is the answer to six times 700"
     out = inverse_normalize(words("he turned twenty one"))
     assert texts(out) == "he turned 21"
+
+
+def test_a_number_said_with_a_spans_the_a() -> None:
+    out = inverse_normalize(words("paid a hundred and fifty dollars"))
+    assert out == [
+        Word("paid", 0, 90),
+        Word("150", 100, 490),
+        Word("dollars", 500, 590),
+    ]
 
 
 def test_merged_number_spans_its_words() -> None:
@@ -260,7 +295,8 @@ def test_questions(first: str) -> None:
 
 
 def test_a_question_stays_one_when_its_first_word_is_masked_or_removed() -> None:
-    """The word filter runs before punctuation; whether the sentence asks is decided before."""
+    """The word filter runs before punctuation: whether the sentence asks is decided before
+    it, and again after it when it removed the words in front of a question word."""
     masked = SessionParams(
         enable_punctuation_prediction=True,
         special_word_filter=WordFilter(mask=("what",)),
@@ -271,6 +307,12 @@ def test_a_question_stays_one_when_its_first_word_is_masked_or_removed() -> None
         special_word_filter=WordFilter(remove=("why",)),
     )
     assert postprocess(words("why not"), removed)[0] == "Not?"
+    exposed = SessionParams(
+        enable_punctuation_prediction=True,
+        special_word_filter=WordFilter(remove=("basically",)),
+    )
+    assert postprocess(words("basically what is it"), exposed)[0] == "What is it?"
+    assert postprocess(words("basically it is"), exposed)[0] == "It is."
     plain = SessionParams(enable_punctuation_prediction=True)
     assert postprocess(words("what's up"), plain)[0] == "What's up?"
     assert postprocess(words("the end"), plain)[0] == "The end."

@@ -183,6 +183,16 @@ _SCALES = {"thousand": 1_000, "million": 1_000_000, "billion": 1_000_000_000}
 _NUMBER_START = frozenset(_UNITS.keys() | _TEENS.keys() | _TENS.keys())
 _SCALE_OR_HUNDRED = frozenset({*_SCALES, "hundred"})
 _DIGIT_WORDS = {**_UNITS, "oh": 0}
+# Ordinals a cardinal can run into: "twenty first", "one hundred and tenth".
+_ORDINALS = frozenset(
+    {
+        "first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth",
+        "tenth", "eleventh", "twelfth", "thirteenth", "fourteenth", "fifteenth", "sixteenth",
+        "seventeenth", "eighteenth", "nineteenth", "twentieth", "thirtieth", "fortieth",
+        "fiftieth", "sixtieth", "seventieth", "eightieth", "ninetieth", "hundredth",
+        "thousandth", "millionth", "billionth",
+    }
+)  # fmt: skip
 
 
 class _Number:
@@ -276,14 +286,40 @@ def _parse_cardinal(keys: Sequence[str], i: int) -> _Number | None:
     return _Number(i, j, total, simple and last_scale is None)
 
 
+def _a_scale(keys: Sequence[str], i: int) -> _Number | None:
+    """A number said with "a" for "one": "a hundred and twenty" is 120, not "a hundred and
+    20". Only when more number words follow the scale: "a hundred" alone stays words."""
+    alt = list(keys)
+    alt[i] = "one"
+    number = _parse_cardinal(alt, i)
+    return number if number is not None and number.end > i + 2 else None
+
+
+def _ordinal_end(keys: Sequence[str], number: _Number) -> int | None:
+    """End of an ordinal that ``number`` is the start of, or None.
+
+    "twenty first" is 21st, not "20 first": a cardinal ending in a tens word, "hundred" or a
+    scale (then maybe "and") that runs into an ordinal word is part of that ordinal.
+    """
+    last = keys[number.end - 1]
+    if last not in _TENS and last not in _SCALE_OR_HUNDRED:
+        return None
+    j = number.end
+    if last in _SCALE_OR_HUNDRED and j < len(keys) and keys[j] == "and":
+        j += 1
+    return j + 1 if j < len(keys) and keys[j] in _ORDINALS else None
+
+
 def inverse_normalize(words: Sequence[Word]) -> list[Word]:
     """Spoken English numbers to digits, in AP style.
 
-    Cardinals ("one hundred and five" -> "105", "two thousand twenty six" -> "2026"),
-    decimals ("three point one four" -> "3.14"), percentages ("fifty percent" -> "50%") and
-    years said in halves ("nineteen eighty four" -> "1984", "twenty oh five" -> "2005").
+    Cardinals ("one hundred and five" and "a hundred and five" -> "105", but "a hundred"
+    stays; "two thousand twenty six" -> "2026"), decimals ("three point one four" -> "3.14"),
+    percentages ("fifty percent" -> "50%") and years said in halves ("nineteen eighty four"
+    -> "1984", "twenty oh five" -> "2005").
     A lone zero..nine stays a word ("one of them", "no one") unless it has a decimal part or
-    a percent sign. No digit grouping commas; ordinals and currencies are left as words.
+    a percent sign. No digit grouping commas; ordinals ("twenty first", "one hundred and
+    tenth") and currencies are left as words.
     """
     keys = [_key(w.text) for w in words]
     n = len(words)
@@ -291,9 +327,16 @@ def inverse_normalize(words: Sequence[Word]) -> list[Word]:
     i = 0
     while i < n:
         number = _parse_cardinal(keys, i)
+        if number is None and keys[i] == "a" and i + 1 < n and keys[i + 1] in _SCALE_OR_HUNDRED:
+            number = _a_scale(keys, i)
         if number is None:
             out.append(words[i])
             i += 1
+            continue
+        ordinal_end = _ordinal_end(keys, number)
+        if ordinal_end is not None:
+            out.extend(words[i:ordinal_end])
+            i = ordinal_end
             continue
         text = str(number.value)
         end = number.end
@@ -350,8 +393,8 @@ _I_FORMS = {"i": "I", "i'm": "I'm", "i'll": "I'll", "i've": "I've", "i'd": "I'd"
 def punctuate(words: Sequence[Word], *, question: bool | None = None) -> list[Word]:
     """Capitalise the first word and "I", close the sentence with "." or "?".
 
-    ``question``: whether the sentence is one, decided before a word filter masked or removed
-    its first word (by default from the first word here)."""
+    ``question``: whether the sentence is one, also when a word filter masked or removed its
+    first word (by default from the first word here)."""
     if not words:
         return []
     out = [Word(_I_FORMS.get(w.text.lower(), w.text), w.start_ms, w.end_ms) for w in words]
@@ -380,9 +423,12 @@ def postprocess(words: Sequence[TimedWord], params: SessionParams) -> tuple[str,
     result = [w for w in result if w.text]
     if params.disfluency:
         result = remove_disfluencies(result)
-    question = _is_question(result)  # before the filter can mask or remove the first word
+    # A question before the filter masks or removes its first word ("**** is this?"), or
+    # after it removed words in front of one ("foo what is it" -> "What is it?").
+    question = _is_question(result)
     if params.special_word_filter is not None:
         result = apply_word_filter(result, params.special_word_filter)
+        question = question or _is_question(result)
     if params.enable_inverse_text_normalization:
         result = inverse_normalize(result)
     if params.enable_punctuation_prediction:
