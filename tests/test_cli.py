@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import wave
 from pathlib import Path
 
 import pytest
@@ -227,6 +228,24 @@ def test_under_log_json_every_line_of_a_failing_gateway_is_json(tmp_path: Path) 
     assert lines[-1]["level"] == "critical", lines
     assert lines[-1]["message"].startswith("cannot connect to NATS at nats://127.0.0.1:1")
     assert not [line for line in lines if line["logger"] == "asyncio"], lines
+
+
+def test_under_log_json_a_failing_transcribe_says_why_in_json(tmp_path: Path) -> None:
+    """Its reasons went to stderr as plain ``asrd transcribe: ...`` text even then."""
+    result = run_asrd(tmp_path, "--log-json", "transcribe", "missing.wav")
+    assert result.returncode == 2, result.stderr
+    (line,) = [json.loads(line) for line in result.stderr.splitlines()]
+    assert line["level"] == "critical" and line["message"].startswith("cannot read missing.wav")
+    with wave.open(str(tmp_path / "a.wav"), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes(bytes(3200))
+    url = f"ws://127.0.0.1:{free_port()}/ws/v1"
+    result = run_asrd(tmp_path, "--log-json", "transcribe", "--url", url, "a.wav")
+    assert result.returncode == 1, result.stderr
+    (line,) = [json.loads(line) for line in result.stderr.splitlines()]
+    assert "failed with status 50000000: cannot connect" in line["message"]
 
 
 def test_gateway_processes_that_cannot_reach_nats_fail_and_serve_runs_one(

@@ -601,3 +601,15 @@ def test_run_transcribe_unreadable_file(
         path.write_bytes(content)
     assert cli(path, "ws://127.0.0.1:9/ws/v1") == 2
     assert "cannot read" in capsys.readouterr().err
+
+
+def test_run_transcribe_refuses_a_wav_without_a_sample_rate(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``wave`` reads a header with rate 0; resampling it was a traceback, not status 2."""
+    path = write_wav(tmp_path / "x.wav", 16000, 1, 0.1)
+    data = bytearray(path.read_bytes())
+    data[24:28] = (0).to_bytes(4, "little")  # fmt chunk: sample rate
+    path.write_bytes(bytes(data))
+    assert cli(path, "ws://127.0.0.1:9/ws/v1") == 2
+    assert "sample rate of 0 Hz" in capsys.readouterr().err

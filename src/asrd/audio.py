@@ -119,6 +119,10 @@ def read_wav_file(path: str | os.PathLike[str]) -> tuple[bytes, int]:
         with wave.open(os.fspath(path), "rb") as w:
             nframes = w.getnframes()
             if nframes > 0:
+                if w.getframerate() <= 0:  # `wave` reads such a header; _parse_fmt refuses it
+                    raise WavFormatError(
+                        f"the WAV header gives a sample rate of {w.getframerate()} Hz"
+                    )
                 raw = w.readframes(nframes)
                 pcm = to_pcm16_mono(raw, sample_width=w.getsampwidth(), channels=w.getnchannels())
                 return pcm, w.getframerate()

@@ -20,7 +20,7 @@ from typing import Any, TextIO
 import trio
 import trio_websocket
 
-from asrd import __version__
+from asrd import __version__, logs
 from asrd.audio import WavFormatError, convert_rate, read_wav_file
 from asrd.errors import AsrdError, ServerError
 
@@ -342,7 +342,7 @@ def run_transcribe(
     try:
         pcm, rate = read_wav_file(file)
     except (OSError, WavFormatError) as e:
-        print(f"asrd transcribe: cannot read {file}: {e}", file=sys.stderr)
+        logs.fatal(f"cannot read {file}: {e}")
         return 2
     if rate not in NATIVE_RATES:
         pcm, rate = convert_rate(pcm, rate, 16000), 16000
@@ -396,7 +396,7 @@ async def transcribe_and_print(
         if e.event is not None:
             printer.show(e.event)
         printer.close()
-        print(f"asrd transcribe: failed with status {e.code}: {e.reason}", file=sys.stderr)
+        logs.fatal(f"transcription failed with status {e.code}: {e.reason}")
         return 1
     printer.close()
     return 0
