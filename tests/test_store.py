@@ -159,11 +159,25 @@ async def open_repo(url: str, **redis: Any) -> AsyncIterator[Repository]:
         yield Repository(store, config)
 
 
+def exit_status(argv: list[str]) -> int:
+    try:
+        return main(argv)
+    except SystemExit as exc:  # argparse refused an argument
+        return int(exc.code or 0)
+
+
 async def asrd(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
     """Run an ``asrd`` command (it calls trio.run, so in a thread); its exit status and stdout."""
+    status, out, _ = await asrd_err(capsys, *argv)
+    return status, out
+
+
+async def asrd_err(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    """:func:`asrd`, with stderr."""
     capsys.readouterr()
-    status = await trio.to_thread.run_sync(main, list(argv))
-    return status, capsys.readouterr().out
+    status = await trio.to_thread.run_sync(exit_status, list(argv))
+    out, err = capsys.readouterr()
+    return status, out, err
 
 
 def start_command(task_id: str, appkey: str, **payload: Any) -> str:
@@ -380,6 +394,39 @@ async def test_key_lifecycle_with_the_cli(
         assert status_of(reply) == 40000001
 
 
+async def test_languages_of_a_key_must_be_languages(
+    redis_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A --languages that names none allowed every language: the opposite of restricting."""
+    r = ("--redis-url", redis_url)
+    for value in ("", ",", " , ", "en US", "en-US,a.b"):
+        assert (await asrd(capsys, "keys", "create", "k", "--languages", value, *r))[0] == 2
+    assert (await asrd(capsys, "keys", "show", "k", *r))[0] == 1  # never created
+    status, out = await asrd(capsys, "keys", "create", "k", "--languages", "en-US", "--json", *r)
+    assert status == 0 and json.loads(out)["languages"] == ["en-US"]
+    for value in ("", ","):
+        assert (await asrd(capsys, "keys", "update", "k", "--languages", value, *r))[0] == 2
+    status, out = await asrd(capsys, "keys", "show", "k", "--json", *r)
+    assert json.loads(out)["languages"] == ["en-US"]
+    assert (await asrd(capsys, "keys", "update", "k", "--all-languages", *r))[0] == 0
+    status, out = await asrd(capsys, "keys", "show", "k", "--json", *r)
+    assert json.loads(out)["languages"] == []
+
+
+async def test_commands_missing_what_to_act_on_are_invalid_input(
+    redis_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """README: status 2 for invalid input; these said 1, as for a failure."""
+    r = ("--redis-url", redis_url)
+    assert (await asrd(capsys, "token", *r))[0] == 2
+    assert (await asrd(capsys, "transcript", *r))[0] == 2
+    for limit in ("0", "-1"):  # Redis: LIMIT 0 0 lists nothing, LIMIT 0 -1 everything
+        assert (await asrd(capsys, "transcript", "--appkey", "k", "--limit", limit, *r))[0] == 2
+    # an empty --revoke is a token that does not exist, not a missing APPKEY
+    status, _, err = await asrd_err(capsys, "token", "--revoke", "", *r)
+    assert status == 1 and "no such token" in err
+
+
 # --- 2. tokens --------------------------------------------------------------------------------
 
 
@@ -512,6 +559,26 @@ async def test_signed_link_is_single_use_and_checked(
         assert status_of(await start_reply(fresh, "other")) == 40020106  # header names another
         # ... and that refusal did not use the link up.
         assert await started(fresh, "linked")
+
+
+async def test_sign_url_refuses_what_no_gateway_would_accept(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    url, secret = "ws://127.0.0.1:1/ws/v1", "s" * 43
+    for bad in (
+        ("--appkey", "my app"),
+        ("--appkey", "apps"),
+        ("--ts", "-5"),
+        ("--ts", str(10**12)),
+    ):
+        options = {"--appkey": "my-app", "--ts": "1700000000"} | dict([bad])
+        argv = [a for kv in options.items() for a in kv]
+        status, out = await asrd(capsys, "sign-url", url, "--secret", secret, *argv)
+        assert (status, out) == (2, ""), bad
+    status, out = await asrd(
+        capsys, "sign-url", url, "--secret", secret, "--appkey", "my-app", "--ts", "0"
+    )
+    assert status == 0 and "&ts=0&" in out
 
 
 # --- 4. dynamic routing --------------------------------------------------------------------
@@ -699,6 +766,41 @@ async def test_a_worker_following_the_routing_counts_redis_errors_and_reconnects
 
         await eventually(reconnected)
         nursery.cancel_scope.cancel()
+
+
+async def test_config_commands_on_an_invalid_stored_document(
+    redis_url: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Gateways ignore such a document and keep their routing: ``show`` said there was none
+    and config.toml applied (status 0), ``set`` silently replaced it with the one key set."""
+    r = ("--redis-url", redis_url)
+    stored = '{"routing": {"languages": 5, "default_language": "en-GB"}}'
+    await set_stored_config(redis_url, stored)
+    for argv in (
+        ("show",),
+        ("get", "routing.default_language"),
+        ("set", "routing.workers.spare", "en-US"),
+        ("unset", "routing.default_language"),
+    ):
+        status, out, err = await asrd_err(capsys, "config", *argv, *r)
+        assert (status, out) == (1, ""), argv
+        assert "invalid" in err and "config.toml" not in err
+    async with open_repo(redis_url) as repo:
+        assert await repo.store.execute("GET", repo.keys.config) == stored  # untouched
+    # load and reset replace it
+    (tmp_path / "live.toml").write_text('[routing]\ndefault_language = "en-GB"\n')
+    assert (await asrd(capsys, "config", "load", str(tmp_path / "live.toml"), *r))[0] == 0
+    status, out = await asrd(capsys, "config", "get", "routing.default_language", *r)
+    assert (status, json.loads(out)) == (0, "en-GB")
+    await set_stored_config(redis_url, "not json")
+    assert (await asrd(capsys, "config", "reset", *r))[0] == 0
+    status, out = await asrd(capsys, "config", "show", *r)
+    assert (status, out) == (0, "")
+
+
+async def set_stored_config(url: str, raw: str) -> None:
+    async with open_repo(url) as repo:
+        await repo.store.execute("SET", repo.keys.config, raw)
 
 
 # --- 5. admission across gateways ----------------------------------------------------------------

@@ -18,14 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import trio
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from asrd import logs
-from asrd.config import Config, ConfigError, DynamicConfig, load_config
+from asrd.config import Config, ConfigError, DynamicConfig, Name, load_config
 from asrd.errors import ClientError
 from asrd.store import StoreError, signing
 from asrd.store.redisstore import open_redis_store
-from asrd.store.repo import AppKey, Repository
+from asrd.store.repo import AppKey, Repository, valid_appkey
 
 DEFAULT_CONFIG = "config.toml"
 
@@ -62,8 +62,33 @@ def _when(unix_s: float) -> str:
     return datetime.fromtimestamp(unix_s, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+_LANGUAGE: TypeAdapter[str] = TypeAdapter(Name)
+
+
 def _languages(value: str) -> list[str]:
-    return [x.strip() for x in value.split(",") if x.strip()]
+    """``--languages``: names a session's ``language`` can have. None at all is refused: an
+    empty list allows every language, the opposite of what restricting means."""
+    names = [x.strip() for x in value.split(",") if x.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("names no language (to allow all, leave it out)")
+    for name in names:
+        try:
+            _LANGUAGE.validate_python(name)
+        except ValidationError:
+            raise argparse.ArgumentTypeError(
+                f"{name!r} is not a language: 1 to 64 of A-Z a-z 0-9 _ -"
+            ) from None
+    return names
+
+
+def _positive(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"not a positive integer: {value!r}")
+    return number
 
 
 def _date(value: str) -> date:
@@ -97,7 +122,7 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
         app, secret = await repo.create_app(
             args.appkey,
             max_sessions=args.max_sessions,
-            languages=_languages(args.languages or ""),
+            languages=args.languages or [],
             record_transcripts=not args.no_transcripts,
             description=args.description or "",
         )
@@ -159,7 +184,7 @@ def cmd_keys_update(args: argparse.Namespace) -> int:
     if getattr(args, "all_languages", False):
         languages = []
     elif getattr(args, "languages", None) is not None:
-        languages = _languages(args.languages)
+        languages = args.languages
     transcripts = getattr(args, "transcripts", None)
 
     async def fn(repo: Repository) -> int:
@@ -194,13 +219,13 @@ def cmd_keys_delete(args: argparse.Namespace) -> int:
 
 def cmd_token(args: argparse.Namespace) -> int:
     async def fn(repo: Repository) -> int:
-        if args.revoke:
+        if args.revoke is not None:
             if not await repo.revoke_token(args.revoke):
                 raise CommandError("no such token (expired, revoked or never issued)")
             print("token revoked")
             return 0
         if not args.appkey:
-            raise CommandError("name the APPKEY to issue a token for (or --revoke TOKEN)")
+            raise ClientError("name the APPKEY to issue a token for (or --revoke TOKEN)")
         app = await _need_app(repo, args.appkey)
         if not app.active:
             raise CommandError(f"appkey {app.appkey!r} is disabled")
@@ -223,6 +248,13 @@ def cmd_sign_url(args: argparse.Namespace) -> int:
     secret = args.secret or os.environ.get("ASRD_SECRET")
     if not secret:
         logs.fatal("give the app key's secret with --secret or ASRD_SECRET")
+        return 2
+    # A link the gateway could never accept is refused here, not at its first use.
+    if not valid_appkey(args.appkey):
+        logs.fatal(f"--appkey {args.appkey!r} is not an app key's name")
+        return 2
+    if args.ts is not None and not 0 <= args.ts < 10**12:
+        logs.fatal(f"--ts {args.ts}: unix seconds, 0 to {10**12 - 1}")
         return 2
     try:
         url = signing.sign_url(
@@ -289,9 +321,15 @@ def cmd_config(args: argparse.Namespace) -> int:
 
     async def fn(repo: Repository) -> int:
         state = await repo.load_config()
-        if state.error:
-            logs.fatal(f"the stored configuration is invalid: {state.error}")
         action = args.config_command
+        if state.error and action not in ("load", "reset"):
+            # Gateways and workers ignore it and keep the routing they had: neither "none"
+            # (config.toml) nor a document built on top of it would be the truth.
+            raise CommandError(
+                f"the stored configuration is invalid, so gateways and workers ignore it: "
+                f"{state.error}\nreplace it (asrd config load FILE) or delete it "
+                "(asrd config reset)"
+            )
         if action in ("show", "get"):
             if state.doc is None:
                 print(
@@ -383,7 +421,7 @@ def cmd_transcript(args: argparse.Namespace) -> int:
                     _print_transcript(doc)
             return 0
         if not args.appkey:
-            raise CommandError("give a TASK_ID, or --appkey K to list a key's transcripts")
+            raise ClientError("give a TASK_ID, or --appkey K to list a key's transcripts")
         docs = await repo.transcripts(args.appkey, since=args.since, limit=args.limit)
         if args.json:
             _print_json(docs)
@@ -412,7 +450,9 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     c = ksub.add_parser("create", parents=[common], help="create a key; prints its secret once")
     c.add_argument("appkey", nargs="?", help="the key's name (default: random)")
     c.add_argument("--max-sessions", type=int, default=10, help="concurrent sessions (0: no limit)")
-    c.add_argument("--languages", help="allowed languages, comma separated (default: all)")
+    c.add_argument(
+        "--languages", type=_languages, help="allowed languages, comma separated (default: all)"
+    )
     c.add_argument("--no-transcripts", action="store_true", help="do not record transcripts")
     c.add_argument("--description")
     c.add_argument("--json", action="store_true")
@@ -428,7 +468,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     up.add_argument("appkey")
     up.add_argument("--max-sessions", type=int)
     langs = up.add_mutually_exclusive_group()
-    langs.add_argument("--languages", help="allowed languages, comma separated")
+    langs.add_argument("--languages", type=_languages, help="allowed languages, comma separated")
     langs.add_argument("--all-languages", action="store_true", help="allow every language")
     up.add_argument("--transcripts", choices=("on", "off"), help="record transcripts")
     up.add_argument("--description")
@@ -491,6 +531,6 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     tr.add_argument("task_id", nargs="?")
     tr.add_argument("--appkey", help="without TASK_ID: list this key's transcripts")
     tr.add_argument("--since", type=_date, help="first day, YYYY-MM-DD (with --appkey)")
-    tr.add_argument("--limit", type=int, default=50)
+    tr.add_argument("--limit", type=_positive, default=50, help="at most this many (default 50)")
     tr.add_argument("--json", action="store_true")
     tr.set_defaults(func=cmd_transcript)
