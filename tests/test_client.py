@@ -613,3 +613,22 @@ def test_run_transcribe_refuses_a_wav_without_a_sample_rate(
     path.write_bytes(bytes(data))
     assert cli(path, "ws://127.0.0.1:9/ws/v1") == 2
     assert "sample rate of 0 Hz" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        ("http://127.0.0.1:9/ws/v1", "use ws://"),
+        ("ws:///ws/v1", "no host"),
+        ("ws://127.0.0.1:99999/ws/v1", "out of range"),
+        ("127.0.0.1:9", "use ws://"),
+    ],
+)
+def test_run_transcribe_refuses_a_url_that_is_no_websocket_address(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], url: str, why: str
+) -> None:
+    """Invalid input (2), not "failed with status 50000000" (1), which reads as a server's
+    fault to retry."""
+    path = write_wav(tmp_path / "x.wav", 16000, 1, 0.1)
+    assert cli(path, url) == 2
+    assert why in capsys.readouterr().err

@@ -425,6 +425,12 @@ async def test_commands_missing_what_to_act_on_are_invalid_input(
     # an empty --revoke is a token that does not exist, not a missing APPKEY
     status, _, err = await asrd_err(capsys, "token", "--revoke", "", *r)
     assert status == 1 and "no such token" in err
+    # options that would be ignored
+    status, _, err = await asrd_err(capsys, "token", "k", "--revoke", "t", *r)
+    assert status == 2 and "takes no APPKEY" in err
+    for option in (("--limit", "5"), ("--since", "2026-01-01")):
+        status, _, err = await asrd_err(capsys, "transcript", "0" * 32, *option, *r)
+        assert status == 2 and "--appkey" in err
 
 
 # --- 2. tokens --------------------------------------------------------------------------------

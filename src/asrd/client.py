@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from functools import partial
 from typing import Any, TextIO
+from urllib.parse import urlsplit
 
 import trio
 import trio_websocket
@@ -328,6 +329,20 @@ def _describe(e: trio_websocket.HandshakeError) -> str:
 # --- the CLI command -----------------------------------------------------------------------
 
 
+def _bad_url(url: str) -> str | None:
+    """Why ``url`` cannot be a WebSocket server's address, or None."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - it raises for a port that is no number or out of range
+    except ValueError as e:
+        return str(e)
+    if parts.scheme not in ("ws", "wss"):
+        return "use ws://HOST:PORT/PATH (or wss://)"
+    if not parts.hostname:
+        return "no host"
+    return None
+
+
 def run_transcribe(
     file: str,
     *,
@@ -338,7 +353,11 @@ def run_transcribe(
     json_lines: bool,
     params: dict[str, object] | None = None,
 ) -> int:
-    """``asrd transcribe FILE``: exit status 0 done, 1 transcription failed, 2 unreadable file."""
+    """``asrd transcribe FILE``: exit status 0 done, 1 transcription failed, 2 unreadable file
+    or a URL that names no WebSocket server (invalid input, not a failure to retry)."""
+    if (why := _bad_url(url)) is not None:
+        logs.fatal(f"--url {url!r}: {why}")
+        return 2
     try:
         pcm, rate = read_wav_file(file)
     except (OSError, WavFormatError) as e:

@@ -28,6 +28,7 @@ from asrd.store.redisstore import open_redis_store
 from asrd.store.repo import AppKey, Repository, valid_appkey
 
 DEFAULT_CONFIG = "config.toml"
+TRANSCRIPTS_LIMIT = 50  # `asrd transcript --appkey K` lists this many by default
 
 
 class CommandError(Exception):
@@ -220,6 +221,8 @@ def cmd_keys_delete(args: argparse.Namespace) -> int:
 def cmd_token(args: argparse.Namespace) -> int:
     async def fn(repo: Repository) -> int:
         if args.revoke is not None:
+            if args.appkey:  # it would be ignored: a token names its own key
+                raise ClientError("--revoke TOKEN takes no APPKEY")
             if not await repo.revoke_token(args.revoke):
                 raise CommandError("no such token (expired, revoked or never issued)")
             print("token revoked")
@@ -405,6 +408,8 @@ def _print_transcript(doc: dict[str, Any]) -> None:
 def cmd_transcript(args: argparse.Namespace) -> int:
     async def fn(repo: Repository) -> int:
         if args.task_id:
+            if args.since is not None or args.limit is not None:  # they would be ignored
+                raise ClientError("--since and --limit list a key's transcripts: use --appkey K")
             docs = await repo.transcript(args.task_id)
             if args.appkey:
                 docs = [d for d in docs if d.get("appkey") == args.appkey]
@@ -422,7 +427,8 @@ def cmd_transcript(args: argparse.Namespace) -> int:
             return 0
         if not args.appkey:
             raise ClientError("give a TASK_ID, or --appkey K to list a key's transcripts")
-        docs = await repo.transcripts(args.appkey, since=args.since, limit=args.limit)
+        limit = TRANSCRIPTS_LIMIT if args.limit is None else args.limit
+        docs = await repo.transcripts(args.appkey, since=args.since, limit=limit)
         if args.json:
             _print_json(docs)
             return 0
@@ -531,6 +537,8 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     tr.add_argument("task_id", nargs="?")
     tr.add_argument("--appkey", help="without TASK_ID: list this key's transcripts")
     tr.add_argument("--since", type=_date, help="first day, YYYY-MM-DD (with --appkey)")
-    tr.add_argument("--limit", type=_positive, default=50, help="at most this many (default 50)")
+    tr.add_argument(
+        "--limit", type=_positive, help=f"at most this many (default {TRANSCRIPTS_LIMIT})"
+    )
     tr.add_argument("--json", action="store_true")
     tr.set_defaults(func=cmd_transcript)
