@@ -320,6 +320,23 @@ def test_tracker_orders_sentences_and_offsets_times() -> None:
     assert isinstance(out[0], SentenceEnd) and out[0].timed_out and t.idle
 
 
+def test_tracker_keeps_words_within_their_sentence() -> None:
+    """The engine hears the 300 ms lead-in too: a word it places before the sentence's
+    begin_time starts at begin_time (one wholly inside the lead-in lasts 1 ms there)."""
+    t = SentenceTracker(SessionParams(enable_intermediate_result=True, enable_words=True))
+    t.begin(1, 1200, 900)
+    t.end(1, 3000, False)
+    (partial,) = t.result(
+        wire.Result(False, 1, 600, "uh he", (("uh", 100, 250), ("he", 250, 500)), 0.5)
+    )
+    assert isinstance(partial, ResultChanged)
+    assert [(w.start_ms, w.end_ms) for w in partial.words] == [(1200, 1201), (1200, 1400)]
+    out = t.result(_final(1, "he was", (("he", 280, 500), ("was", 500, 800))))
+    end = out[0]
+    assert isinstance(end, SentenceEnd)
+    assert [(w.start_ms, w.end_ms) for w in end.words] == [(1200, 1400), (1400, 1700)]
+
+
 def test_tracker_drops_partials_unless_asked() -> None:
     t = SentenceTracker(SessionParams())
     t.begin(1, 0, 0)

@@ -86,8 +86,11 @@ class SentenceTracker:
         return out
 
     def _words(self, r: wire.Result, s: _Sentence) -> tuple[str, tuple[Word, ...]]:
-        base = s.audio_start_ms
-        words = [Word(t, base + a, base + b) for t, a, b in r.words]
+        # The engine also hears the lead-in before the detected start (audio_start_ms <
+        # begin_ms) and may place a word's start there: words begin no earlier than their
+        # sentence's begin_time, as a client cutting the sentence's audio by it expects.
+        base, begin = s.audio_start_ms, s.begin_ms
+        words = [Word(t, max(base + a, begin), max(base + b, begin + 1)) for t, a, b in r.words]
         if not words:
             return r.text, ()
         return postprocess(words, self.params)
