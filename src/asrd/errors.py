@@ -85,14 +85,6 @@ class AppKeyTokenMismatch(ClientError):
     code = 40020106
 
 
-class NoValidAudio(ClientError):
-    code = 40270002
-
-
-class AudioDecodeFailed(ClientError):
-    code = 40270003
-
-
 class UnsupportedSampleRate(ClientError):
     code = 41010101
 

@@ -177,7 +177,11 @@ class GatewayMetrics:
                 "SentenceEnd sent minus arrival of the audio that closed the sentence",
             )
         )
-        self.failovers = r.add(Counter("asrd_failovers_total", "sessions moved to a new worker"))
+        self.failovers = r.add(
+            Counter(
+                "asrd_failovers_total", "moves to a new worker, counted when their session ends"
+            )
+        )
         self.workers = r.add(Gauge("asrd_workers_alive", "engine workers heard from"))
         self.decoders_free = r.add(Gauge("asrd_decoders_free", "free decoders of live workers"))
         self.decoders_total = r.add(Gauge("asrd_decoders_total", "decoders of live workers"))

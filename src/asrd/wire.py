@@ -121,8 +121,8 @@ def encode_audio(utt: int, pcm: bytes) -> bytes:
 def encode_control(kind: str, utt: int = 0, epoch: int = 0) -> bytes:
     """``begin``/``end`` of an utterance, ``keepalive``, or ``close`` of the session.
 
-    ``keepalive`` and ``close`` carry the gateway's current claim epoch: a worker still
-    decoding under an older claim (one it answered too late) lets go when it sees it."""
+    ``keepalive`` carries the gateway's current claim epoch: a worker still decoding under an
+    older claim (one it answered too late) lets go when it sees it."""
     if epoch:
         return _dumps({"type": kind, "utt": utt, "epoch": epoch})
     return _dumps({"type": kind, "utt": utt})

@@ -30,7 +30,7 @@ class Keys:
         return f"{self.prefix}token:{token_sha256}"
 
     def nonce(self, appkey: str, nonce: str) -> str:
-        """STRING, set once when a signed link is used; TTL 2 x link_ttl_s + 1."""
+        """STRING, set once when a signed link is used; TTL 2 x link_ttl_s + NONCE_CLOCK_SKEW_S."""
         return f"{self.prefix}nonce:{appkey}:{nonce}"
 
     def slots(self, appkey: str) -> str:
