@@ -149,3 +149,13 @@ def test_placeholder_words() -> None:
         ("word1", 400, 700),
         ("word2", 700, 750),
     ]
+
+
+@pytest.mark.parametrize("rate", [11025, 12345, 44100])
+def test_words_end_within_the_audio_at_rates_whose_blocks_are_not_whole_ms(rate: int) -> None:
+    """At 11025 Hz a block is 220 samples (19.95 ms): timed as 20 ms each, 10 s of sound
+    ended its last word at 10022 ms, after the audio."""
+    rec = LoadtestEngine(decoders=1).acquire(rate)
+    loud = (1000).to_bytes(2, "little", signed=True) * (10 * rate + 7)
+    final, _ = recognise(rec, loud, 3001)
+    assert (final.words[0].start_ms, final.words[-1].end_ms) == (0, 10000)

@@ -8,9 +8,10 @@ runs it only when asked by name (``asrd worker --engine loadtest``, or ``[worker
 What it "recognises" is deterministic and depends only on the amount and loudness of the
 audio, never on chunking:
 
-* The utterance's audio is cut into blocks of :data:`BLOCK_MS` counted from its first
-  sample (whatever the chunk sizes); a block is *sound* when its peak (over every
-  :data:`PEAK_STRIDE` th sample) reaches :data:`SOUND_PEAK`. The utterance's sound spans
+* The utterance's audio is cut into blocks of :data:`BLOCK_MS` (in whole samples: 220, or
+  19.95 ms, at 11025 Hz) counted from its first sample (whatever the chunk sizes); a block
+  is *sound* when its peak (over every :data:`PEAK_STRIDE` th sample) reaches
+  :data:`SOUND_PEAK`. The utterance's sound spans
   from the start of its first sound block to the end of its last one. Digital silence and
   quiet room tone are not sound.
 * The text has one word per started :data:`WORD_MS` of that span: ``loadtest word1 word2 ...``;
@@ -138,15 +139,18 @@ class LoadtestRecognizer:
         """Look for sound in ``blocks`` consecutive blocks (the last possibly shorter)."""
         samples = memoryview(data).cast("h")
         per_block = self._block_bytes // 2
-        bytes_per_ms = self._block_bytes / BLOCK_MS
+        rate = self.sample_rate
         for k in range(blocks):
             block = samples[k * per_block : (k + 1) * per_block : PEAK_STRIDE]
             if max(block) >= SOUND_PEAK or min(block) <= -SOUND_PEAK:
-                start_ms = (self._blocks + k) * BLOCK_MS
+                # Times from sample positions: a block is BLOCK_MS only when the rate is a
+                # multiple of 50 Hz (at 11025 Hz it is 220 samples, 19.95 ms), and counting
+                # BLOCK_MS per block would put the last word's end after the audio's.
+                first = (self._blocks + k) * per_block
                 if self._first_ms < 0:
-                    self._first_ms = start_ms
-                length = last_block_bytes if last_block_bytes else self._block_bytes
-                self._last_ms = start_ms + int(length / bytes_per_ms)
+                    self._first_ms = first * 1000 // rate
+                length = last_block_bytes // 2 if last_block_bytes else per_block
+                self._last_ms = (first + length) * 1000 // rate
         if not last_block_bytes:
             self._blocks += blocks
 
