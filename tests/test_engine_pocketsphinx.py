@@ -431,6 +431,24 @@ def test_decoder_options_default_and_override() -> None:
             create_engine("pocketsphinx", decoders=1, **bad)
 
 
+def test_cmn_priors_are_read_as_written_or_refused() -> None:
+    """pocketsphinx reads ``cmninit = "40, 3, -1"`` as 40,0,0,... (a space ends its list),
+    "abc" as zeros and drops coefficients beyond the model's, all without a word."""
+    engine = PocketsphinxEngine(
+        decoders=1, final_pass="live", cmninit="40, 3.5, -1", cmninit_by_rate={8000: " 20, 1"}
+    )
+    for rate, prior in ((16000, "40,3.5,-1,0,"), (8000, "20,1,0,")):
+        rec = engine.acquire(rate)
+        assert rec._decoder.get_cmn().startswith(prior)
+        engine.release(rec)
+    for bad in ("abc", "40 3 -1", "40,,3", "nan", ",".join(["1"] * 14)):
+        with pytest.raises(ValueError, match="cmninit"):
+            create_engine("pocketsphinx", decoders=1, cmninit=bad)
+    for by_rate in ({8000: "40;3"}, "8000=40,3"):
+        with pytest.raises(ValueError, match="cmninit_by_rate"):
+            create_engine("pocketsphinx", decoders=1, cmninit_by_rate=by_rate)
+
+
 # --- resampler -----------------------------------------------------------------------------
 
 RATE_PAIRS = [(8000, 16000), (16000, 8000), (44100, 16000), (22050, 16000), (16000, 16000)]

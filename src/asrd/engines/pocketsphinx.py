@@ -27,6 +27,7 @@ Accuracy notes (corpus WER on the five LibriVox clips in ``tests/data``, 71 word
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -283,6 +284,19 @@ class PocketsphinxRecognizer:
         return words, probs
 
 
+def _cmn_prior(text: object, what: str) -> str:
+    """A CMN prior (``cmninit``) in the only form pocketsphinx reads right: numbers joined by
+    bare commas. It reads anything else without a word as something else: ``"40, 3, -1"`` as
+    ``40,0,0,...`` (a space ends the number list), ``"abc"`` as all zeros."""
+    try:
+        values = [float(v) for v in str(text).split(",")]
+    except ValueError:
+        values = []
+    if not values or not all(math.isfinite(v) for v in values):
+        raise ValueError(f"{what} must be comma-separated numbers, got {text!r}")
+    return ",".join(repr(v) for v in values)
+
+
 def _shifted(cmn: str, shift: Sequence[float]) -> str:
     values = [float(v) for v in cmn.split(",")]
     if len(values) != len(shift):
@@ -303,7 +317,8 @@ class PocketsphinxEngine:
     the model's (``samprate``, 16 kHz for the bundled model) is resampled.
     ``cmninit_by_rate`` maps an input sample rate to the CMN prior of sessions at that rate
     (comma-separated, like ``cmninit``); by default 8 kHz sessions of the bundled model get
-    ``cmninit`` shifted by :data:`NARROWBAND_CMN_SHIFT`, every other rate ``cmninit``.
+    ``cmninit`` shifted by :data:`NARROWBAND_CMN_SHIFT`, every other rate ``cmninit``. A prior
+    pocketsphinx would misread (not numbers, more than the model's coefficients) is a ValueError.
     ``final_pass`` is ``"batch"`` (final results from a full-utterance decode with batch CMN:
     offline accuracy, at the cost of ~0.1 x the utterance length of extra CPU and latency when
     it ends) or ``"live"`` (the streaming search's own result: no extra cost, lower accuracy).
@@ -330,11 +345,24 @@ class PocketsphinxEngine:
         if decoders < 1:
             raise ValueError(f"decoders must be at least 1, got {decoders}")
         config = {**DECODER_DEFAULTS, **config}
+        if "cmninit" in config:
+            config["cmninit"] = _cmn_prior(config["cmninit"], "cmninit")
+        if not isinstance(cmninit_by_rate, Mapping | None):
+            raise ValueError(f"cmninit_by_rate must map rates to priors: {cmninit_by_rate!r}")
+        priors = {
+            rate: _cmn_prior(cmn, f"cmninit_by_rate[{rate}]")
+            for rate, cmn in (cmninit_by_rate or {}).items()
+        }
         self._free: list[Any] = []
         try:
             first = pocketsphinx.Decoder(loglevel=loglevel, **config)
         except (KeyError, ValueError, RuntimeError) as exc:  # unknown key, bad value, no model
             raise ValueError(f"pocketsphinx refused the decoder options {config}: {exc}") from exc
+        coefficients = first.get_cmn().count(",") + 1
+        named = {f"cmninit_by_rate[{rate}]": cmn for rate, cmn in priors.items()}
+        for what, cmn in {"cmninit": config.get("cmninit", ""), **named}.items():
+            if cmn.count(",") >= coefficients:  # pocketsphinx would drop the rest silently
+                raise ValueError(f"{what} has more than the model's {coefficients} coefficients")
         self._free.append(first)
         for _ in range(decoders - 1):
             self._free.append(pocketsphinx.Decoder(loglevel=loglevel, **config))
@@ -355,11 +383,9 @@ class PocketsphinxEngine:
         self._batch_decoder = (
             pocketsphinx.Decoder(loglevel=loglevel, **config) if final_pass == "batch" else None
         )
-        if cmninit_by_rate is None:
-            cmninit_by_rate = {}
-            if "hmm" not in config and self.model_rate == 16000:
-                cmninit_by_rate[8000] = _shifted(self._prior_cmn, NARROWBAND_CMN_SHIFT)
-        self._cmn_by_rate = dict(cmninit_by_rate)
+        if cmninit_by_rate is None and "hmm" not in config and self.model_rate == 16000:
+            priors[8000] = _shifted(self._prior_cmn, NARROWBAND_CMN_SHIFT)
+        self._cmn_by_rate = priors
 
     @property
     def available(self) -> int:
