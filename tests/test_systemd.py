@@ -517,6 +517,45 @@ def test_a_forked_child_starts_with_no_signal_blocked() -> None:
     assert lines == ["mask 0 [] True", "mask 1 [] True"]
 
 
+SIGTERM_AT_START_SCRIPT = """
+import logging, os, signal, sys, time
+from asrd.prefork import run_forked
+
+logging.basicConfig(level=logging.INFO)
+parent = os.getpid()
+install = signal.signal
+sent = []
+
+def install_then_sigterm(signum, handler):
+    old = install(signum, handler)
+    if signum == signal.SIGCHLD and os.getpid() == parent and not sent:
+        sent.append(True)  # once: every handler of the supervisor is in place
+        os.kill(parent, signal.SIGTERM)
+    return old
+
+signal.signal = install_then_sigterm
+
+def target(index):
+    time.sleep(60)  # not ready and not stopped: the family fails when this returns
+    return 0
+
+sys.exit(run_forked(1, target))
+"""
+
+
+def test_prefork_stops_on_a_sigterm_that_comes_as_it_starts() -> None:
+    """SIGTERM just after the supervisor's handlers are in place: its handler does nothing,
+    so the signal was lost when the wakeup pipe was set only after them."""
+    result = subprocess.run(
+        [sys.executable, "-c", SIGTERM_AT_START_SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=GUARD_S,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "received SIGTERM: stopping" in result.stderr
+
+
 SLOW_STOP_SCRIPT = """
 import pathlib, signal, sys, time
 def on_term(signum, frame):

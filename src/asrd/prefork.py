@@ -164,8 +164,10 @@ class _Supervisor:
         notifications.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         notifications.setblocking(False)
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        previous = {signum: signal.signal(signum, lambda *_: None) for signum in _SIGNALS}
+        # The pipe first: a signal caught by our handler before it was in place would be lost
+        # (the handler does nothing; only the byte in the pipe tells the loop).
         old_wakeup = signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        previous = {signum: signal.signal(signum, lambda *_: None) for signum in _SIGNALS}
         self.own_fds = [notifications.fileno(), wake_r, wake_w]
         try:
             for index in range(self.count):
