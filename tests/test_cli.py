@@ -172,6 +172,18 @@ def test_worker_refuses_engine_options_its_engine_does_not_know(tmp_path: Path) 
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("key", ["final_pass", "decoders"])
+def test_worker_refuses_its_own_settings_in_engine_options(tmp_path: Path, key: str) -> None:
+    """They were passed to the engine twice: a TypeError traceback, not a config error."""
+    (tmp_path / "config.toml").write_text(f'[worker]\nengine_options = {{ {key} = "live" }}\n')
+    result = run_asrd(
+        tmp_path, "worker", "--config", "config.toml", "--nats-url", "nats://127.0.0.1:1"
+    )
+    assert result.returncode == 2, result.stderr
+    assert f"{key}: set in [worker] itself" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_serve_stops_when_its_worker_cannot_start(tmp_path: Path) -> None:
     """The worker child exits at start (an engine option it does not know): serve says so and
     stops, instead of waiting five minutes for workers that will never come."""

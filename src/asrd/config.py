@@ -17,6 +17,7 @@ from pydantic import (
     Field,
     StringConstraints,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
@@ -107,6 +108,16 @@ class WorkerConfig(_Model):
     session_idle_timeout_s: float = Field(default=5.0, gt=0, le=3600)
     metrics_host: str = "127.0.0.1"
     metrics_port: int = Field(default=0, ge=0, le=65535)  # 0: no /metrics endpoint
+
+    @field_validator("engine_options")
+    @classmethod
+    def _no_worker_settings(
+        cls, options: dict[str, str | int | float | bool]
+    ) -> dict[str, str | int | float | bool]:
+        # The worker passes these itself: in engine_options they would be given twice.
+        if taken := sorted(options.keys() & {"decoders", "final_pass"}):
+            raise ValueError(f"{', '.join(taken)}: set in [worker] itself, not engine_options")
+        return options
 
     @model_validator(mode="after")
     def _metrics_ports_exist(self) -> WorkerConfig:
