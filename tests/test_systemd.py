@@ -39,7 +39,7 @@ from asrd.config import NatsConfig, ServerConfig, load_config
 from asrd.wer import wer
 from tests.audio_fixtures import load_clip, silence, transcripts
 from tests.conftest import Nats, Pool, open_gateway
-from tests.servers import start_worker, stop, wait_port
+from tests.servers import read_until, start_worker, stop, wait_port
 
 ROOT = Path(__file__).resolve().parent.parent
 UNITS = ROOT / "systemd"
@@ -466,9 +466,26 @@ import os, sys, time
 from asrd import reuseport, sdnotify
 from asrd.prefork import run_forked
 
+forks = [0]
+if sys.argv[1] == "forkfail":  # the supervisor's first fork again fails (EAGAIN)
+    import errno
+    real_fork = os.fork
+
+    def fork():
+        forks[0] += 1
+        if forks[0] == 3:
+            raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+        return real_fork()
+
+    os.fork = fork
+
 def target(index):
     if sys.argv[1] == "fail":
         return 3
+    if sys.argv[1] == "forkfail" and index == 0 and forks[0] == 1:  # its first fork only
+        sdnotify.ready()
+        time.sleep(0.5)
+        return 1
     if sys.argv[1] == "mask":  # what a child starts with: no signal blocked, default handlers
         import signal
         blocked = sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, []))
@@ -621,6 +638,23 @@ async def test_prefork_waits_longer_each_time_a_child_dies_again_soon() -> None:
     finally:
         stop(proc)
     assert delays == ["1 s", "2 s", "4 s"]
+
+
+def test_prefork_forks_again_later_when_a_fork_fails() -> None:
+    """A fork that fails (EAGAIN, ENOMEM) when a child is forked again is tried again later;
+    it used to end the supervisor and kill the siblings that were serving."""
+    argv = [sys.executable, "-c", PREFORK_SCRIPT, "forkfail"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        errors = read_until(proc.stderr, "could not be forked")
+        started = read_until(proc.stdout, "started 0")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(GUARD_S) == 0
+    finally:
+        stop(proc)
+    assert [x.split()[:2] for x in started] == [["started", "1"], ["started", "0"]]
+    assert not [x for x in errors if "process 1" in x], errors  # its sibling served on
 
 
 def spawn_wedged_children(ns: NotifySocket) -> subprocess.Popen[bytes]:

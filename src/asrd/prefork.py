@@ -198,7 +198,18 @@ class _Supervisor:
                             sdnotify.ready(f"{len(self.children)} {self.what} processes")
                 self._reap()
                 while self.restarts and self.restarts[0][0] <= time.monotonic():
-                    self._fork(self.restarts.pop(0)[1])
+                    index = self.restarts.pop(0)[1]
+                    try:
+                        self._fork(index)
+                    except OSError as exc:  # EAGAIN, ENOMEM: the others serve on meanwhile
+                        delay = self._restart_later(index, soon=True)
+                        log.error(
+                            "%s process %d could not be forked again (%s): trying again in %g s",
+                            self.what,
+                            index,
+                            exc,
+                            delay,
+                        )
                 if self.stopping and time.monotonic() > self.stop_deadline:
                     for pid in self.children:
                         log.warning("%s pid %d did not stop: killing it", self.what, pid)
@@ -282,13 +293,8 @@ class _Supervisor:
                 self.failure = code or 1
                 self._stop("stopping the other processes")
             else:
-                now = time.monotonic()
-                delay = RESTART_DELAY_S
-                if now - child.started < STABLE_S:  # again soon after its last fork
-                    delay = min(
-                        2 * self.delays.get(child.index, RESTART_DELAY_S / 2), MAX_RESTART_DELAY_S
-                    )
-                self.delays[child.index] = delay
+                soon = time.monotonic() - child.started < STABLE_S  # after its last fork
+                delay = self._restart_later(child.index, soon=soon)
                 log.warning(
                     "%s process %d (pid %d) exited with %d: starting it again in %g s",
                     self.what,
@@ -297,8 +303,18 @@ class _Supervisor:
                     code,
                     delay,
                 )
-                self.restarts.append((now + delay, child.index))
-                self.restarts.sort()
+
+    def _restart_later(self, index: int, *, soon: bool) -> float:
+        """Schedule another fork of ``index`` and return its delay: RESTART_DELAY_S, doubled
+        up to MAX_RESTART_DELAY_S while it keeps failing ``soon`` (a fault that strikes at
+        once is not retried every second for good)."""
+        delay = RESTART_DELAY_S
+        if soon:
+            delay = min(2 * self.delays.get(index, RESTART_DELAY_S / 2), MAX_RESTART_DELAY_S)
+        self.delays[index] = delay
+        self.restarts.append((time.monotonic() + delay, index))
+        self.restarts.sort()
+        return delay
 
     @staticmethod
     def _signal(pid: int, signum: int) -> None:
