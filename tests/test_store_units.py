@@ -10,7 +10,14 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from asrd.config import Config, DynamicConfig, RedisConfig, RoutingConfig, load_config
+from asrd.config import (
+    Config,
+    ConfigError,
+    DynamicConfig,
+    RedisConfig,
+    RoutingConfig,
+    load_config,
+)
 from asrd.control import ConnectInfo, StaticControlPlane, route_language
 from asrd.errors import AuthError, InvalidParameter, ServerError
 from asrd.store import signing
@@ -156,6 +163,25 @@ def test_redis_config_bounds() -> None:
     cfg = load_config(None, server={"host": "0.0.0.0"}, redis={"url": "redis://r:6379/0"})
     assert cfg.server.host == "0.0.0.0"
     assert Config().redis.url == ""  # the default is the embedded control plane
+
+
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        ("http://u:secret@r:6379/0", "must start with redis://"),
+        ("redis://:secret@r:port/0", "port is not a number"),
+    ],
+)
+def test_a_redis_url_that_is_none_is_a_config_error_without_its_password(
+    url: str, why: str
+) -> None:
+    """A config error (status 2) naming the key, not a failure to reach Redis later (1); and
+    the message, which reaches logs, does not repeat the value given."""
+    with pytest.raises(ConfigError, match=why) as info:
+        load_config(None, redis={"url": url})
+    assert "redis.url" in str(info.value) and "secret" not in str(info.value)
+    for ok in ("redis://r:6379/0", "rediss://:pw@r/1", "unix:///run/redis.sock"):
+        assert load_config(None, redis={"url": ok}).redis.url == ok
 
 
 def test_config_paths() -> None:

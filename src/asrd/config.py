@@ -10,6 +10,7 @@ import ipaddress
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -177,6 +178,22 @@ class RedisConfig(_Model):
 
     url: str = ""  # empty: no Redis; keys and routing come from config.toml
     key_prefix: str = Field(default="asrd:", max_length=64)
+
+    @field_validator("url")
+    @classmethod
+    def _redis_url(cls, url: str) -> str:
+        # Checked here, so that a typo is a configuration error (status 2) for every command,
+        # not a failure to reach Redis.
+        if url:
+            parts = urlsplit(url)
+            if parts.scheme not in ("redis", "rediss", "unix"):
+                raise ValueError("must start with redis://, rediss:// or unix://")
+            try:
+                parts.port  # noqa: B018 - it raises for a port that is no number
+            except ValueError:
+                raise ValueError("its port is not a number from 0 to 65535") from None
+        return url
+
     timeout_s: float = Field(default=1.0, gt=0, le=60)  # connect and per-command
     max_connections: int = Field(default=32, ge=1, le=10_000)
     token_ttl_s: int = Field(default=3600, ge=1, le=30 * 86400)  # default and maximum
@@ -245,4 +262,13 @@ def load_config(path: str | Path | None = None, **overrides: dict[str, Any]) -> 
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(f"invalid configuration: {exc}") from exc
+        raise ConfigError(f"invalid configuration: {_describe(exc)}") from None
+
+
+def _describe(exc: ValidationError) -> str:
+    """Each error as ``section.key: why``, without the value given: it may be a password (or
+    a URL that holds one), and the message ends up in logs."""
+    return "; ".join(
+        f"{'.'.join(str(part) for part in e['loc']) or 'config'}: {e['msg']}"
+        for e in exc.errors(include_url=False, include_input=False)
+    )
