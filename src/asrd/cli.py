@@ -348,9 +348,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("transcribe", help="stream a WAV file to asrd and print the sentences")
     t.add_argument("file")
-    t.add_argument("--url", default="ws://127.0.0.1:8080/ws/v1")
-    t.add_argument("--token", default=os.environ.get("ASRD_TOKEN"))
-    t.add_argument("--appkey", default=os.environ.get("ASRD_APPKEY", "default"))
+    t.add_argument("--url", default="ws://127.0.0.1:8080/ws/v1", help="default: %(default)s")
+    # Not %(default)s for the token: --help would print it.
+    t.add_argument("--token", default=os.environ.get("ASRD_TOKEN"), help="default: $ASRD_TOKEN")
+    t.add_argument(
+        "--appkey",
+        default=os.environ.get("ASRD_APPKEY", "default"),
+        help="default: $ASRD_APPKEY, else 'default'",
+    )
     speed = t.add_mutually_exclusive_group()
     speed.add_argument(
         "--realtime",
