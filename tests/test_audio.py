@@ -169,6 +169,41 @@ def test_streaming_writer_sizes_mean_until_the_end(tmp_path: Path, size: int) ->
     assert read_wav_file(path) == (raw, 8000)
 
 
+def test_a_cut_off_file_is_read_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    raw = pcm16(tone(440, 16000, 0.5))
+    path = write_with_wave(tmp_path / "cut.wav", raw, rate=16000, width=2, channels=1)
+    path.write_bytes(path.read_bytes()[:-1000])  # an interrupted copy
+    with caplog.at_level("WARNING", logger="asrd.audio"):
+        pcm, rate = read_wav_file(path)
+    assert (pcm, rate) == (raw[:-1000], 16000)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{path}: the WAV header declares 16000 bytes of audio, the file holds 15000: "
+        "reading what is there"
+    ]
+
+
+def test_a_cut_off_float_file_is_read_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    x = np.array([0.5, -0.5, 0.25], dtype="<f4")
+    path = tmp_path / "f.wav"
+    path.write_bytes(
+        riff(fmt_chunk(FORMAT_IEEE_FLOAT, 1, 16000, 32), data=x.tobytes(), data_size=40)
+    )
+    with caplog.at_level("WARNING", logger="asrd.audio"):
+        pcm, _ = read_wav_file(path)
+    assert samples(pcm).tolist() == [16384, -16384, 8192]
+    assert "declares 40 bytes of audio, the file holds 12" in caplog.text
+
+
+def test_a_whole_file_gives_no_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING", logger="asrd.audio"):
+        read_wav_file(REAL_WAV)
+    assert caplog.records == []
+
+
 def test_44100_file_resampled_to_16000_keeps_its_tone(tmp_path: Path) -> None:
     raw = pcm16(tone(1000, 44100, 1.0))
     path = write_with_wave(tmp_path / "cd.wav", raw, rate=44100, width=2, channels=1)

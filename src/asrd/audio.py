@@ -7,6 +7,7 @@ every audio frame and tests can drive it synchronously. The canonical audio of a
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import struct
@@ -40,6 +41,8 @@ _UNKNOWN_SIZES: Final = (0, 0xFFFFFFFF)
 _BLOCK_FRAMES: Final = 1 << 20  # frames converted per numpy pass, bounds temporary memory
 
 FloatArray = npt.NDArray[np.float64]
+
+log = logging.getLogger(__name__)
 
 
 class WavFormatError(ValueError):
@@ -124,6 +127,7 @@ def read_wav_file(path: str | os.PathLike[str]) -> tuple[bytes, int]:
                         f"the WAV header gives a sample rate of {w.getframerate()} Hz"
                     )
                 raw = w.readframes(nframes)
+                _check_length(path, len(raw), nframes * w.getsampwidth() * w.getnchannels())
                 pcm = to_pcm16_mono(raw, sample_width=w.getsampwidth(), channels=w.getnchannels())
                 return pcm, w.getframerate()
     except (wave.Error, EOFError):
@@ -147,6 +151,8 @@ def read_wav_file(path: str | os.PathLike[str]) -> tuple[bytes, int]:
         )
     end = None if header.data_size is None else header.data_offset + header.data_size
     raw = content[header.data_offset : end]
+    if header.data_size is not None:
+        _check_length(path, len(raw), header.data_size)
     pcm = to_pcm16_mono(
         raw,
         sample_width=fmt.sample_width,
@@ -154,6 +160,19 @@ def read_wav_file(path: str | os.PathLike[str]) -> tuple[bytes, int]:
         is_float=fmt.format_tag == FORMAT_IEEE_FLOAT,
     )
     return pcm, fmt.sample_rate
+
+
+def _check_length(path: str | os.PathLike[str], got: int, declared: int) -> None:
+    """Warn about a cut-off file: its audio is still read, but the user may not know it ends
+    early (an interrupted copy or recording)."""
+    if got < declared:
+        log.warning(
+            "%s: the WAV header declares %d bytes of audio, the file holds %d: "
+            "reading what is there",
+            os.fspath(path),
+            declared,
+            got,
+        )
 
 
 def to_pcm16_mono(raw: bytes, *, sample_width: int, channels: int, is_float: bool = False) -> bytes:
