@@ -178,6 +178,19 @@ def test_target_pulls_in_only_the_units_enabled_here() -> None:
         assert unit_settings(UNITS / name)["Install"]["WantedBy"] == ["asrd.target"]
 
 
+def test_sysctl_file_sets_settings_this_kernel_has() -> None:
+    """systemd-sysctl skips a key the kernel lacks with only a log line: a typo would go
+    unnoticed on the machine it was meant for."""
+    settings = {}
+    for raw in (UNITS / "sysctl.d" / "60-asrd.conf").read_text().splitlines():
+        if raw.strip() and not raw.lstrip().startswith(("#", ";")):
+            key, _, value = raw.partition("=")
+            settings[key.strip()] = value.strip()
+    assert settings == {"net.ipv4.tcp_migrate_req": "1"}
+    for key in settings:
+        assert Path("/proc/sys", *key.split(".")).is_file(), key
+
+
 def test_example_configurations_are_valid_and_match_nats_users() -> None:
     conf = (DEPLOY / "nats-server.conf").read_text()
     users = dict(re.findall(r'user: "([^"]+)", password: \$(\w+)', conf))
