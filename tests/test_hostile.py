@@ -12,6 +12,7 @@ Hypothesis runs in a worker thread and plays each example on the test's trio loo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
@@ -811,6 +812,114 @@ async def test_an_unknown_path_gets_task_failed_not_an_http_error(
                 Case("after it", (start(), STARTED, STOP), COMPLETED),
                 await play(gw.url, [start(), STARTED, STOP]),
             )
+
+
+UPGRADE = (
+    b"GET /ws/v1 HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+)
+BAD_UPGRADES: dict[str, tuple[bytes, bytes, bytes]] = {  # request, status line, reason
+    "POST": (
+        UPGRADE.replace(b"GET", b"POST", 1) + b"\r\n",
+        b"HTTP/1.1 400 ",
+        b"a WebSocket upgrade must be GET, not POST",
+    ),
+    "no Connection": (
+        UPGRADE.replace(b"Connection: Upgrade\r\n", b"") + b"\r\n",
+        b"HTTP/1.1 400 ",
+        b"missing header 'Connection: Upgrade'",
+    ),
+    "version 8": (
+        UPGRADE.replace(b"Version: 13", b"Version: 8") + b"\r\n",
+        b"HTTP/1.1 426 ",
+        b"only WebSocket version 13 is supported",
+    ),
+    "no version": (
+        UPGRADE.replace(b"Sec-WebSocket-Version: 13\r\n", b"") + b"\r\n",
+        b"HTTP/1.1 400 ",
+        b"only WebSocket version 13 is supported",
+    ),
+    "no key": (
+        UPGRADE.replace(b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n", b"") + b"\r\n",
+        b"HTTP/1.1 400 ",
+        b"missing header 'Sec-WebSocket-Key'",
+    ),
+    "no Host": (
+        UPGRADE.replace(b"Host: 127.0.0.1\r\n", b"") + b"\r\n",
+        b"HTTP/1.1 400 ",
+        b"missing header 'Host'",
+    ),
+    "Host not ASCII": (
+        UPGRADE.replace(b"Host: 127.0.0.1", b"Host: \xff") + b"\r\n",
+        b"HTTP/1.1 400 ",
+        b"malformed header 'Host'",
+    ),
+}
+
+
+def connection_handlers() -> int:
+    """Connection handlers (trio.serve_listeners' tasks) still running in this trio run."""
+    root = trio.lowlevel.current_root_task()
+    assert root is not None
+    count, todo = 0, [root]
+    while todo:
+        task = todo.pop()
+        count += task.coro.__qualname__ == "_run_handler"
+        for nursery in task.child_nurseries:
+            todo.extend(nursery.child_tasks)
+    return count
+
+
+async def exchange(port: int, request: bytes) -> bytes:
+    """Send ``request``; what the server sent until it closed."""
+    with trio.fail_after(GUARD_S):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        received = b""
+        async with stream:
+            await stream.send_all(request)
+            with contextlib.suppress(trio.BrokenResourceError):
+                while chunk := await stream.receive_some(65536):
+                    received += chunk
+        return received
+
+
+async def handlers_gone() -> None:
+    with trio.fail_after(GUARD_S):
+        while connection_handlers():  # noqa: ASYNC110 - tasks of this run, no event to wait on
+            await trio.sleep(0.05)
+
+
+async def test_a_refused_upgrade_is_answered_and_leaves_nothing_behind(
+    nats: Nats, pool: Pool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each gets its status and reason, and its handler ends: trio-websocket, left to refuse
+    such a request itself, never returned the connection, and the handler waited for good."""
+    with no_errors_logged(caplog):
+        async with open_gateway(nats.url, pool, server=PATIENT) as gw:
+            for name, (request, status, reason) in BAD_UPGRADES.items():
+                answer = await exchange(gw.port, request)
+                assert answer.startswith(status) and reason in answer, (name, answer)
+            assert b"Sec-WebSocket-Version: 13" in await exchange(
+                gw.port, BAD_UPGRADES["version 8"][0]
+            )
+            await handlers_gone()
+            check(  # a good upgrade still serves
+                Case("after them", (start(), STARTED, STOP), COMPLETED),
+                await play(gw.url, [start(), STARTED, STOP]),
+            )
+
+
+async def test_an_upgrade_refused_further_down_ends_its_handler_at_the_deadline(
+    nats: Nats, pool: Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request that passes the gateway's checks but that h11 refuses (a space in a header
+    name): trio-websocket answers 400 and never returns the connection; the handshake's
+    deadline ends the handler."""
+    monkeypatch.setattr("asrd.gateway.HANDSHAKE_TIMEOUT_S", 0.5)
+    async with open_gateway(nats.url, pool, server=PATIENT) as gw:
+        answer = await exchange(gw.port, UPGRADE + b"Bad Name: x\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 400 "), answer
+        await handlers_gone()
 
 
 async def test_max_session_duration(

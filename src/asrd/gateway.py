@@ -181,14 +181,27 @@ class Gateway:
         if self.draining:
             await send_answer(stream, http_response(503, "Service Unavailable", b"draining\n"))
             return
+        if (refused := head.upgrade_error()) is not None:
+            status, reason = refused
+            name = "Upgrade Required" if status == 426 else "Bad Request"
+            extra = ["Sec-WebSocket-Version: 13"] if status == 426 else []
+            await send_answer(
+                stream, http_response(status, name, f"{reason}\n".encode(), headers=extra)
+            )
+            return
         limit = max(self.config.server.max_frame_bytes, self.config.server.max_text_bytes)
         wrapped = PrefixedStream(stream, dedupe_head(parts[0]) + parts[1])
         async with trio.open_nursery() as nursery:
-            request = await trio_websocket.wrap_server_stream(
-                nursery, wrapped, message_queue_size=4, max_message_size=4 * limit
-            )
-            ws = await request.accept()
-            await self._session(ws, head)
+            # A request that wsproto refuses after all gets its answer from trio-websocket,
+            # which then never returns the connection: the deadline ends the wait.
+            ws: trio_websocket.WebSocketConnection | None = None
+            with trio.move_on_after(HANDSHAKE_TIMEOUT_S):
+                request = await trio_websocket.wrap_server_stream(
+                    nursery, wrapped, message_queue_size=4, max_message_size=4 * limit
+                )
+                ws = await request.accept()
+            if ws is not None:
+                await self._session(ws, head)
             nursery.cancel_scope.cancel()
 
     async def _session(self, ws: trio_websocket.WebSocketConnection, head: RequestHead) -> None:

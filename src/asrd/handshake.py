@@ -50,6 +50,31 @@ class RequestHead:
         upgrade = self.header(b"upgrade") or b""
         return upgrade.strip().lower() == b"websocket"
 
+    def upgrade_error(self) -> tuple[int, str] | None:
+        """``(status, reason)`` if this WebSocket upgrade cannot be accepted, else None.
+
+        The checks wsproto makes, made first here: wsproto answers such a request itself, but
+        trio-websocket then never hands the connection back, and its handler would wait for
+        good (a task and its buffers per bad request)."""
+        if self.method != "GET":
+            return 400, f"a WebSocket upgrade must be GET, not {self.method[:16]}"
+        connection = (self.header(b"connection") or b"").lower().split(b",")
+        if b"upgrade" not in (token.strip() for token in connection):
+            return 400, "missing header 'Connection: Upgrade'"
+        version = self.header(b"sec-websocket-version")
+        if version != b"13":
+            return 426 if version else 400, "only WebSocket version 13 is supported"
+        if not self.header(b"sec-websocket-key"):
+            return 400, "missing header 'Sec-WebSocket-Key'"
+        host = self.header(b"host")
+        if host is None:
+            return 400, "missing header 'Host'"
+        try:
+            host.decode("idna")  # as wsproto does: a host it cannot decode would raise there
+        except UnicodeError:
+            return 400, "malformed header 'Host'"
+        return None
+
 
 def split_head(buffer: bytes) -> tuple[bytes, bytes] | None:
     """``(head, rest)`` once the head is complete, else None (read more)."""
