@@ -10,13 +10,18 @@ import os
 import socket
 import time
 import urllib.request
+from functools import partial
 
 import pytest
 import trio
 
 from asrd import logs
+from asrd.bus.natsbus import open_nats_bus
 from asrd.children import free_port
 from asrd.client import open_transcription
+from asrd.config import Config
+from asrd.control import StaticControlPlane
+from asrd.gateway import Gateway
 from asrd.metrics import WorkerMetrics
 from asrd.procfs import read_proc
 from tests.audio_fixtures import load_clip, silence
@@ -83,6 +88,34 @@ async def test_gateway_metrics_and_health(gateway: RunningGateway) -> None:
     posted = await trio.to_thread.run_sync(raw_exchange, gateway.port, b"POST /metrics", 65536)
     assert posted.startswith(b"HTTP/1.1 405 Method Not Allowed\r\n"), posted[:200]
     assert b"\r\nAllow: GET, HEAD\r\n" in posted
+
+
+@pytest.mark.integration
+async def test_readyz_is_503_until_the_gateway_listens(nats: Nats) -> None:
+    """As ``asrd serve`` does, the gateway opens its port once its workers are up; meanwhile
+    its metrics port must not call it ready (a load balancer would send clients to a closed
+    port)."""
+    port = free_port()
+    config = Config.model_validate(
+        {
+            "server": {"port": port, "default_language": "nobody-serves-it"},
+            "nats": {"url": nats.url},
+        }
+    )
+    async with open_nats_bus(config.nats, nats.url, name="test-readyz") as bus:
+        gw = Gateway(config, bus, StaticControlPlane(config))
+        readyz = gw.health_routes()["/readyz"]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(partial(gw.serve, wait_for_workers=1))
+            with trio.fail_after(GUARD_S):
+                while not bus.connected:  # noqa: ASYNC110 - no event to wait on
+                    await trio.sleep(0.01)
+            await trio.sleep(0.2)  # serving, waiting for the workers
+            assert readyz() == (503, b"not ready\n")
+            with pytest.raises(OSError):  # nothing listens yet
+                await trio.open_tcp_stream("127.0.0.1", port)
+            gw.stop_requested.set()
+            nursery.cancel_scope.cancel()
 
 
 def raw_exchange(port: int, request_line: bytes, body: bytes | int) -> bytes:

@@ -81,6 +81,7 @@ class Gateway:
         m.redis_errors.fn = lambda: getattr(control, "redis_errors", 0)  # 0: no Redis
         m.redis_reconnects.fn = lambda: getattr(control, "redis_reconnects", 0)
         self.stop_requested = trio.Event()
+        self.listening = False  # /readyz: not before the port takes connections
         self.draining = False
         self.port = 0
 
@@ -106,6 +107,7 @@ class Gateway:
             else:
                 listeners = await reuseport.listen(reservation)
             self.port = listeners[0].socket.getsockname()[1]
+            self.listening = True
             async with trio.open_nursery() as handlers:
                 accept_scope = trio.CancelScope()
 
@@ -242,7 +244,7 @@ class Gateway:
         (:func:`asrd.httpserve.serve_http`) when ``[server] metrics_port`` is set."""
 
         def ready() -> tuple[int, bytes]:
-            ok = self.state.bus.connected and not self.draining
+            ok = self.listening and self.state.bus.connected and not self.draining
             return (200, b"ready\n") if ok else (503, b"not ready\n")
 
         return {
