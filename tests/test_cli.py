@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,6 +18,7 @@ import pytest
 from asrd.children import free_port
 from asrd.wer import wer
 from tests.audio_fixtures import LIBRIVOX, transcripts
+from tests.conftest import Nats
 from tests.servers import alive, read_until
 
 pytestmark = pytest.mark.integration
@@ -240,6 +242,31 @@ def test_under_log_json_every_line_of_a_failing_gateway_is_json(tmp_path: Path) 
     assert lines[-1]["level"] == "critical", lines
     assert lines[-1]["message"].startswith("cannot connect to NATS at nats://127.0.0.1:1")
     assert not [line for line in lines if line["logger"] == "asyncio"], lines
+
+
+@pytest.mark.parametrize("which", ["gateway port", "gateway metrics port", "worker metrics port"])
+def test_a_port_in_use_ends_the_command_with_a_reason(
+    tmp_path: Path, nats: Nats, which: str
+) -> None:
+    """Not an ExceptionGroup traceback (70 lines, none of them JSON under --log-json)."""
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        (tmp_path / "c.toml").write_text(
+            f"[server]\nport = {port if which == 'gateway port' else 0}\n"
+            + (f"metrics_port = {port}\n" if which == "gateway metrics port" else "")
+        )
+        if which.startswith("gateway"):
+            argv = ["gateway", "--config", "c.toml", "--nats-url", nats.url]
+        else:
+            argv = ["worker", "--processes", "1", "--engine", "loadtest", "--nats-url", nats.url]
+            argv += ["--metrics-port", str(port)]
+        result = run_asrd(tmp_path, "--log-json", *argv)
+    assert result.returncode == 1, result.stderr
+    lines = [json.loads(line) for line in result.stderr.splitlines()]
+    assert lines[-1]["level"] == "critical", lines
+    assert re.fullmatch(
+        rf"cannot listen on 127\.0\.0\.1:{port}: Address already in use", lines[-1]["message"]
+    ), lines[-1]
 
 
 def test_under_log_json_a_failing_transcribe_says_why_in_json(tmp_path: Path) -> None:

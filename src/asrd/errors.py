@@ -119,6 +119,11 @@ class ChildExited(ServerError):
     exited: the command stops rather than serve without it."""
 
 
+class CannotListen(ServerError):
+    """A port the command must serve on is in use, or not ours to bind: it stops with this
+    reason rather than a traceback."""
+
+
 # Status codes that are not errors.
 SUCCESS = 20000000
 SENTENCE_TIMEOUT = 51040104

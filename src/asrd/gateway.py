@@ -29,7 +29,7 @@ from asrd.handshake import (
     http_response,
     parse_head,
 )
-from asrd.httpserve import Route, discard_body, read_head, respond, send_answer
+from asrd.httpserve import Route, discard_body, open_listeners, read_head, respond, send_answer
 from asrd.registry import WorkerRegistry
 from asrd.reuseport import Reservation
 from asrd.session import GatewayState, Session
@@ -103,7 +103,7 @@ class Gateway:
             if wait_for_workers:
                 await self._wait_for_workers(wait_for_workers)
             if reservation is None:
-                listeners = await trio.open_tcp_listeners(server.port, host=server.host)
+                listeners = await open_listeners(server.host, server.port)
             else:
                 listeners = await reuseport.listen(reservation)
             self.port = listeners[0].socket.getsockname()[1]

@@ -12,6 +12,7 @@ from functools import partial
 
 import trio
 
+from asrd.errors import CannotListen
 from asrd.handshake import HeadError, RequestHead, http_response, parse_head, split_head
 
 log = logging.getLogger(__name__)
@@ -38,11 +39,20 @@ async def serve_http(
     *,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    listeners = await trio.open_tcp_listeners(port, host=host)
+    listeners = await open_listeners(host, port)
     bound = listeners[0].socket.getsockname()[1]
     async with trio.open_nursery() as nursery:
         await nursery.start(partial(trio.serve_listeners, partial(_handle, routes), listeners))
         task_status.started(bound)
+
+
+async def open_listeners(host: str, port: int) -> list[trio.SocketListener]:
+    """``trio.open_tcp_listeners``, with a port in use (or below 1024 without the capability)
+    as :class:`~asrd.errors.CannotListen`."""
+    try:
+        return await trio.open_tcp_listeners(port, host=host)
+    except OSError as exc:
+        raise CannotListen(f"cannot listen on {host or '*'}:{port}: {exc.strerror or exc}") from exc
 
 
 def respond(routes: dict[str, Route], path: str, method: str = "GET") -> bytes:
