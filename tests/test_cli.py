@@ -269,6 +269,60 @@ def test_a_port_in_use_ends_the_command_with_a_reason(
     ), lines[-1]
 
 
+def test_a_second_ctrl_c_stops_a_draining_gateway_with_130(tmp_path: Path, nats: Nats) -> None:
+    """The first starts the drain; the second, trio's KeyboardInterrupt wrapped in the
+    nurseries' exception group, used to end in a traceback and status 1."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "asrd", "gateway", "--port", str(port), "--nats-url", nats.url],
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+    )
+    try:
+        assert proc.stderr is not None
+        read_until(proc.stderr, "gateway listening")
+        with socket.create_connection(("127.0.0.1", port)) as sock:  # a session to drain
+            sock.sendall(
+                b"GET /ws/v1 HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                b"Sec-WebSocket-Version: 13\r\n\r\n"
+            )
+            assert sock.recv(200).startswith(b"HTTP/1.1 101")
+            proc.send_signal(signal.SIGINT)
+            read_until(proc.stderr, "draining")
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=GUARD_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130 and "Traceback" not in err, err[-800:]
+
+
+def test_ctrl_c_while_the_gateway_connects_to_nats_ends_with_130(tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "asrd",
+            "gateway",
+            "--port",
+            "0",
+            "--nats-url",
+            "nats://127.0.0.1:1",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert proc.stderr is not None
+    read_until(proc.stderr, "NATS error")  # nats-py retries
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=GUARD_S)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-800:]
+
+
 def test_under_log_json_a_failing_transcribe_says_why_in_json(tmp_path: Path) -> None:
     """Its reasons went to stderr as plain ``asrd transcribe: ...`` text even then."""
     result = run_asrd(tmp_path, "--log-json", "transcribe", "missing.wav")

@@ -178,12 +178,12 @@ def _process(
     if index and part.metrics_port:
         port = part.metrics_port + index
         config = config.model_copy(update={section: part.model_copy(update={"metrics_port": port})})
-    try:
+
+    def process() -> int:  # a forked process ends here, not in main()
         trio.run(run, config)
-    except AsrdError as exc:  # e.g. NATS unreachable; a forked process ends here, not in main()
-        logs.fatal(exc.reason)
-        return 1
-    return 0
+        return 0
+
+    return _run_command(process)
 
 
 # --- worker ------------------------------------------------------------------------------
@@ -384,8 +384,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.log_level not in LOG_LEVELS:  # from $ASRD_LOG_LEVEL, which argparse does not check
         parser.error(f"ASRD_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}")
     logs.setup(args.log_level, json_lines=args.log_json)
+    return _run_command(lambda: int(args.func(args)))
+
+
+def _run_command(run: Callable[[], int]) -> int:
+    """``run()``'s status, with its errors as a reason on stderr and a status: a command in
+    ``main``, or one forked process of a command."""
     try:
-        return int(args.func(args))
+        return run()
     except ConfigError as exc:
         logs.fatal(str(exc))
         return 2
@@ -403,6 +409,9 @@ def main(argv: list[str] | None = None) -> int:
 def _exit_status(group: BaseExceptionGroup[BaseException]) -> int:
     """What ``main`` does for one error, for a group of them; anything else is a bug and goes
     on as a traceback."""
+    interrupted, _ = group.split(KeyboardInterrupt)  # a second Ctrl-C, or one while starting
+    if interrupted is not None:
+        return 130
     _, rest = group.split(BrokenPipeError)
     if rest is None:
         return _output_closed()
