@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import json
 import logging
 import mmap
 import os
 import socket
+import subprocess
+import sys
 import time
 import urllib.request
 from functools import partial
 
+import nats as nats_py
 import pytest
 import trio
 
-from asrd import logs
+from asrd import logs, wire
 from asrd.bus.natsbus import open_nats_bus
 from asrd.children import free_port
 from asrd.client import open_transcription
@@ -26,7 +30,7 @@ from asrd.metrics import WorkerMetrics
 from asrd.procfs import read_proc
 from tests.audio_fixtures import load_clip, silence
 from tests.conftest import Nats, RunningGateway
-from tests.servers import start_worker, stop
+from tests.servers import read_until, start_worker, stop
 
 GUARD_S = 120
 
@@ -226,6 +230,37 @@ def test_process_metrics_follow_this_process() -> None:
     assert time.time() - 86400 < started <= time.time()
     assert "# TYPE process_cpu_seconds_total counter" in after
     ballast.close()
+
+
+@pytest.mark.integration
+def test_a_workers_lines_about_a_session_carry_its_ids(nats: Nats) -> None:
+    """The claim brings the client's task id; a session's failure is then logged with both
+    ids as fields, not only inside the message."""
+    sid, task = "ab" * 16, "cd" * 16
+
+    async def claim_then_send_junk() -> None:
+        nc = await nats_py.connect(nats.url)
+        claim = wire.Claim(sid, 16000, False, task_id=task).encode()
+        reply = await nc.request("asrd.claim.log-ids", claim, timeout=GUARD_S)
+        assert wire.decode_claim_reply(reply.data).ok
+        await nc.publish(f"asrd.session.{sid}.in", b"\x01\x00")  # no valid input message
+        await nc.flush()
+        await nc.close()
+
+    argv = ["--log-json", "worker", "--processes", "1", "--engine", "loadtest"]
+    argv += ["--pool", "log-ids", "--nats-url", nats.url]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "asrd", *argv], stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stderr is not None
+        read_until(proc.stderr, "serving pool")
+        asyncio.run(claim_then_send_junk())
+        line = json.loads(read_until(proc.stderr, sid)[-1])
+    finally:
+        stop(proc)
+    assert line["message"].startswith(f"session {sid} failed: malformed"), line
+    assert (line["session_id"], line["task_id"]) == (sid, task), line
 
 
 def test_json_log_lines_carry_session_and_task_ids() -> None:

@@ -329,6 +329,7 @@ async def claim_as_gateway(
         registry,
         prefix="asrd",
         session_id=session_id,
+        task_id="t" * 32,
         pool=pool,
         sample_rate=RATE,
         partials=False,

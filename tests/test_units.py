@@ -181,6 +181,15 @@ def test_wire_round_trips() -> None:
     assert wire.decode_output(f.encode()) == f
     c = wire.Claim("s" * 32, 8000, True)
     assert wire.decode_claim(c.encode()) == c
+    c = wire.Claim("s" * 32, 8000, True, epoch=2, task_id="t" * 32)
+    assert wire.decode_claim(c.encode()) == c
+    older = b'{"session_id":"s","sample_rate":8000,"partials":true,"epoch":0}'  # no task_id
+    assert wire.decode_claim(older) == wire.Claim("s", 8000, True)
+    for task_id in ('"a.b"', "7", '"' + "t" * 129 + '"'):  # logged: ids only
+        with pytest.raises(BusError, match="task_id"):
+            wire.decode_claim(
+                b'{"session_id":"s","sample_rate":8000,"task_id":%s}' % task_id.encode()
+            )
     hb = wire.Heartbeat("w1", "en-US", "pocketsphinx", 3, 1)
     assert wire.decode_heartbeat(hb.encode()) == hb
 
@@ -564,6 +573,7 @@ def _link(bus: InMemoryBus, registry: WorkerRegistry, session_id: str) -> Remote
         registry,
         prefix="asrd",
         session_id=session_id,
+        task_id="t" * 32,
         pool="en-US",
         sample_rate=16000,
         partials=False,

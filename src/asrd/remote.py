@@ -54,6 +54,7 @@ class RemoteRecognizer:
         *,
         prefix: str,
         session_id: str,
+        task_id: str,
         pool: str,
         sample_rate: int,
         partials: bool,
@@ -66,7 +67,7 @@ class RemoteRecognizer:
         self._prefix = prefix
         self.session_id = session_id
         self.pool = pool
-        self._claim = wire.Claim(session_id, sample_rate, partials)
+        self._claim = wire.Claim(session_id, sample_rate, partials, task_id=task_id)
         self._claim_timeout_s = claim_timeout_s
         self._failover_timeout_s = failover_timeout_s
         self._journal_max_bytes = journal_max_bytes

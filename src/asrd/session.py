@@ -428,6 +428,7 @@ class Session:
             self.state.registry,
             prefix=self.config.nats.subject_prefix,
             session_id=self.id,
+            task_id=self.codec.task_id,
             pool=self.admission.pool,
             sample_rate=params.sample_rate,
             partials=params.enable_intermediate_result,

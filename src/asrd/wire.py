@@ -61,6 +61,7 @@ class Claim:
     sample_rate: int
     partials: bool
     epoch: int = 0  # bumped by every failover; results carry it back
+    task_id: str = ""  # the client's, for the worker's log lines only
 
     def encode(self) -> bytes:
         return _dumps(
@@ -69,6 +70,7 @@ class Claim:
                 "sample_rate": self.sample_rate,
                 "partials": self.partials,
                 "epoch": self.epoch,
+                "task_id": self.task_id,
             }
         )
 
@@ -92,11 +94,15 @@ def decode_claim(data: bytes) -> Claim:
     session_id = obj["session_id"]
     if not (isinstance(session_id, str) and _SESSION_ID.fullmatch(session_id)):
         raise BusError("malformed claim: session_id must be 1-128 of A-Z a-z 0-9 _ -")
+    task_id = obj.get("task_id", "")
+    if not (isinstance(task_id, str) and (not task_id or _SESSION_ID.fullmatch(task_id))):
+        raise BusError("malformed claim: task_id must be 0-128 of A-Z a-z 0-9 _ -")
     return Claim(
         session_id,
         int(obj["sample_rate"]),
         bool(obj.get("partials")),
         int(obj.get("epoch", 0)),
+        task_id,
     )
 
 

@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import trio
 
-from asrd import wire
+from asrd import logs, wire
 from asrd.bus import Bus, Subscription, claim_subject, heartbeat_subject, session_in, session_out
 from asrd.config import WorkerConfig
 from asrd.engines.base import Engine, Hypothesis, Recognizer
@@ -217,6 +217,7 @@ class Worker:
     async def _session(
         self, claim: wire.Claim, rec: Recognizer, sub: Subscription, served: _Served
     ) -> None:
+        logs.current.set(logs.LogContext(claim.session_id, claim.task_id))  # this task's lines
         out = session_out(self.prefix, claim.session_id)
         step = claim.sample_rate * 2 * self.config.partial_interval_ms // 1000
         utt = 0  # 0: no utterance open
