@@ -890,6 +890,48 @@ def test_worker_heartbeat_stops_when_its_event_loop_is_stuck() -> None:
     assert wire.decode_heartbeat(worker._regular_beat() or b"").grace_s > 25
 
 
+async def test_the_grace_of_a_final_pass_ends_with_the_pass() -> None:
+    """The pause is announced generously (twice the estimate, plus a second), so a worker
+    killed after the pass would be covered by what is left of it for seconds: the beats
+    announce it only while the pass runs."""
+    log: list[str] = []
+    engine = _StepEngine(log)
+    engine.final_cost = 0.5  # as pocketsphinx's batch pass: 3 s of audio -> 4 s announced
+    bus = InMemoryBus()
+    worker = Worker(WorkerConfig(decoders=1), "asrd", bus, engine)
+    results = await bus.subscribe(session_out("asrd", "s"))
+    during: list[float] = []
+    finish = _StepRecorder.finish
+
+    def timed_finish(self: _StepRecorder) -> Any:
+        during.append(wire.decode_heartbeat(worker._heartbeat()).grace_s)
+        return finish(self)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(worker.run)
+        claim = wire.Claim("s", 16000, False).encode()
+        assert wire.decode_claim_reply(
+            await bus.request(claim_subject("asrd", "en-US"), claim, 1)
+        ).ok
+        inbox = session_in("asrd", "s")
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(_StepRecorder, "finish", timed_finish)
+            for message in (
+                wire.encode_control("begin", 1),
+                wire.encode_audio(1, bytes(3 * 32000)),
+                wire.encode_control("end", 1),
+            ):
+                bus.publish(inbox, message)
+            with trio.fail_after(5):
+                while not isinstance(
+                    wire.decode_output((await results.receive()).data), wire.Result
+                ):
+                    pass
+        after = wire.decode_heartbeat(worker._heartbeat()).grace_s
+        nursery.cancel_scope.cancel()
+    assert during[0] > 3.5 and after == 0.0, (during, after)
+
+
 def test_services_freeze_startup_objects_and_collect_less_often() -> None:
     import gc
 

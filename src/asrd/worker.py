@@ -14,7 +14,8 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 
 import trio
 
@@ -68,6 +69,7 @@ class Worker:
         self.sessions: dict[str, _Served] = {}
         self.draining = False
         self._pause_until = 0.0  # time.monotonic() until which heartbeats may stop
+        self._pauses = 0  # announced final passes not yet over
         self._progress = time.monotonic()  # when the event loop last showed it is running
         m = self.metrics = WorkerMetrics()
         m.sessions.fn = lambda: len(self.sessions)
@@ -273,9 +275,9 @@ class Worker:
                         served.in_utterance = True
                     elif item.kind == "end":
                         if item.utt == utt:
-                            await self._announce_pause(audio_bytes / (2 * claim.sample_rate))
-                            with self.gate:
-                                hyp = rec.finish()
+                            async with self._pause(audio_bytes / (2 * claim.sample_rate)):
+                                with self.gate:
+                                    hyp = rec.finish()
                             self.metrics.utterances.inc()
                             self.metrics.audio.inc(audio_bytes / (2 * claim.sample_rate))
                             self.bus.publish(
@@ -378,16 +380,28 @@ class Worker:
                     log.warning("session %s: gateway silent, freeing decoder", session_id)
                     served.scope.cancel()
 
-    async def _announce_pause(self, audio_s: float) -> None:
-        """Before a final pass that holds the GIL (no heartbeats), say how long it may take."""
+    @asynccontextmanager
+    async def _pause(self, audio_s: float) -> AsyncIterator[None]:
+        """Around a final pass that holds the GIL (no heartbeats): say first how long it may
+        take, and take it back once every pass announced is over, so that a worker killed
+        later is not covered by what is left of a generous estimate."""
         pause_s = audio_s * self.engine.final_cost
-        if pause_s > self.config.heartbeat_interval_s:
+        if pause_s <= self.config.heartbeat_interval_s:
+            yield
+            return
+        self._pauses += 1
+        try:
             self._pause_until = max(self._pause_until, time.monotonic() + 2 * pause_s + 1.0)
             self._beat()
             try:
                 await self.bus.flush()
             except BusError as exc:
                 log.warning("pause not announced: %s", exc)
+            yield
+        finally:
+            self._pauses -= 1
+            if not self._pauses:
+                self._pause_until = 0.0
 
 
 def _result(final: bool, utt: int, audio_ms: int, hyp: Hypothesis, epoch: int) -> bytes:
