@@ -37,9 +37,10 @@ from asrd.client import TranscribeError, open_transcription
 from asrd.config import Config, DynamicConfig, RedisConfig, RoutingConfig, WorkerConfig
 from asrd.control import Admission, ConnectInfo, SessionRecord
 from asrd.engines.base import EngineFull, EngineWord, Hypothesis, Recognizer
+from asrd.errors import AuthError
 from asrd.gateway import Gateway
 from asrd.handshake import parse_head, split_head
-from asrd.store import signing
+from asrd.store import StoreUnavailable, signing
 from asrd.store.follow import follow_worker_pool
 from asrd.store.http import TOKEN_PATH, handle_token_request, token_endpoint
 from asrd.store.plane import RedisControlPlane, open_redis_control_plane
@@ -1041,6 +1042,33 @@ async def test_redis_stop_and_start_during_live_sessions(
                 return await repo.active_sessions("steady") == 0
 
             await eventually(slots_free)
+
+
+async def test_tokens_of_a_deleted_and_recreated_key_stay_refused_in_an_outage() -> None:
+    """A gateway that learns from Redis that a key was created again (a token of the old one
+    refused) must not let the old key's other cached tokens in once Redis is away."""
+    with redis_server() as (proc, url):
+        config = Config.model_validate({"redis": {"url": url}})
+        async with open_repo(url) as repo:
+            app, _ = await repo.create_app("again", max_sessions=5)
+            first, _ = await repo.issue_token(app, 3600)
+            second, _ = await repo.issue_token(app, 3600)
+        async with open_redis_control_plane(config) as plane:
+
+            async def admit(token: str, session_id: str) -> None:
+                connect = ConnectInfo("GET", "/ws/v1", {}, token)
+                await plane.admit(connect, appkey="again", language=None, session_id=session_id)
+
+            await admit(first, "a")
+            await admit(second, "b")  # both cached
+            async with open_repo(url) as repo:
+                assert await repo.delete_app("again")
+                await repo.create_app("again", max_sessions=5)
+            with pytest.raises(AuthError, match="deleted and created again"):
+                await admit(first, "c")
+            stop(proc)  # Redis goes away
+            with pytest.raises(StoreUnavailable):
+                await admit(second, "d")
 
 
 async def test_redis_error_replies_reach_no_client_and_read_only_is_an_outage(

@@ -247,6 +247,8 @@ class RedisControlPlane:
             self._token_cache.pop(digest, None)
             if app is None or not app.active:
                 self._app_cache.pop(appkey, None)
+            else:  # the key as it is now: created again, the tokens of its old self no longer match
+                _remember(self._app_cache, appkey, (app, time.monotonic()))
             raise
         assert info is not None and app is not None
         now = time.monotonic()
