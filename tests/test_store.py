@@ -1154,7 +1154,8 @@ async def test_a_slot_given_back_during_a_refresh_is_not_brought_back(
 ) -> None:
     """The refresh re-adds every running slot in one round-trip. A session that ends meanwhile
     can have its slot given back first; the refresh then brought it back, and the key counted
-    one session too many (refusing one under its limit) until the slot expired."""
+    one session too many (refusing one under its limit) until the slot expired. Even when the
+    answer to that release comes back after the refresh's."""
     config = gateway_config(nats.url, pool, redis_url)
     async with open_repo(redis_url) as repo:
         app, _ = await repo.create_app("racing")
@@ -1178,14 +1179,23 @@ async def test_a_slot_given_back_during_a_refresh_is_not_brought_back(
             )
             await plane.finish(admission, record)  # the session ends during the round-trip
             with trio.fail_after(GUARD_S):
-                while plane._releases:  # noqa: ASYNC110 - and its slot is given back first
-                    await trio.sleep(0.01)
+                await given_back.wait()  # and its slot is given back first
             await real_refresh(running)
 
+        async def release_answered_late(slots: list[tuple[str, str]]) -> None:
+            """Redis gives the slot back at once; its answer comes after the refresh's."""
+            await real_release(slots)
+            given_back.set()
+            await refreshed.wait()
+
+        given_back, refreshed = trio.Event(), trio.Event()
+        real_release = plane._repo.release_slots
         monkeypatch.setattr(plane._repo, "refresh_slots", refresh_racing_a_release)
+        monkeypatch.setattr(plane._repo, "release_slots", release_answered_late)
         await plane._refresh_once()
+        refreshed.set()
         with trio.fail_after(GUARD_S):
-            while plane._releases:  # noqa: ASYNC110 - what is to be given back, given back
+            while plane._releases or plane._releasing:  # noqa: ASYNC110 - all given back
                 await trio.sleep(0.01)
         assert await plane._repo.active_sessions("racing") == 0
 

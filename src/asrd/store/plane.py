@@ -129,6 +129,7 @@ class RedisControlPlane:
         self._watcher = ConfigWatcher(repo)
         self._running: dict[str, _Running] = {}  # slot (session id) -> session
         self._releases: set[tuple[str, str]] = set()  # (appkey, slot) to give back
+        self._releasing: list[tuple[str, str]] = []  # ... and those on their way to Redis
         self._records: collections.deque[RecordItem] = collections.deque()
         self._overflow: dict[tuple[str, str], RecordItem] = {}  # (appkey, day) -> counters
         self._inflight: tuple[str, list[RecordItem]] | None = None
@@ -431,9 +432,18 @@ class RedisControlPlane:
     async def _flush(self) -> None:
         """Give back slots and write records; raises StoreUnavailable (then retried)."""
         if self._releases:
+            # Out of the set before the round-trip: a refresh that re-adds one of these slots
+            # meanwhile queues it again, and that must survive this batch's reply.
             batch = list(self._releases)
-            await self._repo.release_slots(batch)
             self._releases.difference_update(batch)
+            self._releasing = batch
+            try:
+                await self._repo.release_slots(batch)
+            except BaseException:
+                self._releases.update(batch)
+                raise
+            finally:
+                self._releasing = []
         while self._inflight is not None or self._records or self._overflow:
             if self._inflight is None:
                 items = list(self._overflow.values())
