@@ -1076,8 +1076,8 @@ async def test_redis_error_replies_reach_no_client_and_read_only_is_an_outage(
 ) -> None:
     """A foreign value in one of our keys makes Redis answer an error: the client gets
     50000000 with no Redis address or reply text in it (the log has them). A Redis that turned
-    read-only (a failover left us on a replica) is handled like an outage: a token validated a
-    moment ago still opens sessions."""
+    read-only (a failover left us on a replica), or that answers MASTERDOWN, is handled like an
+    outage: a token validated a moment ago still opens sessions."""
     async with open_repo(redis_url) as repo:
         app, _ = await repo.create_app("fine")
         token, _ = await repo.issue_token(app, 3600)
@@ -1101,6 +1101,15 @@ async def test_redis_error_replies_reach_no_client_and_read_only_is_an_outage(
                 assert not gw.plane.available
             finally:
                 await repo.store.execute("REPLICAOF", "NO", "ONE")
+            # ... and so is a replica that lost its master and serves nothing (MASTERDOWN)
+            await repo.store.execute("CONFIG", "SET", "replica-serve-stale-data", "no")
+            await repo.store.execute("REPLICAOF", "127.0.0.1", str(free_port()))
+            try:
+                assert await started(gw.url, "fine", token)
+                assert not gw.plane.available
+            finally:
+                await repo.store.execute("REPLICAOF", "NO", "ONE")
+                await repo.store.execute("CONFIG", "SET", "replica-serve-stale-data", "yes")
 
 
 async def test_records_wait_whole_while_a_foreign_value_blocks_their_keys(

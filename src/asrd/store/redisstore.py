@@ -58,9 +58,11 @@ def redacted(url: str) -> str:
 
 
 # Error replies of a Redis that is up but cannot take writes for a while (a failover leaves
-# clients on a read-only replica; maxmemory is reached): handled as an outage, with the cache.
+# clients on a read-only replica, or on one that lost its master and answers MASTERDOWN;
+# maxmemory is reached): handled as an outage, with the cache.
 _NOT_SERVING = (
     redis.exceptions.ReadOnlyError,
+    redis.exceptions.MasterDownError,
     redis.exceptions.OutOfMemoryError,
     redis.exceptions.TryAgainError,
 )
