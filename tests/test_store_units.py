@@ -24,7 +24,7 @@ from asrd.store import signing
 from asrd.store.cli import _get_path, _set_path
 from asrd.store.http import handle_token_request
 from asrd.store.redisstore import redacted
-from asrd.store.repo import RecordItem, TokenInfo
+from asrd.store.repo import RecordItem, TokenInfo, valid_appkey
 
 # --- signed links: the documented test vector (README.md) ----------------------------------
 
@@ -98,6 +98,14 @@ def test_parse_link_names_what_is_wrong() -> None:
         signing.parse_link({**good, "ts": "yesterday"})
     with pytest.raises(AuthError, match="64 hex"):
         signing.parse_link({**good, "sig": "xyz"})
+    for key in ("ts", "nonce", "sig"):  # "$" of a pattern also matches before a final newline
+        with pytest.raises(AuthError, match=key if key != "sig" else "64 hex"):
+            signing.parse_link({**good, key: good[key] + "\n"})
+
+
+def test_an_appkey_ends_where_its_characters_do() -> None:
+    assert valid_appkey("my-app.v2_1") and not valid_appkey("my-app\n")
+    assert not valid_appkey("") and not valid_appkey("x" * 65)
 
 
 def test_secrets_are_checked_against_their_hash() -> None:

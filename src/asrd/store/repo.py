@@ -21,14 +21,14 @@ from asrd.errors import InvalidParameter
 from asrd.store import Script, Store, StoreError, signing
 from asrd.store.keys import Keys
 
-APPKEY_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+APPKEY_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 # Its usage hash would be Keys.usage_apps, the set of all keys with usage.
 RESERVED_APPKEYS = frozenset({"apps"})
 Status = Literal["active", "disabled"]
 
 
 def valid_appkey(appkey: str) -> bool:
-    return bool(APPKEY_RE.match(appkey)) and appkey not in RESERVED_APPKEYS
+    return bool(APPKEY_RE.fullmatch(appkey)) and appkey not in RESERVED_APPKEYS
 
 
 @dataclass(frozen=True, slots=True)

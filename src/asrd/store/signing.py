@@ -29,9 +29,9 @@ from asrd.errors import AuthError
 
 LINK_VERSION = "asrd-link-v1"
 LINK_PARAMS = ("appkey", "ts", "nonce", "sig")
-_NONCE = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
-_TS = re.compile(r"^[0-9]{1,12}$")
-_SIG = re.compile(r"^[0-9a-f]{64}$")
+_NONCE = re.compile(r"[A-Za-z0-9_-]{8,64}")
+_TS = re.compile(r"[0-9]{1,12}")
+_SIG = re.compile(r"[0-9a-f]{64}")
 
 
 def _urlsafe(nbytes: int) -> str:
@@ -95,7 +95,7 @@ def sign_url(
     parts = urlsplit(url)
     stamp = str(int(time.time()) if ts is None else ts)
     nonce = nonce or new_nonce()
-    if not _NONCE.match(nonce):
+    if not _NONCE.fullmatch(nonce):
         raise ValueError("nonce: 8 to 64 characters of A-Z a-z 0-9 _ -")
     sig = link_signature(derive_link_key(secret), method, parts.path, appkey, stamp, nonce)
     query = [(k, v) for k, v in parse_qsl(parts.query) if k not in LINK_PARAMS]
@@ -119,11 +119,11 @@ def parse_link(query: dict[str, str]) -> SignedLink | None:
     if missing:
         raise AuthError(f"signed link: missing {', '.join(missing)}")
     link = SignedLink(query["appkey"], query["ts"], query["nonce"], query["sig"].lower())
-    if not _TS.match(link.ts):
+    if not _TS.fullmatch(link.ts):
         raise AuthError("signed link: ts must be unix seconds")
-    if not _NONCE.match(link.nonce):
+    if not _NONCE.fullmatch(link.nonce):
         raise AuthError("signed link: nonce must be 8 to 64 characters of A-Z a-z 0-9 _ -")
-    if not _SIG.match(link.sig):
+    if not _SIG.fullmatch(link.sig):
         raise AuthError("signed link: sig must be 64 hex digits (HMAC-SHA256)")
     return link
 
