@@ -1112,6 +1112,51 @@ async def test_redis_error_replies_reach_no_client_and_read_only_is_an_outage(
                 await repo.store.execute("CONFIG", "SET", "replica-serve-stale-data", "yes")
 
 
+async def test_a_read_only_redis_is_one_outage_until_it_takes_writes_again(
+    redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A replica answers the config polls (reads) twice a second: each used to end the outage
+    ("reachable again", a reconnect counted) and the next write to start it again (an ERROR
+    line). Only a write ends it: here the buffered record, once Redis takes writes again."""
+    config = Config.model_validate({"redis": {"url": redis_url}})
+    caplog.set_level(logging.WARNING, logger="asrd.store.plane")
+    record = SessionRecord(
+        task_id="1" * 32,
+        session_id="ro1",
+        appkey="read-only",
+        language="en-US",
+        started_at=time.time(),
+        duration_s=1.0,
+        audio_s=1.0,
+        code=20000000,
+        reason="completed",
+    )
+    async with open_redis_control_plane(config) as plane, open_repo(redis_url) as repo:
+        await repo.store.execute("REPLICAOF", "127.0.0.1", str(free_port()))
+        try:
+            await plane.finish(Admission(appkey="read-only", pool="en-US", slot="ro1"), record)
+
+            async def away() -> bool:  # the record's first write was refused
+                return not plane.available
+
+            await eventually(away)
+            for _ in range(6):  # three seconds of config polls, each answered
+                await plane._poll_config()
+                await trio.sleep(0.5)
+            assert not plane.available and plane.redis_reconnects == 0 and plane.pending == 1
+        finally:
+            await repo.store.execute("REPLICAOF", "NO", "ONE")
+
+        async def written() -> bool:
+            return plane.available and plane.pending == 0
+
+        await eventually(written)
+        assert plane.redis_reconnects == 1
+        assert [row.sessions for row in await repo.usage("read-only")] == [1]
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1, [r.getMessage() for r in errors]  # the outage, once
+
+
 async def test_records_wait_whole_while_a_foreign_value_blocks_their_keys(
     redis_url: str, nats: Nats, pool: Pool, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -29,6 +29,11 @@ class StoreUnavailable(StoreError):
     """Redis is unreachable or did not answer in time: 50000000, retry later."""
 
 
+class StoreNotServing(StoreUnavailable):
+    """Redis answers but refuses to serve us for now (a read-only replica, MASTERDOWN, memory
+    full): an outage too, but one that reads may not end."""
+
+
 @dataclass(frozen=True)
 class Script:
     """A Lua script run with EVALSHA (loaded on first use)."""

@@ -47,7 +47,7 @@ from asrd.errors import (
     TooManyRequests,
     UnknownAppKey,
 )
-from asrd.store import StoreError, StoreUnavailable, signing
+from asrd.store import StoreError, StoreNotServing, StoreUnavailable, signing
 from asrd.store.redisstore import open_redis_store
 from asrd.store.repo import AppKey, RecordItem, Repository, TokenInfo, day_of
 
@@ -126,6 +126,7 @@ class RedisControlPlane:
         self.writer_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         self.routing: RoutingConfig = config.routing
         self.available = True
+        self._writes_refused = False  # the outage, if any, is one of refused writes
         self._watcher = ConfigWatcher(repo)
         self._running: dict[str, _Running] = {}  # slot (session id) -> session
         self._releases: set[tuple[str, str]] = set()  # (appkey, slot) to give back
@@ -337,6 +338,7 @@ class RedisControlPlane:
                 self._wake.set()
                 raise
             else:
+                self._mark_up(wrote=True)
                 if not taken:
                     raise TooManyRequests(
                         f"appkey {app.appkey!r} already runs its limit of {app.max_sessions} "
@@ -505,6 +507,8 @@ class RedisControlPlane:
         running: dict[str, list[str]] = {}
         for slot, r in self._running.items():
             running.setdefault(r.appkey, []).append(slot)
+        if not running:
+            return  # nothing to refresh: no word from Redis either way
         try:
             await self._repo.refresh_slots(running)
         except StoreUnavailable as exc:
@@ -512,7 +516,7 @@ class RedisControlPlane:
         except StoreError as exc:
             log.error("refreshing concurrency slots failed: %s", exc)
         else:
-            self._mark_up()
+            self._mark_up(wrote=True)
         finally:
             # A session that ended during the round-trip may have had its slot given back
             # before the refresh re-added it, which would then count for slot_ttl_s: give it
@@ -527,6 +531,7 @@ class RedisControlPlane:
         while True:
             await self._wake.wait()
             self._wake = trio.Event()
+            wrote = bool(self._releases or self.pending)  # else Redis is not asked anything
             try:
                 await self._flush()
             except StoreUnavailable as exc:
@@ -540,9 +545,13 @@ class RedisControlPlane:
                 await trio.sleep(FLUSH_RETRY_S)
                 self._wake.set()
             else:
-                self._mark_up()
+                if wrote:
+                    self._mark_up(wrote=True)
 
     def _mark_down(self, exc: Exception) -> None:
+        # A Redis that refuses writes still answers reads: only a write may then end the outage,
+        # or each read would end it and the next write start it again, twice a second.
+        self._writes_refused = isinstance(exc, StoreNotServing)
         if self.available:
             self.available = False
             log.error(
@@ -558,8 +567,9 @@ class RedisControlPlane:
     def redis_errors(self) -> int:
         return self._repo.store.errors
 
-    def _mark_up(self) -> None:
-        if not self.available:
+    def _mark_up(self, *, wrote: bool = False) -> None:
+        """Redis answered; ``wrote``: it took a write."""
+        if not self.available and (wrote or not self._writes_refused):
             self.available = True
             self.redis_reconnects += 1
             log.warning(

@@ -28,7 +28,7 @@ from redis.backoff import NoBackoff
 
 from asrd.aiothread import AsyncioThread, open_asyncio_thread
 from asrd.config import RedisConfig
-from asrd.store import Arg, Script, StoreError, StoreUnavailable
+from asrd.store import Arg, Script, StoreError, StoreNotServing, StoreUnavailable
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -102,7 +102,7 @@ class RedisStore:
             raise StoreUnavailable(f"Redis at {self._url} unreachable: {exc}") from exc
         except _NOT_SERVING as exc:  # a replica promoted, memory full: like an outage, for now
             self.errors += 1
-            raise StoreUnavailable(f"Redis at {self._url} cannot serve us now: {exc}") from exc
+            raise StoreNotServing(f"Redis at {self._url} cannot serve us now: {exc}") from exc
         except (TimeoutError, OSError, concurrent.futures.CancelledError) as exc:
             self.errors += 1
             raise StoreUnavailable(f"Redis at {self._url} unreachable: {exc!r}") from exc
