@@ -5,6 +5,7 @@ once, with the same indexes and times as an undisturbed run.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import subprocess
 from collections.abc import Callable, Iterator
@@ -205,6 +206,71 @@ def test_nats_restart_mid_stream_loses_nothing() -> None:
             trio.run(main, url, port, holder)
         finally:
             stop(holder[0])
+
+
+class LinkProxy:
+    """A TCP proxy in front of nats-server for one process, whose link a test can cut: a
+    network blip on that process's NATS connection only."""
+
+    def __init__(self) -> None:
+        self.port = 0
+        self._links: list[trio.CancelScope] = []
+        self._down_until = 0.0
+
+    def cut(self, down_s: float) -> None:
+        """Drop every connection now, and refuse new ones for ``down_s``."""
+        self._down_until = trio.current_time() + down_s
+        for link in self._links:
+            link.cancel()
+        self._links.clear()
+
+    async def serve(self, target_port: int, *, task_status: trio.TaskStatus[None]) -> None:
+        async def pipe(src: trio.SocketStream, dst: trio.SocketStream) -> None:
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                while data := await src.receive_some(65536):
+                    await dst.send_all(data)
+
+        async def link(client: trio.SocketStream) -> None:
+            async with client:
+                if trio.current_time() < self._down_until:
+                    return  # still down
+                with trio.CancelScope() as scope:
+                    self._links.append(scope)
+                    async with await trio.open_tcp_stream("127.0.0.1", target_port) as server:
+                        async with trio.open_nursery() as nursery:
+                            nursery.start_soon(pipe, client, server)
+                            nursery.start_soon(pipe, server, client)
+
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.port = listeners[0].socket.getsockname()[1]
+        task_status.started()
+        await trio.serve_listeners(link, listeners)
+
+
+async def test_a_blip_on_the_workers_own_nats_link_loses_nothing(nats: Nats) -> None:
+    """Only the worker's connection drops, for half a second mid-sentence: the gateway's link
+    stays up and never hears of it. The worker gives the session back when its link returns,
+    and the gateway replays what it sent meanwhile."""
+    config = WorkerConfig(engine="loadtest", decoders=1, pool="it-blip")
+    proxy = LinkProxy()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(proxy.serve, nats.port)
+        proxied = f"nats://127.0.0.1:{proxy.port}"
+        async with open_nats_bus(NatsConfig(), proxied, name="blip-worker") as worker_bus:
+            worker = Worker(config, "asrd", worker_bus, LoadtestEngine(1))
+            await nursery.start(worker.run)
+            async with open_gateway(nats.url, Pool("it-blip", [], 1)) as gw:
+                with trio.fail_after(GUARD_S):
+                    while not gw.gateway.registry.alive("it-blip"):  # noqa: ASYNC110
+                        await trio.sleep(0.05)
+                pcm = recording()
+                undisturbed = await stream(gw, pcm, realtime=False)
+                disturbed = await stream(
+                    gw, pcm, at_sentence=2, delay_s=1.0, fault=lambda gw: proxy.cut(0.5)
+                )
+                assert worker_bus.reconnects == 1 and gw.gateway.state.bus.reconnects == 0
+        nursery.cancel_scope.cancel()
+    check_same_sentences(disturbed, undisturbed)
 
 
 async def test_gateway_drain_lets_running_sessions_finish(nats: Nats, pool: Pool) -> None:

@@ -726,6 +726,37 @@ class _ReconnectingBus(InMemoryBus):
         return self.reconnect_count
 
 
+async def test_a_worker_whose_own_link_reconnected_hands_its_sessions_back() -> None:
+    """What the gateway sent while only the worker's link was down is lost, and the gateway
+    does not know: the worker gives the session back (handoff), and the gateway replays its
+    journal to whichever worker claims it next."""
+    log: list[str] = []
+    bus = _ReconnectingBus()
+    worker = Worker(WorkerConfig(decoders=1), "asrd", bus, _StepEngine(log))
+    results = await bus.subscribe(session_out("asrd", "s"))
+    inbox = session_in("asrd", "s")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(worker.run)
+        claim = wire.Claim("s", 16000, False, epoch=3).encode()
+        assert wire.decode_claim_reply(
+            await bus.request(claim_subject("asrd", "en-US"), claim, 1)
+        ).ok
+        bus.publish(inbox, wire.encode_control("begin", 1))
+        bus.publish(inbox, wire.encode_audio(1, bytes(3200)))
+        with trio.fail_after(5):
+            while "accept 3200" not in log:  # noqa: ASYNC110 - the fake engine has no event
+                await trio.sleep(0.01)
+        bus.reconnect_count = 1  # the worker's link dropped and came back
+        bus.publish(inbox, wire.encode_audio(1, bytes(3200)))  # the first message after it
+        with trio.fail_after(5):
+            answer = wire.decode_output((await results.receive()).data)
+            while worker.sessions:  # noqa: ASYNC110 - the session task ends on its own
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    assert answer == wire.Handoff(3)
+    assert log.count("accept 3200") == 1 and worker.free == 1
+
+
 async def test_a_reconnect_while_claiming_is_followed_by_a_replay(
     autojump_clock: trio.abc.Clock,
 ) -> None:

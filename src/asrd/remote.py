@@ -2,11 +2,11 @@
 
 Claims a worker, forwards utterance audio fire-and-forget, and keeps a journal of everything
 sent since the last finalised utterance. The journal is what makes a session outlive its
-worker: when the worker dies (heartbeats stop), hands the session back (it is draining) or
-the bus reconnects (messages may have been lost either way), the link claims a worker again
-and replays the journal. The worker restarts any utterance it is given again, and the sentence
-tracker drops results it has already delivered, so the client sees every sentence exactly
-once, with the same index and times.
+worker: when the worker dies (heartbeats stop), hands the session back (it drains, or its own
+NATS link dropped) or the bus reconnects (messages may have been lost either way), the link
+claims a worker again and replays the journal. The worker restarts any utterance it is given
+again, and the sentence tracker drops results it has already delivered, so the client sees
+every sentence exactly once, with the same index and times.
 """
 
 from __future__ import annotations
@@ -201,7 +201,7 @@ class RemoteRecognizer:
         return result.epoch == self.epoch and self._bus.reconnects == self._reconnects_seen
 
     def handoff_requested(self) -> None:
-        """The worker is draining and gave the session back: move it now."""
+        """The worker gave the session back (it drains, or its NATS link dropped): move it now."""
         self._handoff = True
         self._attention.set()
 
@@ -228,7 +228,7 @@ class RemoteRecognizer:
                 await self._failover(f"engine worker {self.worker_id} stopped responding")
             elif self._handoff:
                 self._handoff = False
-                await self._failover(f"engine worker {self.worker_id} is draining")
+                await self._failover(f"engine worker {self.worker_id} gave the session back")
             elif self._bus.reconnects != reconnects:
                 # Messages in flight when the connection dropped may be lost in either
                 # direction: give the (same or another) worker the journal again.

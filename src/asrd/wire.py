@@ -198,7 +198,8 @@ class Failure:
 
 @dataclass(frozen=True, slots=True)
 class Handoff:
-    """The worker is draining: the gateway should move the session to another worker."""
+    """The worker gives the session back (it drains, or its NATS link dropped): the gateway
+    claims a worker again and replays its journal."""
 
     epoch: int = 0
 

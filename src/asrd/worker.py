@@ -229,11 +229,21 @@ class Worker:
         bytes_per_ms = claim.sample_rate * 2 // 1000
         step_bytes = bytes_per_ms * MAX_STEP_MS
         defer_bytes = bytes_per_ms * MAX_PARTIAL_DEFER_MS
+        # Our own link to NATS dropping loses what the gateway sent meanwhile, and its gateway
+        # does not know: hand the session back, so that it replays its journal.
+        reconnects = self.bus.reconnects
+        handback = False
         try:
             with served.scope:
                 while True:
                     msg = await sub.receive()
                     served.last_heard = trio.current_time()  # read by _silence_loop
+                    if self.bus.reconnects != reconnects:
+                        log.warning(
+                            "session %s: NATS reconnected, handing it back", claim.session_id
+                        )
+                        handback = True
+                        return
                     item = wire.decode_input(msg.data)
                     if isinstance(item, wire.AudioIn):
                         if item.utt != utt:
@@ -302,7 +312,7 @@ class Worker:
             failure = wire.Failure(50000000, f"engine error: {exc!r}", claim.epoch)
             self.bus.publish(out, failure.encode())
         finally:
-            if self.draining:
+            if self.draining or handback:
                 self.bus.publish(out, wire.Handoff(claim.epoch).encode())
             self.engine.release(rec)
             del self.sessions[claim.session_id]

@@ -49,7 +49,6 @@ class NatsBus:
         self._inbox: collections.deque[tuple[Subscription, Msg]] = collections.deque()
         self._deliver_scheduled = False
         self._subs: dict[int, NatsSubscription] = {}
-        self._reconnects = 0
         self.errors = 0
 
     # --- trio side -------------------------------------------------------------------------
@@ -60,7 +59,10 @@ class NatsBus:
 
     @property
     def reconnects(self) -> int:
-        return self._reconnects
+        # nats-py counts a reconnect before it subscribes again, its callback only after a
+        # round-trip: by then messages of the new connection may have been handed to us, and
+        # whoever compares this count would take them for messages from before the gap.
+        return int(self._nc.stats["reconnects"])
 
     def publish(self, subject: str, data: bytes, reply: str = "") -> None:
         if len(self._outbox) >= MAX_OUTBOX:
@@ -236,8 +238,6 @@ async def open_nats_bus(
             log.warning("NATS disconnected from %s", url)
 
     async def reconnected() -> None:
-        if holder:
-            holder[0]._reconnects += 1
         log.warning("NATS reconnected to %s", nc.connected_url.netloc if nc.connected_url else url)
 
     last_error: list[Exception] = []
