@@ -14,7 +14,9 @@ from asrd import wire
 from asrd import worker as worker_module
 from asrd.auth import StaticAuthenticator
 from asrd.bus import (
+    Msg,
     NoResponders,
+    Subscription,
     claim_subject,
     heartbeat_subject,
     session_in,
@@ -395,10 +397,12 @@ async def test_worker_frees_the_decoder_of_a_silent_gateway(
     autojump_clock: trio.abc.Clock,
 ) -> None:
     """A session whose gateway sends nothing for session_idle_timeout_s gets its decoder
-    back; one that keeps talking (keepalives) does not."""
+    back, and the worker says so (a gateway alive after all moves the session); one that
+    keeps talking (keepalives) does not."""
     bus = InMemoryBus()
     config = WorkerConfig(engine="loadtest", decoders=2, session_idle_timeout_s=4.0)
     worker = Worker(config, "asrd", bus, LoadtestEngine(2))
+    given_back = await bus.subscribe(session_out("asrd", "silent"))
     async with trio.open_nursery() as nursery:
         await nursery.start(worker.run)
         for sid in ("silent", "talking"):
@@ -417,7 +421,27 @@ async def test_worker_frees_the_decoder_of_a_silent_gateway(
         # freed after 4 s of silence, give or take the 1 s check interval
         assert 4.0 <= trio.current_time() - start <= 5.5
         assert set(worker.sessions) == {"talking"} and worker.free == 1
+        with trio.fail_after(5):
+            assert wire.decode_output((await given_back.receive()).data) == wire.Handoff(0)
         nursery.cancel_scope.cancel()
+
+
+async def test_a_session_whose_messages_wait_for_the_worker_is_not_silent() -> None:
+    """A long final pass keeps the event loop from reading a session's input for longer than
+    session_idle_timeout_s: what waits there is the gateway talking, not silence. (The
+    session was freed, and its gateway, told nothing, waited for results for good.)"""
+    bus = InMemoryBus()
+    worker = Worker(WorkerConfig(decoders=1), "asrd", bus, LoadtestEngine(1))
+    inbox = Subscription(session_in("asrd", "s"), 16)
+    served = worker_module._Served(inbox)
+    worker.sessions["s"] = served
+    inbox.deliver(Msg(inbox.subject, wire.encode_control("keepalive")))
+    served.last_heard = 0.0
+    worker._free_silent(now=100.0, idle_s=5.0)
+    assert not served.silent and not served.scope.cancel_called and served.last_heard == 100.0
+    inbox._recv.receive_nowait()  # read: now the gateway has said nothing for 5 s
+    worker._free_silent(now=105.0, idle_s=5.0)
+    assert served.silent and served.scope.cancel_called
 
 
 class _StepRecorder:

@@ -38,16 +38,18 @@ STALL_S = 5.0  # heartbeats stop when the event loop has made no progress for th
 
 
 class _Served:
-    """A session this worker decodes: its cancel scope, whether an utterance is open, and
-    when its gateway last sent anything."""
+    """A session this worker decodes: its cancel scope, its input, whether an utterance is
+    open, and when its gateway last sent anything."""
 
-    __slots__ = ("done", "in_utterance", "last_heard", "scope")
+    __slots__ = ("done", "in_utterance", "inbox", "last_heard", "scope", "silent")
 
-    def __init__(self) -> None:
+    def __init__(self, inbox: Subscription) -> None:
         self.scope = trio.CancelScope()
+        self.inbox = inbox
         self.in_utterance = False
         self.done = trio.Event()
         self.last_heard = trio.current_time()
+        self.silent = False  # freed by _silence_loop
 
 
 class Worker:
@@ -207,7 +209,7 @@ class Worker:
             self.metrics.claims.inc(1, "draining")
             return wire.ClaimReply(False, self.id, TooManyRequests.code, "worker is draining")
         self.metrics.claims.inc(1, "accepted")
-        served = _Served()
+        served = _Served(sub)
         self.sessions[claim.session_id] = served
         assert self._nursery is not None
         self._nursery.start_soon(self._session, claim, recognizer, sub, served)
@@ -312,7 +314,9 @@ class Worker:
             failure = wire.Failure(50000000, f"engine error: {exc!r}", claim.epoch)
             self.bus.publish(out, failure.encode())
         finally:
-            if self.draining or handback:
+            # Given back: the gateway, if it is alive after all, moves the session (a session
+            # ended here without a word would wait on a worker that no longer listens).
+            if self.draining or handback or served.silent:
                 self.bus.publish(out, wire.Handoff(claim.epoch).encode())
             self.engine.release(rec)
             del self.sessions[claim.session_id]
@@ -382,13 +386,18 @@ class Worker:
         idle_s = self.config.session_idle_timeout_s
         while True:
             await trio.sleep(idle_s / 4)
-            now = trio.current_time()
-            for session_id, served in list(self.sessions.items()):
-                if not self.bus.connected:
-                    served.last_heard = now  # NATS is down: wait for it, then for the gateway
-                elif now - served.last_heard >= idle_s:
-                    log.warning("session %s: gateway silent, freeing decoder", session_id)
-                    served.scope.cancel()
+            self._free_silent(trio.current_time(), idle_s)
+
+    def _free_silent(self, now: float, idle_s: float) -> None:
+        for session_id, served in list(self.sessions.items()):
+            if not self.bus.connected or served.inbox.pending:
+                # NATS is down: wait for it, then for the gateway. Or its messages wait for
+                # us (a long final pass kept this loop busy): the gateway is not silent.
+                served.last_heard = now
+            elif now - served.last_heard >= idle_s:
+                log.warning("session %s: gateway silent, freeing decoder", session_id)
+                served.silent = True
+                served.scope.cancel()
 
     @asynccontextmanager
     async def _pause(self, audio_s: float) -> AsyncIterator[None]:
