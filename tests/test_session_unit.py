@@ -194,6 +194,50 @@ async def test_audio_faster_than_allowed_is_slowed_not_refused(
     assert 9.5 <= elapsed <= 10.5
 
 
+class PacedSocket(FastSocket):
+    """A client that streams ``paced`` frames at real time, then pushes the rest at once."""
+
+    def __init__(self, paced: int, frames: int, frame: bytes) -> None:
+        super().__init__(frames, frame)
+        self.paced = paced
+
+    async def get_message(self) -> Any:
+        if self.paced:
+            self.paced -= 1
+            await trio.sleep(0.1)  # 100 ms frames at 1x
+        return await super().get_message()
+
+
+async def test_time_spent_streaming_slowly_earns_no_burst(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """100 s at real time, then 60 s of audio at once: only the 10 s burst goes at once, the
+    rest at 5x: 10 s. (The allowance used to grow with the session, 5 s of audio per second:
+    after 100 s at 1x, 400 s more of audio went in at once.)"""
+    session, _ = make_session(audio_burst_s=10.0, max_audio_speed=5.0, idle_timeout_s=100.0)
+    session.ws = PacedSocket(1000, 1600, bytes(3200))  # type: ignore[assignment]
+    received = 0
+    done = trio.Event()
+    pushed_from = 0.0
+
+    async def audio(data: bytes) -> None:
+        nonlocal received, pushed_from
+        received += 1
+        if received == 1000:
+            pushed_from = trio.current_time()
+        if received == 1600:
+            done.set()
+
+    session._audio = audio  # type: ignore[method-assign]
+    with trio.fail_after(1000):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(session._receive_loop)
+            await done.wait()
+            nursery.cancel_scope.cancel()
+    # (60 s - 10 s burst) / 5x = 10 s
+    assert 9.5 <= trio.current_time() - pushed_from <= 10.5
+
+
 def test_a_session_keeps_its_transcript_only_when_it_is_recorded() -> None:
     """A long session must not grow without bound: final sentences are kept for the session
     record only when the control plane records transcripts, and without their words."""

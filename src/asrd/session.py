@@ -272,8 +272,9 @@ class Session:
         max_text = self.config.server.max_text_bytes
         speed = self.config.server.max_audio_speed
         burst_s = self.config.server.audio_burst_s
-        received = 0  # audio bytes, for the burst limit
-        first_audio = 0.0
+        # When the audio received so far is due at ``speed``: never earlier than a burst's
+        # worth before now, so that time the client streamed slower earns no credit.
+        due = -math.inf
         while True:
             self._waiting_since = trio.current_time()  # read by _timeouts_loop
             message = await self.ws.get_message()
@@ -293,14 +294,10 @@ class Session:
             # Faster than real time is fine up to a burst; beyond it we slow the client
             # down (stop reading its socket) instead of buffering without bound.
             now = trio.current_time()
-            if not received:
-                first_audio = now
-            received += len(message)
-            ahead_s = (
-                received / (2 * self.params.sample_rate) - burst_s - (now - first_audio) * speed
-            )
-            if ahead_s > 0:
-                await trio.sleep(ahead_s / speed)
+            audio_s = len(message) / (2 * self.params.sample_rate)
+            due = max(due, now - burst_s / speed) + audio_s / speed
+            if due > now:
+                await trio.sleep(due - now)
             await self._audio(event.data)
 
     async def _handle(self, event: ClientCommand) -> None:
