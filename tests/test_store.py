@@ -45,7 +45,7 @@ from asrd.store.follow import follow_worker_pool
 from asrd.store.http import TOKEN_PATH, handle_token_request, token_endpoint
 from asrd.store.plane import RedisControlPlane, open_redis_control_plane
 from asrd.store.redisstore import open_redis_store
-from asrd.store.repo import Repository
+from asrd.store.repo import RecordItem, Repository, day_of
 from asrd.worker import Worker
 from tests.audio_fixtures import load_clip, silence
 from tests.conftest import Nats, Pool
@@ -937,8 +937,41 @@ async def test_usage_and_transcripts_survive_a_gateway_restart(
         status, _ = await asrd(capsys, "transcript", task_b, *r)
         assert status == 1  # recording is off for rec-b
         async with open_repo(redis_url) as repo:
-            ttl = await repo.store.execute("TTL", repo.keys.transcript(task_a))
+            key = repo.keys.transcript(task_a, doc["session_id"])
+            ttl = await repo.store.execute("TTL", key)
             assert 0 < ttl <= 30 * 86400  # the retention
+
+
+async def test_a_task_id_used_again_keeps_no_older_transcript_past_the_retention(
+    redis_url: str,
+) -> None:
+    """The task id is the client's, and nothing makes it unique: the transcripts of its
+    sessions shared one hash, whose expiry every new session pushed back, so an older
+    transcript was kept as long as the id kept being used."""
+    task = "7a5c" * 8
+
+    def item(appkey: str, session_id: str) -> RecordItem:
+        now = time.time()
+        doc = {"task_id": task, "session_id": session_id, "appkey": appkey, "started_at": now}
+        return RecordItem(
+            appkey=appkey,
+            day=day_of(now),
+            sessions=1,
+            task_id=task,
+            session_id=session_id,
+            ended_ms=int(now * 1000),
+            doc=json.dumps({**doc, "ended_at": now, "sentences": []}),
+        )
+
+    async with open_repo(redis_url, transcript_retention_days=2 / 86400) as repo:  # 2 s
+        await repo.write_batch(f"asrd:batch:reuse:{task}:0", [item("first", "a1")])
+        for n in range(1, 4):  # used again, by another key's client, every second
+            await trio.sleep(1.0)
+            await repo.write_batch(f"asrd:batch:reuse:{task}:{n}", [item("other", f"b{n}")])
+        kept = [d["session_id"] for d in await repo.transcript(task)]
+        assert "a1" not in kept and kept[-1] == "b3", kept
+        assert await repo.transcripts("first") == []
+        assert [d["session_id"] for d in await repo.transcripts("other", limit=2)] == ["b3", "b2"]
 
 
 # --- 8. Redis goes away -----------------------------------------------------------------------

@@ -57,13 +57,21 @@ class Keys:
         """SET of the app keys that have usage (deleted keys included)."""
         return f"{self.prefix}usage:apps"
 
-    def transcript(self, task_id: str) -> str:
-        """HASH session_id -> JSON transcript record; expires after the retention."""
-        return f"{self.prefix}transcript:{task_id}"
+    def transcript(self, task_id: str, session_id: str) -> str:
+        """STRING: one session's JSON transcript record; expires after the retention. One key
+        per session: a task id (the client's) may be used again, and must not keep older
+        transcripts alive."""
+        return f"{self.prefix}transcript:{task_id}:{session_id}"
+
+    def task_transcripts(self, task_id: str) -> str:
+        """ZSET session_id -> end time (ms): the transcripts of a task id, trimmed to the
+        retention; expires a retention after its last write."""
+        return f"{self.prefix}task-transcripts:{task_id}"
 
     def transcripts(self, appkey: str) -> str:
-        """ZSET task_id -> end time (ms): the key's transcripts, trimmed to the retention."""
-        return f"{self.prefix}transcripts:{appkey}"
+        """ZSET ``<task_id>:<session_id>`` -> end time (ms): the key's transcripts, trimmed to
+        the retention."""
+        return f"{self.prefix}app-transcripts:{appkey}"
 
     def batch(self, writer: str, seq: int) -> str:
         """STRING marker of a written record batch (a retried batch is not counted twice)."""

@@ -211,8 +211,9 @@ return redis.call('ZCOUNT', KEYS[1], '(' .. now, '+inf')
 """
 )
 
-# KEYS[1] batch marker, KEYS[2] usage apps set, then per item its usage hash, transcript hash
-# and transcripts zset. ARGV[1] marker ttl s, ARGV[2] retention s, ARGV[3] JSON items.
+# KEYS[1] batch marker, KEYS[2] usage apps set, then per item its usage hash, transcript
+# string, task's transcripts zset and key's transcripts zset. ARGV[1] marker ttl s, ARGV[2]
+# retention s, ARGV[3] JSON items.
 # Returns 0 when the batch was written before (a retry after a lost reply). A key holding a
 # value of another type is an error before anything is written: a script's writes are not
 # undone when a later command fails, and the retry would then skip the rest as written.
@@ -221,7 +222,8 @@ WRITE_BATCH = Script(
 local items = cjson.decode(ARGV[3])
 local want = {[2] = 'set'}
 for i = 1, #items do
-  want[3 * i], want[3 * i + 1], want[3 * i + 2] = 'hash', 'hash', 'zset'
+  local k = 4 * i - 1
+  want[k], want[k + 1], want[k + 2], want[k + 3] = 'hash', 'string', 'zset', 'zset'
 end
 for k, t in pairs(want) do
   local have = redis.call('TYPE', KEYS[k]).ok
@@ -232,17 +234,21 @@ end
 if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then return 0 end
 local retention = tonumber(ARGV[2])
 for i, it in ipairs(items) do
-  local usage, tr, trs = KEYS[3 * i], KEYS[3 * i + 1], KEYS[3 * i + 2]
+  local k = 4 * i - 1
+  local usage, tr, task, app = KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
   local d = it.day .. ':'
   for _, c in ipairs({'sessions', 'errors', 'audio_ms', 'duration_ms', 'lost_transcripts'}) do
     if it[c] ~= '0' then redis.call('HINCRBY', usage, d .. c, it[c]) end
   end
   redis.call('SADD', KEYS[2], it.appkey)
   if it.doc ~= '' then
-    redis.call('HSET', tr, it.session_id, it.doc)
-    redis.call('EXPIRE', tr, retention)
-    redis.call('ZADD', trs, it.ended_ms, it.task_id)
-    redis.call('ZREMRANGEBYSCORE', trs, '-inf', tonumber(it.ended_ms) - retention * 1000)
+    local gone = tonumber(it.ended_ms) - retention * 1000
+    redis.call('SET', tr, it.doc, 'EX', retention)
+    redis.call('ZADD', task, it.ended_ms, it.session_id)
+    redis.call('ZREMRANGEBYSCORE', task, '-inf', gone)
+    redis.call('EXPIRE', task, retention)
+    redis.call('ZADD', app, it.ended_ms, it.task_id .. ':' .. it.session_id)
+    redis.call('ZREMRANGEBYSCORE', app, '-inf', gone)
   end
 end
 return 1
@@ -470,7 +476,8 @@ class Repository:
         for it in items:
             keys += [
                 self.keys.usage(it.appkey),
-                self.keys.transcript(it.task_id),
+                self.keys.transcript(it.task_id, it.session_id),
+                self.keys.task_transcripts(it.task_id),
                 self.keys.transcripts(it.appkey),
             ]
         payload = [{k: str(v) for k, v in asdict(it).items()} for it in items]
@@ -514,8 +521,8 @@ class Repository:
 
     async def transcript(self, task_id: str) -> list[dict[str, Any]]:
         """Every recorded session of ``task_id`` (normally one), oldest first."""
-        h = await self.store.execute("HGETALL", self.keys.transcript(task_id))
-        docs = [json.loads(v) for v in h.values()]
+        sessions = await self.store.execute("ZRANGE", self.keys.task_transcripts(task_id), 0, -1)
+        docs = await self._docs([self.keys.transcript(task_id, s) for s in sessions])
         return sorted(docs, key=lambda d: d.get("started_at", 0))
 
     async def transcripts(
@@ -527,15 +534,22 @@ class Repository:
             low = str(
                 int(datetime(since.year, since.month, since.day, tzinfo=UTC).timestamp() * 1000)
             )
-        task_ids = await self.store.execute(
+        members = await self.store.execute(
             "ZREVRANGEBYSCORE", self.keys.transcripts(appkey), "+inf", low, "LIMIT", 0, limit
         )
-        if not task_ids:
-            return []
-        hashes = await self.store.pipeline([("HGETALL", self.keys.transcript(t)) for t in task_ids])
-        docs = [json.loads(v) for h in hashes for v in h.values()]
-        docs = [d for d in docs if d.get("appkey") == appkey]
+        keys = []
+        for member in members:
+            task_id, _, session_id = member.rpartition(":")  # session ids are hex
+            keys.append(self.keys.transcript(task_id, session_id))
+        docs = await self._docs(keys)
         return sorted(docs, key=lambda d: d.get("ended_at", 0), reverse=True)
+
+    async def _docs(self, keys: list[str]) -> list[dict[str, Any]]:
+        """The transcript records still kept under ``keys`` (an index may outlive a record)."""
+        if not keys:
+            return []
+        values = await self.store.execute("MGET", *keys)
+        return [json.loads(v) for v in values if v is not None]
 
 
 def _token_info(raw: str | None) -> TokenInfo | None:
