@@ -144,11 +144,17 @@ def test_route_language() -> None:
 
 
 async def test_static_control_plane_routes_from_config() -> None:
-    config = load_config(None, routing={"languages": {"en-GB": "english"}})
+    config = load_config(
+        None, routing={"languages": {"en-GB": "english", "fr": "french"}, "default_language": "fr"}
+    )
     plane = StaticControlPlane(config)
     connect = ConnectInfo("GET", "/ws/v1", {}, None)
     admission = await plane.admit(connect, appkey="a", language="en-GB", session_id="s")
-    assert admission.pool == "english"
+    assert (admission.pool, admission.language) == ("english", "en-GB")
+    # No language asked for: the routing's default, which the session records as its own
+    # (it recorded [server] default_language, which may name no pool at all).
+    admission = await plane.admit(connect, appkey="a", language=None, session_id="s")
+    assert (admission.pool, admission.language) == ("french", "fr")
     with pytest.raises(InvalidParameter):
         await plane.admit(connect, appkey="a", language="xx", session_id="s")
 

@@ -32,6 +32,7 @@ class Admission:
     appkey: str
     pool: str
     record_transcript: bool = True
+    language: str = ""  # the language served: the one asked for, or the routing's default
     slot: str = ""  # the concurrency slot to give back (implementation-defined)
 
 
@@ -96,8 +97,9 @@ class StaticControlPlane:
         self, connect: ConnectInfo, *, appkey: str, language: str | None, session_id: str
     ) -> Admission:
         await self._auth.authorize(connect.token, appkey)
-        _, pool = route_language(self._routing, self._default_language, language)
-        return Admission(appkey=appkey, pool=pool, record_transcript=False)  # records nothing
+        lang, pool = route_language(self._routing, self._default_language, language)
+        # records nothing
+        return Admission(appkey=appkey, pool=pool, record_transcript=False, language=lang)
 
     async def finish(self, admission: Admission, record: SessionRecord) -> None:
         return None

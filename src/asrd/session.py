@@ -402,8 +402,9 @@ class Session:
         self.admission = await self.state.control.admit(
             self.connect, appkey=event.appkey, language=params.language, session_id=self.id
         )
-        if params.language is None:
-            params = params.model_copy(update={"language": self.config.server.default_language})
+        if params.language is None:  # as routed: [routing] default_language first
+            language = self.admission.language or self.config.server.default_language
+            params = params.model_copy(update={"language": language})
         self.params = params
         seg = self.config.segmentation
         self.segmenter = Segmenter(

@@ -189,6 +189,7 @@ class RedisControlPlane:
         return Admission(
             appkey=app.appkey,
             pool=pool,
+            language=lang,
             record_transcript=app.record_transcripts,
             slot=session_id,
         )
