@@ -50,7 +50,7 @@ from asrd.worker import Worker
 from tests.audio_fixtures import load_clip, silence
 from tests.conftest import Nats, Pool
 from tests.servers import redis_server, stop, wait_port
-from tests.test_observability import get, metric
+from tests.test_observability import get, metric, raw_exchange
 
 pytestmark = pytest.mark.integration
 GUARD_S = 120  # hang guards, not speed thresholds
@@ -448,7 +448,7 @@ async def token_server(
             buffer += await stream.receive_some(4096)
         head = parse_head(parts[0])
         assert head.path == TOKEN_PATH
-        await stream.send_all(await token_endpoint(plane, stream, head, parts[1]))
+        await stream.send_all((await token_endpoint(plane, stream, head, parts[1]))[0])
         await stream.aclose()
 
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
@@ -472,6 +472,18 @@ def post_token(port: int, appkey: str, secret: str, body: bytes = b"") -> tuple[
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read())
+
+
+async def test_a_token_request_with_a_body_too_large_gets_its_answer(
+    nats: Nats, pool: Pool, redis_url: str
+) -> None:
+    """413 (and 411) are answered before the body is read: the gateway drains it before it
+    closes, or the close would be a reset that loses the answer."""
+    async with open_redis_gateway(nats.url, pool, redis_url) as gw:
+        head = b"POST " + TOKEN_PATH.encode()
+        answer = await trio.to_thread.run_sync(raw_exchange, gw.port, head, 256 * 1024)
+        assert answer.startswith(b"HTTP/1.1 413 "), answer[:200]
+        assert json.loads(answer.partition(b"\r\n\r\n")[2])["error"].startswith("body larger")
 
 
 async def test_tokens_expire_are_revoked_and_belong_to_their_key(

@@ -174,8 +174,9 @@ class Gateway:
             return
         if not head.is_websocket:
             if head.path == TOKEN_PATH:
-                reply = await token_endpoint(self.state.control, stream, head, parts[1])
-                await send_answer(stream, reply)
+                reply, read = await token_endpoint(self.state.control, stream, head, parts[1])
+                if await send_answer(stream, reply) and not read:
+                    await discard_body(stream, head, parts[1])
                 return
             if await send_answer(stream, respond(self.health_routes(), head.path, head.method)):
                 await discard_body(stream, head, parts[1])

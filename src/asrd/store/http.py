@@ -159,11 +159,15 @@ async def read_body(stream: trio.abc.ReceiveStream, head: RequestHead, already: 
 
 async def token_endpoint(
     control: object, stream: trio.abc.ReceiveStream, head: RequestHead, already: bytes
-) -> bytes:
-    """The whole HTTP response to a request for :data:`TOKEN_PATH`."""
+) -> tuple[bytes, bool]:
+    """The whole HTTP response to a request for :data:`TOKEN_PATH`, and whether the request's
+    body was read (else the caller drains it, so that closing does not reset the answer)."""
+    read = False
     try:
         body = await read_body(stream, head, already)
+        read = True
         status, payload = await handle_token_request(control, head.method, head.headers, body)
     except _HttpError as exc:
         status, payload = _json(exc.status, {"error": exc.reason, "code": exc.code})
-    return http_response(status, _REASONS.get(status, "Error"), payload, "application/json")
+    response = http_response(status, _REASONS.get(status, "Error"), payload, "application/json")
+    return response, read
