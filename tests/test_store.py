@@ -1140,21 +1140,17 @@ async def test_redis_error_replies_reach_no_client_and_read_only_is_an_outage(
 
         assert await started(gw.url, "fine", token)  # validated: now cached
         async with open_repo(redis_url) as repo:
-            await repo.store.execute("REPLICAOF", "127.0.0.1", str(free_port()))
-            try:
-                assert await started(gw.url, "fine", token)
-                assert not gw.plane.available
-            finally:
-                await repo.store.execute("REPLICAOF", "NO", "ONE")
-            # ... and so is a replica that lost its master and serves nothing (MASTERDOWN)
-            await repo.store.execute("CONFIG", "SET", "replica-serve-stale-data", "no")
-            await repo.store.execute("REPLICAOF", "127.0.0.1", str(free_port()))
-            try:
-                assert await started(gw.url, "fine", token)
-                assert not gw.plane.available
-            finally:
-                await repo.store.execute("REPLICAOF", "NO", "ONE")
-                await repo.store.execute("CONFIG", "SET", "replica-serve-stale-data", "yes")
+            # "yes": a read-only replica; "no": one that lost its master serves nothing
+            # (MASTERDOWN)
+            for stale_data in ("yes", "no"):
+                await repo.store.execute("CONFIG", "SET", "replica-serve-stale-data", stale_data)
+                await repo.store.execute("REPLICAOF", "127.0.0.1", str(free_port()))
+                try:
+                    assert await started(gw.url, "fine", token)
+                    assert not gw.plane.available
+                finally:
+                    await repo.store.execute("REPLICAOF", "NO", "ONE")
+                    await repo.store.execute("CONFIG", "SET", "replica-serve-stale-data", "yes")
 
 
 async def test_a_read_only_redis_is_one_outage_until_it_takes_writes_again(

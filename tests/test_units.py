@@ -444,6 +444,12 @@ async def test_a_session_whose_messages_wait_for_the_worker_is_not_silent() -> N
     assert served.silent and served.scope.cancel_called
 
 
+async def claimed(bus: InMemoryBus, claim: wire.Claim) -> None:
+    """Claim a session of pool en-US on the in-memory bus; the worker must take it."""
+    reply = await bus.request(claim_subject("asrd", "en-US"), claim.encode(), 1)
+    assert wire.decode_claim_reply(reply).ok
+
+
 class _StepRecorder:
     """A fake recognizer that notes the size of each accept() and what else ran between."""
 
@@ -502,9 +508,7 @@ async def test_worker_decodes_a_long_message_in_steps_with_heartbeats_between() 
 
     async with trio.open_nursery() as nursery:
         await nursery.start(worker.run)
-        claim = wire.Claim("s", 16000, False).encode()
-        reply = await bus.request(claim_subject("asrd", "en-US"), claim, 1)
-        assert wire.decode_claim_reply(reply).ok
+        await claimed(bus, wire.Claim("s", 16000, False))
         inbox = session_in("asrd", "s")
         bus.publish(inbox, wire.encode_control("begin", 1))
         bus.publish(inbox, wire.encode_audio(1, bytes(32000)))  # 1 s at 16 kHz
@@ -539,10 +543,7 @@ async def test_a_worker_behind_decodes_what_waits_before_its_next_partial() -> N
 
     async with trio.open_nursery() as nursery:
         await nursery.start(worker.run)
-        claim = wire.Claim("s", 16000, True).encode()
-        assert wire.decode_claim_reply(
-            await bus.request(claim_subject("asrd", "en-US"), claim, 1)
-        ).ok
+        await claimed(bus, wire.Claim("s", 16000, True))
         # 2 s of audio waiting at once, then the end of the sentence
         bus.publish(inbox, wire.encode_control("begin", 1))
         for _ in range(20):
@@ -761,10 +762,7 @@ async def test_a_worker_whose_own_link_reconnected_hands_its_sessions_back() -> 
     inbox = session_in("asrd", "s")
     async with trio.open_nursery() as nursery:
         await nursery.start(worker.run)
-        claim = wire.Claim("s", 16000, False, epoch=3).encode()
-        assert wire.decode_claim_reply(
-            await bus.request(claim_subject("asrd", "en-US"), claim, 1)
-        ).ok
+        await claimed(bus, wire.Claim("s", 16000, False, epoch=3))
         bus.publish(inbox, wire.encode_control("begin", 1))
         bus.publish(inbox, wire.encode_audio(1, bytes(3200)))
         with trio.fail_after(5):
@@ -964,10 +962,7 @@ async def test_the_grace_of_a_final_pass_ends_with_the_pass() -> None:
 
     async with trio.open_nursery() as nursery:
         await nursery.start(worker.run)
-        claim = wire.Claim("s", 16000, False).encode()
-        assert wire.decode_claim_reply(
-            await bus.request(claim_subject("asrd", "en-US"), claim, 1)
-        ).ok
+        await claimed(bus, wire.Claim("s", 16000, False))
         inbox = session_in("asrd", "s")
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(_StepRecorder, "finish", timed_finish)
