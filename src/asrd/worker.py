@@ -212,16 +212,15 @@ class Worker:
         served = _Served(sub)
         self.sessions[claim.session_id] = served
         assert self._nursery is not None
-        self._nursery.start_soon(self._session, claim, recognizer, sub, served)
+        self._nursery.start_soon(self._session, claim, recognizer, served)
         await self._update_claim_subscription()
         return wire.ClaimReply(True, self.id)
 
     # --- sessions ----------------------------------------------------------------------------
 
-    async def _session(
-        self, claim: wire.Claim, rec: Recognizer, sub: Subscription, served: _Served
-    ) -> None:
+    async def _session(self, claim: wire.Claim, rec: Recognizer, served: _Served) -> None:
         logs.current.set(logs.LogContext(claim.session_id, claim.task_id))  # this task's lines
+        sub = served.inbox
         out = session_out(self.prefix, claim.session_id)
         step = claim.sample_rate * 2 * self.config.partial_interval_ms // 1000
         utt = 0  # 0: no utterance open
