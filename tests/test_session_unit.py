@@ -147,7 +147,7 @@ async def test_a_failure_or_handoff_from_a_void_claim_is_ignored() -> None:
 class FastSocket:
     """A client pushing audio as fast as the gateway reads it."""
 
-    def __init__(self, frames: int, frame: bytes) -> None:
+    def __init__(self, frames: int, frame: bytes | str) -> None:
         self.left = frames
         self.frame = frame
 
@@ -223,6 +223,49 @@ async def test_time_spent_streaming_slowly_earns_no_burst(
     session.ws = PacedSocket(1000, 1600, bytes(3200))  # type: ignore[assignment]
     # (60 s - 10 s burst) / 5x = 10 s
     assert 9.5 <= await read_time(session, frames=1600, from_frame=1000) <= 10.5
+
+
+async def test_a_flood_of_tiny_frames_is_slowed_like_audio(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """Each message counts as at least 10 ms of audio: 30,000 2-byte frames (under 2 s of
+    audio, well within the burst) count as 300 s, so (300 s - 10 s burst) / 5x = 58 s. They
+    used to be read as fast as the client sent them, one session taking a whole core."""
+    session, _ = make_session(audio_burst_s=10.0, max_audio_speed=5.0, idle_timeout_s=100.0)
+    session.ws = FastSocket(30_000, bytes(2))  # type: ignore[assignment]
+    assert 57.5 <= await read_time(session, frames=30_000, from_frame=0) <= 58.5
+
+
+async def test_a_flood_of_commands_is_slowed_like_audio(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """Text messages count against the same allowance, 100 ms each: 600 ControlTranscriber
+    messages count as 60 s, so (60 s - 10 s burst) / 5x = 10 s."""
+    session, _ = make_session(audio_burst_s=10.0, max_audio_speed=5.0, idle_timeout_s=100.0)
+    session.codec.render(TranscriptionStarted("s"))
+    control = (
+        '{"header":{"message_id":"' + "c" * 32 + '","task_id":"' + "b" * 32 + '",'
+        '"namespace":"SpeechTranscriber","name":"ControlTranscriber","appkey":"k"},'
+        '"payload":{"max_sentence_silence":500}}'
+    )
+    session.ws = FastSocket(600, control)  # type: ignore[assignment]
+    handled = 0
+    start = trio.current_time()
+    done = trio.Event()
+
+    def count(event: object) -> None:
+        nonlocal handled
+        handled += 1
+        if handled == 600:
+            done.set()
+
+    session._control = count  # type: ignore[method-assign]
+    with trio.fail_after(1000):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(session._receive_loop)
+            await done.wait()
+            nursery.cancel_scope.cancel()
+    assert 9.5 <= trio.current_time() - start <= 10.5
 
 
 def test_a_session_keeps_its_transcript_only_when_it_is_recorded() -> None:

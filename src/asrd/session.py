@@ -69,6 +69,15 @@ log = logging.getLogger(__name__)
 
 ARRIVAL_STEP_MS = 50  # resolution of the arrival times kept for the latency metrics
 ARRIVALS_KEPT = 300  # 15-30 s of stream (by the frame size): results refer to recent audio
+# Every audio frame counts as at least this much audio against ``max_audio_speed``, and every
+# command (text message) as COMMAND_S: what a message costs is mostly per message, not per
+# byte, so a flood of 1-byte frames or of commands used to take a whole core. At the default
+# 10x: at most 1,000 frames or 100 commands a second per session, after the burst.
+MIN_FRAME_S = 0.01
+COMMAND_S = 0.1
+# A client ahead of its allowance by less than this is not slowed yet: one sleep per 50 ms of
+# lead instead of one per message (a wake-up costs about as much as reading a frame).
+SLOW_DOWN_AFTER_S = 0.05
 
 
 class Codec(Protocol):
@@ -284,21 +293,23 @@ class Session:
                     raise InvalidMessage(
                         f"text message of {len(message)} characters exceeds {max_text}"
                     )
-                await self._handle(self.codec.receive_text(message))
-                continue
-            if len(message) > max_frame:
-                raise ClientError(
-                    f"audio frame of {len(message)} bytes exceeds the limit of {max_frame}"
-                )
-            event = self.codec.receive_binary(message)
+                cost_s = COMMAND_S
+            else:
+                if len(message) > max_frame:
+                    raise ClientError(
+                        f"audio frame of {len(message)} bytes exceeds the limit of {max_frame}"
+                    )
+                cost_s = max(MIN_FRAME_S, len(message) / (2 * self.params.sample_rate))
             # Faster than real time is fine up to a burst; beyond it we slow the client
             # down (stop reading its socket) instead of buffering without bound.
             now = trio.current_time()
-            audio_s = len(message) / (2 * self.params.sample_rate)
-            due = max(due, now - burst_s / speed) + audio_s / speed
-            if due > now:
+            due = max(due, now - burst_s / speed) + cost_s / speed
+            if due > now + SLOW_DOWN_AFTER_S:
                 await trio.sleep(due - now)
-            await self._audio(event.data)
+            if isinstance(message, str):
+                await self._handle(self.codec.receive_text(message))
+            else:
+                await self._audio(self.codec.receive_binary(message).data)
 
     async def _handle(self, event: ClientCommand) -> None:
         if self._stopping:
