@@ -242,7 +242,9 @@ def _parse_below_thousand(keys: Sequence[str], i: int) -> tuple[int, int, bool] 
         simple = False
         tail_at = j + 1 if j < n and keys[j] == "and" else j
         tail = two_digits(tail_at)
-        if tail is not None and tail[0] > 0:
+        # A tail followed by its own "hundred" starts the next number: "five hundred six
+        # hundred" is 500 600, not "506 hundred".
+        if tail is not None and tail[0] > 0 and not (tail[1] < n and keys[tail[1]] == "hundred"):
             value += tail[0]
             j = tail[1]
     return value, j, simple
