@@ -213,8 +213,8 @@ def test_filter_everything() -> None:
         ("one hundred and two hundred", "100 and 200"),
         ("one hundred and twenty two hundred", "100 and 2200"),
         ("five hundred six thousand", "506000"),
-        ("three twenty", "three 20"),
         ("twenty zero", "20 zero"),
+        ("three point o five", "3.05"),  # pocketsphinx spells "oh" "o" too
     ],
 )
 def test_numbers(spoken: str, written: str) -> None:
@@ -222,8 +222,106 @@ def test_numbers(spoken: str, written: str) -> None:
 
 
 @pytest.mark.parametrize(
+    ("spoken", "written"),
+    [
+        ("twelve thirty", "12:30"),
+        ("seven fifteen", "7:15"),
+        ("three twenty", "3:20"),
+        ("ten twenty", "10:20"),
+        ("eleven fifty nine", "11:59"),
+        ("twelve twelve", "12:12"),
+        ("nine oh five", "9:05"),
+        ("nine o five", "9:05"),
+        ("twelve o'clock", "12:00"),
+        ("twelve o clock", "12:00"),
+        ("one o'clock", "1:00"),
+        ("meet at seven fifteen tomorrow", "meet at 7:15 tomorrow"),
+        ("at twelve thirty pm", "at 12:30 pm"),
+    ],
+)
+def test_times(spoken: str, written: str) -> None:
+    """An hour one..twelve said as one word, then minutes or o'clock."""
+    assert texts(inverse_normalize(words(spoken))) == written
+
+
+@pytest.mark.parametrize(
+    ("spoken", "written"),
+    [
+        ("nineteen ninety nine", "1999"),
+        ("nineteen eighty four", "1984"),
+        ("sixteen sixty six", "1666"),
+        ("eighteen twelve", "1812"),
+        ("twenty twenty six", "2026"),
+        ("twenty ten", "2010"),
+        ("nineteen oh five", "1905"),
+        ("nineteen o five", "1905"),
+        ("twenty oh five", "2005"),
+        ("in twenty twenty one", "in 2021"),
+        ("two thousand and five", "2005"),
+    ],
+)
+def test_years(spoken: str, written: str) -> None:
+    """A first half thirteen..twenty said as one word, then two digits."""
+    assert texts(inverse_normalize(words(spoken))) == written
+
+
+@pytest.mark.parametrize(
+    ("spoken", "written"),
+    [
+        # Neither a time (minutes past 59, hour past 12 or said in two words) nor a year.
+        ("twelve ninety nine", "12 99"),
+        ("eleven sixty six", "11 66"),
+        ("twenty one thirty", "21 30"),
+        ("twelve five", "12 five"),
+        ("thirteen o'clock", "13 o'clock"),
+        ("zero thirty", "zero 30"),
+        # The second number is a quantity of its own.
+        ("three twenty dollar bills", "three 20 dollar bills"),
+        ("fifteen twenty dollar bills", "15 20 dollar bills"),
+        ("five ten minute breaks", "five 10 minute breaks"),
+        ("twelve thirty per person", "12 30 per person"),
+        ("nineteen twenty percent", "19 20%"),
+        ("twelve thirty percent", "12 30%"),
+        ("nineteen ninety nine point five", "19 99.5"),
+        ("nineteen fifty thousand", "19 50000"),
+        ("twenty twenty first", "20 twenty first"),
+        ("twelve thirty first", "12 thirty first"),
+        # Inside a run of number words: a phone number, a list.
+        ("five five five oh one two three", "five five five oh one two three"),
+        ("five five five twelve thirty", "five five five 12 30"),
+        ("nine oh five five five five", "nine oh five five five five"),
+        ("nineteen ninety nine twenty twenty", "19 99 20 20"),
+        ("twelve fifteen twenty", "12 15 20"),
+    ],
+)
+def test_adjacent_numbers_stay_apart(spoken: str, written: str) -> None:
+    """Two numbers said in a row that are no time or year are not merged into one."""
+    assert texts(inverse_normalize(words(spoken))) == written
+
+
+def test_times_and_years_span_their_words() -> None:
+    out = inverse_normalize(words("at twelve o clock in nineteen ninety nine"))
+    assert out == [
+        Word("at", 0, 90),
+        Word("12:00", 100, 390),
+        Word("in", 400, 490),
+        Word("1999", 500, 790),
+    ]
+
+
+@pytest.mark.parametrize(
     "spoken",
-    ["one of them", "no one", "zero", "one two three", "hundred", "thousand", "point five"],
+    [
+        "one of them",
+        "no one",
+        "zero",
+        "one two three",
+        "three four",
+        "hundred",
+        "thousand",
+        "point five",
+        "nine oh",
+    ],
 )
 def test_lone_small_numbers_and_stray_number_words_stay_words(spoken: str) -> None:
     assert texts(inverse_normalize(words(spoken))) == spoken

@@ -7,7 +7,8 @@ string operations. Steps, in this order, each switched by a :class:`SessionParam
 1. ``disfluency``: drop filler words (uh, um, er, ...).
 2. ``special_word_filter``: remove listed words, mask others with ``*`` (plus a built-in list
    of profanities with ``system_reserved_filter``); case-insensitive, whole words or phrases.
-3. ``enable_inverse_text_normalization``: spoken numbers to digits ("twenty three" -> "23").
+3. ``enable_inverse_text_normalization``: spoken numbers to digits ("twenty three" -> "23",
+   "twelve thirty" -> "12:30").
 4. ``enable_punctuation_prediction``: rule based, because pocketsphinx emits no punctuation
    and asrd has no punctuation model: capitalise the sentence and "I", end it with "?" when
    it opens with a question word, "." otherwise.
@@ -182,7 +183,9 @@ _TENS = {
 _SCALES = {"thousand": 1_000, "million": 1_000_000, "billion": 1_000_000_000}
 _NUMBER_START = frozenset(_UNITS.keys() | _TEENS.keys() | _TENS.keys())
 _SCALE_OR_HUNDRED = frozenset({*_SCALES, "hundred"})
-_DIGIT_WORDS = {**_UNITS, "oh": 0}
+# "Oh" said for zero; pocketsphinx also spells that sound "o" ("nine o five").
+_ZERO_WORDS = frozenset({"oh", "o"})
+_DIGIT_WORDS = {**_UNITS, "oh": 0, "o": 0}
 # Ordinals a cardinal can run into: "twenty first", "one hundred and tenth".
 _ORDINALS = frozenset(
     {
@@ -193,61 +196,69 @@ _ORDINALS = frozenset(
         "thousandth", "millionth", "billionth",
     }
 )  # fmt: skip
+# After one of these, a number is a quantity of its own, never the minutes of a time or the
+# second half of a year: "three twenty dollar bills" are three $20 bills, "nineteen twenty
+# percent" is 19 20%, "twelve thirty per person" is no time. ("second" is in _ORDINALS.)
+_QUANTITY_WORDS = frozenset(
+    {
+        "point", "percent", "per", *_SCALE_OR_HUNDRED, *_ORDINALS,
+        "dollar", "dollars", "cent", "cents", "pound", "pounds", "euro", "euros", "yuan",
+        "seconds", "minute", "minutes", "hour", "hours", "day", "days", "week", "weeks",
+        "month", "months", "year", "years",
+    }
+)  # fmt: skip
 
 
 class _Number:
-    """A cardinal parsed from words[start:end]: ``value`` plus how it was said."""
+    """A cardinal parsed from words[start:end]."""
 
-    __slots__ = ("end", "simple_two_digit", "start", "value")
+    __slots__ = ("end", "start", "value")
 
-    def __init__(self, start: int, end: int, value: int, simple_two_digit: bool) -> None:
+    def __init__(self, start: int, end: int, value: int) -> None:
         self.start = start
         self.end = end
         self.value = value
-        # "nineteen", "twenty six": a 10-99 said without hundred/thousand (year halves).
-        self.simple_two_digit = simple_two_digit
 
 
-def _parse_below_thousand(keys: Sequence[str], i: int) -> tuple[int, int, bool] | None:
+def _two_digits(keys: Sequence[str], j: int) -> tuple[int, int] | None:
+    """``units | teen | tens [unit]`` at keys[j]: (value, next index), or None."""
+    if j >= len(keys):
+        return None
+    k = keys[j]
+    if k in _TEENS:
+        return _TEENS[k], j + 1
+    if k in _TENS:
+        value = _TENS[k]
+        if j + 1 < len(keys) and keys[j + 1] in _UNITS and keys[j + 1] != "zero":
+            return value + _UNITS[keys[j + 1]], j + 2
+        return value, j + 1
+    if k in _UNITS:
+        return _UNITS[k], j + 1
+    return None
+
+
+def _parse_below_thousand(keys: Sequence[str], i: int) -> tuple[int, int] | None:
     """Parse ``[units|teen|tens [unit]] [hundred [and] [units|teen|tens [unit]]]``.
 
-    Returns (value, next index, said as a plain 10-99) or None when keys[i] starts no
-    number. "twenty five hundred" = 2500 and "twelve hundred" = 1200 as spoken.
+    Returns (value, next index) or None when keys[i] starts no number. "twenty five
+    hundred" = 2500 and "twelve hundred" = 1200 as spoken.
     """
     n = len(keys)
-
-    def two_digits(j: int) -> tuple[int, int] | None:
-        if j >= n:
-            return None
-        k = keys[j]
-        if k in _TEENS:
-            return _TEENS[k], j + 1
-        if k in _TENS:
-            value = _TENS[k]
-            if j + 1 < n and keys[j + 1] in _UNITS and keys[j + 1] != "zero":
-                return value + _UNITS[keys[j + 1]], j + 2
-            return value, j + 1
-        if k in _UNITS:
-            return _UNITS[k], j + 1
-        return None
-
-    first = two_digits(i)
+    first = _two_digits(keys, i)
     if first is None:
         return None
     value, j = first
-    simple = 10 <= value <= 99
     if j < n and keys[j] == "hundred" and value > 0:
         value *= 100
         j += 1
-        simple = False
         tail_at = j + 1 if j < n and keys[j] == "and" else j
-        tail = two_digits(tail_at)
+        tail = _two_digits(keys, tail_at)
         # A tail followed by its own "hundred" starts the next number: "five hundred six
         # hundred" is 500 600, not "506 hundred".
         if tail is not None and tail[0] > 0 and not (tail[1] < n and keys[tail[1]] == "hundred"):
             value += tail[0]
             j = tail[1]
-    return value, j, simple
+    return value, j
 
 
 def _parse_cardinal(keys: Sequence[str], i: int) -> _Number | None:
@@ -262,16 +273,13 @@ def _parse_cardinal(keys: Sequence[str], i: int) -> _Number | None:
     n = len(keys)
     total = 0
     last_scale: int | None = None
-    simple = False
     j = i  # end of what has been consumed
     resume = i  # where the next group may start (after an optional "and")
     while True:
         group = _parse_below_thousand(keys, resume)
         if group is None:
             break
-        value, after, group_simple = group
-        if resume == i:
-            simple = group_simple
+        value, after = group
         scale = _SCALES.get(keys[after]) if after < n else None
         if scale is not None and value > 0 and (last_scale is None or scale < last_scale):
             total += value * scale
@@ -285,7 +293,7 @@ def _parse_cardinal(keys: Sequence[str], i: int) -> _Number | None:
         break
     if j == i:
         return None
-    return _Number(i, j, total, simple and last_scale is None)
+    return _Number(i, j, total)
 
 
 def _a_scale(keys: Sequence[str], i: int) -> _Number | None:
@@ -312,15 +320,75 @@ def _ordinal_end(keys: Sequence[str], number: _Number) -> int | None:
     return j + 1 if j < len(keys) and keys[j] in _ORDINALS else None
 
 
+def _second_half(keys: Sequence[str], j: int) -> tuple[str, int] | None:
+    """The minutes of a time or the second half of a year at keys[j]: (two digits, end).
+
+    "thirty" -> "30", "forty five" -> "45", "oh five" / "o five" -> "05"; a lone unit
+    ("twelve five") or "zero" is none.
+    """
+    n = len(keys)
+    if j < n and keys[j] in _ZERO_WORDS:
+        if j + 1 < n and keys[j + 1] in _UNITS and _UNITS[keys[j + 1]] > 0:
+            return f"0{_UNITS[keys[j + 1]]}", j + 2
+        return None
+    half = _two_digits(keys, j)
+    if half is None or half[0] < 10:
+        return None
+    return str(half[0]), half[1]
+
+
+def _time_or_year(keys: Sequence[str], number: _Number) -> tuple[str, int] | None:
+    """Two numbers said together as one time or year: (text, end), or None to keep them apart.
+
+    ``number`` must be one word, the hour or the first half:
+
+    - hour 1..12 + "o'clock" (or "o clock"): "twelve o'clock" -> "12:00".
+    - hour 1..12 + minutes 10..59 or "oh" digit: "twelve thirty" -> "12:30", "nine oh five"
+      -> "9:05". Ten to twelve are times, not the years 1000-1299, which speech rarely names.
+    - thirteen..twenty + 10..99 or "oh" digit: a year, "nineteen ninety nine" -> "1999",
+      "twenty oh five" -> "2005".
+
+    Anything else stays two numbers: "twelve ninety nine" -> "12 99", "twenty one thirty" ->
+    "21 30". So do pairs inside a run of number words (a phone number, a list: "five five
+    five oh one" must not end in a time) and pairs whose second number a _QUANTITY_WORDS
+    word claims.
+    """
+    i = number.start
+    j = number.end
+    n = len(keys)
+    first = number.value
+    if j - i != 1 or (i > 0 and keys[i - 1] in _NUMBER_START):
+        return None
+    if 1 <= first <= 12:
+        if j < n and keys[j] == "o'clock":
+            return f"{first}:00", j + 1
+        if j + 1 < n and keys[j] == "o" and keys[j + 1] == "clock":
+            return f"{first}:00", j + 2
+    half = _second_half(keys, j)
+    if half is None:
+        return None
+    digits, end = half
+    if end < n and (keys[end] in _NUMBER_START or keys[end] in _QUANTITY_WORDS):
+        return None
+    if 1 <= first <= 12 and int(digits) < 60:
+        return f"{first}:{digits}", end
+    if 13 <= first <= 20:
+        return f"{first}{digits}", end
+    return None
+
+
 def inverse_normalize(words: Sequence[Word]) -> list[Word]:
     """Spoken English numbers to digits, in AP style.
 
     Cardinals ("one hundred and five" and "a hundred and five" -> "105", but "a hundred"
     stays; "two thousand twenty six" -> "2026"), decimals ("three point one four" -> "3.14"),
-    percentages ("fifty percent" -> "50%") and years said in halves ("nineteen eighty four"
-    -> "1984", "twenty oh five" -> "2005").
-    A lone zero..nine stays a word ("one of them", "no one") unless it has a decimal part or
-    a percent sign. No digit grouping commas; ordinals ("twenty first", "one hundred and
+    percentages ("fifty percent" -> "50%"), and times and years said as two numbers
+    ("twelve thirty" -> "12:30", "nineteen eighty four" -> "1984"; the rules are those of
+    :func:`_time_or_year`). Other numbers said in a row stay apart rather than merge into
+    one nobody said ("twenty one thirty" -> "21 30").
+    A lone zero..nine stays a word ("one of them", "no one"; so do digit strings, "one two
+    three", which count as often as they spell a code) unless it has a decimal part or a
+    percent sign. No digit grouping commas; ordinals ("twenty first", "one hundred and
     tenth") and currencies are left as words.
     """
     keys = [_key(w.text) for w in words]
@@ -340,26 +408,15 @@ def inverse_normalize(words: Sequence[Word]) -> list[Word]:
             out.extend(words[i:ordinal_end])
             i = ordinal_end
             continue
+        pair = _time_or_year(keys, number)
+        if pair is not None:
+            text, end = pair
+            out.append(Word(text, words[i].start_ms, words[end - 1].end_ms))
+            i = end
+            continue
         text = str(number.value)
         end = number.end
         is_word_digit = number.value < 10 and end - i == 1
-        # Years said in halves: "nineteen eighty four", "twenty twenty six", "nineteen oh five".
-        if number.simple_two_digit and 11 <= number.value <= 20 and end < n:
-            if keys[end] == "oh" and end + 1 < n and keys[end + 1] in _UNITS:
-                unit = _UNITS[keys[end + 1]]
-                if unit > 0:
-                    text = f"{number.value}0{unit}"
-                    end += 2
-                    is_word_digit = False
-            else:
-                second = _parse_below_thousand(keys, end)
-                if (
-                    second is not None
-                    and second[2]
-                    and not (second[1] < n and keys[second[1]] in _SCALE_OR_HUNDRED)
-                ):
-                    text = f"{number.value}{second[0]}"
-                    end = second[1]
         # Decimal part: "point" and digit words.
         if end + 1 < n and keys[end] == "point" and keys[end + 1] in _DIGIT_WORDS:
             digits = []
