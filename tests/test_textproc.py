@@ -372,6 +372,25 @@ def test_merged_number_spans_its_words(spoken: str, merged: list[str]) -> None:
     ]
 
 
+@pytest.mark.parametrize(
+    ("spoken", "written"),
+    [
+        ("twenty-five", "25"),
+        ("forty-five percent", "45%"),
+        ("three hundred and seventy-five", "375"),
+        ("twenty-five hundred", "2500"),
+        ("twelve forty-five", "12:45"),
+        ("nineteen seventy-five", "1975"),
+        ("twenty twenty-five", "2025"),
+        ("the twenty-first century", "the twenty-first century"),
+        ("one hundred twenty-first", "one hundred twenty-first"),
+    ],
+)
+def test_hyphenated_tens(spoken: str, written: str) -> None:
+    """The pocketsphinx model has "twenty-five" and the like as one word."""
+    assert texts(inverse_normalize(words(spoken))) == written
+
+
 def test_number_words_are_matched_case_insensitively() -> None:
     assert texts(inverse_normalize(words("Twenty Three"))) == "23"
 

@@ -180,20 +180,32 @@ _TENS = {
     "twenty": 20, "thirty": 30, "forty": 40, "fifty": 50, "sixty": 60, "seventy": 70,
     "eighty": 80, "ninety": 90,
 }  # fmt: skip
+# The pocketsphinx model spells some of these as one word ("twenty-five", "forty-five").
+_HYPHENATED = {
+    f"{tens}-{unit}": tens_value + unit_value
+    for tens, tens_value in _TENS.items()
+    for unit, unit_value in _UNITS.items()
+    if unit_value > 0
+}
 _SCALES = {"thousand": 1_000, "million": 1_000_000, "billion": 1_000_000_000}
-_NUMBER_START = frozenset(_UNITS.keys() | _TEENS.keys() | _TENS.keys())
+_NUMBER_START = frozenset(_UNITS.keys() | _TEENS.keys() | _TENS.keys() | _HYPHENATED.keys())
 _SCALE_OR_HUNDRED = frozenset({*_SCALES, "hundred"})
 # "Oh" said for zero; pocketsphinx also spells that sound "o" ("nine o five").
 _ZERO_WORDS = frozenset({"oh", "o"})
 _DIGIT_WORDS = {**_UNITS, "oh": 0, "o": 0}
-# Ordinals a cardinal can run into: "twenty first", "one hundred and tenth".
+_UNIT_ORDINALS = (
+    "first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth",
+)  # fmt: skip
+# Ordinals a cardinal can run into: "twenty first", "one hundred and tenth", "one hundred
+# twenty-first".
 _ORDINALS = frozenset(
     {
-        "first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth",
+        *_UNIT_ORDINALS,
         "tenth", "eleventh", "twelfth", "thirteenth", "fourteenth", "fifteenth", "sixteenth",
         "seventeenth", "eighteenth", "nineteenth", "twentieth", "thirtieth", "fortieth",
         "fiftieth", "sixtieth", "seventieth", "eightieth", "ninetieth", "hundredth",
         "thousandth", "millionth", "billionth",
+        *(f"{tens}-{unit}" for tens in _TENS for unit in _UNIT_ORDINALS),
     }
 )  # fmt: skip
 # After one of these, a number is a quantity of its own, never the minutes of a time or the
@@ -221,12 +233,14 @@ class _Number:
 
 
 def _two_digits(keys: Sequence[str], j: int) -> tuple[int, int] | None:
-    """``units | teen | tens [unit]`` at keys[j]: (value, next index), or None."""
+    """``units | teen | tens [unit] | tens-unit`` at keys[j]: (value, next index), or None."""
     if j >= len(keys):
         return None
     k = keys[j]
     if k in _TEENS:
         return _TEENS[k], j + 1
+    if k in _HYPHENATED:
+        return _HYPHENATED[k], j + 1
     if k in _TENS:
         value = _TENS[k]
         if j + 1 < len(keys) and keys[j + 1] in _UNITS and keys[j + 1] != "zero":
