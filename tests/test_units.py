@@ -36,6 +36,7 @@ from asrd.errors import (
     UnknownAppKey,
 )
 from asrd.events import ResultChanged, SentenceBegin, SentenceEnd
+from asrd.gateway import PrefixedStream
 from asrd.handshake import HeadError, dedupe_head, parse_head, split_head
 from asrd.params import SessionParams
 from asrd.registry import WorkerRegistry
@@ -1068,3 +1069,32 @@ async def test_free_lists_are_emptied_every_minute(autojump_clock: trio.abc.Cloc
         await trio.sleep(gctune.FREE_LISTS_INTERVAL_S * 3 + 1)
         nursery.cancel_scope.cancel()
     assert [round(t) for t in runs] == [60, 120, 180]
+
+
+async def test_a_write_cut_off_part_way_refuses_every_later_write() -> None:
+    """A frame torn by a cancelled write must not be followed by another frame (the
+    session's TaskFailed), which the client would read as the rest of the torn one."""
+    inner, client = trio.testing.lockstep_stream_pair()
+    stream = PrefixedStream(inner, b"")
+    async with trio.open_nursery() as nursery:
+        with trio.CancelScope() as scope:
+
+            async def read_part() -> None:
+                assert await client.receive_some(3) == b"012"  # the client takes 3 bytes...
+                scope.cancel()  # ...and the write is cancelled (a timeout, a shutdown)
+
+            nursery.start_soon(read_part)
+            await stream.send_all(b"0123456789")
+    with pytest.raises(trio.BrokenResourceError, match="cut off part-way"):
+        await stream.send_all(b"TaskFailed")
+
+
+async def test_a_write_cancelled_before_its_first_byte_leaves_the_stream_whole() -> None:
+    inner, client = trio.testing.lockstep_stream_pair()
+    stream = PrefixedStream(inner, b"")
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await stream.send_all(b"never")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(stream.send_all, b"TaskFailed")
+        assert await client.receive_some(100) == b"TaskFailed"

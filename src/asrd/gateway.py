@@ -42,11 +42,18 @@ HANDSHAKE_TIMEOUT_S = 10.0
 
 
 class PrefixedStream(trio.abc.Stream):
-    """A stream whose first bytes were already read (and possibly rewritten) by us."""
+    """A stream whose first bytes were already read (and possibly rewritten) by us.
+
+    It also refuses to write after a write was cut off (cancelled, or failed) part-way: the
+    client would read the next frame (the session's ``TaskFailed``, the close) as the rest
+    of the torn one. trio-websocket, which does not check this, turns the refusal into
+    ``ConnectionClosed``, and the connection is dropped instead.
+    """
 
     def __init__(self, stream: trio.abc.Stream, prefix: bytes) -> None:
         self._stream = stream
         self._prefix = prefix
+        self._torn = False
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if self._prefix:
@@ -55,7 +62,14 @@ class PrefixedStream(trio.abc.Stream):
         return bytes(await self._stream.receive_some(max_bytes))
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self._torn:
+            raise trio.BrokenResourceError("an earlier write was cut off part-way")
+        # Cancelled before a byte is written, the stream is whole; from here on it is not
+        # until the write completes (no checkpoint between this one and the first write).
+        await trio.lowlevel.checkpoint_if_cancelled()
+        self._torn = True
         await self._stream.send_all(data)
+        self._torn = False
 
     async def wait_send_all_might_not_block(self) -> None:
         await self._stream.wait_send_all_might_not_block()
