@@ -23,6 +23,7 @@ from asrd.bus import (
     session_out,
 )
 from asrd.bus.memory import InMemoryBus
+from asrd.clientstream import ClientStream
 from asrd.config import AuthConfig, ConfigError, WorkerConfig, load_config
 from asrd.engines.loadtest import LoadtestEngine
 from asrd.errors import (
@@ -36,7 +37,6 @@ from asrd.errors import (
     UnknownAppKey,
 )
 from asrd.events import ResultChanged, SentenceBegin, SentenceEnd
-from asrd.gateway import PrefixedStream
 from asrd.handshake import HeadError, dedupe_head, parse_head, split_head
 from asrd.params import SessionParams
 from asrd.registry import WorkerRegistry
@@ -1075,7 +1075,7 @@ async def test_a_write_cut_off_part_way_refuses_every_later_write() -> None:
     """A frame torn by a cancelled write must not be followed by another frame (the
     session's TaskFailed), which the client would read as the rest of the torn one."""
     inner, client = trio.testing.lockstep_stream_pair()
-    stream = PrefixedStream(inner, b"")
+    stream = ClientStream(inner, b"", b"")
     async with trio.open_nursery() as nursery:
         with trio.CancelScope() as scope:
 
@@ -1091,10 +1091,59 @@ async def test_a_write_cut_off_part_way_refuses_every_later_write() -> None:
 
 async def test_a_write_cancelled_before_its_first_byte_leaves_the_stream_whole() -> None:
     inner, client = trio.testing.lockstep_stream_pair()
-    stream = PrefixedStream(inner, b"")
+    stream = ClientStream(inner, b"", b"")
     with trio.CancelScope() as scope:
         scope.cancel()
         await stream.send_all(b"never")
     async with trio.open_nursery() as nursery:
         nursery.start_soon(stream.send_all, b"TaskFailed")
         assert await client.receive_some(100) == b"TaskFailed"
+
+
+def client_frames(*events: Any) -> bytes:
+    """Masked client frames, as wsproto (a real client's library) writes them."""
+    from wsproto.connection import Connection, ConnectionType
+
+    conn = Connection(ConnectionType.CLIENT)
+    return b"".join(conn.send(event) for event in events)
+
+
+def test_the_frame_counter_counts_frames_of_every_length_however_they_are_split() -> None:
+    from wsproto.events import BytesMessage, Ping, Pong, TextMessage
+
+    from asrd.clientstream import FrameCounter
+
+    sizes = (0, 1, 125, 126, 127, 65535, 65536, 70000)
+    data = client_frames(
+        *(BytesMessage(bytes(n)) for n in sizes),
+        Ping(b""),
+        Pong(b"x"),
+        TextMessage("{}"),
+        BytesMessage(b"ab", message_finished=False),
+        BytesMessage(b"cd"),  # a continuation frame
+    )
+    frames = len(sizes) + 5
+    assert FrameCounter().feed(data) == frames
+    for step in (1, 2, 3, 7, 100, 4096):
+        counter = FrameCounter()
+        assert sum(counter.feed(data[i : i + step]) for i in range(0, len(data), step)) == frames
+
+
+async def test_a_client_flooding_frames_is_read_no_faster_than_the_frame_rate(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """20,000 empty pings: a burst of 4,000, the rest at 2,000 a second, 8 s in all."""
+    from wsproto.events import Ping
+
+    from asrd.clientstream import FRAME_BURST, FRAMES_PER_S
+
+    pings = client_frames(*(Ping(b"") for _ in range(20_000)))
+    send, receive = trio.testing.memory_stream_one_way_pair()
+    await send.send_all(pings)
+    stream = ClientStream(receive, b"GET / HTTP/1.1\r\n\r\n", b"")  # type: ignore[arg-type]
+    start = trio.current_time()
+    read = len(await stream.receive_some())  # the head
+    while read < len(pings) + 18:
+        read += len(await stream.receive_some(4096))
+    expected = (20_000 - FRAME_BURST) / FRAMES_PER_S
+    assert expected - 0.1 <= trio.current_time() - start <= expected + 0.1

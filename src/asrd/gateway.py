@@ -17,6 +17,7 @@ from trio_websocket import ConnectionClosed
 
 from asrd import reuseport
 from asrd.bus import Bus
+from asrd.clientstream import ClientStream
 from asrd.config import Config
 from asrd.control import ConnectInfo, ControlPlane
 from asrd.dialects.alibaba import AlibabaCodec
@@ -39,43 +40,6 @@ log = logging.getLogger(__name__)
 
 ALIBABA_PATH = "/ws/v1"
 HANDSHAKE_TIMEOUT_S = 10.0
-
-
-class PrefixedStream(trio.abc.Stream):
-    """A stream whose first bytes were already read (and possibly rewritten) by us.
-
-    It also refuses to write after a write was cut off (cancelled, or failed) part-way: the
-    client would read the next frame (the session's ``TaskFailed``, the close) as the rest
-    of the torn one. trio-websocket, which does not check this, turns the refusal into
-    ``ConnectionClosed``, and the connection is dropped instead.
-    """
-
-    def __init__(self, stream: trio.abc.Stream, prefix: bytes) -> None:
-        self._stream = stream
-        self._prefix = prefix
-        self._torn = False
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        if self._prefix:
-            data, self._prefix = self._prefix, b""
-            return data
-        return bytes(await self._stream.receive_some(max_bytes))
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        if self._torn:
-            raise trio.BrokenResourceError("an earlier write was cut off part-way")
-        # Cancelled before a byte is written, the stream is whole; from here on it is not
-        # until the write completes (no checkpoint between this one and the first write).
-        await trio.lowlevel.checkpoint_if_cancelled()
-        self._torn = True
-        await self._stream.send_all(data)
-        self._torn = False
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self._stream.wait_send_all_might_not_block()
-
-    async def aclose(self) -> None:
-        await self._stream.aclose()
 
 
 class Gateway:
@@ -207,7 +171,7 @@ class Gateway:
             )
             return
         limit = max(self.config.server.max_frame_bytes, self.config.server.max_text_bytes)
-        wrapped = PrefixedStream(stream, dedupe_head(parts[0]) + parts[1])
+        wrapped = ClientStream(stream, dedupe_head(parts[0]), parts[1])
         async with trio.open_nursery() as nursery:
             # A request that wsproto refuses after all gets its answer from trio-websocket,
             # which then never returns the connection: the deadline ends the wait.
