@@ -45,7 +45,7 @@ from asrd.store.follow import follow_worker_pool
 from asrd.store.http import TOKEN_PATH, handle_token_request, token_endpoint
 from asrd.store.plane import RedisControlPlane, open_redis_control_plane
 from asrd.store.redisstore import open_redis_store
-from asrd.store.repo import RecordItem, Repository, day_of
+from asrd.store.repo import ConfigState, RecordItem, Repository, day_of
 from asrd.worker import Worker
 from tests.audio_fixtures import load_clip, silence
 from tests.conftest import Nats, Pool
@@ -820,6 +820,81 @@ async def test_config_commands_on_an_invalid_stored_document(
 async def set_stored_config(url: str, raw: str) -> None:
     async with open_repo(url) as repo:
         await repo.store.execute("SET", repo.keys.config, raw)
+
+
+async def test_a_config_change_between_the_read_and_the_write_is_kept(
+    redis_url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``set`` and ``unset`` read the document, change one key and write it back: another
+    change landing in between was overwritten (the revision counted it, the document lost
+    it). Now the write is refused and the command redoes its change on the new document."""
+    r = ("--redis-url", redis_url)
+    read = Repository.load_config
+    races: list[DynamicConfig] = []
+
+    async def read_then_race(repo: Repository) -> ConfigState:
+        state = await read(repo)
+        if races:
+            await repo.save_config(races.pop())  # another operator's change lands now
+        return state
+
+    monkeypatch.setattr(Repository, "load_config", read_then_race)
+    races.append(DynamicConfig(routing=RoutingConfig(languages={"a": "pa"})))
+    assert (await asrd(capsys, "config", "set", "routing.languages.b", "pb", *r))[0] == 0
+    async with open_repo(redis_url) as repo:
+        state = await read(repo)
+    assert state.doc is not None and state.doc.routing.languages == {"a": "pa", "b": "pb"}
+    assert state.rev == "2"
+
+    races.append(DynamicConfig(routing=RoutingConfig(languages={"a": "pa", "b": "pb", "c": "pc"})))
+    assert (await asrd(capsys, "config", "unset", "routing.languages.a", *r))[0] == 0
+    async with open_repo(redis_url) as repo:
+        state = await read(repo)
+    assert state.doc is not None and state.doc.routing.languages == {"b": "pb", "c": "pc"}
+    assert state.rev == "4"
+
+
+async def test_concurrent_config_changes_all_land(redis_url: str) -> None:
+    """Changes of different keys at once (operators, scripts): every one is kept, and the
+    revision counts each of them."""
+    n = 8
+
+    def setting(i: int) -> Callable[[ConfigState], DynamicConfig]:
+        def change(state: ConfigState) -> DynamicConfig:
+            languages = state.doc.routing.languages if state.doc else {}
+            return DynamicConfig(routing=RoutingConfig(languages={**languages, f"l{i}": f"p{i}"}))
+
+        return change
+
+    async with open_repo(redis_url) as repo, trio.open_nursery() as nursery:
+        for i in range(n):
+            nursery.start_soon(repo.change_config, setting(i))
+    async with open_repo(redis_url) as repo:
+        state = await repo.load_config()
+    assert state.doc is not None
+    assert state.doc.routing.languages == {f"l{i}": f"p{i}" for i in range(n)}
+    assert state.rev == str(n)
+
+
+@pytest.mark.parametrize("action", [("set", "routing.default_language", "xx"), ("reset",)])
+async def test_a_foreign_config_rev_fails_a_change_before_anything_is_written(
+    redis_url: str, capsys: pytest.CaptureFixture[str], action: tuple[str, ...]
+) -> None:
+    """A revision that cannot count (not an integer, or not a string) fails the change, and
+    the document is untouched: stored without its revision bumped, no gateway would see it."""
+    r = ("--redis-url", redis_url)
+    stored = '{"routing": {"default_language": "en-GB"}}'
+    await set_stored_config(redis_url, stored)
+    async with open_repo(redis_url) as repo:
+        for foreign in (
+            ("SET", repo.keys.config_rev, "x1"),
+            ("HSET", repo.keys.config_rev, "a", "1"),
+        ):
+            await repo.store.execute("DEL", repo.keys.config_rev)
+            await repo.store.execute(*foreign)
+            status, _, err = await asrd_err(capsys, "config", *action, *r)
+            assert status == 1 and repo.keys.config_rev in err, err
+            assert await repo.store.execute("GET", repo.keys.config) == stored
 
 
 # --- 5. admission across gateways ----------------------------------------------------------------

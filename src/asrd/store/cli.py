@@ -25,7 +25,7 @@ from asrd.config import Config, ConfigError, DynamicConfig, Name, load_config
 from asrd.errors import ClientError
 from asrd.store import StoreError, signing
 from asrd.store.redisstore import open_redis_store
-from asrd.store.repo import AppKey, Repository, valid_appkey
+from asrd.store.repo import AppKey, ConfigState, Repository, valid_appkey
 
 DEFAULT_CONFIG = "config.toml"
 TRANSCRIPTS_LIMIT = 50  # `asrd transcript --appkey K` lists this many by default
@@ -312,6 +312,23 @@ def _validated(data: dict[str, Any]) -> DynamicConfig:
         raise ConfigError(f"invalid configuration: {exc}") from exc
 
 
+def _readable(state: ConfigState) -> ConfigState:
+    if state.error:
+        # Gateways and workers ignore it and keep the routing they had: neither "none"
+        # (config.toml) nor a document built on top of it would be the truth.
+        raise CommandError(
+            f"the stored configuration is invalid, so gateways and workers ignore it: "
+            f"{state.error}\nreplace it (asrd config load FILE) or delete it "
+            "(asrd config reset)"
+        )
+    return state
+
+
+def _print_saved(rev: str, doc: DynamicConfig) -> None:
+    print(f"live configuration saved (revision {rev}):")
+    _print_json(doc.model_dump(mode="json"))
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     loaded: dict[str, Any] = {}
     if args.config_command == "load":
@@ -323,17 +340,9 @@ def cmd_config(args: argparse.Namespace) -> int:
             return 2
 
     async def fn(repo: Repository) -> int:
-        state = await repo.load_config()
         action = args.config_command
-        if state.error and action not in ("load", "reset"):
-            # Gateways and workers ignore it and keep the routing they had: neither "none"
-            # (config.toml) nor a document built on top of it would be the truth.
-            raise CommandError(
-                f"the stored configuration is invalid, so gateways and workers ignore it: "
-                f"{state.error}\nreplace it (asrd config load FILE) or delete it "
-                "(asrd config reset)"
-            )
         if action in ("show", "get"):
+            state = _readable(await repo.load_config())
             if state.doc is None:
                 print(
                     "no live configuration in Redis: gateways and workers use their config.toml",
@@ -348,9 +357,13 @@ def cmd_config(args: argparse.Namespace) -> int:
             print(f"live configuration deleted (revision {rev}); config.toml applies again")
             return 0
         if action == "load":
-            data = loaded
-        else:
-            data = json.loads(json.dumps(state.raw))  # a deep copy
+            doc = _validated(loaded)
+            _print_saved(await repo.save_config(doc), doc)
+            return 0
+
+        # set, unset: one key of the stored document; redone if another change came first
+        def change(state: ConfigState) -> DynamicConfig:
+            data = json.loads(json.dumps(_readable(state).raw))  # a deep copy
             if action == "set":
                 try:
                     value = json.loads(args.value)
@@ -359,10 +372,15 @@ def cmd_config(args: argparse.Namespace) -> int:
                 _set_path(data, args.key, value)
             else:
                 _set_path(data, args.key, None, remove=True)
-        doc = _validated(data)
-        rev = await repo.save_config(doc)
-        print(f"live configuration saved (revision {rev}):")
-        _print_json(doc.model_dump(mode="json"))
+            return _validated(data)
+
+        saved = await repo.change_config(change)
+        if saved is None:
+            raise CommandError(
+                "the live configuration kept being changed by others while this command tried "
+                "to change it; nothing was saved, run it again"
+            )
+        _print_saved(*saved)
         return 0
 
     return _run(args, fn)

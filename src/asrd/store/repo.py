@@ -1,8 +1,9 @@
 """The control plane's objects on Redis: app keys, tokens, nonces, slots, the live
 configuration, usage and transcript records. Trio-native, over any :class:`Store`.
 
-Everything that must be atomic across gateways (taking a concurrency slot, creating a key,
-writing a batch of records exactly once) is one Lua script.
+Everything that must be atomic across gateways and commands (taking a concurrency slot,
+creating a key, writing a batch of records exactly once, changing the live configuration) is
+one Lua script.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import json
 import re
 import secrets
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime
 from typing import Any, Literal
@@ -255,6 +256,32 @@ return 1
 """
 )
 
+# KEYS[1] config, KEYS[2] config:rev; ARGV[1] the document ('': delete it), ARGV[2] if given
+# the revision it was made from: when another change came since, nothing is written and the
+# reply is nil (the caller reads again and redoes its change). Returns the new revision. The
+# revision is bumped before the write: a foreign value there fails the script (naming the key)
+# before anything is written, as a script's writes are not undone; the document is never
+# changed without the revision the gateways poll.
+SAVE_CONFIG = Script(
+    """
+local function refused(reply) return redis.error_reply(reply.err .. ' (' .. KEYS[2] .. ')') end
+local old = redis.pcall('GET', KEYS[2])
+if type(old) == 'table' then return refused(old) end
+if ARGV[2] and (old or '') ~= ARGV[2] then return false end
+local rev = redis.pcall('INCR', KEYS[2])
+if type(rev) == 'table' then return refused(rev) end
+if ARGV[1] == '' then
+  redis.call('DEL', KEYS[1])
+else
+  redis.call('SET', KEYS[1], ARGV[1])
+end
+return rev
+"""
+)
+
+# Each time a change of the live configuration is redone, another one was saved: only a storm
+# of them (a script gone wrong) exhausts this.
+CONFIG_ATTEMPTS = 10
 BATCH_MARKER_TTL_S = 86400
 NONCE_CLOCK_SKEW_S = 60  # gateways' clocks may differ by this much without a link replayed
 MAX_BATCH = 100
@@ -445,8 +472,9 @@ class Repository:
         return str(await self.store.execute("GET", self.keys.config_rev) or "")
 
     async def load_config(self) -> ConfigState:
+        """The document with the revision it is at (read in one transaction)."""
         rev, raw = await self.store.pipeline(
-            [("GET", self.keys.config_rev), ("GET", self.keys.config)]
+            [("GET", self.keys.config_rev), ("GET", self.keys.config)], transaction=True
         )
         rev = str(rev or "")
         if raw is None:
@@ -459,14 +487,34 @@ class Repository:
 
     async def save_config(self, doc: DynamicConfig | None) -> str:
         """Store (None: delete) the live configuration; returns the new revision."""
-        if doc is None:
-            write: tuple[str, ...] = ("DEL", self.keys.config)
-        else:
-            write = ("SET", self.keys.config, doc.model_dump_json(exclude_defaults=True))
-        _, rev = await self.store.pipeline(
-            [write, ("INCR", self.keys.config_rev)], transaction=True
+        return str(await self._save_config(doc))
+
+    async def change_config(
+        self, change: Callable[[ConfigState], DynamicConfig]
+    ) -> tuple[str, DynamicConfig] | None:
+        """Save ``change(stored configuration)``; returns the new revision and document.
+
+        Written only if no other change came since the read (it would be lost): else read
+        again and ``change`` made again, up to CONFIG_ATTEMPTS times (then None, nothing
+        saved)."""
+        for _ in range(CONFIG_ATTEMPTS):
+            state = await self.load_config()
+            doc = change(state)
+            rev = await self._save_config(doc, if_rev=state.rev)
+            if rev is not None:
+                return str(rev), doc
+        return None
+
+    async def _save_config(
+        self, doc: DynamicConfig | None, *, if_rev: str | None = None
+    ) -> int | None:
+        """The new revision; None when ``if_rev`` is no longer the stored revision."""
+        value = "" if doc is None else doc.model_dump_json(exclude_defaults=True)
+        args = [value] if if_rev is None else [value, if_rev]
+        rev: int | None = await self.store.eval(
+            SAVE_CONFIG, [self.keys.config, self.keys.config_rev], args
         )
-        return str(rev)
+        return rev
 
     # --- usage and transcripts -------------------------------------------------------------
 
