@@ -40,6 +40,7 @@ from asrd.engines.base import EngineFull, EngineWord, Hypothesis, Recognizer
 from asrd.errors import AuthError
 from asrd.gateway import Gateway
 from asrd.handshake import parse_head, split_head
+from asrd.metrics import WorkerMetrics
 from asrd.store import StoreUnavailable, signing
 from asrd.store.follow import follow_worker_pool
 from asrd.store.http import TOKEN_PATH, handle_token_request, token_endpoint
@@ -895,6 +896,107 @@ async def test_a_foreign_config_rev_fails_a_change_before_anything_is_written(
             status, _, err = await asrd_err(capsys, "config", *action, *r)
             assert status == 1 and repo.keys.config_rev in err, err
             assert await repo.store.execute("GET", repo.keys.config) == stored
+
+
+async def break_live_config(repo: Repository, key: str) -> None:
+    """A foreign value (a hash) under ``key``, with a revision the pollers have not seen."""
+    await repo.store.execute("DEL", key)
+    await repo.store.execute("HSET", key, "a", "1")
+    if key != repo.keys.config_rev:
+        await repo.store.execute("INCR", repo.keys.config_rev)
+
+
+async def repair_live_config(repo: Repository, key: str) -> None:
+    """As an operator would: the foreign value removed, the revision past any seen."""
+    await repo.store.execute("DEL", key)
+    await repo.store.execute("SET", repo.keys.config_rev, "100")
+
+
+def warnings_and_errors(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+@pytest.mark.parametrize("foreign", ["config_rev", "config"])
+async def test_an_unreadable_live_config_is_logged_once_and_the_routing_kept(
+    redis_url: str, caplog: pytest.LogCaptureFixture, foreign: str
+) -> None:
+    """A foreign value under the live configuration's keys failed every config poll (twice a
+    second) with an ERROR line. One line when it starts, one when it ends; the routing loaded
+    last stays, and the polls go on: a change saved after the repair is picked up."""
+    config = Config.model_validate({"redis": {"url": redis_url, "config_poll_s": 0.05}})
+    caplog.set_level(logging.INFO, logger="asrd.store")
+    good = RoutingConfig(languages={"en-US": "en-US"})
+    async with open_repo(redis_url) as repo:
+        key = getattr(repo.keys, foreign)
+        await repo.save_config(DynamicConfig(routing=good))
+        async with open_redis_control_plane(config) as plane:
+            assert plane.routing == good
+            errors0 = plane.redis_errors
+            await break_live_config(repo, key)
+
+            async def polled_a_while() -> bool:
+                return plane.redis_errors >= errors0 + 10
+
+            await eventually(polled_a_while, poll_s=0.01)
+            assert plane.routing == good and plane.available
+            await repair_live_config(repo, key)
+            await repo.save_config(DynamicConfig(routing=RoutingConfig(default_language="en-US")))
+
+            async def changed() -> bool:
+                return plane.routing.default_language == "en-US"
+
+            await eventually(changed, poll_s=0.01)
+    lines = warnings_and_errors(caplog)
+    assert len(lines) == 2, lines
+    assert key in lines[0] and "WRONGTYPE" in lines[0], lines
+    assert "read again" in lines[1], lines
+
+
+class PoolRecorder:
+    def __init__(self) -> None:
+        self.metrics = WorkerMetrics()
+        self.pools: list[str] = []
+
+    async def set_pool(self, pool: str) -> None:
+        self.pools.append(pool)
+
+
+async def test_a_worker_logs_an_unreadable_live_config_once(
+    redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As the gateway: a worker following the routing logged every poll of a foreign value."""
+    config = Config.model_validate(
+        {"redis": {"url": redis_url, "config_poll_s": 0.05}, "worker": {"pool": "spare"}}
+    )
+    caplog.set_level(logging.INFO, logger="asrd.store")
+    worker = PoolRecorder()
+    async with open_repo(redis_url) as repo, trio.open_nursery() as nursery:
+        await nursery.start(follow_worker_pool, config, worker)
+
+        async def first_poll() -> bool:
+            return worker.pools == ["spare"]
+
+        await eventually(first_poll, poll_s=0.01)
+        errors = worker.metrics.redis_errors.fn
+        assert errors is not None
+        errors0 = errors()
+        await break_live_config(repo, repo.keys.config_rev)
+
+        async def polled_a_while() -> bool:
+            return errors() >= errors0 + 10
+
+        await eventually(polled_a_while, poll_s=0.01)
+        await repair_live_config(repo, repo.keys.config_rev)
+        await repo.save_config(DynamicConfig(routing=RoutingConfig(workers={"spare": "live"})))
+
+        async def moved() -> bool:
+            return worker.pools[-1:] == ["live"]
+
+        await eventually(moved, poll_s=0.01)
+        nursery.cancel_scope.cancel()
+    lines = warnings_and_errors(caplog)
+    assert len(lines) == 2, lines
+    assert repo.keys.config_rev in lines[0] and "read again" in lines[1], lines
 
 
 # --- 5. admission across gateways ----------------------------------------------------------------

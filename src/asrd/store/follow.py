@@ -56,8 +56,8 @@ async def follow_worker_pool(
                 if reachable:
                     log.warning("%s: keeping the current pool until it is back", exc)
                 reachable = False
-            except StoreError as exc:
-                log.error("reading the live configuration failed: %s", exc)
+            except StoreError:
+                pass  # an error reply: logged by the watcher when it starts and ends
             else:
                 if not reachable:
                     log.warning("Redis at %s is reachable again", store.url)

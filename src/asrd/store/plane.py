@@ -103,10 +103,36 @@ class ConfigWatcher:
     def __init__(self, repo: Repository) -> None:
         self._repo = repo
         self._rev: str | None = None  # None: never loaded
+        self._failing = False  # the last answer was an error reply (logged)
 
     async def poll(self) -> tuple[bool, DynamicConfig | None]:
-        """``(changed, document)``; raises StoreUnavailable. An invalid document is logged
-        and ignored (the previous configuration stays)."""
+        """``(changed, document)``; raises StoreError (StoreUnavailable when Redis is away).
+        An invalid document is logged and ignored (the previous configuration stays).
+
+        An error reply (a foreign value under the keys) is logged here, when it starts and
+        when it ends: the poll runs twice a second, and its caller keeps its configuration
+        meanwhile."""
+        try:
+            changed, doc = await self._poll()
+        except StoreUnavailable:
+            raise
+        except StoreError as exc:
+            if not self._failing:
+                self._failing = True
+                log.error(
+                    "reading the live configuration (%s, %s) failed; the routing in use stays "
+                    "until it can be read: %s",
+                    self._repo.keys.config_rev,
+                    self._repo.keys.config,
+                    exc,
+                )
+            raise
+        if self._failing:
+            self._failing = False
+            log.warning("the live configuration can be read again")
+        return changed, doc
+
+    async def _poll(self) -> tuple[bool, DynamicConfig | None]:
         rev = await self._repo.config_rev()
         if rev == self._rev:
             return False, None
@@ -464,8 +490,10 @@ class RedisControlPlane:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
             await self._poll_config()
-        except StoreError as exc:
+        except StoreUnavailable as exc:
             log.warning("live configuration not loaded: %s", exc)
+        except StoreError:
+            pass  # logged by the watcher
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._config_loop)
             nursery.start_soon(self._refresh_loop)
@@ -494,10 +522,8 @@ class RedisControlPlane:
             await trio.sleep(self._rc.config_poll_s)
             try:
                 await self._poll_config()
-            except StoreUnavailable:
-                pass
-            except StoreError as exc:
-                log.error("reading the live configuration failed: %s", exc)
+            except StoreError:
+                pass  # logged when it starts: by _mark_down, or the watcher for an error reply
 
     async def _refresh_loop(self) -> None:
         while True:
