@@ -434,7 +434,7 @@ async def test_a_session_whose_messages_wait_for_the_worker_is_not_silent() -> N
     bus = InMemoryBus()
     worker = Worker(WorkerConfig(decoders=1), "asrd", bus, LoadtestEngine(1))
     inbox = Subscription(session_in("asrd", "s"), 16)
-    served = worker_module._Served(inbox)
+    served = worker_module._Served(wire.Claim("s", 16000, False), inbox)
     worker.sessions["s"] = served
     inbox.deliver(Msg(inbox.subject, wire.encode_control("keepalive")))
     served.last_heard = 0.0
@@ -849,6 +849,77 @@ async def test_a_worker_that_answered_a_claim_too_late_lets_go(
         await trio.sleep(10)
         assert [list(w.sessions) for w in workers].count(["s1"]) == 1
         assert [w.id for w in workers if w.sessions] == [link.worker_id]
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_claim_older_than_the_one_served_is_void(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """Claims of one session can reach a worker out of order: one left in a drained claim
+    subscription is read after the next subscription took a newer one. The older claim is
+    void; it once restarted the session under its epoch, whose results the gateway drops,
+    and the next keepalive (newer epoch) then ended it: the session hung, decoded by nobody."""
+    bus = InMemoryBus()
+    worker = Worker(WorkerConfig(decoders=2), "asrd", bus, LoadtestEngine(2))
+    results = await bus.subscribe(session_out("asrd", "s"))
+    inbox = session_in("asrd", "s")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(worker.run)
+        await claimed(bus, wire.Claim("s", 16000, False, epoch=2))
+        served = worker.sessions["s"]
+        stale = wire.Claim("s", 16000, False, epoch=1).encode()
+        reply = await bus.request(claim_subject("asrd", "en-US"), stale, 1)
+        assert not wire.decode_claim_reply(reply).ok
+        assert worker.sessions["s"] is served and worker.free == 1
+        bus.publish(inbox, wire.encode_control("keepalive", epoch=2))
+        bus.publish(inbox, wire.encode_control("begin", 1))
+        bus.publish(inbox, wire.encode_audio(1, bytes(3200)))
+        bus.publish(inbox, wire.encode_control("end", 1))
+        with trio.fail_after(5):
+            final = wire.decode_output((await results.receive()).data)
+        assert isinstance(final, wire.Result) and final.final and final.epoch == 2
+        assert worker.sessions["s"] is served
+        nursery.cancel_scope.cancel()
+
+
+class _FirstInputSlowBus(InMemoryBus):
+    """The first subscription to a session's input takes 1 s (a slow NATS round trip)."""
+
+    slow = True
+
+    async def subscribe(self, subject: str, **kw: Any) -> Any:
+        if subject.endswith(".in") and self.slow:
+            self.slow = False
+            await trio.sleep(1)
+        return await super().subscribe(subject, **kw)
+
+
+async def test_claims_of_one_session_read_from_two_claim_subscriptions_leave_one_served(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A drained claim subscription is still read while the next one takes claims. Two claims
+    of one session, one from each, must not both get a decoder: the newer one is served."""
+    bus = _FirstInputSlowBus()
+    engine = LoadtestEngine(2)
+    worker = Worker(WorkerConfig(decoders=2), "asrd", bus, engine)
+    results = await bus.subscribe(session_out("asrd", "s"))
+    subject = claim_subject("asrd", "en-US")
+    drained = Subscription(subject, 16)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(worker.run)
+        nursery.start_soon(worker._claim_loop, drained)
+        drained.deliver(Msg(subject, wire.Claim("s", 16000, False, epoch=1).encode()))
+        await trio.sleep(0.5)  # that claim's worker is subscribing to the session's input
+        await claimed(bus, wire.Claim("s", 16000, False, epoch=2))
+        await trio.sleep(1)
+        assert worker.sessions["s"].claim.epoch == 2 and engine.available == 1
+        inbox = session_in("asrd", "s")
+        for data in (wire.encode_control("begin", 1), wire.encode_control("end", 1)):
+            bus.publish(inbox, data)
+        await trio.sleep(1)
+        final = wire.decode_output(results._recv.receive_nowait().data)
+        assert isinstance(final, wire.Result) and final.final and final.epoch == 2
+        assert not results.pending  # decoded once
         nursery.cancel_scope.cancel()
 
 

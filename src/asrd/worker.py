@@ -23,7 +23,7 @@ from asrd import logs, wire
 from asrd.bus import Bus, Subscription, claim_subject, heartbeat_subject, session_in, session_out
 from asrd.config import WorkerConfig
 from asrd.engines.base import Engine, Hypothesis, Recognizer
-from asrd.errors import AsrdError, BusError, TooManyRequests
+from asrd.errors import AsrdError, BusError, ServerError, TooManyRequests
 from asrd.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
@@ -38,12 +38,13 @@ STALL_S = 5.0  # heartbeats stop when the event loop has made no progress for th
 
 
 class _Served:
-    """A session this worker decodes: its cancel scope, its input, whether an utterance is
-    open, and when its gateway last sent anything."""
+    """A session this worker decodes: the claim it serves, its cancel scope, its input,
+    whether an utterance is open, and when its gateway last sent anything."""
 
-    __slots__ = ("done", "in_utterance", "inbox", "last_heard", "scope", "silent")
+    __slots__ = ("claim", "done", "in_utterance", "inbox", "last_heard", "scope", "silent")
 
-    def __init__(self, inbox: Subscription) -> None:
+    def __init__(self, claim: wire.Claim, inbox: Subscription) -> None:
+        self.claim = claim
         self.scope = trio.CancelScope()
         self.inbox = inbox
         self.in_utterance = False
@@ -81,6 +82,7 @@ class Worker:
         m.nats_errors.fn = lambda: getattr(bus, "errors", 0)
         self._claim_sub: Subscription | None = None
         self._claim_lock = trio.Lock()
+        self._claiming = trio.Lock()
         self._nursery: trio.Nursery | None = None
 
     @property
@@ -172,7 +174,10 @@ class Worker:
             except BusError as exc:
                 log.warning("ignoring malformed claim: %s", exc)
                 continue
-            reply = await self._claim(claim)
+            # One claim at a time, even while a drained claim subscription is still read
+            # beside the next one: two claims of one session must not both get a decoder.
+            async with self._claiming:
+                reply = await self._claim(claim)
             if msg.reply:
                 try:
                     self.bus.publish(msg.reply, reply.encode())
@@ -181,6 +186,16 @@ class Worker:
 
     async def _claim(self, claim: wire.Claim) -> wire.ClaimReply:
         old = self.sessions.get(claim.session_id)
+        if old is not None and claim.epoch < old.claim.epoch:
+            # Sent before the claim we serve, read after it: its gateway waited in vain and
+            # claimed again, and the newer claim came through our next claim subscription while
+            # this one still waited in the drained one. Void: restarted under it, the session's
+            # results would be dropped by the gateway, and the next keepalive would end it with
+            # nobody decoding it. Nobody waits for this answer.
+            self.metrics.claims.inc(1, "void")
+            return wire.ClaimReply(
+                False, self.id, ServerError.code, f"void: epoch {old.claim.epoch} is served"
+            )
         if old is not None:
             # The gateway moved the session (it thought us dead, or the bus reconnected) and
             # will replay its journal: start it afresh rather than decode it twice.
@@ -209,16 +224,17 @@ class Worker:
             self.metrics.claims.inc(1, "draining")
             return wire.ClaimReply(False, self.id, TooManyRequests.code, "worker is draining")
         self.metrics.claims.inc(1, "accepted")
-        served = _Served(sub)
+        served = _Served(claim, sub)
         self.sessions[claim.session_id] = served
         assert self._nursery is not None
-        self._nursery.start_soon(self._session, claim, recognizer, served)
+        self._nursery.start_soon(self._session, recognizer, served)
         await self._update_claim_subscription()
         return wire.ClaimReply(True, self.id)
 
     # --- sessions ----------------------------------------------------------------------------
 
-    async def _session(self, claim: wire.Claim, rec: Recognizer, served: _Served) -> None:
+    async def _session(self, rec: Recognizer, served: _Served) -> None:
+        claim = served.claim
         logs.current.set(logs.LogContext(claim.session_id, claim.task_id))  # this task's lines
         sub = served.inbox
         out = session_out(self.prefix, claim.session_id)
