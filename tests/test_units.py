@@ -656,6 +656,43 @@ async def test_a_claim_nobody_answers_is_sent_again_under_a_new_epoch(
         nursery.cancel_scope.cancel()
 
 
+async def test_claims_of_a_failover_that_went_unanswered_are_all_void(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A failover claims again after a round of claims nobody answered. A worker may still take
+    any of them late: each goes out under its own epoch, so none is the claim finally served
+    (the round's last one and the next round's first once shared one, and a worker that took
+    the one late decoded the session beside the other, its results accepted)."""
+    bus = InMemoryBus()
+    registry = WorkerRegistry(bus, "asrd", timeout_s=1.0)
+    claims = await bus.subscribe(claim_subject("asrd", "en-US"), queue="q")
+    session_input = await bus.subscribe(session_in("asrd", "s1"))
+    epochs: list[int] = []
+
+    async def slow_worker() -> None:  # answers only the fourth claim in time
+        async for msg in claims:
+            epochs.append(wire.decode_claim(msg.data).epoch)
+            if len(epochs) == 4:
+                bus.publish(msg.reply, wire.ClaimReply(True, "w1").encode())
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(registry.run)
+        nursery.start_soon(slow_worker)
+        link = _link(bus, registry, "s1")
+        link.worker_id = "w0"  # serving the session until now, under epoch 0
+        await link._failover("test")
+        assert epochs == [1, 2, 3, 4], epochs
+        assert link.worker_id == "w1" and link.epoch == 4
+        # A close went out after each claim nobody answered (and one for w0 first).
+        closes = 0
+        while session_input.pending:
+            closes += wire.decode_input(session_input._recv.receive_nowait().data) == (
+                wire.ControlIn("close", 0)
+            )
+        assert closes == 4
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_replay_of_many_small_frames_fits_the_workers_input(
     autojump_clock: trio.abc.Clock,
 ) -> None:

@@ -108,17 +108,19 @@ class RemoteRecognizer:
                 # NATS gave the claim to a member of the queue group that never answered: a
                 # worker that died or hangs keeps its subscription until the server or the
                 # process notices. Ask again; the group picks a member at random.
+                # If a slow worker took the claim after all, the close lets it go (if it
+                # listens already), and whatever it decodes is void (a new epoch). Published
+                # before the next claim, so the worker that takes that one never sees it. Also
+                # after the last attempt: a failover claims again, and the claim that then
+                # succeeds must not share this one's epoch.
+                self._publish_quietly(wire.encode_control("close"))
+                self.epoch += 1
                 unanswered += 1
                 if unanswered >= CLAIM_ATTEMPTS:
                     raise ServerError(
                         f"no engine worker of pool {self.pool!r} answered "
                         f"{CLAIM_ATTEMPTS} claims of {self._claim_timeout_s:g} s"
                     ) from None
-                # If a slow worker took the claim after all, the close lets it go (if it
-                # listens already), and whatever it decodes is void (a new epoch). Published
-                # before the next claim, so the worker that takes that one never sees it.
-                self._publish_quietly(wire.encode_control("close"))
-                self.epoch += 1
                 data = dataclasses.replace(self._claim, epoch=self.epoch).encode()
                 busy_until = trio.current_time() + BUSY_WAIT_S
                 continue
