@@ -960,6 +960,56 @@ async def test_claims_of_one_session_read_from_two_claim_subscriptions_leave_one
         nursery.cancel_scope.cancel()
 
 
+class _SlowClaimBus(InMemoryBus):
+    """A worker subscribes to a session's input, and so answers its claim, 1 s after the
+    claim reached it (a loaded worker, a slow NATS round trip)."""
+
+    async def subscribe(self, subject: str, **kw: Any) -> Any:
+        if subject.endswith(".in"):
+            await trio.sleep(1)
+        return await super().subscribe(subject, **kw)
+
+
+async def test_a_session_ended_during_a_failover_claim_frees_the_claimed_decoder(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """The session ends (the client hung up) while a failover's claim is on its way. The
+    claim must still be waited for: cancelled, the session's close went out before the worker
+    listened, and the worker held a decoder for nobody until its silence timeout."""
+    bus = _SlowClaimBus()
+    registry = WorkerRegistry(bus, "asrd", timeout_s=1.0)
+    config = WorkerConfig(decoders=2, session_idle_timeout_s=3600)
+    worker = Worker(config, "asrd", bus, LoadtestEngine(2))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(registry.run)
+        await nursery.start(worker.run)
+        link = _link(bus, registry, "s1")
+        await link.open()
+        with trio.move_on_after(0.5):  # the session ends: the failover's claim is half-way
+            await link._failover("test")
+        await link.aclose()
+        with trio.fail_after(60):  # virtual time: far below the silence timeout
+            while worker.metrics.claims.values.get(("accepted",)) != 2:  # noqa: ASYNC110
+                await trio.sleep(0.1)  # the failover's claim taken (no event to wait on)
+            while worker.sessions:  # noqa: ASYNC110 - the session task ends on its own
+                await trio.sleep(0.1)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_session_ended_during_a_claim_sends_no_further_claim(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """The claim on its way is waited for, but none is sent after it once the session ended."""
+    bus = InMemoryBus()
+    registry = WorkerRegistry(bus, "asrd", timeout_s=1.0)
+    silent = await bus.subscribe(claim_subject("asrd", "en-US"), queue=worker_module.CLAIM_QUEUE)
+    link = _link(bus, registry, "s1")
+    with trio.move_on_after(1):  # the client hangs up during the first claim
+        await link.open()
+    assert trio.current_time() == pytest.approx(2.0)  # that claim's timeout, not three
+    assert silent.pending == 1 and link.epoch == 1  # and a close for whoever takes it late
+
+
 async def test_a_late_busy_answer_does_not_cost_the_free_decoders_of_other_workers(
     autojump_clock: trio.abc.Clock,
 ) -> None:

@@ -86,13 +86,11 @@ class RemoteRecognizer:
 
     async def open(self) -> None:
         """Subscribe to results first (nothing may be missed), then claim a worker."""
-        # Shielded (bounded by the bus's request and claim timeouts): a claim cancelled
-        # half-way would leave a worker holding a decoder for a session we never learn it took.
-        with trio.CancelScope(shield=True):
-            self.results = await self._bus.subscribe(
-                session_out(self._prefix, self.session_id), max_pending=1024
-            )
-            await self._claim_worker()
+        # The bus never cancels a subscribe half-way, and _claim_worker no claim.
+        self.results = await self._bus.subscribe(
+            session_out(self._prefix, self.session_id), max_pending=1024
+        )
+        await self._claim_worker()
 
     async def _claim_worker(self) -> None:
         subject = claim_subject(self._prefix, self.pool)
@@ -102,8 +100,15 @@ class RemoteRecognizer:
         busy_until = trio.current_time() + BUSY_WAIT_S
         unanswered = late_refusals = 0
         while True:
+            await trio.lowlevel.checkpoint_if_cancelled()  # no new claim once the session ended
             try:
-                raw = await self._bus.request(subject, data, self._claim_timeout_s)
+                # Shielded (bounded by claim_timeout_s): a claim cancelled on its way (the
+                # session ended, a failover's deadline passed) can still be taken, and then
+                # the close that ends the session goes out before that worker listens: it
+                # would hold a decoder for nobody until its silence timeout. Answered, the
+                # worker listens (it subscribes before it answers) and the close reaches it.
+                with trio.CancelScope(shield=True):
+                    raw = await self._bus.request(subject, data, self._claim_timeout_s)
             except BusTimeout:
                 # NATS gave the claim to a member of the queue group that never answered: a
                 # worker that died or hangs keeps its subscription until the server or the
