@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -9,8 +10,8 @@ import pytest
 import trio
 import trio.testing
 
+from asrd import logs, wire
 from asrd import remote as remote_module
-from asrd import wire
 from asrd import worker as worker_module
 from asrd.auth import StaticAuthenticator
 from asrd.bus import (
@@ -443,6 +444,41 @@ async def test_a_session_whose_messages_wait_for_the_worker_is_not_silent() -> N
     inbox._recv.receive_nowait()  # read: now the gateway has said nothing for 5 s
     worker._free_silent(now=105.0, idle_s=5.0)
     assert served.silent and served.scope.cancel_called
+
+
+class _NoRepliesBus(InMemoryBus):
+    """Answers to requests cannot be sent (the link dropped just then)."""
+
+    def publish(self, subject: str, data: bytes, reply: str = "") -> None:
+        if subject.startswith("nowhere"):
+            raise BusError("NATS outbox is full")
+        super().publish(subject, data, reply)
+
+
+async def test_a_workers_lines_about_a_claim_or_a_silent_gateway_carry_the_session_ids(
+    autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Logged by the claim loop and the silence timer, not by the session's own task: they
+    carry the session and task ids under --log-json all the same."""
+    caplog.handler.setFormatter(logs.JsonFormatter())
+    bus = _NoRepliesBus()
+    config = WorkerConfig(decoders=1, session_idle_timeout_s=4.0)
+    worker = Worker(config, "asrd", bus, LoadtestEngine(1))
+    claim = wire.Claim("s1", 16000, False, task_id="t1")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(worker.run)
+        bus.publish(claim_subject("asrd", "en-US"), claim.encode(), reply="nowhere")
+        with trio.fail_after(30):
+            while worker.metrics.claims.values.get(("accepted",)) != 1:  # noqa: ASYNC110
+                await trio.sleep(0.5)  # taken (the fake engine has no event to wait on)
+            while worker.sessions:  # noqa: ASYNC110 - freed for silence
+                await trio.sleep(0.5)
+        nursery.cancel_scope.cancel()
+    lines = [json.loads(line) for line in caplog.text.splitlines()]
+    said = {line["message"].split(":")[0]: line for line in lines if "s1" in line["message"]}
+    assert set(said) == {"claim of session s1 not answered", "session s1"}, lines
+    for line in said.values():
+        assert (line.get("session_id"), line.get("task_id")) == ("s1", "t1"), line
 
 
 async def claimed(bus: InMemoryBus, claim: wire.Claim) -> None:

@@ -6,11 +6,13 @@ that started them, so every line a session's tasks log carries its ids without p
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import json
 import logging
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 
@@ -23,6 +25,17 @@ class LogContext:
 current: contextvars.ContextVar[LogContext | None] = contextvars.ContextVar(
     "asrd_log_context", default=None
 )
+
+
+@contextlib.contextmanager
+def about(session_id: str, task_id: str = "") -> Iterator[None]:
+    """Lines logged inside carry these ids: for a line about a session written by a task
+    that serves more than one (a session's own task sets :data:`current` once)."""
+    token = current.set(LogContext(session_id, task_id))
+    try:
+        yield
+    finally:
+        current.reset(token)
 
 
 class JsonFormatter(logging.Formatter):

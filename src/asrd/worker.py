@@ -182,7 +182,8 @@ class Worker:
                 try:
                     self.bus.publish(msg.reply, reply.encode())
                 except BusError as exc:  # the gateway claims again when no answer comes
-                    log.warning("claim of session %s not answered: %s", claim.session_id, exc)
+                    with logs.about(claim.session_id, claim.task_id):
+                        log.warning("claim of session %s not answered: %s", claim.session_id, exc)
 
     async def _claim(self, claim: wire.Claim) -> wire.ClaimReply:
         old = self.sessions.get(claim.session_id)
@@ -410,7 +411,8 @@ class Worker:
                 # us (a long final pass kept this loop busy): the gateway is not silent.
                 served.last_heard = now
             elif now - served.last_heard >= idle_s:
-                log.warning("session %s: gateway silent, freeing decoder", session_id)
+                with logs.about(session_id, served.claim.task_id):
+                    log.warning("session %s: gateway silent, freeing decoder", session_id)
                 served.silent = True
                 served.scope.cancel()
 
