@@ -1341,3 +1341,14 @@ async def test_a_client_flooding_frames_is_read_no_faster_than_the_frame_rate(
         read += len(await stream.receive_some(4096))
     expected = (20_000 - FRAME_BURST) / FRAMES_PER_S
     assert expected - 0.1 <= trio.current_time() - start <= expected + 0.1
+
+
+async def test_an_asyncio_thread_closes_its_loop_when_it_ends() -> None:
+    from asrd.aiothread import open_asyncio_thread
+
+    async def answer() -> int:
+        return 42
+
+    async with open_asyncio_thread("test-loop") as thread:
+        assert await thread.run(answer()) == 42
+    assert thread.loop.is_closed()

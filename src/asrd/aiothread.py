@@ -68,6 +68,10 @@ async def open_asyncio_thread(name: str) -> AsyncIterator[AsyncioThread]:
         await trio.to_thread.run_sync(concurrent.futures.wait, [unwound], UNWIND_S + 1)
         loop.call_soon_threadsafe(loop.stop)
         await trio.to_thread.run_sync(thread.join, 3.0)
+        if not thread.is_alive():
+            # Its selector and self-pipe now, not when the collector finds the loop in some
+            # other thread (seen at exit as "ValueError: Invalid file descriptor: -1").
+            loop.close()
 
 
 async def _cancel_pending(timeout: float) -> None:
