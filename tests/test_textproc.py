@@ -167,6 +167,17 @@ def test_empty_entries_are_ignored() -> None:
     assert texts(apply_word_filter(words("a b"), wf)) == "a b"
 
 
+def test_filter_entries_match_the_written_numbers_itn_makes() -> None:
+    """A client lists the words it sees in results: with ITN on, those are digits."""
+    wf = WordFilter(remove=("12:30",), mask=("25", "twenty two"))
+    params = SessionParams(special_word_filter=wf, enable_inverse_text_normalization=True)
+    text, out = postprocess(words("it costs twenty five dollars at twelve thirty"), params)
+    assert text == "it costs ** dollars at"
+    assert out[2] == Word("**", 200, 390)
+    # Spoken forms are still filtered before ITN reads them.
+    assert postprocess(words("twenty two or twenty three"), params)[0] == "****** *** or 23"
+
+
 def test_filter_everything() -> None:
     assert apply_word_filter(words("foo foo"), WordFilter(remove=("foo",))) == []
     assert apply_word_filter([], WordFilter(remove=("foo",))) == []

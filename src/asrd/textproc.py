@@ -8,7 +8,7 @@ string operations. Steps, in this order, each switched by a :class:`SessionParam
 2. ``special_word_filter``: remove listed words, mask others with ``*`` (plus a built-in list
    of profanities with ``system_reserved_filter``); case-insensitive, whole words or phrases.
 3. ``enable_inverse_text_normalization``: spoken numbers to digits ("twenty three" -> "23",
-   "twelve thirty" -> "12:30").
+   "twelve thirty" -> "12:30"); the word filter then runs once more, on the digits.
 4. ``enable_punctuation_prediction``: rule based, because pocketsphinx emits no punctuation
    and asrd has no punctuation model: capitalise the sentence and "I", end it with "?" when
    it opens with a question word, "." otherwise.
@@ -504,6 +504,10 @@ def postprocess(words: Sequence[TimedWord], params: SessionParams) -> tuple[str,
         question = question or _is_question(result)
     if params.enable_inverse_text_normalization:
         result = inverse_normalize(result)
+        if params.special_word_filter is not None:
+            # Again on the written forms the client sees: an entry "25" or "12:30" must match
+            # "twenty five" once ITN wrote it so. What the first pass masked stays masked.
+            result = apply_word_filter(result, params.special_word_filter)
     if params.enable_punctuation_prediction:
         result = punctuate(result, question=question)
     return " ".join(w.text for w in result), tuple(result)
