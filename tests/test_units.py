@@ -39,7 +39,7 @@ from asrd.errors import (
 )
 from asrd.events import ResultChanged, SentenceBegin, SentenceEnd
 from asrd.handshake import HeadError, dedupe_head, parse_head, split_head
-from asrd.params import SessionParams
+from asrd.params import SessionParams, WordFilter
 from asrd.registry import WorkerRegistry
 from asrd.remote import BUSY_WAIT_S, RemoteRecognizer
 from asrd.sentences import SentenceTracker
@@ -348,6 +348,25 @@ def test_tracker_keeps_words_within_their_sentence() -> None:
     end = out[0]
     assert isinstance(end, SentenceEnd)
     assert [(w.start_ms, w.end_ms) for w in end.words] == [(1200, 1400), (1400, 1700)]
+
+
+def test_tracker_filters_and_punctuates_text_that_comes_without_words() -> None:
+    """An engine that sends no word times still gets the client's filters and punctuation:
+    a special_word_filter that let profanity through for some engines is no filter."""
+    params = SessionParams(
+        enable_intermediate_result=True,
+        enable_words=True,
+        disfluency=True,
+        special_word_filter=WordFilter(system_reserved_filter=True, remove=("secret",)),
+        enable_punctuation_prediction=True,
+    )
+    t = SentenceTracker(params)
+    t.begin(1, 100, 0)
+    (partial,) = t.result(wire.Result(False, 1, 900, "um damn", (), 0.0))
+    assert isinstance(partial, ResultChanged) and (partial.text, partial.words) == ("****.", ())
+    t.end(1, 2000, False)
+    (end,) = t.result(_final(1, "um  damn the secret plan"))
+    assert isinstance(end, SentenceEnd) and (end.text, end.words) == ("**** the plan.", ())
 
 
 def test_tracker_drops_partials_unless_asked() -> None:

@@ -90,7 +90,10 @@ class SentenceTracker:
         # begin_ms) and may place a word's start there: words begin no earlier than their
         # sentence's begin_time, as a client cutting the sentence's audio by it expects.
         base, begin = s.audio_start_ms, s.begin_ms
+        if not r.words:
+            # An engine may send text without word times (wire reads a result with no "words"): the
+            # client's filters and punctuation still apply, to its words, with no times made up.
+            text, _ = postprocess([Word(t, begin, begin) for t in r.text.split()], self.params)
+            return text, ()
         words = [Word(t, max(base + a, begin), max(base + b, begin + 1)) for t, a, b in r.words]
-        if not words:
-            return r.text, ()
         return postprocess(words, self.params)
