@@ -369,6 +369,19 @@ def test_tracker_filters_and_punctuates_text_that_comes_without_words() -> None:
     assert isinstance(end, SentenceEnd) and (end.text, end.words) == ("**** the plan.", ())
 
 
+@pytest.mark.parametrize(
+    ("sent", "reported"), [(float("nan"), 0.0), (-0.5, 0.0), (0.25, 0.25), (1.5, 1.0)]
+)
+def test_tracker_confidence_is_within_0_and_1(sent: float, reported: float) -> None:
+    t = SentenceTracker(SessionParams())
+    t.begin(1, 0, 0)
+    t.end(1, 1000, False)
+    received = wire.decode_output(wire.Result(True, 1, 1000, "a", (), sent).encode())
+    assert isinstance(received, wire.Result)  # NaN crosses the bus as NaN
+    (end,) = t.result(received)
+    assert isinstance(end, SentenceEnd) and end.confidence == reported
+
+
 def test_tracker_drops_partials_unless_asked() -> None:
     t = SentenceTracker(SessionParams())
     t.begin(1, 0, 0)

@@ -61,12 +61,14 @@ class SentenceTracker:
         if not s.begun:
             out += self._release_begins()
         text, words = self._words(r, s)
+        # NaN (an engine's 0/0; JSON on the bus carries it) is no confidence: 0.0, not 1.0.
+        confidence = min(1.0, r.confidence) if r.confidence > 0.0 else 0.0
         end = SentenceEnd(
             s.index,
             s.end_ms,
             s.begin_ms,
             text,
-            max(0.0, min(1.0, r.confidence)),
+            confidence,
             words,
             s.timed_out,
         )
