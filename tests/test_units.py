@@ -382,6 +382,20 @@ def test_tracker_confidence_is_within_0_and_1(sent: float, reported: float) -> N
     assert isinstance(end, SentenceEnd) and end.confidence == reported
 
 
+def test_tracker_sends_a_partial_only_when_the_text_the_client_sees_changed() -> None:
+    """README: partials come "when the text changed"; after disfluency removal or a word
+    filter, the engine's new text may read as the last one, or as nothing."""
+    t = SentenceTracker(SessionParams(enable_intermediate_result=True, disfluency=True))
+    t.begin(1, 0, 0)
+    sent = []
+    for text in ("um", "hello", "hello uh", "hello there"):
+        words = tuple((w, i * 100, i * 100 + 90) for i, w in enumerate(text.split()))
+        for e in t.result(wire.Result(False, 1, 300 * len(words), text, words, 0.0)):
+            assert isinstance(e, ResultChanged)
+            sent.append((e.text, e.time_ms))
+    assert sent == [("hello", 300), ("hello there", 600)]
+
+
 def test_tracker_drops_partials_unless_asked() -> None:
     t = SentenceTracker(SessionParams())
     t.begin(1, 0, 0)

@@ -24,6 +24,7 @@ class _Sentence:
     end_ms: int | None = None
     timed_out: bool = False
     begun: bool = False  # SentenceBegin sent
+    partial: str = ""  # text of the last ResultChanged sent
 
 
 class SentenceTracker:
@@ -54,6 +55,11 @@ class SentenceTracker:
             if not (self.params.enable_intermediate_result and s.begun):
                 return []
             text, words = self._words(r, s)
+            # The engine sends a partial when its text changed; after the client's filters
+            # that text may not have ("hello" -> "hello uh" with disfluency) or be empty.
+            if text == s.partial:
+                return []
+            s.partial = text
             return [ResultChanged(s.index, s.audio_start_ms + r.audio_ms, text, words)]
         if s.end_ms is None:
             return []  # a final for an utterance we have not closed: ignore (cannot happen)
