@@ -459,6 +459,8 @@ def test_single_word_and_existing_marks() -> None:
     assert texts(punctuate([Word("really?", 0, 1)])) == "Really?"
     assert texts(punctuate([Word("23", 0, 1)])) == "23."
     assert texts(punctuate([Word("****", 0, 1)])) == "****."
+    assert texts(punctuate([Word("你好。", 0, 1)])) == "你好。"
+    assert texts(punctuate([Word("好吗？", 0, 1)])) == "好吗？"
     assert punctuate([]) == []
 
 

@@ -460,6 +460,9 @@ def inverse_normalize(words: Sequence[Word]) -> list[Word]:
 
 # --- 4. punctuation ----------------------------------------------------------------------
 
+# Marks that already close a sentence, also the full-width ones of an engine that writes its
+# own punctuation (and sends text without words: sentences.py punctuates that text too).
+_SENTENCE_ENDS = frozenset(".?!。？！…")
 _I_FORMS = {"i": "I", "i'm": "I'm", "i'll": "I'll", "i've": "I've", "i'd": "I'd"}
 
 
@@ -475,7 +478,7 @@ def punctuate(words: Sequence[Word], *, question: bool | None = None) -> list[Wo
     if first.text[:1].islower():
         out[0] = Word(first.text[0].upper() + first.text[1:], first.start_ms, first.end_ms)
     last = out[-1]
-    if last.text[-1:] not in (".", "?", "!"):
+    if last.text[-1:] not in _SENTENCE_ENDS:
         if question is None:
             question = _is_question(words)
         mark = "?" if question else "."
