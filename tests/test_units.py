@@ -67,6 +67,16 @@ def test_worker_metrics_ports_must_exist_for_every_process() -> None:
     assert load_config(None, worker={"processes": 2, "metrics_port": 65534}).worker.processes == 2
 
 
+def test_the_longest_sentence_must_fit_the_failover_journal() -> None:
+    """Else such a sentence ends its session with 40000000 before it is force-closed."""
+    with pytest.raises(ConfigError, match="raise journal_max_bytes or lower max_sentence_ms"):
+        load_config(None, segmentation={"max_sentence_ms": 600_000})
+    cfg = load_config(
+        None, segmentation={"max_sentence_ms": 600_000}, server={"journal_max_bytes": 20_000_000}
+    )
+    assert cfg.segmentation.max_sentence_ms == 600_000
+
+
 @pytest.mark.parametrize(
     ("section", "key", "value"),
     [

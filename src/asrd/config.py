@@ -234,6 +234,22 @@ class Config(_Model):
             )
         return self
 
+    @model_validator(mode="after")
+    def _a_sentence_fits_the_journal(self) -> Config:
+        # The failover journal keeps a sentence's audio until its final: a sentence the
+        # segmenter lets run must fit, at 16 kHz (32 bytes a millisecond), or it ends its
+        # session with 40000000 before max_sentence_ms force-closes it.
+        seg = self.segmentation
+        need = (seg.max_sentence_ms + seg.preroll_ms) * 32
+        if need > self.server.journal_max_bytes:
+            raise ValueError(
+                f"a sentence of segmentation.max_sentence_ms = {seg.max_sentence_ms} (plus "
+                f"preroll_ms = {seg.preroll_ms}) takes {need} bytes of audio at 16 kHz, more "
+                f"than server.journal_max_bytes = {self.server.journal_max_bytes} keeps: raise "
+                "journal_max_bytes or lower max_sentence_ms"
+            )
+        return self
+
 
 class ConfigError(Exception):
     """The configuration file or an override is invalid; the message says which key and why."""
