@@ -175,14 +175,17 @@ async def test_audio_faster_than_allowed_is_slowed_not_refused(
     assert 9.5 <= await read_time(session, frames=600, from_frame=0) <= 10.5
 
 
-async def read_time(session: Session, *, frames: int, from_frame: int) -> float:
-    """(Virtual) seconds the session takes to read ``frames`` audio frames, counted from when
-    it has read ``from_frame`` of them (0: from the start)."""
+async def read_time(
+    session: Session, *, frames: int, from_frame: int, commands: bool = False
+) -> float:
+    """(Virtual) seconds the session takes to read ``frames`` audio frames (``commands``:
+    Control messages), counted from when it has read ``from_frame`` of them (0: from the
+    start)."""
     received = 0
     start = trio.current_time()
     done = trio.Event()
 
-    async def audio(data: bytes) -> None:
+    def note() -> None:
         nonlocal received, start
         received += 1
         if received == from_frame:
@@ -190,7 +193,13 @@ async def read_time(session: Session, *, frames: int, from_frame: int) -> float:
         if received == frames:
             done.set()
 
-    session._audio = audio  # type: ignore[method-assign]
+    async def audio(data: bytes) -> None:
+        note()
+
+    if commands:
+        session._control = lambda event: note()  # type: ignore[method-assign]
+    else:
+        session._audio = audio  # type: ignore[method-assign]
     with trio.fail_after(1000):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(session._receive_loop)
@@ -249,23 +258,7 @@ async def test_a_flood_of_commands_is_slowed_like_audio(
         '"payload":{"max_sentence_silence":500}}'
     )
     session.ws = FastSocket(600, control)  # type: ignore[assignment]
-    handled = 0
-    start = trio.current_time()
-    done = trio.Event()
-
-    def count(event: object) -> None:
-        nonlocal handled
-        handled += 1
-        if handled == 600:
-            done.set()
-
-    session._control = count  # type: ignore[method-assign]
-    with trio.fail_after(1000):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(session._receive_loop)
-            await done.wait()
-            nursery.cancel_scope.cancel()
-    assert 9.5 <= trio.current_time() - start <= 10.5
+    assert 9.5 <= await read_time(session, frames=600, from_frame=0, commands=True) <= 10.5
 
 
 def test_a_session_keeps_its_transcript_only_when_it_is_recorded() -> None:
