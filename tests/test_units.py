@@ -946,14 +946,17 @@ async def test_a_reconnect_while_claiming_is_followed_by_a_replay(
 
 
 class _LateSubscribeBus(InMemoryBus):
-    """The first worker to take a session subscribes to its input 3 s late (loaded)."""
+    """The first subscription to a session's input takes ``delay_s`` (a loaded worker, a slow
+    NATS round trip)."""
 
-    late = True
+    def __init__(self, delay_s: float) -> None:
+        super().__init__()
+        self.delay_s: float | None = delay_s
 
     async def subscribe(self, subject: str, **kw: Any) -> Any:
-        if subject.endswith(".in") and self.late:
-            self.late = False
-            await trio.sleep(3)
+        if subject.endswith(".in") and self.delay_s is not None:
+            delay_s, self.delay_s = self.delay_s, None
+            await trio.sleep(delay_s)
         return await super().subscribe(subject, **kw)
 
 
@@ -963,7 +966,7 @@ async def test_a_worker_that_answered_a_claim_too_late_lets_go(
     """The claim timed out and went to another worker; the first one took it anyway, after the
     gateway's close. The keepalives carry the new epoch: it lets go, and the session is
     decoded once."""
-    bus = _LateSubscribeBus()
+    bus = _LateSubscribeBus(3.0)
     registry = WorkerRegistry(bus, "asrd", timeout_s=1.0)
     workers = [Worker(WorkerConfig(decoders=1), "asrd", bus, LoadtestEngine(1)) for _ in "ab"]
     async with trio.open_nursery() as nursery:
@@ -1011,24 +1014,12 @@ async def test_a_claim_older_than_the_one_served_is_void(
         nursery.cancel_scope.cancel()
 
 
-class _FirstInputSlowBus(InMemoryBus):
-    """The first subscription to a session's input takes 1 s (a slow NATS round trip)."""
-
-    slow = True
-
-    async def subscribe(self, subject: str, **kw: Any) -> Any:
-        if subject.endswith(".in") and self.slow:
-            self.slow = False
-            await trio.sleep(1)
-        return await super().subscribe(subject, **kw)
-
-
 async def test_claims_of_one_session_read_from_two_claim_subscriptions_leave_one_served(
     autojump_clock: trio.abc.Clock,
 ) -> None:
     """A drained claim subscription is still read while the next one takes claims. Two claims
     of one session, one from each, must not both get a decoder: the newer one is served."""
-    bus = _FirstInputSlowBus()
+    bus = _LateSubscribeBus(1.0)
     engine = LoadtestEngine(2)
     worker = Worker(WorkerConfig(decoders=2), "asrd", bus, engine)
     results = await bus.subscribe(session_out("asrd", "s"))
