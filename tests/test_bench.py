@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import tomllib
 from dataclasses import replace
@@ -394,6 +395,39 @@ def test_sampler_takes_a_late_process_forked_before_the_run_from_its_first_readi
     fake.set(11, 7.5, 50_000, started_s=999.0)
     sampler.stop()
     assert sampler.usage()["worker"].cpu_s == pytest.approx(0.5)
+
+
+async def test_sampler_reads_proc_off_the_event_loop_and_drops_a_reading_after_stop() -> None:
+    """The in-process load generator shares the sampler's event loop: a reading (PSS walks
+    each worker's page tables, milliseconds each) must not pause its sessions, and one that
+    ends after stop() must not change the run's figures."""
+    loop_thread = threading.get_ident()
+    release = threading.Event()
+    sampled = threading.Event()  # a reading after start()'s
+    threads: list[int] = []
+
+    class SlowProcs(ProcSet):
+        def read_pids(self, *, pss: bool = False) -> dict[str, dict[int, ProcSample]]:
+            threads.append(threading.get_ident())
+            if len(threads) > 1:
+                sampled.set()
+            if threading.get_ident() == loop_thread:
+                return {"worker": {10: ProcSample(1.0, 100, 100)}}
+            release.wait()  # a slow reading, still running when the run stops
+            return {"worker": {10: ProcSample(99.0, 100, 100)}}
+
+    sampler = Sampler(SlowProcs(), interval_s=0.0)
+    sampler.start()
+    with trio.fail_after(GUARD_S):  # a hang guard, not a speed threshold
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sampler.run)
+            await trio.to_thread.run_sync(sampled.wait)
+            assert threads[1] != loop_thread
+            sampler.stop()
+            release.set()
+            nursery.cancel_scope.cancel()
+    assert len(sampler.series) == 2  # start and stop
+    assert sampler.usage()["worker"].cpu_s == 0.0
 
 
 def test_steal_is_not_busy_or_other_load(monkeypatch: pytest.MonkeyPatch) -> None:

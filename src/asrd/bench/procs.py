@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import trio
@@ -180,6 +181,7 @@ class Sampler:
         self.interval_s = interval_s
         self.pss_interval_s = pss_interval_s
         self._pss_last = 0.0
+        self._stopped = False
         self.first: dict[str, dict[int, ProcSample]] = {}
         self.last: dict[str, dict[int, ProcSample]] = {}
         # One point per reading: "t" (s since start), "<role>_rss_mb", "<role>_cpu_s" (since
@@ -205,6 +207,7 @@ class Sampler:
         self._record(self.first, pss=True)
 
     def stop(self) -> None:
+        self._stopped = True
         self.last = self.procs.read_pids(pss=True)
         self._record(self.last, pss=True)
         self.machine_busy_s = self._cpu_last.busy_s - self._cpu0.busy_s
@@ -212,16 +215,30 @@ class Sampler:
 
     def sample(self) -> None:
         """One reading during the run (with PSS every ``pss_interval_s``)."""
+        pss = self._pss_due()
+        self._record(self.procs.read_pids(pss=pss), pss=pss)
+
+    def _pss_due(self) -> bool:
         pss = time.monotonic() - self._pss_last >= self.pss_interval_s
         if pss:
             self._pss_last = time.monotonic()
-        self._record(self.procs.read_pids(pss=pss), pss=pss)
+        return pss
 
     async def run(self) -> None:
-        """Sample until cancelled (the caller calls :meth:`start` and :meth:`stop`)."""
-        while True:
+        """Sample until cancelled (the caller calls :meth:`start` and :meth:`stop`).
+
+        The readings are taken in a thread: the in-process load generator shares this event
+        loop, and reading PSS walks each process's page tables (~2.5 ms per 250 MB worker),
+        a pause every session would have measured as lag. A reading that ends after
+        :meth:`stop` is dropped: the run's figures end with the reading taken there.
+        """
+        while not self._stopped:
             await trio.sleep(self.interval_s)
-            self.sample()
+            pss = self._pss_due()
+            reading = await trio.to_thread.run_sync(partial(self.procs.read_pids, pss=pss))
+            if self._stopped:
+                return
+            self._record(reading, pss=pss)
 
     def _cpu_before_run(self, sample: ProcSample) -> float:
         """CPU seconds of a newly seen process that are not the run's: none if it was forked
