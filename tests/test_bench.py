@@ -15,17 +15,28 @@ import threading
 import time
 import tomllib
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pydantic
 import pytest
 import trio
+import trio_websocket
 
 from asrd import gctune
 from asrd.bench.command import report_text
 from asrd.bench.corpus import Playlist, default_data_dir, load_corpus
-from asrd.bench.load import COMPLETED, LoadPlan, SessionResult, run_load, schedule, split
+from asrd.bench.load import (
+    COMPLETED,
+    LoadPlan,
+    SessionResult,
+    SessionSpec,
+    run_load,
+    run_session,
+    schedule,
+    split,
+)
 from asrd.bench.procs import (
     MachineCpu,
     ProcSample,
@@ -162,6 +173,36 @@ def test_plan_and_results_survive_json() -> None:
     assert SessionResult.from_dict(json.loads(json.dumps(r.to_dict()))) == SessionResult(
         3, partial_lags=[0.012346], hyps=["a"], refs=["b"]
     )
+
+
+async def test_a_session_closed_early_counts_only_the_frames_it_sent(
+    nursery: trio.Nursery,
+) -> None:
+    """``sends`` is what the late-sends warning is a share of: a session the server closed
+    after two frames sent two or three, not its whole playlist."""
+
+    async def handler(request: trio_websocket.WebSocketRequest) -> None:
+        ws = await request.accept()
+        start = json.loads(await ws.get_message())
+        header = {**start["header"], "name": "TranscriptionStarted", "status": 20000000}
+        await ws.send_message(json.dumps({"header": header, "payload": {"session_id": "s"}}))
+        for _ in range(2):
+            await ws.get_message()
+        await ws.aclose()
+
+    server = await nursery.start(
+        partial(trio_websocket.serve_websocket, handler, "127.0.0.1", 0, None)
+    )
+    plan = LoadPlan(
+        f"ws://127.0.0.1:{server.port}/ws/v1", (), str(DATA), duration_s=5.0, reply_timeout_s=5.0
+    )
+    playlist = Playlist.build(load_corpus(DATA), first=0, min_duration_s=5.0, gap_ms=1500)
+    with trio.fail_after(GUARD_S):  # a hang guard, not a speed threshold
+        result = await run_session(plan, SessionSpec(0, time.monotonic(), 0), playlist)
+    assert result.outcome == "closed"
+    assert len(playlist.frames) > 50
+    assert 2 <= result.sends < 10
+    assert result.audio_s == pytest.approx(result.sends * 0.1)
 
 
 # --- report ------------------------------------------------------------------------------

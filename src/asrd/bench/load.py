@@ -216,6 +216,7 @@ class _Stream:
         offset = trio.current_time() - t0
         late_max = 0.0
         late = 0
+        sent = 0
         try:
             for k, frame in enumerate(self.playlist.frames):
                 due = t0 + clock.frame_end_s(k) / speed
@@ -228,12 +229,14 @@ class _Stream:
                     late += 1
                 clock.sent(k, now)
                 await ws.send_message(frame)
+                sent += 1
                 result.audio_s += len(frame) / 2 / self.playlist.sample_rate
             await ws.send_message(json.dumps(stop_message(task_id, plan.appkey)))
         except trio_websocket.ConnectionClosed:
             return  # the receiving side reports why
         finally:
-            result.late_max_s, result.late_sends, result.sends = late_max, late, self.clock.frames
+            # The frames sent, not the playlist's: a session that ended early sent fewer.
+            result.late_max_s, result.late_sends, result.sends = late_max, late, sent
         self.stop_sent = True
         if self.receive_scope is not None:
             self.receive_scope.deadline = trio.current_time() + plan.reply_timeout_s
