@@ -11,8 +11,10 @@ they share a port (asrd.reuseport) rather than a model.
 
 The parent only supervises; it never starts a thread or an event loop, so forking is safe:
 
-* it forwards SIGTERM and SIGINT to every child (each in a process group of its own, so that
-  a terminal's Ctrl-C reaches it once, through the parent) and exits when all have stopped;
+* it passes each SIGTERM and SIGINT it gets on to every child (each in a process group of its
+  own, so that a terminal's Ctrl-C reaches it once, through the parent) and exits when all
+  have stopped: the first starts their drain, a second (Ctrl-C again) ends it at once, as it
+  does for one process;
 * it stands between systemd and the children: they report to the parent's own notification
   socket (the protocol of :mod:`asrd.sdnotify`); the parent sends READY=1 once every child
   has, STOPPING=1 on a signal, and the watchdog while it runs, and kills a child that stops
@@ -153,6 +155,7 @@ class _Supervisor:
         self.stopping = False
         self.stop_deadline = 0.0
         self.failure = 0
+        self.interrupted = False  # a second SIGINT: we end with 130, as one process does
         self.watchdog = sdnotify.watchdog_interval()
         self.child_watchdog = os.environ["WATCHDOG_USEC"] if self.watchdog is not None else None
         self.own_fds: list[int] = []  # closed in children
@@ -189,7 +192,7 @@ class _Supervisor:
                 if wake_r in readable:
                     for signum in os.read(wake_r, 512):
                         if signum in (signal.SIGTERM, signal.SIGINT):
-                            self._stop(f"received {signal.Signals(signum).name}: stopping")
+                            self._on_signal(signal.Signals(signum))
                 if notifications.fileno() in readable:
                     _read_notification(notifications, self.children)
                     if not self.announced and not self.stopping:
@@ -215,7 +218,7 @@ class _Supervisor:
                         log.warning("%s pid %d did not stop: killing it", self.what, pid)
                         self._signal(pid, signal.SIGKILL)
                     self.stop_deadline = float("inf")
-            return self.failure
+            return self.failure or (130 if self.interrupted else 0)
         finally:
             for pid in self.children:  # only left after an exception of our own
                 self._signal(pid, signal.SIGKILL)
@@ -264,7 +267,19 @@ class _Supervisor:
                 child.pinged = float("inf")  # once
                 self._signal(pid, signal.SIGABRT)
 
-    def _stop(self, why: str) -> None:
+    def _on_signal(self, signum: signal.Signals) -> None:
+        if not self.stopping:
+            self._stop(f"received {signum.name}: stopping", signum)
+            return
+        # Stopping already: the children take this one as "now", as one process does (a second
+        # Ctrl-C raises KeyboardInterrupt). Kept from them, it left a draining child running for
+        # its whole drain, and the family up to stop_timeout_s.
+        log.info("received %s again: passing it on", signum.name)
+        self.interrupted = self.interrupted or signum == signal.SIGINT
+        for pid in self.children:
+            self._signal(pid, signum)
+
+    def _stop(self, why: str, signum: int = signal.SIGTERM) -> None:
         if self.stopping:
             return
         log.info("%s", why)
@@ -275,7 +290,7 @@ class _Supervisor:
             self.on_stop()
         sdnotify.stopping()
         for pid in self.children:
-            self._signal(pid, signal.SIGTERM)
+            self._signal(pid, signum)  # a Ctrl-C as SIGINT: a second then reads as the second
 
     def _reap(self) -> None:
         while self.children:
