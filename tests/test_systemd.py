@@ -511,9 +511,12 @@ def target(index):
         sdnotify.ready()
         time.sleep(0.5)  # the family is ready by then: this is a crash after the start
         return 1
+    if sys.argv[1] == "noabort":  # wedged, and SIGABRT does not end it (as if stopped)
+        import signal
+        signal.signal(signal.SIGABRT, signal.SIG_IGN)
     sdnotify.ready()  # and never a WATCHDOG=1: a wedged child
     os.write(1, f"started {index} {os.getpid()}\\n".encode())  # one write: no interleaving
-    time.sleep(60)
+    time.sleep(3600 if sys.argv[1] == "noabort" else 60)
     return 0
 
 sys.exit(run_forked(2, target))
@@ -670,22 +673,28 @@ def test_prefork_forks_again_later_when_a_fork_fails() -> None:
     assert not [x for x in errors if "process 1" in x], errors  # its sibling served on
 
 
-def spawn_wedged_children(ns: NotifySocket) -> subprocess.Popen[bytes]:
+def spawn_wedged_children(ns: NotifySocket, mode: str) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if k not in sdnotify.ENVIRONMENT_KEYS}
     env |= {"NOTIFY_SOCKET": ns.address, "WATCHDOG_USEC": "1000000"}
-    argv = [sys.executable, "-c", PREFORK_SCRIPT, "hang"]
+    argv = [sys.executable, "-c", PREFORK_SCRIPT, mode]
     return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE)
 
 
-async def test_prefork_kills_and_forks_again_a_child_that_stops_pinging() -> None:
+@pytest.mark.parametrize("mode", ["hang", "noabort"])
+async def test_prefork_kills_and_forks_again_a_child_that_stops_pinging(mode: str) -> None:
+    """``noabort``: a child that SIGABRT does not end (stopped, or handling it) gets SIGKILL a
+    watchdog period later; it used to stay, its slot never forked again."""
     with notify_socket("abstract") as ns:
-        proc = spawn_wedged_children(ns)
+        proc = spawn_wedged_children(ns, mode)
         try:
             assert proc.stdout is not None
             started: list[int] = []
             with trio.fail_after(GUARD_S):
                 while len(started) < 4:  # two, then each again after its watchdog kill
-                    line = await trio.to_thread.run_sync(proc.stdout.readline)
+                    line = await trio.to_thread.run_sync(
+                        proc.stdout.readline,
+                        abandon_on_cancel=True,  # or fail_after waits
+                    )
                     started.append(int(line.split()[2]))
             assert len(set(started)) == 4
             proc.send_signal(signal.SIGTERM)

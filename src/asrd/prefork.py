@@ -63,6 +63,7 @@ class _Child:
     ready: bool = False
     pinged: float = 0.0  # time.monotonic() of its last WATCHDOG=1 (or of its start)
     started: float = 0.0  # time.monotonic() of its fork
+    aborted: float | None = None  # time.monotonic() of the watchdog's SIGABRT
 
 
 def _status(wait_status: int) -> int:
@@ -257,15 +258,25 @@ class _Supervisor:
 
         A child pings us while its event loop runs and NATS is connected. One silent for a
         whole watchdog period is killed (SIGABRT, as systemd would) and forked again, so one
-        wedged process does not take its siblings down with a restart of the whole unit.
+        wedged process does not take its siblings down with a restart of the whole unit. One
+        still there a period after its SIGABRT gets SIGKILL, as systemd would after
+        TimeoutAbortSec: a stopped process (SIGSTOP, a debugger) does not act on SIGABRT, nor
+        one that handles it, and its slot would stay dead for good.
         """
         assert self.watchdog is not None
         sdnotify.notify("WATCHDOG=1")
+        period = 2 * self.watchdog
         for pid, child in self.children.items():
-            if now - child.pinged >= 2 * self.watchdog and not self.stopping:
+            if self.stopping:  # the stop deadline kills what is left
+                break
+            if child.aborted is None and now - child.pinged >= period:
                 log.warning("%s pid %d stopped pinging the watchdog: killing it", self.what, pid)
-                child.pinged = float("inf")  # once
+                child.aborted = now
                 self._signal(pid, signal.SIGABRT)
+            elif child.aborted is not None and now - child.aborted >= period:
+                log.warning("%s pid %d did not end on SIGABRT: killing it", self.what, pid)
+                child.aborted = float("inf")  # once
+                self._signal(pid, signal.SIGKILL)
 
     def _on_signal(self, signum: signal.Signals) -> None:
         if not self.stopping:
