@@ -307,6 +307,52 @@ def test_a_second_ctrl_c_stops_a_draining_gateway_with_130(
     assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
 
 
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_second_sigterm_lets_a_draining_gateway_finish(
+    tmp_path: Path, nats: Nats, processes: int
+) -> None:
+    """`systemctl kill` sends SIGTERM to every process of the unit, so a forked gateway process
+    gets one from systemd and one from its parent. The second killed a draining process at
+    once (one process too, on a second `kill`), cutting its sessions off."""
+    port = free_port()
+    argv = ["gateway", "--port", str(port), "--nats-url", nats.url]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "asrd", *argv, "--processes", str(processes)],
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+    )
+    try:
+        assert proc.stderr is not None
+        log: list[str] = []
+        for _ in range(processes):
+            log += read_until(proc.stderr, "gateway listening")
+        with socket.create_connection(("127.0.0.1", port)) as sock:  # a session to drain
+            sock.sendall(
+                b"GET /ws/v1 HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                b"Sec-WebSocket-Version: 13\r\n\r\n"
+            )
+            assert sock.recv(200).startswith(b"HTTP/1.1 101")
+            pids = [proc.pid, *children_of(proc.pid)]
+            proc.send_signal(signal.SIGTERM)
+            log += read_until(proc.stderr, "draining: 1 sessions")  # the process that has it
+            for pid in pids:  # as systemd's kill does
+                try:
+                    os.kill(pid, signal.SIGTERM)
+                except ProcessLookupError:  # the process with no session to drain
+                    pass
+        # The client hangs up: its session ends, and the drain with it.
+        _, err = proc.communicate(timeout=GUARD_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    log += err.splitlines()
+    assert proc.returncode == 0, log[-20:]
+    assert sum("gateway stopped" in line for line in log) == processes, log[-20:]
+
+
 def test_ctrl_c_while_the_gateway_connects_to_nats_ends_with_130(tmp_path: Path) -> None:
     proc = subprocess.Popen(
         [

@@ -19,6 +19,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
@@ -587,6 +588,59 @@ def test_prefork_stops_on_a_sigterm_that_comes_as_it_starts() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "received SIGTERM: stopping" in result.stderr
+
+
+DRAINING_SCRIPT = """
+import os, sys, trio
+from asrd.cli import _stop_on_signals
+from asrd.prefork import run_forked
+
+async def serve():
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(_stop_on_signals, stop)
+        os.write(1, f"started {os.getpid()}\\n".encode())
+        await stop.wait()
+        os.write(1, b"draining\\n")
+        await trio.sleep_forever()  # a drain that does not end (wedged, or very long)
+
+def target(index):
+    trio.run(serve)
+    return 0
+
+sys.exit(run_forked(1, target, stop_timeout_s=3600))
+"""
+
+
+def test_a_draining_child_dies_with_its_parent() -> None:
+    """A forked process that stops takes a second SIGTERM as nothing new, so its parent-death
+    signal (SIGTERM) did nothing once it drained: killed in the middle of the drain (`asrd
+    serve` kills a worker that overran it), the parent left the process running for good."""
+
+    def running(pid: int) -> bool:  # a zombie has ended, its parent not yet told
+        with contextlib.suppress(OSError):
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        return False
+
+    argv = [sys.executable, "-c", DRAINING_SCRIPT]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+    child = 0
+    try:
+        assert proc.stdout is not None
+        child = int(read_until(proc.stdout, "started")[-1].split()[1])
+        proc.send_signal(signal.SIGTERM)
+        read_until(proc.stdout, "draining")
+        proc.kill()
+        proc.wait(GUARD_S)
+        deadline = time.monotonic() + GUARD_S
+        while running(child) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not running(child)
+    finally:
+        stop(proc)
+        if child:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)
 
 
 SLOW_STOP_SCRIPT = """

@@ -26,6 +26,7 @@ from asrd.errors import ChildExited
 log = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
+_PR_GET_PDEATHSIG = 2
 
 
 def die_with_parent(parent: int | None = None) -> None:  # pragma: no cover - in the child
@@ -40,6 +41,20 @@ def die_with_parent(parent: int | None = None) -> None:  # pragma: no cover - in
         pass
     if parent is not None and os.getppid() != parent:
         os._exit(1)
+
+
+def die_at_once_with_parent() -> None:
+    """In a process that stops: if it was started to die with its parent (it has a parent-death
+    signal), make that SIGKILL. A process that stops takes a second SIGTERM as nothing new
+    (asrd.cli), so one killed with its parent in the middle of its drain (``asrd serve`` kills
+    a worker that overran it) would run on as an orphan, for good if it is wedged."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        current = ctypes.c_int(0)
+        if libc.prctl(_PR_GET_PDEATHSIG, ctypes.byref(current)) == 0 and current.value:
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:
+        pass
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -17,6 +17,7 @@ from typing import Any, Literal
 import trio
 
 from asrd import gctune, logs, sdnotify
+from asrd.children import die_at_once_with_parent
 from asrd.config import Config, ConfigError, load_config
 from asrd.cpugate import CpuGate
 from asrd.errors import AsrdError
@@ -39,13 +40,24 @@ def _load(args: argparse.Namespace, **overrides: dict[str, Any]) -> Config:
 
 
 async def _stop_on_signals(event: trio.Event, *, task_status: trio.TaskStatus[None]) -> None:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        task_status.started()
-        async for signum in signals:
-            log.info("received %s: stopping", signal.Signals(signum).name)
-            sdnotify.stopping()
-            event.set()
-            return
+    """Set ``event`` on the first SIGTERM or SIGINT, then run until cancelled.
+
+    A second SIGINT (Ctrl-C again) is trio's KeyboardInterrupt: stop now. A second SIGTERM
+    changes nothing, as systemd expects (it sends SIGKILL after TimeoutStopSec): `systemctl
+    kill` sends one to every process of the unit, and a forked process also gets the one its
+    parent passes on; the second killed it in the middle of its drain.
+    """
+    with trio.open_signal_receiver(signal.SIGTERM) as later:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            task_status.started()
+            async for signum in signals:
+                log.info("received %s: stopping", signal.Signals(signum).name)
+                sdnotify.stopping()
+                die_at_once_with_parent()  # its SIGTERM would be a second one
+                event.set()
+                break
+        async for _ in later:  # read: trio delivers those left unread again as it closes
+            log.info("received SIGTERM again: stopping already")
 
 
 # --- serve / gateway ---------------------------------------------------------------------

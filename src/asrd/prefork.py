@@ -13,8 +13,8 @@ The parent only supervises; it never starts a thread or an event loop, so forkin
 
 * it passes each SIGTERM and SIGINT it gets on to every child (each in a process group of its
   own, so that a terminal's Ctrl-C reaches it once, through the parent) and exits when all
-  have stopped: the first starts their drain, a second (Ctrl-C again) ends it at once, as it
-  does for one process;
+  have stopped: the first starts their drain, a second SIGINT (Ctrl-C again) ends it at
+  once, as it does for one process;
 * it stands between systemd and the children: they report to the parent's own notification
   socket (the protocol of :mod:`asrd.sdnotify`); the parent sends READY=1 once every child
   has, STOPPING=1 on a signal, and the watchdog while it runs, and kills a child that stops
@@ -282,9 +282,9 @@ class _Supervisor:
         if not self.stopping:
             self._stop(f"received {signum.name}: stopping", signum)
             return
-        # Stopping already: the children take this one as "now", as one process does (a second
-        # Ctrl-C raises KeyboardInterrupt). Kept from them, it left a draining child running for
-        # its whole drain, and the family up to stop_timeout_s.
+        # Stopping already: passed on, the children take it as one process does (asrd.cli): a
+        # second SIGINT (Ctrl-C again) as "now", a second SIGTERM as nothing new. Kept from
+        # them, a second Ctrl-C left a draining child running for its whole drain.
         log.info("received %s again: passing it on", signum.name)
         self.interrupted = self.interrupted or signum == signal.SIGINT
         for pid in self.children:
