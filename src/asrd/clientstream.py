@@ -12,17 +12,14 @@
 
 from __future__ import annotations
 
-import math
-
 import trio
+
+from asrd.pacing import Pacer
 
 # Above the most a session's own limit lets through (1,000 10-ms audio frames a second at
 # 10x), with room for the pings and pongs of a WebSocket library; at most 4-5% of a core.
 FRAMES_PER_S = 2000.0
 FRAME_BURST = 4000
-# Ahead of the allowance by less than this, a client is not slowed yet: one sleep per 50 ms
-# of lead instead of one per read.
-SLOW_DOWN_AFTER_S = 0.05
 
 
 class FrameCounter:
@@ -74,7 +71,7 @@ class ClientStream(trio.abc.Stream):
         self._torn = False
         self._frames = FrameCounter()
         self._early = early
-        self._due = -math.inf  # when the frames read so far are due at FRAMES_PER_S
+        self._pacer = Pacer(FRAMES_PER_S, FRAME_BURST)
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if self._prefix:
@@ -84,10 +81,7 @@ class ClientStream(trio.abc.Stream):
             data = bytes(await self._stream.receive_some(max_bytes))
             frames = self._frames.feed(data)
         if frames:
-            now = trio.current_time()
-            self._due = max(self._due, now - FRAME_BURST / FRAMES_PER_S) + frames / FRAMES_PER_S
-            if self._due > now + SLOW_DOWN_AFTER_S:
-                await trio.sleep(self._due - now)
+            await self._pacer.take(frames)
         return data
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:

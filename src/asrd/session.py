@@ -53,6 +53,7 @@ from asrd.events import (
     TranscriptionStarted,
 )
 from asrd.metrics import GatewayMetrics
+from asrd.pacing import Pacer
 from asrd.params import SessionParams
 from asrd.registry import WorkerRegistry
 from asrd.remote import RemoteRecognizer
@@ -75,9 +76,6 @@ ARRIVALS_KEPT = 300  # 15-30 s of stream (by the frame size): results refer to r
 # 10x: at most 1,000 frames or 100 commands a second per session, after the burst.
 MIN_FRAME_S = 0.01
 COMMAND_S = 0.1
-# A client ahead of its allowance by less than this is not slowed yet: one sleep per 50 ms of
-# lead instead of one per message (a wake-up costs about as much as reading a frame).
-SLOW_DOWN_AFTER_S = 0.05
 
 
 class Codec(Protocol):
@@ -279,11 +277,9 @@ class Session:
         and no task switch between the socket and the bus (docs/benchmarks.md)."""
         max_frame = self.config.server.max_frame_bytes
         max_text = self.config.server.max_text_bytes
-        speed = self.config.server.max_audio_speed
-        burst_s = self.config.server.audio_burst_s
-        # When the audio received so far is due at ``speed``: never earlier than a burst's
-        # worth before now, so that time the client streamed slower earns no credit.
-        due = -math.inf
+        # Faster than real time is fine up to a burst; beyond it we slow the client down
+        # (stop reading its socket) instead of buffering without bound.
+        pacer = Pacer(self.config.server.max_audio_speed, self.config.server.audio_burst_s)
         while True:
             self._waiting_since = trio.current_time()  # read by _timeouts_loop
             message = await self.ws.get_message()
@@ -300,12 +296,7 @@ class Session:
                         f"audio frame of {len(message)} bytes exceeds the limit of {max_frame}"
                     )
                 cost_s = max(MIN_FRAME_S, len(message) / (2 * self.params.sample_rate))
-            # Faster than real time is fine up to a burst; beyond it we slow the client
-            # down (stop reading its socket) instead of buffering without bound.
-            now = trio.current_time()
-            due = max(due, now - burst_s / speed) + cost_s / speed
-            if due > now + SLOW_DOWN_AFTER_S:
-                await trio.sleep(due - now)
+            await pacer.take(cost_s)
             if isinstance(message, str):
                 await self._handle(self.codec.receive_text(message))
             else:
