@@ -17,7 +17,8 @@ import trio
 from asrd.pacing import Pacer
 
 # Above the most a session's own limit lets through (1,000 10-ms audio frames a second at
-# 10x), with room for the pings and pongs of a WebSocket library; at most 4-5% of a core.
+# 10x), with room for the pings and pongs of a WebSocket library. A flood at this rate costs
+# 2-3% of a core, 11% for pings (each answered with a pong; docs/resilience.md).
 FRAMES_PER_S = 2000.0
 FRAME_BURST = 4000
 
