@@ -11,6 +11,8 @@ import itertools
 import math
 import random
 import re
+import subprocess
+import sys
 import time
 import wave
 from dataclasses import dataclass
@@ -426,9 +428,38 @@ def test_decoder_options_default_and_override() -> None:
     assert default._free[0].config["maxhmmpf"] == 5000
     assert mine._free[0].config["maxhmmpf"] == 30000
     assert mine._free[0].config["beam"] == pytest.approx(1e-60)
-    for bad, says in (({"nonesuch": 1}, "nonesuch"), ({"hmm": "/no/such/model"}, "/no/such")):
-        with pytest.raises(ValueError, match=f"refused the decoder options.*{says}"):
+    for bad, says in (
+        ({"nonesuch": 1}, "refused the decoder options.*nonesuch"),
+        ({"hmm": "/no/such/model"}, "hmm: no such directory: '/no/such/model'"),
+    ):
+        with pytest.raises(ValueError, match=says):
             create_engine("pocketsphinx", decoders=1, **bad)
+
+
+@pytest.mark.parametrize(("key", "what"), [("mixw", "file"), ("rawlogdir", "directory")])
+def test_a_path_option_that_names_nothing_is_refused_at_start(
+    key: str, what: str, tmp_path: Path
+) -> None:
+    """A missing mixw was ignored, and a missing log directory failed every session at
+    start_utt() (50000000) rather than the worker at its start."""
+    missing = str(tmp_path / "missing")
+    with pytest.raises(ValueError, match=f"{key}: no such {what}"):
+        create_engine("pocketsphinx", decoders=1, **{key: missing})
+
+
+def test_a_missing_grammar_is_refused_not_a_crash(tmp_path: Path) -> None:
+    """pocketsphinx segfaults on a jsgf grammar that is not there (and exits on a missing
+    mdef, tmat, sendump or senmgau): the worker died at start with no word of why. In a
+    child process, so that the check's absence fails this test, not the test run."""
+    code = (
+        "from asrd.engines.pocketsphinx import PocketsphinxEngine\n"
+        "try:\n"
+        f"    PocketsphinxEngine(decoders=1, jsgf={str(tmp_path / 'no.gram')!r})\n"
+        "except ValueError as exc:\n"
+        "    print(exc)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert (done.returncode, done.stdout) == (0, f"jsgf: no such file: '{tmp_path}/no.gram'\n")
 
 
 def test_cmn_priors_are_read_as_written_or_refused() -> None:

@@ -28,6 +28,7 @@ Accuracy notes (corpus WER on the five LibriVox clips in ``tests/data``, 71 word
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -84,6 +85,17 @@ DECODER_DEFAULTS: Mapping[str, Any] = {"maxhmmpf": 5000, "fwdflat": False}
 # depend on how the client chunked the stream: pocketsphinx 5 gives (slightly) different
 # segmentations when an utterance begins with a block shorter than ~30 ms.
 _BLOCK_MS = 50
+
+# Decoder options that name a file or directory pocketsphinx reads or writes. It checks few of
+# them itself: a missing jsgf grammar segfaults it, a missing mdef, tmat, sendump or senmgau
+# exits the process, a missing mixw is ignored, and a missing log directory fails every
+# utterance's start_utt() (each session ends with 50000000) instead of the worker's start.
+_INPUT_DIRS = ("hmm",)
+_INPUT_FILES = (
+    "allphone", "dict", "fdict", "featparams", "fsg", "jsgf", "kws", "lda", "lm", "lmctl",
+    "mdef", "mean", "mixw", "mllr", "senmgau", "sendump", "tmat", "var",
+)  # fmt: skip
+_OUTPUT_DIRS = ("mfclogdir", "rawlogdir", "senlogdir")
 
 # Audio below 8 kHz lacks too much of the speech band; above 48 kHz nobody sends speech.
 MIN_SAMPLE_RATE = 8000
@@ -297,6 +309,15 @@ def _cmn_prior(text: object, what: str) -> str:
     return ",".join(repr(v) for v in values)
 
 
+def _check_paths(config: Mapping[str, Any]) -> None:
+    """Refuse a path option whose file or directory is not there, before pocketsphinx sees it."""
+    for key, value in config.items():
+        if key in _INPUT_FILES and not os.path.isfile(str(value)):
+            raise ValueError(f"{key}: no such file: {value!r}")
+        if key in _INPUT_DIRS + _OUTPUT_DIRS and not os.path.isdir(str(value)):
+            raise ValueError(f"{key}: no such directory: {value!r}")
+
+
 def _shifted(cmn: str, shift: Sequence[float]) -> str:
     values = [float(v) for v in cmn.split(",")]
     if len(values) != len(shift):
@@ -353,6 +374,7 @@ class PocketsphinxEngine:
             rate: _cmn_prior(cmn, f"cmninit_by_rate[{rate}]")
             for rate, cmn in (cmninit_by_rate or {}).items()
         }
+        _check_paths(config)
         self._free: list[Any] = []
         try:
             first = pocketsphinx.Decoder(loglevel=loglevel, **config)
