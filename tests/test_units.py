@@ -1224,6 +1224,58 @@ async def test_the_grace_of_a_final_pass_ends_with_the_pass() -> None:
     assert during[0] > 3.5 and after == 0.0, (during, after)
 
 
+class _FaultyEngine(_StepEngine):
+    """Raises once, in acquire() or release(), as an engine with a bug might."""
+
+    capacity = 2
+
+    def __init__(self, log: list[str]) -> None:
+        super().__init__(log)
+        self.fails_in = ""  # "acquire" or "release": raise there next
+
+    def _fail(self, where: str) -> None:
+        if self.fails_in == where:
+            self.fails_in = ""
+            raise RuntimeError(f"bug in {where}")
+
+    def acquire(self, sample_rate: int, *, partials: bool = True) -> Any:
+        self._fail("acquire")
+        return super().acquire(sample_rate, partials=partials)
+
+    def release(self, recognizer: Any) -> None:
+        self._fail("release")
+
+
+@pytest.mark.parametrize("fails_in", ["acquire", "release"])
+async def test_an_engine_error_taking_or_giving_back_a_decoder_ends_one_session_only(
+    fails_in: str, autojump_clock: trio.abc.Clock
+) -> None:
+    """An exception of the engine's acquire() or release() escaped into the worker's nursery
+    and ended the worker, with every session it served; now it ends the one session."""
+    bus = InMemoryBus()
+    engine = _FaultyEngine([])
+    worker = Worker(WorkerConfig(decoders=2), "asrd", bus, engine)
+    subject = claim_subject("asrd", "en-US")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(worker.run)
+        await claimed(bus, wire.Claim("other", 16000, False))
+        engine.fails_in = fails_in
+        reply = wire.decode_claim_reply(
+            await bus.request(subject, wire.Claim("s", 16000, False).encode(), 1)
+        )
+        if fails_in == "acquire":
+            assert (reply.ok, reply.code) == (False, 50000000)
+            assert "bug in acquire" in reply.reason
+        else:
+            assert reply.ok
+            bus.publish(session_in("asrd", "s"), wire.encode_control("close"))
+            await trio.sleep(1)
+        assert set(worker.sessions) == {"other"}
+        await claimed(bus, wire.Claim("next", 16000, False))  # the worker still serves
+        assert set(worker.sessions) == {"other", "next"}
+        nursery.cancel_scope.cancel()
+
+
 def test_services_freeze_startup_objects_and_collect_less_often() -> None:
     import gc
 

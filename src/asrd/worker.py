@@ -210,6 +210,11 @@ class Worker:
         except AsrdError as exc:
             self.metrics.claims.inc(1, "refused")
             return wire.ClaimReply(False, self.id, exc.code, exc.reason)
+        except Exception as exc:  # an engine bug: refuse this claim, not end the worker
+            with logs.about(claim.session_id, claim.task_id):
+                log.exception("claim of session %s: engine error", claim.session_id)
+            self.metrics.claims.inc(1, "refused")
+            return wire.ClaimReply(False, self.id, ServerError.code, f"engine error: {exc!r}")
         try:
             sub = await self.bus.subscribe(
                 session_in(self.prefix, claim.session_id), max_pending=4096
@@ -334,7 +339,10 @@ class Worker:
             # ended here without a word would wait on a worker that no longer listens).
             if self.draining or handback or served.silent:
                 self.bus.publish(out, wire.Handoff(claim.epoch).encode())
-            self.engine.release(rec)
+            try:
+                self.engine.release(rec)
+            except Exception:  # an engine bug: the session is over anyway; the worker is not
+                log.exception("session %s: engine error giving its decoder back", claim.session_id)
             del self.sessions[claim.session_id]
             with trio.CancelScope(shield=True):
                 await self.bus.unsubscribe(sub)
