@@ -360,6 +360,25 @@ def test_tracker_keeps_words_within_their_sentence() -> None:
     assert [(w.start_ms, w.end_ms) for w in end.words] == [(1200, 1400), (1400, 1700)]
 
 
+def test_tracker_keeps_an_engines_word_times_within_the_audio_it_had() -> None:
+    """README: words are "each within its sentence". An engine's word that ended after its
+    sentence (its audio) or before it started went to the client as the engine wrote it."""
+    t = SentenceTracker(SessionParams(enable_intermediate_result=True, enable_words=True))
+    t.begin(1, 1000, 700)  # the engine hears stream 700..3000
+    words = (("a", 500, 300), ("b", 2000, 99_000_000), ("c", 5000, 6000))
+    (partial,) = t.result(wire.Result(False, 1, 1500, "a b c", words, 0.0))
+    assert isinstance(partial, ResultChanged)  # 1500 ms of audio heard: up to 2200
+    assert [(w.start_ms, w.end_ms) for w in partial.words] == [
+        (1200, 1200),
+        (2200, 2200),
+        (2200, 2200),
+    ]
+    t.end(1, 3000, False)
+    (end,) = t.result(wire.Result(True, 1, 2300, "a b c", words, 0.9))
+    assert isinstance(end, SentenceEnd)
+    assert [(w.start_ms, w.end_ms) for w in end.words] == [(1200, 1200), (2700, 3000), (3000, 3000)]
+
+
 def test_tracker_filters_and_punctuates_text_that_comes_without_words() -> None:
     """An engine that sends no word times still gets the client's filters and punctuation:
     a special_word_filter that let profanity through for some engines is no filter."""

@@ -103,5 +103,11 @@ class SentenceTracker:
             # client's filters and punctuation still apply, to its words, with no times made up.
             text, _ = postprocess([Word(t, begin, begin) for t in r.text.split()], self.params)
             return text, ()
-        words = [Word(t, max(base + a, begin), max(base + b, begin + 1)) for t, a, b in r.words]
+        # Nor past the audio the engine had (an engine's bug, or a foreign engine's), nor do
+        # they end before they start: a client cuts the sentence's audio by them too.
+        last = max(begin + 1, s.end_ms if s.end_ms is not None else base + r.audio_ms)
+        words = []
+        for t, a, b in r.words:
+            start = min(max(base + a, begin), last)
+            words.append(Word(t, start, min(max(base + b, start, begin + 1), last)))
         return postprocess(words, self.params)
