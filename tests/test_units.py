@@ -1470,3 +1470,40 @@ async def test_an_asyncio_thread_closes_its_loop_when_it_ends() -> None:
     async with open_asyncio_thread("test-loop") as thread:
         assert await thread.run(answer()) == 42
     assert thread.loop.is_closed()
+
+
+class _FullOutboxBus(InMemoryBus):
+    """Publishing a session's results fails, as it does when NATS is away long enough for the
+    outbox to fill."""
+
+    full = False
+
+    def publish(self, subject: str, data: bytes, reply: str = "") -> None:
+        if self.full and subject.endswith(".out"):
+            raise BusError("NATS outbox is full (the server is unreachable or too slow)")
+        super().publish(subject, data, reply)
+
+
+async def test_a_session_whose_last_word_cannot_be_sent_ends_alone(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A final that cannot be published ends its session, and so does its failure, which
+    cannot be published either: that used to escape into the worker's nursery and end the
+    worker, with every other session it served."""
+    bus = _FullOutboxBus()
+    worker = Worker(WorkerConfig(decoders=3), "asrd", bus, LoadtestEngine(3))
+    inbox = session_in("asrd", "s")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(worker.run)
+        await claimed(bus, wire.Claim("other", 16000, False))
+        await claimed(bus, wire.Claim("s", 16000, False))
+        bus.full = True
+        bus.publish(inbox, wire.encode_control("begin", 1))
+        bus.publish(inbox, wire.encode_audio(1, bytes(3200)))
+        bus.publish(inbox, wire.encode_control("end", 1))
+        await trio.sleep(1)
+        assert set(worker.sessions) == {"other"}
+        bus.full = False
+        await claimed(bus, wire.Claim("next", 16000, False))  # the worker still serves
+        assert set(worker.sessions) == {"other", "next"}
+        nursery.cancel_scope.cancel()

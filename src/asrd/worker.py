@@ -328,17 +328,17 @@ class Worker:
         except AsrdError as exc:
             self.metrics.errors.inc()
             log.warning("session %s failed: %s", claim.session_id, exc)
-            self.bus.publish(out, wire.Failure(exc.code, exc.reason, claim.epoch).encode())
+            self._last_word(out, wire.Failure(exc.code, exc.reason, claim.epoch).encode())
         except Exception as exc:
             self.metrics.errors.inc()
             log.exception("session %s: engine error", claim.session_id)
             failure = wire.Failure(50000000, f"engine error: {exc!r}", claim.epoch)
-            self.bus.publish(out, failure.encode())
+            self._last_word(out, failure.encode())
         finally:
             # Given back: the gateway, if it is alive after all, moves the session (a session
             # ended here without a word would wait on a worker that no longer listens).
             if self.draining or handback or served.silent:
-                self.bus.publish(out, wire.Handoff(claim.epoch).encode())
+                self._last_word(out, wire.Handoff(claim.epoch).encode())
             try:
                 self.engine.release(rec)
             except Exception:  # an engine bug: the session is over anyway; the worker is not
@@ -348,6 +348,16 @@ class Worker:
                 await self.bus.unsubscribe(sub)
                 served.done.set()
                 await self._update_claim_subscription()
+
+    def _last_word(self, subject: str, data: bytes) -> None:
+        """A session's failure or handoff, sent as it ends. It may fail as what ended the
+        session did (the outbox is full while NATS is away): raised here, it would skip the
+        session's cleanup and end the worker with every session it serves. Its gateway,
+        hearing nothing, fails the session over or ends it."""
+        try:
+            self.bus.publish(subject, data)
+        except BusError as exc:
+            log.warning("%s not sent: %s", subject, exc)
 
     def health_routes(self) -> dict[str, Callable[[], tuple[int, bytes]]]:
         """/metrics, /healthz and /readyz for :func:`asrd.httpserve.serve_http`."""
