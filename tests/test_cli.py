@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import time
 import wave
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -269,51 +271,12 @@ def test_a_port_in_use_ends_the_command_with_a_reason(
     ), lines[-1]
 
 
-@pytest.mark.parametrize("processes", [1, 2])
-def test_a_second_ctrl_c_stops_a_draining_gateway_with_130(
+@contextlib.contextmanager
+def gateway_with_a_session(
     tmp_path: Path, nats: Nats, processes: int
-) -> None:
-    """The first starts the drain; the second, trio's KeyboardInterrupt wrapped in the
-    nurseries' exception group, used to end in a traceback and status 1. With forked gateway
-    processes the parent kept the second from them: the drain ran on to its end, and the
-    command ended with 0."""
-    port = free_port()
-    argv = ["gateway", "--port", str(port), "--nats-url", nats.url]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "asrd", *argv, "--processes", str(processes)],
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=tmp_path,
-    )
-    try:
-        assert proc.stderr is not None
-        for _ in range(processes):
-            read_until(proc.stderr, "gateway listening")
-        with socket.create_connection(("127.0.0.1", port)) as sock:  # a session to drain
-            sock.sendall(
-                b"GET /ws/v1 HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
-                b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-                b"Sec-WebSocket-Version: 13\r\n\r\n"
-            )
-            assert sock.recv(200).startswith(b"HTTP/1.1 101")
-            proc.send_signal(signal.SIGINT)
-            read_until(proc.stderr, "draining: 1 sessions")  # the process that has it
-            proc.send_signal(signal.SIGINT)
-            _, err = proc.communicate(timeout=GUARD_S)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
-
-
-@pytest.mark.parametrize("processes", [1, 2])
-def test_a_second_sigterm_lets_a_draining_gateway_finish(
-    tmp_path: Path, nats: Nats, processes: int
-) -> None:
-    """`systemctl kill` sends SIGTERM to every process of the unit, so a forked gateway process
-    gets one from systemd and one from its parent. The second killed a draining process at
-    once (one process too, on a second `kill`), cutting its sessions off."""
+) -> Iterator[tuple[subprocess.Popen[str], socket.socket, list[str]]]:
+    """`asrd gateway` with ``processes`` processes, listening, and a WebSocket connection to it
+    (a session to drain); the log read so far. Killed if the test leaves it running."""
     port = free_port()
     argv = ["gateway", "--port", str(port), "--nats-url", nats.url]
     proc = subprocess.Popen(
@@ -327,27 +290,56 @@ def test_a_second_sigterm_lets_a_draining_gateway_finish(
         log: list[str] = []
         for _ in range(processes):
             log += read_until(proc.stderr, "gateway listening")
-        with socket.create_connection(("127.0.0.1", port)) as sock:  # a session to drain
+        with socket.create_connection(("127.0.0.1", port)) as sock:
             sock.sendall(
                 b"GET /ws/v1 HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
                 b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
                 b"Sec-WebSocket-Version: 13\r\n\r\n"
             )
             assert sock.recv(200).startswith(b"HTTP/1.1 101")
-            pids = [proc.pid, *children_of(proc.pid)]
-            proc.send_signal(signal.SIGTERM)
-            log += read_until(proc.stderr, "draining: 1 sessions")  # the process that has it
-            for pid in pids:  # as systemd's kill does
-                try:
-                    os.kill(pid, signal.SIGTERM)
-                except ProcessLookupError:  # the process with no session to drain
-                    pass
-        # The client hangs up: its session ends, and the drain with it.
-        _, err = proc.communicate(timeout=GUARD_S)
+            yield proc, sock, log
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_second_ctrl_c_stops_a_draining_gateway_with_130(
+    tmp_path: Path, nats: Nats, processes: int
+) -> None:
+    """The first starts the drain; the second, trio's KeyboardInterrupt wrapped in the
+    nurseries' exception group, used to end in a traceback and status 1. With forked gateway
+    processes the parent kept the second from them: the drain ran on to its end, and the
+    command ended with 0."""
+    with gateway_with_a_session(tmp_path, nats, processes) as (proc, _, _):
+        assert proc.stderr is not None
+        proc.send_signal(signal.SIGINT)
+        read_until(proc.stderr, "draining: 1 sessions")  # the process that has it
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=GUARD_S)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_second_sigterm_lets_a_draining_gateway_finish(
+    tmp_path: Path, nats: Nats, processes: int
+) -> None:
+    """`systemctl kill` sends SIGTERM to every process of the unit, so a forked gateway process
+    gets one from systemd and one from its parent. The second killed a draining process at
+    once (one process too, on a second `kill`), cutting its sessions off."""
+    with gateway_with_a_session(tmp_path, nats, processes) as (proc, sock, log):
+        assert proc.stderr is not None
+        pids = [proc.pid, *children_of(proc.pid)]
+        proc.send_signal(signal.SIGTERM)
+        log += read_until(proc.stderr, "draining: 1 sessions")  # the process that has it
+        for pid in pids:  # as systemd's kill does
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:  # the process with no session to drain
+                pass
+        sock.close()  # the client hangs up: its session ends, and the drain with it
+        _, err = proc.communicate(timeout=GUARD_S)
     log += err.splitlines()
     assert proc.returncode == 0, log[-20:]
     assert sum("gateway stopped" in line for line in log) == processes, log[-20:]
