@@ -854,11 +854,19 @@ def test_replayed_audio_is_merged_per_utterance_and_in_order() -> None:
 
 
 class _SlowInputBus(InMemoryBus):
-    """Subscribing to a session's input takes a moment, as a round trip to NATS does."""
+    """Subscribing to a session's input takes ``delay_s`` (a round trip to NATS, a loaded
+    worker); with ``once``, only the first subscription."""
+
+    def __init__(self, delay_s: float, *, once: bool = False) -> None:
+        super().__init__()
+        self.delay_s = delay_s
+        self.once = once
+        self.slowed = False
 
     async def subscribe(self, subject: str, **kw: Any) -> Any:
-        if subject.endswith(".in"):
-            await trio.sleep(0.001)
+        if subject.endswith(".in") and not (self.once and self.slowed):
+            self.slowed = True
+            await trio.sleep(self.delay_s)
         return await super().subscribe(subject, **kw)
 
 
@@ -868,7 +876,7 @@ async def test_a_claim_taken_while_the_worker_starts_draining_is_refused(
     """drain() hands back the sessions it sees; one whose claim was half-way (subscribing) when
     it began would be missed and hold the drain up. It is refused instead: the gateway claims
     another worker."""
-    bus = _SlowInputBus()
+    bus = _SlowInputBus(0.001)
     worker = Worker(WorkerConfig(decoders=1), "asrd", bus, LoadtestEngine(1))
     subject = claim_subject("asrd", worker.config.pool)
     replies: list[wire.ClaimReply] = []
@@ -964,28 +972,13 @@ async def test_a_reconnect_while_claiming_is_followed_by_a_replay(
         nursery.cancel_scope.cancel()
 
 
-class _LateSubscribeBus(InMemoryBus):
-    """The first subscription to a session's input takes ``delay_s`` (a loaded worker, a slow
-    NATS round trip)."""
-
-    def __init__(self, delay_s: float) -> None:
-        super().__init__()
-        self.delay_s: float | None = delay_s
-
-    async def subscribe(self, subject: str, **kw: Any) -> Any:
-        if subject.endswith(".in") and self.delay_s is not None:
-            delay_s, self.delay_s = self.delay_s, None
-            await trio.sleep(delay_s)
-        return await super().subscribe(subject, **kw)
-
-
 async def test_a_worker_that_answered_a_claim_too_late_lets_go(
     autojump_clock: trio.abc.Clock,
 ) -> None:
     """The claim timed out and went to another worker; the first one took it anyway, after the
     gateway's close. The keepalives carry the new epoch: it lets go, and the session is
     decoded once."""
-    bus = _LateSubscribeBus(3.0)
+    bus = _SlowInputBus(3.0, once=True)
     registry = WorkerRegistry(bus, "asrd", timeout_s=1.0)
     workers = [Worker(WorkerConfig(decoders=1), "asrd", bus, LoadtestEngine(1)) for _ in "ab"]
     async with trio.open_nursery() as nursery:
@@ -1038,7 +1031,7 @@ async def test_claims_of_one_session_read_from_two_claim_subscriptions_leave_one
 ) -> None:
     """A drained claim subscription is still read while the next one takes claims. Two claims
     of one session, one from each, must not both get a decoder: the newer one is served."""
-    bus = _LateSubscribeBus(1.0)
+    bus = _SlowInputBus(1.0, once=True)
     engine = LoadtestEngine(2)
     worker = Worker(WorkerConfig(decoders=2), "asrd", bus, engine)
     results = await bus.subscribe(session_out("asrd", "s"))
@@ -1062,23 +1055,13 @@ async def test_claims_of_one_session_read_from_two_claim_subscriptions_leave_one
         nursery.cancel_scope.cancel()
 
 
-class _SlowClaimBus(InMemoryBus):
-    """A worker subscribes to a session's input, and so answers its claim, 1 s after the
-    claim reached it (a loaded worker, a slow NATS round trip)."""
-
-    async def subscribe(self, subject: str, **kw: Any) -> Any:
-        if subject.endswith(".in"):
-            await trio.sleep(1)
-        return await super().subscribe(subject, **kw)
-
-
 async def test_a_session_ended_during_a_failover_claim_frees_the_claimed_decoder(
     autojump_clock: trio.abc.Clock,
 ) -> None:
     """The session ends (the client hung up) while a failover's claim is on its way. The
     claim must still be waited for: cancelled, the session's close went out before the worker
     listened, and the worker held a decoder for nobody until its silence timeout."""
-    bus = _SlowClaimBus()
+    bus = _SlowInputBus(1.0)
     registry = WorkerRegistry(bus, "asrd", timeout_s=1.0)
     config = WorkerConfig(decoders=2, session_idle_timeout_s=3600)
     worker = Worker(config, "asrd", bus, LoadtestEngine(2))
