@@ -1187,10 +1187,12 @@ def test_worker_heartbeat_stops_when_its_event_loop_is_stuck() -> None:
     assert wire.decode_heartbeat(worker._regular_beat() or b"").grace_s > 25
 
 
-async def test_the_grace_of_a_final_pass_ends_with_the_pass() -> None:
+@pytest.mark.parametrize("ended_by", ["end", "begin"])
+async def test_the_grace_of_a_final_pass_ends_with_the_pass(ended_by: str) -> None:
     """The pause is announced generously (twice the estimate, plus a second), so a worker
     killed after the pass would be covered by what is left of it for seconds: the beats
-    announce it only while the pass runs."""
+    announce it only while the pass runs. An utterance restarted by a replay's ``begin``
+    (a foreign gateway may send one) has its pass thrown away, but it costs as much."""
     log: list[str] = []
     engine = _StepEngine(log)
     engine.final_cost = 0.5  # as pocketsphinx's batch pass: 3 s of audio -> 4 s announced
@@ -1213,11 +1215,12 @@ async def test_the_grace_of_a_final_pass_ends_with_the_pass() -> None:
             for message in (
                 wire.encode_control("begin", 1),
                 wire.encode_audio(1, bytes(3 * 32000)),
-                wire.encode_control("end", 1),
+                wire.encode_control(ended_by, 1 if ended_by == "end" else 2),
+                wire.encode_control("end", 2),  # an empty utterance: no pause
             ):
                 bus.publish(inbox, message)
             with trio.fail_after(5):
-                while not isinstance(
+                while not isinstance(  # the one result, after every pass
                     wire.decode_output((await results.receive()).data), wire.Result
                 ):
                     pass

@@ -301,16 +301,14 @@ class Worker:
                                     ),
                                 )
                     elif item.kind == "begin":
-                        if utt:
-                            rec.finish()  # a replayed utterance restarts the open one
+                        if utt:  # a replayed utterance restarts the open one
+                            await self._finish(rec, audio_bytes / (2 * claim.sample_rate))
                         rec.start()
                         utt, audio_bytes, next_partial, last_partial = item.utt, 0, step, ""
                         served.in_utterance = True
                     elif item.kind == "end":
                         if item.utt == utt:
-                            async with self._pause(audio_bytes / (2 * claim.sample_rate)):
-                                with self.gate:
-                                    hyp = rec.finish()
+                            hyp = await self._finish(rec, audio_bytes / (2 * claim.sample_rate))
                             self.metrics.utterances.inc()
                             self.metrics.audio.inc(audio_bytes / (2 * claim.sample_rate))
                             self.bus.publish(
@@ -433,6 +431,13 @@ class Worker:
                     log.warning("session %s: gateway silent, freeing decoder", session_id)
                 served.silent = True
                 served.scope.cancel()
+
+    async def _finish(self, rec: Recognizer, audio_s: float) -> Hypothesis:
+        """An utterance's final pass, also one thrown away: it may take as long as a decode
+        of the whole utterance, so it waits for its turn at a core and is announced."""
+        async with self._pause(audio_s):
+            with self.gate:
+                return rec.finish()
 
     @asynccontextmanager
     async def _pause(self, audio_s: float) -> AsyncIterator[None]:
