@@ -322,27 +322,61 @@ def test_a_second_ctrl_c_stops_a_draining_gateway_with_130(
 
 
 @pytest.mark.parametrize("processes", [1, 2])
-def test_a_second_sigterm_lets_a_draining_gateway_finish(
-    tmp_path: Path, nats: Nats, processes: int
+@pytest.mark.parametrize(
+    ("signum", "status"),
+    [pytest.param(signal.SIGTERM, 0, id="SIGTERM"), pytest.param(signal.SIGHUP, 129, id="SIGHUP")],
+)
+def test_a_second_stop_signal_lets_a_draining_gateway_finish(
+    tmp_path: Path, nats: Nats, processes: int, signum: signal.Signals, status: int
 ) -> None:
-    """`systemctl kill` sends SIGTERM to every process of the unit, so a forked gateway process
-    gets one from systemd and one from its parent. The second killed a draining process at
-    once (one process too, on a second `kill`), cutting its sessions off."""
+    """`systemctl kill` sends its signal to every process of the unit, so a forked gateway
+    process gets one from systemd and one from its parent. The second SIGTERM killed a
+    draining process at once (one process too, on a second `kill`), cutting its sessions off.
+    SIGHUP, Python's default, killed it at the first, and ended with a status that systemd's
+    Restart=on-failure takes for a clean stop: the unit stayed down. It now drains as for
+    SIGTERM and ends with 129, so that systemd starts it again."""
     with gateway_with_a_session(tmp_path, nats, processes) as (proc, sock, log):
         assert proc.stderr is not None
         pids = [proc.pid, *children_of(proc.pid)]
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signum)
         log += read_until(proc.stderr, "draining: 1 sessions")  # the process that has it
         for pid in pids:  # as systemd's kill does
             try:
-                os.kill(pid, signal.SIGTERM)
+                os.kill(pid, signum)
             except ProcessLookupError:  # the process with no session to drain
                 pass
         sock.close()  # the client hangs up: its session ends, and the drain with it
         _, err = proc.communicate(timeout=GUARD_S)
     log += err.splitlines()
-    assert proc.returncode == 0, log[-20:]
+    assert proc.returncode == status, log[-20:]
     assert sum("gateway stopped" in line for line in log) == processes, log[-20:]
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_sighup_stops_a_worker_to_be_started_again(
+    tmp_path: Path, nats: Nats, processes: int
+) -> None:
+    """As the gateway's (above): a drain, then 129, which systemd's Restart=on-failure
+    restarts; Python's default had it die at once, in a way systemd takes for a clean stop."""
+    argv = ["worker", "--engine", "loadtest", "--nats-url", nats.url]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "asrd", *argv, "--processes", str(processes)],
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+    )
+    try:
+        assert proc.stderr is not None
+        for _ in range(processes):
+            read_until(proc.stderr, "serving pool")
+        proc.send_signal(signal.SIGHUP)
+        _, err = proc.communicate(timeout=GUARD_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 129, err[-3000:]
+    assert err.count("received SIGHUP: stopping, to end with status 129") == processes, err
 
 
 def test_ctrl_c_while_the_gateway_connects_to_nats_ends_with_130(tmp_path: Path) -> None:

@@ -592,15 +592,15 @@ def test_prefork_stops_on_a_sigterm_that_comes_as_it_starts() -> None:
 
 DRAINING_SCRIPT = """
 import os, sys, trio
-from asrd.cli import _stop_on_signals
+from asrd.cli import _Stop, _stop_on_signals
 from asrd.prefork import run_forked
 
 async def serve():
-    stop = trio.Event()
+    stop = _Stop(trio.Event())
     async with trio.open_nursery() as nursery:
         await nursery.start(_stop_on_signals, stop)
         os.write(1, f"started {os.getpid()}\\n".encode())
-        await stop.wait()
+        await stop.event.wait()
         os.write(1, b"draining\\n")
         await trio.sleep_forever()  # a drain that does not end (wedged, or very long)
 

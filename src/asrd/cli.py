@@ -27,6 +27,10 @@ log = logging.getLogger("asrd")
 
 DEFAULT_CONFIG = "config.toml"
 WORKER_DRAIN_S = 10.0  # a worker asked to stop finishes its sessions for at most this long
+# A daemon stopped by SIGHUP drains as for SIGTERM, then ends with the status of a process the
+# signal killed: systemd's Restart=on-failure starts it again (re-reading config.toml). Ended
+# with 0, the unit would stay down; killed outright, it would cut its sessions off.
+HANGUP_STATUS = 128 + signal.SIGHUP
 
 
 def _config_path(arg: str | None) -> str | None:
@@ -39,25 +43,41 @@ def _load(args: argparse.Namespace, **overrides: dict[str, Any]) -> Config:
     return load_config(_config_path(args.config), **overrides)
 
 
-async def _stop_on_signals(event: trio.Event, *, task_status: trio.TaskStatus[None]) -> None:
-    """Set ``event`` on the first SIGTERM or SIGINT, then run until cancelled.
+class _Stop:
+    """Set by the first SIGTERM, SIGINT or SIGHUP; says which status the command ends with."""
 
-    A second SIGINT (Ctrl-C again) is trio's KeyboardInterrupt: stop now. A second SIGTERM
-    changes nothing, as systemd expects (it sends SIGKILL after TimeoutStopSec): `systemctl
-    kill` sends one to every process of the unit, and a forked process also gets the one its
-    parent passes on; the second killed it in the middle of its drain.
+    def __init__(self, event: trio.Event) -> None:
+        self.event = event
+        self.hung_up = False
+
+    def status(self) -> int:
+        return HANGUP_STATUS if self.hung_up else 0
+
+
+async def _stop_on_signals(stop: _Stop, *, task_status: trio.TaskStatus[None]) -> None:
+    """Set ``stop`` on the first SIGTERM, SIGINT or SIGHUP, then run until cancelled.
+
+    A second SIGINT (Ctrl-C again) is trio's KeyboardInterrupt: stop now. A second SIGTERM or
+    SIGHUP changes nothing, as systemd expects (it sends SIGKILL after TimeoutStopSec):
+    `systemctl kill` sends one to every process of the unit, and a forked process also gets
+    the one its parent passes on; the second killed it in the middle of its drain.
     """
-    with trio.open_signal_receiver(signal.SIGTERM) as later:
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGHUP) as later:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
             task_status.started()
             async for signum in signals:
-                log.info("received %s: stopping", signal.Signals(signum).name)
+                stop.hung_up = signum == signal.SIGHUP
+                log.info(
+                    "received %s: stopping%s",
+                    signal.Signals(signum).name,
+                    f", to end with status {HANGUP_STATUS}" if stop.hung_up else "",
+                )
                 sdnotify.stopping()
                 die_at_once_with_parent()  # its SIGTERM would be a second one
-                event.set()
+                stop.event.set()
                 break
-        async for _ in later:  # read: trio delivers those left unread again as it closes
-            log.info("received SIGTERM again: stopping already")
+        async for signum in later:  # read: trio delivers those left unread again as it closes
+            log.info("received %s again: stopping already", signal.Signals(signum).name)
 
 
 # --- serve / gateway ---------------------------------------------------------------------
@@ -65,7 +85,7 @@ async def _stop_on_signals(event: trio.Event, *, task_status: trio.TaskStatus[No
 
 async def _run_gateway(
     config: Config, config_path: str | None, nats_url: str | None, workers: int
-) -> None:
+) -> int:
     from asrd.children import start_child, start_nats_server, worker_argv
 
     # Nested: the workers stop (and leave NATS cleanly) before their nats-server does.
@@ -80,16 +100,18 @@ async def _run_gateway(
                 await start_child(
                     worker_child, argv, "asrd worker", stop_timeout_s=WORKER_DRAIN_S + 5
                 )
-            await _serve_gateway(config, url, workers)
+            status = await _serve_gateway(config, url, workers)
             worker_child.cancel_scope.cancel()
         nats_child.cancel_scope.cancel()
+    return status
 
 
 async def _serve_gateway(
     config: Config, url: str, workers: int, reservation: Reservation | None = None
-) -> None:
-    """Serve until SIGTERM/SIGINT and the drain; READY once NATS is reachable, ``workers``
-    workers are heard and the port is bound (Redis may still be down: that is logged)."""
+) -> int:
+    """Serve until a stop signal and the drain, and return the status to end with. READY once
+    NATS is reachable, ``workers`` workers are heard and the port is bound (Redis may still be
+    down: that is logged)."""
     from asrd.bus.natsbus import open_nats_bus
     from asrd.gateway import Gateway
     from asrd.httpserve import serve_http
@@ -100,8 +122,9 @@ async def _serve_gateway(
         open_control_plane(config) as control,  # Redis when [redis] url is set
     ):
         gateway = Gateway(config, bus, control)
+        stop = _Stop(gateway.stop_requested)
         async with trio.open_nursery() as nursery:
-            await nursery.start(_stop_on_signals, gateway.stop_requested)
+            await nursery.start(_stop_on_signals, stop)
             # a full collection would pause every session: see gctune
             nursery.start_soon(gctune.periodically, gctune.empty_free_lists)
             nursery.start_soon(
@@ -123,6 +146,7 @@ async def _serve_gateway(
                 )
                 sdnotify.ready(f"listening on port {port}")
             nursery.cancel_scope.cancel()
+    return stop.status()
 
 
 def _worker_processes(config: Config) -> int:
@@ -142,8 +166,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             config.server.processes,
         )
     gctune.tune()
-    trio.run(_run_gateway, config, _config_path(args.config), None, workers)
-    return 0
+    return trio.run(_run_gateway, config, _config_path(args.config), None, workers)
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:
@@ -157,8 +180,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     gctune.tune()
     server = config.server
     if server.processes == 1:
-        trio.run(_run_gateway, config, None, config.nats.url, 0)
-        return 0
+        return trio.run(_run_gateway, config, None, config.nats.url, 0)
     from asrd import reuseport
     from asrd.prefork import run_forked
 
@@ -180,7 +202,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
 
 def _process(
     section: Literal["server", "worker"],
-    run: Callable[[Config], Awaitable[None]],
+    run: Callable[[Config], Awaitable[int]],
     config: Config,
     index: int,
 ) -> int:
@@ -192,8 +214,7 @@ def _process(
         config = config.model_copy(update={section: part.model_copy(update={"metrics_port": port})})
 
     def process() -> int:  # a forked process ends here, not in main()
-        trio.run(run, config)
-        return 0
+        return trio.run(run, config)
 
     return _run_command(process)
 
@@ -244,14 +265,14 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return run_forked(processes, work, on_exit=gate.reclaim if gate is not None else None)
 
 
-async def _run_worker(config: Config, engine: Any, gate: CpuGate | None = None) -> None:
+async def _run_worker(config: Config, engine: Any, gate: CpuGate | None = None) -> int:
     from asrd.bus.natsbus import open_nats_bus
     from asrd.httpserve import serve_http
     from asrd.worker import Worker
 
     async with open_nats_bus(config.nats, config.nats.url, name="asrd-worker") as bus:
         worker = Worker(config.worker, config.nats.subject_prefix, bus, engine, gate)
-        stop = trio.Event()
+        stop = _Stop(trio.Event())
         async with trio.open_nursery() as nursery:
             await nursery.start(_stop_on_signals, stop)
             await nursery.start(worker.run)
@@ -277,10 +298,11 @@ async def _run_worker(config: Config, engine: Any, gate: CpuGate | None = None) 
                 log.info("worker metrics on http://%s:%d/metrics", config.worker.metrics_host, port)
             # Last: a process that cannot bind its metrics port fails at start, as a family.
             sdnotify.ready(f"worker {worker.id} serving pool {config.worker.pool}")
-            await stop.wait()
+            await stop.event.wait()
             with trio.move_on_after(WORKER_DRAIN_S):
                 await worker.drain()
             nursery.cancel_scope.cancel()
+    return stop.status()
 
 
 # --- transcribe --------------------------------------------------------------------------

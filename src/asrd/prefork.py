@@ -11,10 +11,10 @@ they share a port (asrd.reuseport) rather than a model.
 
 The parent only supervises; it never starts a thread or an event loop, so forking is safe:
 
-* it passes each SIGTERM and SIGINT it gets on to every child (each in a process group of its
-  own, so that a terminal's Ctrl-C reaches it once, through the parent) and exits when all
-  have stopped: the first starts their drain, a second SIGINT (Ctrl-C again) ends it at
-  once, as it does for one process;
+* it passes each SIGTERM, SIGINT and SIGHUP it gets on to every child (each in a process group
+  of its own, so that a terminal's Ctrl-C reaches it once, through the parent) and exits when
+  all have stopped: the first starts their drain, a second SIGINT (Ctrl-C again) ends it at
+  once, as it does for one process, and it ends with 129 after a SIGHUP, as one process does;
 * it stands between systemd and the children: they report to the parent's own notification
   socket (the protocol of :mod:`asrd.sdnotify`); the parent sends READY=1 once every child
   has, STOPPING=1 on a signal, and the watchdog while it runs, and kills a child that stops
@@ -53,7 +53,8 @@ RESTART_DELAY_S = 1.0  # before a child that died after it was ready is forked a
 MAX_RESTART_DELAY_S = 60.0
 STABLE_S = 60.0
 STOP_TIMEOUT_S = 30.0  # by default, children still running this long after SIGTERM are killed
-_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD)
+_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _UCRED = struct.Struct("3i")  # pid, uid, gid of SCM_CREDENTIALS
 
 
@@ -81,7 +82,7 @@ def _in_child(
     fds: list[int],
     parent: int,
 ) -> None:
-    """Runs after fork in the child, with SIGTERM and SIGINT blocked, and never returns."""
+    """Runs after fork in the child, with the stop signals blocked, and never returns."""
     code = 1
     try:
         for fd in fds:
@@ -157,6 +158,7 @@ class _Supervisor:
         self.stop_deadline = 0.0
         self.failure = 0
         self.interrupted = False  # a second SIGINT: we end with 130, as one process does
+        self.hung_up = False  # stopped by SIGHUP: we end with 129, as one process does (cli)
         self.watchdog = sdnotify.watchdog_interval()
         self.child_watchdog = os.environ["WATCHDOG_USEC"] if self.watchdog is not None else None
         self.own_fds: list[int] = []  # closed in children
@@ -192,7 +194,7 @@ class _Supervisor:
                 )
                 if wake_r in readable:
                     for signum in os.read(wake_r, 512):
-                        if signum in (signal.SIGTERM, signal.SIGINT):
+                        if signum in _STOP_SIGNALS:
                             self._on_signal(signal.Signals(signum))
                 if notifications.fileno() in readable:
                     _read_notification(notifications, self.children)
@@ -219,7 +221,7 @@ class _Supervisor:
                         log.warning("%s pid %d did not stop: killing it", self.what, pid)
                         self._signal(pid, signal.SIGKILL)
                     self.stop_deadline = float("inf")
-            return self.failure or (130 if self.interrupted else 0)
+            return self.failure or (130 if self.interrupted else 129 if self.hung_up else 0)
         finally:
             for pid in self.children:  # only left after an exception of our own
                 self._signal(pid, signal.SIGKILL)
@@ -283,8 +285,8 @@ class _Supervisor:
             self._stop(f"received {signum.name}: stopping", signum)
             return
         # Stopping already: passed on, the children take it as one process does (asrd.cli): a
-        # second SIGINT (Ctrl-C again) as "now", a second SIGTERM as nothing new. Kept from
-        # them, a second Ctrl-C left a draining child running for its whole drain.
+        # second SIGINT (Ctrl-C again) as "now", a second SIGTERM or SIGHUP as nothing new.
+        # Kept from them, a second Ctrl-C left a draining child running for its whole drain.
         log.info("received %s again: passing it on", signum.name)
         self.interrupted = self.interrupted or signum == signal.SIGINT
         for pid in self.children:
@@ -295,6 +297,7 @@ class _Supervisor:
             return
         log.info("%s", why)
         self.stopping = True
+        self.hung_up = signum == signal.SIGHUP
         self.stop_deadline = time.monotonic() + self.stop_timeout_s
         self.restarts.clear()
         if self.on_stop is not None:
