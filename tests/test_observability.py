@@ -14,6 +14,7 @@ import sys
 import time
 import urllib.request
 from functools import partial
+from pathlib import Path
 
 import nats as nats_py
 import pytest
@@ -21,7 +22,7 @@ import trio
 
 from asrd import logs, wire
 from asrd.bus.natsbus import open_nats_bus
-from asrd.children import free_port
+from asrd.children import free_port, worker_argv
 from asrd.client import open_transcription
 from asrd.config import Config
 from asrd.control import StaticControlPlane
@@ -274,3 +275,43 @@ def test_json_log_lines_carry_session_and_task_ids() -> None:
     assert line["message"] == "hello x"
     assert line["session_id"] == "s" * 32 and line["task_id"] == "t" * 32
     assert json.loads(formatter.format(record)).get("session_id") is None
+
+
+@pytest.mark.integration
+def test_under_log_json_the_worker_of_serve_writes_json_too(tmp_path: Path) -> None:
+    """`asrd --log-json serve` starts its worker with the same logging options: the worker's
+    lines, a session's among them, were plain text, without the ids as fields."""
+    (tmp_path / "config.toml").write_text(
+        '[server]\nport = 0\n\n[worker]\nprocesses = 1\nengine = "loadtest"\n'
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "asrd", "--log-json", "serve", "--config", "config.toml"],
+        cwd=tmp_path,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        lines = read_until(proc.stderr, "gateway listening on")
+        if not any("serving pool" in line for line in lines):
+            lines += read_until(proc.stderr, "serving pool")
+    finally:
+        stop(proc)
+    worker = [line for line in lines if "serving pool" in line]
+    assert worker[0].startswith("{"), worker
+    assert json.loads(worker[0])["logger"] == "asrd.worker", worker
+
+
+def test_a_worker_of_serve_gets_the_log_options_of_serve(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(logs, "_options", [])
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        logs.setup("debug", json_lines=True)
+        argv = worker_argv(None, "nats://127.0.0.1:4222")
+    finally:
+        root.handlers[:], root.level = handlers, level
+    command = argv.index("worker")
+    assert argv[3:command] == ["--log-level", "debug", "--log-json"], argv

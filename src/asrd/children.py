@@ -20,7 +20,7 @@ from functools import partial
 
 import trio
 
-from asrd import sdnotify
+from asrd import logs, sdnotify
 from asrd.errors import ChildExited
 
 log = logging.getLogger(__name__)
@@ -145,7 +145,8 @@ async def start_nats_server(
 
 
 def worker_argv(config_path: str | None, nats_url: str, extra: Sequence[str] = ()) -> list[str]:
-    argv = [sys.executable, "-m", "asrd", "worker", "--nats-url", nats_url]
+    """``asrd worker``, logging as this process does (``--log-level``, ``--log-json``)."""
+    argv = [sys.executable, "-m", "asrd", *logs.options(), "worker", "--nats-url", nats_url]
     if config_path:
         argv += ["--config", config_path]
     return argv + list(extra)

@@ -66,7 +66,12 @@ class TextFormatter(logging.Formatter):
         return line
 
 
+# The options that set this process's logging up, for the asrd processes it starts.
+_options: list[str] = []
+
+
 def setup(level: str, *, json_lines: bool = False) -> None:
+    _options[:] = ["--log-level", level] + (["--log-json"] if json_lines else [])
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
         JsonFormatter()
@@ -76,6 +81,12 @@ def setup(level: str, *, json_lines: bool = False) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(getattr(logging, level.upper(), logging.INFO))
+
+
+def options() -> list[str]:
+    """The options, before the command, that make another asrd process log as this one does
+    (the workers of ``asrd serve``): level and format, as given to :func:`setup`."""
+    return list(_options)
 
 
 def fatal(reason: str) -> None:
