@@ -355,3 +355,33 @@ def test_control_changes_reach_the_segmenter() -> None:
     assert (vad.mode, vad.gate_dbfs) == (3, -30.0)
     session._control(ControlRequested({"max_sentence_silence_ms": 2000}))
     assert session.segmenter._max_silence == 2000 * 16
+
+
+async def test_a_session_refused_at_its_start_logs_its_task_id(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A Start whose parameter is refused names the task (its TaskFailed echoes the task id):
+    the lines logged about the session carry it as a field under --log-json, as they do once
+    a Start is taken."""
+    import json
+    import logging
+
+    from asrd import logs
+
+    session, _ = make_session()
+    session.codec = AlibabaCodec()
+    session.ws = FastSocket(  # type: ignore[assignment]
+        1,
+        '{"header":{"message_id":"' + "a" * 32 + '","task_id":"' + "d" * 32 + '",'
+        '"namespace":"SpeechTranscriber","name":"StartTranscription","appkey":"k"},'
+        '"payload":{"sample_rate":12345}}',
+    )
+    caplog.handler.setFormatter(logs.JsonFormatter())
+    caplog.set_level(logging.INFO, logger="asrd")
+    with trio.fail_after(5):
+        await session.run()
+    assert session.error is not None and session.error.code == 41010101
+    lines = [json.loads(line) for line in caplog.text.splitlines()]
+    ended = [line for line in lines if " ended: 41010101 " in line["message"]]
+    assert ended and ended[0]["session_id"] == session.id, lines
+    assert ended[0].get("task_id") == "d" * 32, ended

@@ -298,7 +298,13 @@ class Session:
                 cost_s = max(MIN_FRAME_S, len(message) / (2 * self.params.sample_rate))
             await pacer.take(cost_s)
             if isinstance(message, str):
-                await self._handle(self.codec.receive_text(message))
+                try:
+                    command = self.codec.receive_text(message)
+                finally:
+                    # Known from the first valid header on, also of a message refused (a
+                    # Start with an invalid parameter): the lines about the session carry it.
+                    self._log_context.task_id = self.codec.task_id
+                await self._handle(command)
             else:
                 await self._audio(self.codec.receive_binary(message).data)
 
@@ -400,7 +406,6 @@ class Session:
 
     async def _start(self, event: StartRequested) -> None:
         params = event.params
-        self._log_context.task_id = self.codec.task_id
         self.admission = await self.state.control.admit(
             self.connect, appkey=event.appkey, language=params.language, session_id=self.id
         )
