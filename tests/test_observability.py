@@ -315,3 +315,40 @@ def test_a_worker_of_serve_gets_the_log_options_of_serve(
         root.handlers[:], root.level = handlers, level
     command = argv.index("worker")
     assert argv[3:command] == ["--log-level", "debug", "--log-json"], argv
+
+
+async def test_a_transcript_dropped_from_the_buffer_is_logged_with_its_own_ids(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The record buffer overflows while a later session ends (Redis away): the line saying
+    which transcript is dropped carries the ids of the session it was, not of the one whose
+    end pushed it out."""
+    from asrd.control import Admission, SessionRecord
+    from asrd.store.plane import open_redis_control_plane
+
+    config = Config.model_validate(
+        {"redis": {"url": f"redis://127.0.0.1:{free_port()}", "buffer_records": 1}}
+    )
+    caplog.handler.setFormatter(logs.JsonFormatter())
+    async with open_redis_control_plane(config) as plane:
+        for i in range(2):
+            sid, task = f"{i}" * 32, f"{i + 5}" * 32
+            record = SessionRecord(
+                task_id=task,
+                session_id=sid,
+                appkey="k",
+                language="en-US",
+                started_at=time.time(),
+                duration_s=1.0,
+                audio_s=1.0,
+                code=20000000,
+                reason="completed",
+                sentences=[{"index": 1, "begin_time": 0, "time": 900, "text": "hi"}],
+            )
+            with logs.about(sid, task):  # as the session's own task calls it
+                await plane.finish(Admission(appkey="k", pool="en-US", slot=sid), record)
+        assert plane.lost_transcripts == 1
+    lines = [json.loads(line) for line in caplog.text.splitlines()]
+    (dropped,) = [line for line in lines if "is dropped" in line["message"]]
+    assert f"task {'5' * 32}" in dropped["message"], dropped
+    assert (dropped["session_id"], dropped.get("task_id")) == ("0" * 32, "5" * 32), dropped

@@ -35,6 +35,7 @@ from typing import NoReturn, TypeVar
 
 import trio
 
+from asrd import logs
 from asrd.config import Config, DynamicConfig, RoutingConfig
 from asrd.control import Admission, ConnectInfo, SessionRecord, route_language
 from asrd.errors import (
@@ -437,15 +438,18 @@ class RedisControlPlane:
             old = self._records.popleft()
             if old.doc:
                 self.lost_transcripts += 1
-                self._drops.warning(
-                    "record buffer full (%d records, Redis at %s unreachable): the transcript "
-                    "of task %s is dropped; its usage is kept and it is counted in "
-                    "lost_transcripts (%d so far)",
-                    self._rc.buffer_records,
-                    self._repo.store.url,
-                    old.task_id,
-                    self.lost_transcripts,
-                )
+                # Pushed out by a later session's end, in that session's task: the line is
+                # about the earlier one, and carries its ids.
+                with logs.about(old.session_id, old.task_id):
+                    self._drops.warning(
+                        "record buffer full (%d records, Redis at %s unreachable): the "
+                        "transcript of task %s is dropped; its usage is kept and it is counted "
+                        "in lost_transcripts (%d so far)",
+                        self._rc.buffer_records,
+                        self._repo.store.url,
+                        old.task_id,
+                        self.lost_transcripts,
+                    )
             key = (old.appkey, old.day)
             agg = self._overflow.get(key)
             if agg is None:
