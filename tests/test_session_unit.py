@@ -385,3 +385,73 @@ async def test_a_session_refused_at_its_start_logs_its_task_id(
     ended = [line for line in lines if " ended: 41010101 " in line["message"]]
     assert ended and ended[0]["session_id"] == session.id, lines
     assert ended[0].get("task_id") == "d" * 32, ended
+
+
+class ScriptedClient:
+    """A client that sends ``script`` (a float: wait that long before the next message), then
+    waits; it keeps what it is sent."""
+
+    def __init__(self, script: list[str | bytes | float]) -> None:
+        self.script = script
+        self.received: list[str] = []
+
+    async def get_message(self) -> Any:
+        if not self.script:
+            await trio.sleep_forever()
+        item = self.script.pop(0)
+        if isinstance(item, float):
+            await trio.sleep(item)
+            item = self.script.pop(0)
+        await trio.lowlevel.checkpoint()
+        return item
+
+    async def send_message(self, message: Any) -> None:
+        self.received.append(message)
+        await trio.lowlevel.checkpoint()
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_a_sentence_ended_by_stop_is_timed_from_the_stop(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """The client stops streaming mid-sentence and sends Stop a minute later: the sentence
+    ends when the Stop comes, and asrd_endpointing_seconds measures the gateway from then,
+    not from the last audio (it held the client's minute)."""
+    import json
+
+    from asrd.engines.loadtest import LoadtestEngine
+    from asrd.worker import Worker
+    from tests.audio_fixtures import load_clip
+
+    session, _ = make_session(idle_timeout_s=120.0)
+    session.codec = AlibabaCodec()
+
+    def command(name: str, message_id: str) -> str:
+        header = {"message_id": message_id, "task_id": "d" * 32, "name": name}
+        return json.dumps({"header": {**header, "namespace": "SpeechTranscriber"}})
+
+    speech = load_clip("0880")[: 2 * 16000 * 2]  # 2 s, cut off in the middle of speaking
+    client = ScriptedClient(
+        [
+            command("StartTranscription", "a" * 32),
+            *(speech[i : i + 3200] for i in range(0, len(speech), 3200)),
+            60.0,
+            command("StopTranscription", "c" * 32),
+        ]
+    )
+    session.ws = client  # type: ignore[assignment]
+    state, bus = session.state, session.state.bus
+    worker = Worker(state.config.worker, "asrd", bus, LoadtestEngine(1))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(state.registry.run)
+        await nursery.start(worker.run)
+        with trio.fail_after(600):
+            await session.run()
+        nursery.cancel_scope.cancel()
+    names = [json.loads(m)["header"]["name"] for m in client.received]
+    assert names[-2:] == ["SentenceEnd", "TranscriptionCompleted"], names
+    endpointing = session.state.metrics.endpointing
+    assert endpointing.count == 1
+    assert endpointing.sum < 5.0, endpointing.sum  # the client's minute is not the gateway's

@@ -174,7 +174,8 @@ class GatewayMetrics:
         self.endpointing = r.add(
             Histogram(
                 "asrd_endpointing_seconds",
-                "SentenceEnd sent minus arrival of the audio that closed the sentence",
+                "SentenceEnd sent minus arrival of the audio (or the Stop) that closed the "
+                "sentence",
             )
         )
         self.failovers = r.add(

@@ -169,6 +169,9 @@ class Session:
         self._waiting_since = math.inf
         self._sending_since = math.inf
         self._flushed = False  # Stop processed: no sentence will open any more
+        # The sentence the Stop closed (0: none) and when: what its endpointing counts from.
+        self._closed_by_stop = 0
+        self._stopped_at = 0.0
         self._idle = trio.Event()  # set once flushed and every sentence is final
         self._out_send, self._out_recv = trio.open_memory_channel[ServerEvent](64)
         self._nursery: trio.Nursery | None = None
@@ -328,7 +331,7 @@ class Session:
             if isinstance(event, ResultChanged):
                 metrics.partial_lag.observe(self._since_arrival(event.time_ms))
             elif isinstance(event, SentenceEnd):
-                metrics.endpointing.observe(self._since_arrival(event.time_ms))
+                metrics.endpointing.observe(self._since_end(event))
             if isinstance(event, TranscriptionCompleted):
                 self.completed = True
                 assert self._nursery is not None
@@ -469,6 +472,13 @@ class Session:
             i -= 1
         return max(0.0, trio.current_time() - arrivals[i][1]) if arrivals else 0.0
 
+    def _since_end(self, end: SentenceEnd) -> float:
+        """Seconds since the sentence was closed: by the audio that closed it, or by the Stop
+        (the client may send it long after its last audio, and that wait is not ours)."""
+        if end.index == self._closed_by_stop:
+            return max(0.0, trio.current_time() - self._stopped_at)
+        return self._since_arrival(end.time_ms)
+
     async def _segment(
         self, events: list[UtteranceStarted | UtteranceAudio | UtteranceEnded]
     ) -> None:
@@ -508,7 +518,10 @@ class Session:
         """Flush the segmenter, then complete once every sentence is final. The wait runs
         as its own task, so the client's socket is still read (a hang-up is noticed)."""
         assert self.segmenter is not None and self.tracker is not None
-        await self._segment(self.segmenter.flush())
+        events = self.segmenter.flush()
+        if any(isinstance(ev, UtteranceEnded) for ev in events):
+            self._closed_by_stop, self._stopped_at = self._utt, trio.current_time()
+        await self._segment(events)
         self._flushed = True
         assert self._nursery is not None
         self._nursery.start_soon(self._guard, self._complete)
