@@ -152,6 +152,27 @@ async def test_static_auth_codes() -> None:
     await StaticAuthenticator(AuthConfig()).authorize(None, "anything")
 
 
+async def test_static_auth_token_listed_under_several_apps_opens_each() -> None:
+    """A token listed under two apps opened only the last one's sessions (40020106 for the
+    first): each listing replaced the one before."""
+    auth = StaticAuthenticator(
+        AuthConfig.model_validate(
+            {
+                "enabled": True,
+                "apps": [
+                    {"appkey": "a", "tokens": ["shared"]},
+                    {"appkey": "b", "tokens": ["shared", "tb"]},
+                    {"appkey": "c", "tokens": ["tc"]},
+                ],
+            }
+        )
+    )
+    await auth.authorize("shared", "a")
+    await auth.authorize("shared", "b")
+    with pytest.raises(AppKeyTokenMismatch):
+        await auth.authorize("shared", "c")
+
+
 # --- handshake ----------------------------------------------------------------------------
 
 SDK_HEAD = (

@@ -21,24 +21,26 @@ class Authenticator(Protocol):
 class StaticAuthenticator:
     def __init__(self, config: AuthConfig) -> None:
         self.enabled = config.enabled
-        self._tokens: dict[str, str] = {}  # token -> appkey
+        # token -> the appkeys it opens: one token may be listed under several apps (as an
+        # Alibaba token serves every appkey of its account)
+        self._tokens: dict[str, set[str]] = {}
         self._appkeys = {app.appkey for app in config.apps}
         for app in config.apps:
             for token in app.tokens:
-                self._tokens[token] = app.appkey
+                self._tokens.setdefault(token, set()).add(app.appkey)
 
     async def authorize(self, token: str | None, appkey: str) -> None:
         if not self.enabled:
             return
         if not token:
             raise AuthError("token missing: send it as the X-NLS-Token header or ?token=")
-        owner = None
-        for known, app in self._tokens.items():
+        owners: set[str] | None = None
+        for known, apps in self._tokens.items():
             if hmac.compare_digest(known.encode(), token.encode()):
-                owner = app
-        if owner is None:
+                owners = apps
+        if owners is None:
             raise AuthError("token invalid or expired")
         if appkey not in self._appkeys:
             raise UnknownAppKey(f"appkey {appkey!r} does not exist")
-        if owner != appkey:
+        if appkey not in owners:
             raise AppKeyTokenMismatch(f"the token does not belong to appkey {appkey!r}")
