@@ -37,7 +37,7 @@ from asrd.client import TranscribeError, open_transcription
 from asrd.config import Config, DynamicConfig, RedisConfig, RoutingConfig, WorkerConfig
 from asrd.control import Admission, ConnectInfo, SessionRecord
 from asrd.engines.base import EngineFull, EngineWord, Hypothesis, Recognizer
-from asrd.errors import AuthError
+from asrd.errors import AppKeyTokenMismatch, AuthError
 from asrd.gateway import Gateway
 from asrd.handshake import parse_head, split_head
 from asrd.metrics import WorkerMetrics
@@ -1291,6 +1291,37 @@ async def test_tokens_of_a_deleted_and_recreated_key_stay_refused_in_an_outage()
             stop(proc)  # Redis goes away
             with pytest.raises(StoreUnavailable):
                 await admit(second, "d")
+
+
+async def test_in_an_outage_a_cached_token_expired_or_of_another_key_is_the_clients_error() -> None:
+    """The cache knows these for good: they got 50000000, which tells a client to retry
+    what can never succeed."""
+    with redis_server() as (proc, url):
+        config = Config.model_validate({"redis": {"url": url}})
+        async with open_repo(url) as repo:
+            app, _ = await repo.create_app("mine", max_sessions=5)
+            await repo.create_app("theirs", max_sessions=5)
+            brief, _ = await repo.issue_token(app, 1)
+            lasting, _ = await repo.issue_token(app, 3600)
+        async with open_redis_control_plane(config) as plane:
+
+            async def admit(token: str, appkey: str, session_id: str) -> None:
+                connect = ConnectInfo("GET", "/ws/v1", {}, token)
+                await plane.admit(connect, appkey=appkey, language=None, session_id=session_id)
+
+            with pytest.raises(AppKeyTokenMismatch):
+                await admit(lasting, "theirs", "a")
+            await admit(brief, "mine", "b")
+            await admit(lasting, "mine", "c")  # both cached
+            stop(proc)  # Redis goes away
+            await trio.sleep(1.5)  # the brief token expires
+            with pytest.raises(AuthError, match="expired"):
+                await admit(brief, "mine", "d")
+            with pytest.raises(AppKeyTokenMismatch):
+                await admit(lasting, "theirs", "e")
+            await admit(lasting, "mine", "f")  # the cache serves what it vouches for
+            with pytest.raises(StoreUnavailable):  # a token it never saw: retry later
+                await admit("unknown-token", "mine", "g")
 
 
 async def test_redis_error_replies_reach_no_client_and_read_only_is_an_outage(

@@ -287,23 +287,26 @@ class RedisControlPlane:
         return app, True
 
     def _cached(self, digest: str, appkey: str) -> AppKey | None:
+        """In an outage, the app key a token validated within ``cache_ttl_s`` opens, or None
+        (the client may retry). What the cache knows for good, a token that has expired since
+        or that belongs to another appkey, is the client's error, not a retry."""
         if self._rc.cache_ttl_s <= 0:
             return None
         now = time.monotonic()
         tok = self._token_cache.get(digest)
         entry = self._app_cache.get(appkey)
-        if tok is None or entry is None:
+        if tok is None:
             return None
         info, seen = tok
+        if info.expires_at <= time.time():  # a token's expiry never moves
+            raise AuthError("token invalid or expired")
+        if info.appkey != appkey:
+            raise AppKeyTokenMismatch(f"the token does not belong to appkey {appkey!r}")
+        if entry is None:
+            return None
         app, app_seen = entry
         fresh = now - min(seen, app_seen) <= self._rc.cache_ttl_s
-        if (
-            fresh
-            and info.appkey == appkey
-            and info.app_id == app.id
-            and info.expires_at > time.time()
-            and app.active
-        ):
+        if fresh and info.app_id == app.id and app.active:
             return app
         return None
 
