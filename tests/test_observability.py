@@ -19,6 +19,7 @@ from pathlib import Path
 import nats as nats_py
 import pytest
 import trio
+import trio.testing
 
 from asrd import logs, wire
 from asrd.bus.natsbus import open_nats_bus
@@ -121,6 +122,27 @@ async def test_readyz_is_503_until_the_gateway_listens(nats: Nats) -> None:
                 await trio.open_tcp_stream("127.0.0.1", port)
             gw.stop_requested.set()
             nursery.cancel_scope.cancel()
+
+
+async def test_free_decoders_leave_out_draining_workers() -> None:
+    """A draining worker takes no claims: its free decoders are none a session can get, and
+    counted, they hid a pool running out of decoders during a rolling restart."""
+    from asrd.bus import heartbeat_subject
+    from asrd.bus.memory import InMemoryBus
+
+    config = Config()
+    bus = InMemoryBus()
+    gw = Gateway(config, bus, StaticControlPlane(config))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(gw.registry.run)
+        subject = heartbeat_subject(config.nats.subject_prefix)
+        bus.publish(subject, wire.Heartbeat("w1", "en-US", "x", 4, 3).encode())
+        bus.publish(subject, wire.Heartbeat("w2", "en-US", "x", 4, 4, draining=True).encode())
+        await trio.testing.wait_all_tasks_blocked()
+        text = gw.state.metrics.registry.render().decode()
+        nursery.cancel_scope.cancel()
+    assert metric(text, "asrd_decoders_free") == 3
+    assert metric(text, "asrd_decoders_total") == 8
 
 
 def raw_exchange(port: int, request_line: bytes, body: bytes | int) -> bytes:

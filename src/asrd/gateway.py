@@ -52,7 +52,8 @@ class Gateway:
         m = self.state.metrics
         m.active.fn = lambda: self.state.active
         m.workers.fn = lambda: len(self.registry.all())
-        m.decoders_free.fn = lambda: sum(b.free for b in self.registry.all())
+        # a draining worker takes no claims: its free decoders are none a session can get
+        m.decoders_free.fn = lambda: sum(b.free for b in self.registry.all() if not b.draining)
         m.decoders_total.fn = lambda: sum(b.capacity for b in self.registry.all())
         m.nats_reconnects.fn = lambda: bus.reconnects
         m.nats_errors.fn = lambda: getattr(bus, "errors", 0)

@@ -184,7 +184,9 @@ class GatewayMetrics:
             )
         )
         self.workers = r.add(Gauge("asrd_workers_alive", "engine workers heard from"))
-        self.decoders_free = r.add(Gauge("asrd_decoders_free", "free decoders of live workers"))
+        self.decoders_free = r.add(
+            Gauge("asrd_decoders_free", "free decoders of live workers not draining")
+        )
         self.decoders_total = r.add(Gauge("asrd_decoders_total", "decoders of live workers"))
         self.nats_reconnects = r.add(
             Gauge("asrd_nats_reconnects_total", "NATS reconnections", kind="counter")
