@@ -314,6 +314,27 @@ async def test_a_drained_subscription_still_delivers_what_was_sent_to_it(nats: N
         assert received == list(range(500))
 
 
+async def test_every_nats_failure_counts_as_an_error(
+    nats: Nats, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """asrd_nats_errors_total counted only what the client's callbacks reported: a publish
+    refused with the outbox full, or a subscribe that failed, left it at 0."""
+    from asrd.bus import natsbus
+
+    async with open_nats_bus(NatsConfig(), nats.url, name="test-errors") as bus:
+        with pytest.raises(NoResponders):  # an answer, not an error
+            await bus.request("nobody.listens.here", b"", 5.0)
+        assert bus.errors == 0
+        with monkeypatch.context() as mp:
+            mp.setattr(natsbus, "MAX_OUTBOX", 0)
+            with pytest.raises(BusError, match="outbox is full"):
+                bus.publish("x", b"")
+        assert bus.errors == 1
+        with pytest.raises(BusError):
+            await bus.subscribe("")  # nats-py refuses an empty subject
+        assert bus.errors == 2
+
+
 async def test_a_cancelled_subscribe_or_unsubscribe_is_not_left_half_done(nats: Nats) -> None:
     """A worker's pool change or shutdown can cancel a claim subscribe: the subscription is
     then made and handed back all the same (a lost one would take claims nobody answers), and

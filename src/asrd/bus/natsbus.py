@@ -49,13 +49,21 @@ class NatsBus:
         self._inbox: collections.deque[tuple[Subscription, Msg]] = collections.deque()
         self._deliver_scheduled = False
         self._subs: dict[int, NatsSubscription] = {}
-        self.errors = 0
+        self._async_errors = 0  # counted on the asyncio thread
+        self._trio_errors = 0  # counted on the trio thread: one writer each, no lost counts
 
     # --- trio side -------------------------------------------------------------------------
 
     @property
     def connected(self) -> bool:
         return bool(self._nc.is_connected)
+
+    @property
+    def errors(self) -> int:
+        """Every NATS failure: the client's error callbacks, batched publishes that failed,
+        and calls that raised BusError (the outbox full, a subscribe, flush or request that
+        failed; a request's timeout or lack of responders is an answer, not an error)."""
+        return self._async_errors + self._trio_errors
 
     @property
     def reconnects(self) -> int:
@@ -66,6 +74,7 @@ class NatsBus:
 
     def publish(self, subject: str, data: bytes, reply: str = "") -> None:
         if len(self._outbox) >= MAX_OUTBOX:
+            self._trio_errors += 1
             raise BusError("NATS outbox is full (the server is unreachable or too slow)")
         self._outbox.append((subject, data, reply))
         if not self._publish_scheduled:
@@ -169,6 +178,7 @@ class NatsBus:
         except (TimeoutError, nats.errors.TimeoutError) as exc:
             raise BusTimeout("NATS request timed out") from exc
         except (nats.errors.Error, OSError, concurrent.futures.CancelledError) as exc:
+            self._trio_errors += 1
             raise BusError(f"NATS: {exc!r}") from exc
 
     # --- asyncio side ----------------------------------------------------------------------
@@ -200,7 +210,7 @@ class NatsBus:
             try:
                 await publish(subject, data, reply=reply)
             except nats.errors.Error as exc:
-                self.errors += 1
+                self._async_errors += 1
                 log.warning("NATS publish to %s failed: %r", subject, exc)
 
     async def _drain_subscription(self, nsub: NatsSubscription) -> None:
@@ -244,7 +254,7 @@ async def open_nats_bus(
 
     async def error(exc: Exception) -> None:
         if holder:
-            holder[0].errors += 1
+            holder[0]._async_errors += 1
         last_error[:] = [exc]
         log.warning("NATS error: %r", exc)
 
