@@ -465,7 +465,9 @@ class Session:
             await self._segment(events)
 
     def _since_arrival(self, stream_ms: int) -> float:
-        """Seconds since the audio up to ``stream_ms`` arrived (0 if no longer known)."""
+        """Seconds since the audio up to ``stream_ms`` arrived: the first arrival kept at or
+        after it (the oldest kept, once it is forgotten; the newest, if not there yet), or 0
+        with none kept."""
         arrivals = self._arrivals
         i = bisect.bisect_left(arrivals, (stream_ms, 0.0))
         if i == len(arrivals):
