@@ -254,14 +254,21 @@ def test_flush_while_idle_drops_partial_and_keeps_time() -> None:
     assert events == []
 
 
-def test_set_max_sentence_silence_mid_stream() -> None:
+@pytest.mark.parametrize("after", ["..", "1" * 12])
+def test_set_max_sentence_silence_mid_stream(after: str) -> None:
     seg = segmenter(max_sentence_silence_ms=800)
     seg.feed(script("1" * 10 + "." * 10, 16000))  # 300 ms of silence so far
-    seg.set_max_sentence_silence(200)  # already exceeded: closes at the next frame
-    events = seg.feed(script("..", 16000, first=20))
-    assert events[-1] == UtteranceEnded(end_ms=21 * FRAME_MS, speech_end_ms=300, timed_out=False)
-    assert isinstance(events[0], UtteranceAudio)
-    assert frames_of(events[0].pcm, 16000) == [20]
+    # Already exceeded: the pause ends the sentence where the audio processed so far ends,
+    # before the next frame, whether that frame is silent or speech resumes with it.
+    seg.set_max_sentence_silence(200)
+    events = seg.feed(script(after, 16000, first=20))
+    assert events[0] == UtteranceEnded(end_ms=20 * FRAME_MS, speech_end_ms=300, timed_out=False)
+    utts = utterances(events[1:])
+    if after == "..":
+        assert utts == []
+    else:  # the speech that resumed is the next sentence, from its first frame
+        assert [(u.begin_ms, u.audio_start_ms) for u in utts] == [(20 * FRAME_MS,) * 2]
+        assert frames_of(utts[0].pcm, 16000) == list(range(20, 32))
 
     # Lengthening it keeps a sentence open past the old limit.
     seg = segmenter(max_sentence_silence_ms=800)

@@ -15,6 +15,9 @@ Rules (frame = ``frame_ms`` of audio, classified voiced/unvoiced by a
   that makes the run of unvoiced frames reach ``max_sentence_silence_ms`` (so with 30 ms
   frames and 800 ms, after 27 frames = 810 ms), or, unless ``ignore_sentence_timeout``, at
   the end of the frame where ``end - begin`` reaches ``max_sentence_ms`` (``timed_out``).
+  When :meth:`Segmenter.set_max_sentence_silence` lowers the limit below the pause already
+  running, the utterance closes at the start of the next :meth:`Segmenter.feed`, before
+  its first frame.
   After any close the onset window starts empty: a new utterance needs fresh evidence, and
   if speech simply continues after a forced close it begins exactly where the last ended.
 * Audio outside utterances is dropped, except the ring buffer needed for pre-roll.
@@ -171,7 +174,9 @@ class Segmenter:
         return self._open
 
     def set_max_sentence_silence(self, ms: int) -> None:
-        """Change the closing silence mid-stream; applies from the next frame processed."""
+        """Change the closing silence mid-stream; applies from the next frame processed. A
+        pause already as long closes the open utterance at the next :meth:`feed`, before its
+        first frame (a frame of speech resuming does not undo it)."""
         _check_silence(ms)
         self._max_silence = ms * self._rate // 1000
 
@@ -183,17 +188,24 @@ class Segmenter:
 
     def feed(self, pcm: bytes) -> list[SegmentEvent]:
         """Process audio of any length; a trailing partial frame waits for the next call."""
+        events: list[SegmentEvent] = []
+        if self._open and self._silence >= self._max_silence:
+            # A lower max_sentence_silence came during a longer pause: the pause has ended
+            # the sentence, where the audio processed so far ends, whatever comes next.
+            self._open = False
+            self._floor = self._pos
+            self._hist.clear()
+            events.append(UtteranceEnded(self._ms(self._pos), self._ms(self._speech_end), False))
         buf = self._pending
         buf += pcm
         fb = self._fb
         usable = len(buf) // fb * fb
         if not usable:
-            return []
+            return events
         data = bytes(buf[:usable])
         del buf[:usable]
         flags = self._classify(data, fb)
 
-        events: list[SegmentEvent] = []
         fs = self._fs
         ms = self._ms
         pos = self._pos  # start of the current frame
