@@ -364,6 +364,19 @@ def test_tracker_orders_sentences_and_offsets_times() -> None:
     assert isinstance(out[0], SentenceEnd) and out[0].timed_out and t.idle
 
 
+def test_tracker_never_sends_a_partial_that_covers_less_than_the_last() -> None:
+    """After a failover the new worker decodes the sentence again from its start, and its
+    first partials covered less audio than those the client had: their time went back."""
+    t = SentenceTracker(SessionParams(enable_intermediate_result=True))
+    t.begin(1, 1200, 900)
+    (first,) = t.result(wire.Result(False, 1, 2000, "he was not", (), 0.0))
+    assert isinstance(first, ResultChanged) and first.time_ms == 2900
+    for audio_ms in (1000, 2000):  # the new worker, catching up
+        assert t.result(wire.Result(False, 1, audio_ms, "he", (), 0.0)) == []
+    (caught_up,) = t.result(wire.Result(False, 1, 2500, "he was not here", (), 0.0))
+    assert isinstance(caught_up, ResultChanged) and caught_up.time_ms == 3400
+
+
 def test_tracker_keeps_words_within_their_sentence() -> None:
     """The engine hears the 300 ms lead-in too: a word it places before the sentence's
     begin_time starts at begin_time (one wholly inside the lead-in lasts 1 ms there)."""

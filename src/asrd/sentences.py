@@ -25,6 +25,7 @@ class _Sentence:
     timed_out: bool = False
     begun: bool = False  # SentenceBegin sent
     partial: str = ""  # text of the last ResultChanged sent
+    partial_ms: int = -1  # and its time
 
 
 class SentenceTracker:
@@ -54,13 +55,18 @@ class SentenceTracker:
         if not r.final:
             if not (self.params.enable_intermediate_result and s.begun):
                 return []
+            time_ms = s.audio_start_ms + r.audio_ms
+            if time_ms <= s.partial_ms:
+                # After a failover the new worker decodes the sentence again from its start:
+                # its partials cover less than the client has seen. Time never goes back.
+                return []
             text, words = self._words(r, s)
             # The engine sends a partial when its text changed; after the client's filters
             # that text may not have ("hello" -> "hello uh" with disfluency) or be empty.
             if text == s.partial:
                 return []
-            s.partial = text
-            return [ResultChanged(s.index, s.audio_start_ms + r.audio_ms, text, words)]
+            s.partial, s.partial_ms = text, time_ms
+            return [ResultChanged(s.index, time_ms, text, words)]
         if s.end_ms is None:
             return []  # a final for an utterance we have not closed: ignore (cannot happen)
         out: list[ServerEvent] = []
