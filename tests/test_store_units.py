@@ -103,6 +103,16 @@ def test_parse_link_names_what_is_wrong() -> None:
             signing.parse_link({**good, key: good[key] + "\n"})
 
 
+def test_a_signed_link_with_an_empty_sig_is_named_as_such() -> None:
+    """``sig=`` was dropped with the query's empty values: the client was told its token was
+    missing, though it sent a signed link."""
+    from asrd.handshake import parse_head
+
+    head = parse_head(b"GET /ws/v1?appkey=a&ts=1&nonce=abcdefgh&sig= HTTP/1.1\r\nHost: x")
+    with pytest.raises(AuthError, match="signed link: missing sig"):
+        signing.parse_link(head.query_dict())
+
+
 def test_an_appkey_ends_where_its_characters_do() -> None:
     assert valid_appkey("my-app.v2_1") and not valid_appkey("my-app\n")
     assert not valid_appkey("") and not valid_appkey("x" * 65)

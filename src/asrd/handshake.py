@@ -32,8 +32,10 @@ class RequestHead:
         return urlsplit(self.target).path
 
     def query_dict(self) -> dict[str, str]:
-        """The first value of each query parameter, percent-decoded."""
-        return {k: v[0] for k, v in parse_qs(urlsplit(self.target).query).items()}
+        """The first value of each query parameter, percent-decoded; empty ones too (a signed
+        link's ``sig=`` is then "missing sig", not taken for no signed link at all)."""
+        query = parse_qs(urlsplit(self.target).query, keep_blank_values=True)
+        return {k: v[0] for k, v in query.items()}
 
     def query(self, key: str) -> str | None:
         values = parse_qs(urlsplit(self.target).query).get(key)
