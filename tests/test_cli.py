@@ -200,9 +200,9 @@ def test_serve_stops_when_its_worker_cannot_start(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
-def test_serve_stopped_while_waiting_for_workers_stops(tmp_path: Path) -> None:
-    """SIGTERM while the workers are not up yet (here they serve another pool, so they never
-    count): serve stops at once rather than after the wait, and never reports itself ready."""
+def _signal_serve_waiting_for_workers(tmp_path: Path, signum: int) -> tuple[int, str]:
+    """``signum`` to an ``asrd serve`` whose workers are not up yet (they serve another pool,
+    so they never count): its status and stderr."""
     (tmp_path / "config.toml").write_text(
         '[server]\nport = 0\n\n[worker]\nprocesses = 1\nengine = "loadtest"\npool = "other"\n'
     )
@@ -215,13 +215,29 @@ def test_serve_stopped_while_waiting_for_workers_stops(tmp_path: Path) -> None:
     try:
         assert proc.stderr is not None
         read_until(proc.stderr, "serving pool 'other'")  # the worker is up (in the wrong pool)
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signum)
         _, err = proc.communicate(timeout=GUARD_S)
     finally:
         proc.kill()
-    assert proc.returncode == 1, err
+    return proc.returncode, err
+
+
+def test_serve_stopped_while_waiting_for_workers_stops(tmp_path: Path) -> None:
+    """SIGTERM while the workers are not up yet: serve stops at once rather than after the
+    wait, and never reports itself ready."""
+    status, err = _signal_serve_waiting_for_workers(tmp_path, signal.SIGTERM)
+    assert status == 1, err
     assert "asrd: stopped before the engine workers came up" in err
     assert "listening" not in err and "Traceback" not in err
+
+
+def test_ctrl_c_while_serve_waits_for_its_workers_ends_with_130(tmp_path: Path) -> None:
+    """README: a Ctrl-C before it serves stops it at once with status 130. While it waited
+    for its workers (loading the engine: most of its start) it ended with 1 and "asrd:
+    stopped before the engine workers came up", as for a failure."""
+    status, err = _signal_serve_waiting_for_workers(tmp_path, signal.SIGINT)
+    assert status == 130, err
+    assert "stopped before" not in err and "listening" not in err and "Traceback" not in err
 
 
 def test_forked_workers_that_cannot_reach_nats_fail_as_one_worker_does(tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ from asrd import gctune, logs, sdnotify
 from asrd.children import die_at_once_with_parent
 from asrd.config import Config, ConfigError, load_config
 from asrd.cpugate import CpuGate
-from asrd.errors import AsrdError
+from asrd.errors import AsrdError, ShuttingDown
 from asrd.reuseport import Reservation
 
 log = logging.getLogger("asrd")
@@ -31,6 +31,7 @@ WORKER_DRAIN_S = 10.0  # a worker asked to stop finishes its sessions for at mos
 # signal killed: systemd's Restart=on-failure starts it again (re-reading config.toml). Ended
 # with 0, the unit would stay down; killed outright, it would cut its sessions off.
 HANGUP_STATUS = 128 + signal.SIGHUP
+INTERRUPTED_STATUS = 128 + signal.SIGINT  # a Ctrl-C that stopped a command before it served
 
 
 def _config_path(arg: str | None) -> str | None:
@@ -49,6 +50,7 @@ class _Stop:
     def __init__(self, event: trio.Event) -> None:
         self.event = event
         self.hung_up = False
+        self.interrupted = False  # by SIGINT (Ctrl-C)
 
     def status(self) -> int:
         return HANGUP_STATUS if self.hung_up else 0
@@ -67,6 +69,7 @@ async def _stop_on_signals(stop: _Stop, *, task_status: trio.TaskStatus[None]) -
             task_status.started()
             async for signum in signals:
                 stop.hung_up = signum == signal.SIGHUP
+                stop.interrupted = signum == signal.SIGINT
                 log.info(
                     "received %s: stopping%s",
                     signal.Signals(signum).name,
@@ -141,9 +144,20 @@ async def _serve_gateway(
                 )
                 log.info("gateway metrics on http://%s:%d/metrics", server.metrics_host, port)
             async with trio.open_nursery() as serving:
-                port = await serving.start(
-                    partial(gateway.serve, wait_for_workers=workers, reservation=reservation)
-                )
+                interrupted = False
+                try:
+                    port = await serving.start(
+                        partial(gateway.serve, wait_for_workers=workers, reservation=reservation)
+                    )
+                except* ShuttingDown:  # from the gateway's nursery: in a group
+                    if not stop.interrupted:
+                        raise
+                    interrupted = True
+                if interrupted:
+                    # Ctrl-C while it waited for its workers: as one before its signal
+                    # handler was set, an interrupted command, not a failure.
+                    nursery.cancel_scope.cancel()
+                    return INTERRUPTED_STATUS
                 sdnotify.ready(f"listening on port {port}")
             nursery.cancel_scope.cancel()
     return stop.status()
