@@ -1,4 +1,5 @@
-"""The ``asrd`` command: serve, gateway, worker, transcribe."""
+"""The ``asrd`` command: serve, gateway, worker, transcribe, bench, keys, token, sign-url,
+config, usage, transcript."""
 
 from __future__ import annotations
 
