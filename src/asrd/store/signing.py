@@ -1,4 +1,4 @@
-"""Secrets, tokens and signed links: pure functions, no I/O (README.md "Signed links").
+"""Secrets, tokens and signed links: pure functions, no I/O (README.md, "Authentication").
 
 An app key's secret is 32 random bytes (base64url). Redis never holds it: it keeps
 ``secret_sha256`` (to check the secret presented to ``POST /token``) and ``link_key``, a key
