@@ -462,6 +462,47 @@ def test_a_missing_grammar_is_refused_not_a_crash(tmp_path: Path) -> None:
     assert (done.returncode, done.stdout) == (0, f"jsgf: no such file: '{tmp_path}/no.gram'\n")
 
 
+def test_numbers_pocketsphinx_would_die_on_are_refused_at_start() -> None:
+    """pocketsphinx takes these without a word, then segfaults (ncep 0, maxwpf 0, logbase
+    0), raises SIGFPE (ds 0), exits (topn -1, latsize 0) or never returns (lw 0). In a child
+    process with a time limit, so that a missing check fails this test, not the test run; it
+    also decodes, as a worker's first session would."""
+    code = (
+        "import sys\n"
+        "from asrd.engines.pocketsphinx import PocketsphinxEngine\n"
+        "for key, value in [('ncep', 0), ('maxwpf', 0), ('logbase', 0.0), ('ds', 0),\n"
+        "                   ('topn', -1), ('latsize', 0), ('lw', 0.0), ('lw', 'x')]:\n"
+        "    try:\n"
+        "        engine = PocketsphinxEngine(decoders=1, final_pass='live', **{key: value})\n"
+        "        rec = engine.acquire(16000)\n"
+        "        rec.start(); rec.accept(bytes(range(256)) * 125); rec.finish()\n"
+        "        print(key, 'taken')\n"
+        "    except ValueError as exc:\n"
+        "        print(exc)\n"
+        "    sys.stdout.flush()\n"
+        "for key, value in [('maxwpf', -1), ('ds', 2), ('lw', 3.0)]:  # sane values still work\n"
+        "    PocketsphinxEngine(decoders=1, final_pass='live', **{key: value})\n"
+        "print('done')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,  # a hang guard
+    )
+    assert done.stdout.splitlines() == [
+        "ncep must be at least 1, got 0",
+        "maxwpf must be -1 (no limit) or at least 1, got 0",
+        "logbase must be above 1, got 0.0",
+        "ds must be at least 1, got 0",
+        "topn must be at least 1, got -1",
+        "latsize must be at least 1, got 0",
+        "lw must be above 0, got 0.0",
+        "lw must be a number, got 'x'",
+        "done",
+    ], (done.returncode, done.stderr[-2000:])
+
+
 def test_cmn_priors_are_read_as_written_or_refused() -> None:
     """pocketsphinx reads ``cmninit = "40, 3, -1"`` as 40,0,0,... (a space ends its list),
     "abc" as zeros and drops coefficients beyond the model's, all without a word."""

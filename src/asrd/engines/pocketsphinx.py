@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import pocketsphinx
@@ -96,6 +96,20 @@ _INPUT_FILES = (
     "mdef", "mean", "mixw", "mllr", "senmgau", "sendump", "tmat", "var",
 )  # fmt: skip
 _OUTPUT_DIRS = ("mfclogdir", "rawlogdir", "senlogdir")
+
+# Numeric decoder options pocketsphinx takes without a word, then dies or hangs on (found by
+# trying 0 and -1 for each of its numeric options on the bundled model): ncep 0 and maxwpf 0
+# segfault, ds 0 raises SIGFPE at the first decode, logbase 0 or -1 segfaults, topn -1 and
+# latsize 0 exit the process, lw 0 or -1 never returns from the first decode.
+_LIMITS: dict[str, tuple[Callable[[float], bool], str]] = {
+    "ncep": (lambda v: v >= 1, "at least 1"),
+    "ds": (lambda v: v >= 1, "at least 1"),
+    "topn": (lambda v: v >= 1, "at least 1"),
+    "latsize": (lambda v: v >= 1, "at least 1"),
+    "maxwpf": (lambda v: v == -1 or v >= 1, "-1 (no limit) or at least 1"),
+    "logbase": (lambda v: v > 1, "above 1"),
+    "lw": (lambda v: v > 0, "above 0"),
+}
 
 # Audio below 8 kHz lacks too much of the speech band; above 48 kHz nobody sends speech.
 MIN_SAMPLE_RATE = 8000
@@ -309,9 +323,18 @@ def _cmn_prior(text: object, what: str) -> str:
     return ",".join(repr(v) for v in values)
 
 
-def _check_paths(config: Mapping[str, Any]) -> None:
-    """Refuse a path option whose file or directory is not there, before pocketsphinx sees it."""
+def _check_options(config: Mapping[str, Any]) -> None:
+    """Refuse, before pocketsphinx sees them, a path option whose file or directory is not
+    there and a numeric value it would die on (``_LIMITS``)."""
     for key, value in config.items():
+        if key in _LIMITS:
+            ok, what = _LIMITS[key]
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"{key} must be a number, got {value!r}") from None
+            if not (math.isfinite(number) and ok(number)):
+                raise ValueError(f"{key} must be {what}, got {value!r}")
         if key in _INPUT_FILES and not os.path.isfile(str(value)):
             raise ValueError(f"{key}: no such file: {value!r}")
         if key in _INPUT_DIRS + _OUTPUT_DIRS and not os.path.isdir(str(value)):
@@ -374,7 +397,7 @@ class PocketsphinxEngine:
             rate: _cmn_prior(cmn, f"cmninit_by_rate[{rate}]")
             for rate, cmn in (cmninit_by_rate or {}).items()
         }
-        _check_paths(config)
+        _check_options(config)
         self._free: list[Any] = []
         try:
             first = pocketsphinx.Decoder(loglevel=loglevel, **config)
