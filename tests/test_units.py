@@ -1263,6 +1263,33 @@ async def test_the_grace_of_a_final_pass_ends_with_the_pass(ended_by: str) -> No
     assert during[0] > 3.5 and after == 0.0, (during, after)
 
 
+async def test_the_worker_counts_audio_it_decodes_also_without_a_final() -> None:
+    """asrd_worker_audio_seconds_total, "audio decoded", counted only utterances that ended
+    in a final: one restarted by a replay, or cut off by a close, was decoded for nothing."""
+    log: list[str] = []
+    bus = InMemoryBus()
+    worker = Worker(WorkerConfig(decoders=1), "asrd", bus, _StepEngine(log))
+    results = await bus.subscribe(session_out("asrd", "s"))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(worker.run)
+        await claimed(bus, wire.Claim("s", 16000, False))
+        inbox = session_in("asrd", "s")
+        for message in (
+            wire.encode_control("begin", 1),
+            wire.encode_audio(1, bytes(32000)),  # 1 s, then restarted: no final
+            wire.encode_control("begin", 2),
+            wire.encode_audio(2, bytes(16000)),  # 0.5 s, with a final
+            wire.encode_control("end", 2),
+        ):
+            bus.publish(inbox, message)
+        with trio.fail_after(5):
+            while not isinstance(wire.decode_output((await results.receive()).data), wire.Result):
+                pass
+        nursery.cancel_scope.cancel()
+    assert worker.metrics.audio.values[()] == pytest.approx(1.5)
+    assert worker.metrics.utterances.values[()] == 1
+
+
 class _FaultyEngine(_StepEngine):
     """Raises once, in acquire() or release(), as an engine with a bug might."""
 

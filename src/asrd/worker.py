@@ -250,6 +250,7 @@ class Worker:
         next_partial = step
         last_partial = ""
         bytes_per_ms = claim.sample_rate * 2 // 1000
+        bytes_per_s = claim.sample_rate * 2
         step_bytes = bytes_per_ms * MAX_STEP_MS
         defer_bytes = bytes_per_ms * MAX_PARTIAL_DEFER_MS
         # Our own link to NATS dropping loses what the gateway sent meanwhile, and its gateway
@@ -282,6 +283,8 @@ class Worker:
                             with self.gate:
                                 rec.accept(pcm[i : i + step_bytes])
                         audio_bytes += len(pcm)
+                        # decoded, whether or not it ends in a final (a replay restarts it)
+                        self.metrics.audio.inc(len(pcm) / bytes_per_s)
                         # Behind (a sentence's pre-roll, a busy core): decode what waits
                         # first, then report one partial that covers it.
                         if (
@@ -310,7 +313,6 @@ class Worker:
                         if item.utt == utt:
                             hyp = await self._finish(rec, audio_bytes / (2 * claim.sample_rate))
                             self.metrics.utterances.inc()
-                            self.metrics.audio.inc(audio_bytes / (2 * claim.sample_rate))
                             self.bus.publish(
                                 out,
                                 _result(True, utt, audio_bytes // bytes_per_ms, hyp, claim.epoch),
