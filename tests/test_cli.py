@@ -42,12 +42,8 @@ def children_of(pid: int) -> list[int]:
 
 def test_serve_then_transcribe_then_sigterm_leaves_no_orphans(tmp_path: Path) -> None:
     port = free_port()
-    serve = subprocess.Popen(
-        [sys.executable, "-m", "asrd", "serve", "--port", str(port), "--workers", "1"],
-        cwd=tmp_path,  # no config.toml there: the documented defaults
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    # no config.toml in tmp_path: the documented defaults
+    serve = spawn_asrd(tmp_path, "serve", "--port", str(port), "--workers", "1")
     try:
         assert serve.stderr is not None
         lines = read_until(serve.stderr, "gateway listening on")
@@ -141,6 +137,13 @@ def test_refuses_public_address_without_auth(tmp_path: Path) -> None:
     assert "loopback" in result.stderr
 
 
+def spawn_asrd(cwd: Path, *argv: str) -> subprocess.Popen[str]:
+    """``asrd ARGV`` running in ``cwd``, its log (stderr) piped for reading."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "asrd", *argv], cwd=cwd, stderr=subprocess.PIPE, text=True
+    )
+
+
 def run_asrd(cwd: Path, *argv: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "asrd", *argv],
@@ -206,12 +209,7 @@ def _signal_serve_waiting_for_workers(tmp_path: Path, signum: int) -> tuple[int,
     (tmp_path / "config.toml").write_text(
         '[server]\nport = 0\n\n[worker]\nprocesses = 1\nengine = "loadtest"\npool = "other"\n'
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "asrd", "serve", "--config", "config.toml"],
-        cwd=tmp_path,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = spawn_asrd(tmp_path, "serve", "--config", "config.toml")
     try:
         assert proc.stderr is not None
         read_until(proc.stderr, "serving pool 'other'")  # the worker is up (in the wrong pool)
@@ -295,12 +293,7 @@ def gateway_with_a_session(
     (a session to drain); the log read so far. Killed if the test leaves it running."""
     port = free_port()
     argv = ["gateway", "--port", str(port), "--nats-url", nats.url]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "asrd", *argv, "--processes", str(processes)],
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=tmp_path,
-    )
+    proc = spawn_asrd(tmp_path, *argv, "--processes", str(processes))
     try:
         assert proc.stderr is not None
         log: list[str] = []
@@ -375,12 +368,7 @@ def test_sighup_stops_a_worker_to_be_started_again(
     """As the gateway's (above): a drain, then 129, which systemd's Restart=on-failure
     restarts; Python's default had it die at once, in a way systemd takes for a clean stop."""
     argv = ["worker", "--engine", "loadtest", "--nats-url", nats.url]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "asrd", *argv, "--processes", str(processes)],
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=tmp_path,
-    )
+    proc = spawn_asrd(tmp_path, *argv, "--processes", str(processes))
     try:
         assert proc.stderr is not None
         for _ in range(processes):
@@ -396,21 +384,7 @@ def test_sighup_stops_a_worker_to_be_started_again(
 
 
 def test_ctrl_c_while_the_gateway_connects_to_nats_ends_with_130(tmp_path: Path) -> None:
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "asrd",
-            "gateway",
-            "--port",
-            "0",
-            "--nats-url",
-            "nats://127.0.0.1:1",
-        ],
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=tmp_path,
-    )
+    proc = spawn_asrd(tmp_path, "gateway", "--port", "0", "--nats-url", "nats://127.0.0.1:1")
     assert proc.stderr is not None
     read_until(proc.stderr, "NATS error")  # nats-py retries
     proc.send_signal(signal.SIGINT)
