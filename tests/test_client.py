@@ -75,6 +75,7 @@ class FakeServer:
     fail_code: int = 40270002
     drop_after_bytes: int | None = None
     never_start: bool = False
+    stall_after_start: bool = False  # answers Start, then reads nothing more
     # what it saw
     headers: dict[str, str] = field(default_factory=dict)
     start: Event | None = None
@@ -111,6 +112,8 @@ class FakeServer:
         await ws.send_message(
             server_event("TranscriptionStarted", task_id, {"session_id": "5" * 32})
         )
+        if self.stall_after_start:
+            await trio.sleep_forever()
         second = 2 * int(start["payload"]["sample_rate"])
         received = sentences = 0
 
@@ -365,6 +368,14 @@ async def test_no_answer_to_start(server: FakeServer) -> None:
     server.never_start = True
     with pytest.raises(TranscribeError, match=r"no message from the server within 0\.2 s"):
         await collect(server.url, silence(0.1), reply_timeout=0.2)
+
+
+async def test_a_server_that_stops_reading_is_given_up_on(server: FakeServer) -> None:
+    """Once the socket buffers are full, no frame goes out: that wait is bounded too."""
+    server.stall_after_start = True
+    with pytest.raises(TranscribeError, match=r"the server read nothing for 0\.5 s") as info:
+        await collect(server.url, silence(600), reply_timeout=0.5)
+    assert info.value.code == LOCAL_FAILURE
 
 
 async def test_connection_refused() -> None:

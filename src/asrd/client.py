@@ -192,15 +192,20 @@ class Transcription:
     async def _stream(self, pcm: bytes, sample_rate: int, frame_ms: int, realtime: bool) -> None:
         """Sender task: audio, then ``StopTranscription``; from then on replies are bounded."""
         try:
-            await send_audio(
-                self._ws.send_message, pcm, sample_rate, frame_ms=frame_ms, realtime=realtime
-            )
-            await self._ws.send_message(json.dumps(stop_message(self.task_id, self._appkey)))
+            await send_audio(self._send, pcm, sample_rate, frame_ms=frame_ms, realtime=realtime)
+            await self._send(json.dumps(stop_message(self.task_id, self._appkey)))
         except trio_websocket.ConnectionClosed:
             return  # the receiving side reports why
         self._stop_sent = True
         if self._receive_scope is not None:
             self._receive_scope.deadline = trio.current_time() + self._timeout
+
+    async def _send(self, message: str | bytes) -> None:
+        """One message out, bounded: a server that reads nothing for so long has stalled."""
+        with trio.move_on_after(self._timeout):
+            await self._ws.send_message(message)
+            return
+        raise TranscribeError(LOCAL_FAILURE, f"the server read nothing for {self._timeout:g} s")
 
     async def _receive(self) -> Event:
         """Next server message; unbounded while we stream, bounded before Start and after Stop."""
@@ -284,8 +289,9 @@ async def open_transcription(
     Entering returns once the server answered ``TranscriptionStarted`` (or raises
     :class:`TranscribeError`); the body iterates the events. Leaving closes the connection
     and stops the sender, even mid-stream. ``reply_timeout`` bounds connecting, the answer to
-    Start, and each wait for a message after Stop; while audio is still going out the
-    server may stay silent as long as it likes.
+    Start, each send (a server that reads nothing for so long has stalled) and each wait
+    for a message after Stop; while audio is still going out the server may stay silent as
+    long as it likes.
     """
     task_id = _new_id()
     headers = [(b"X-NLS-Token", token.encode())] if token else []
