@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
-from io import StringIO
+from io import BytesIO, StringIO, TextIOWrapper
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +76,7 @@ class FakeServer:
     drop_after_bytes: int | None = None
     never_start: bool = False
     stall_after_start: bool = False  # answers Start, then reads nothing more
+    text: str = "second"  # the words of each result
     # what it saw
     headers: dict[str, str] = field(default_factory=dict)
     start: Event | None = None
@@ -124,7 +125,7 @@ class FakeServer:
             await ws.send_message(
                 server_event("SentenceBegin", task_id, {"index": sentences, "time": begin})
             )
-            partial_result = {"index": sentences, "time": begin + 500, "result": "second"}
+            partial_result = {"index": sentences, "time": begin + 500, "result": self.text}
             await ws.send_message(
                 server_event("TranscriptionResultChanged", task_id, partial_result)
             )
@@ -132,7 +133,7 @@ class FakeServer:
                 "index": sentences,
                 "time": end_ms,
                 "begin_time": begin,
-                "result": f"second {sentences}",
+                "result": f"{self.text} {sentences}",
                 "confidence": 0.9,
                 "status": 20000000,
             }
@@ -519,6 +520,24 @@ async def test_json_output(server: FakeServer, capsys: pytest.CaptureFixture[str
     lines = capsys.readouterr().out.splitlines()
     events = [json.loads(line) for line in lines]
     assert names(events) == ["TranscriptionStarted", *SENTENCE * 2, "TranscriptionCompleted"]
+
+
+@pytest.mark.parametrize("json_lines", [False, True])
+async def test_text_stdout_cannot_encode_is_escaped(
+    server: FakeServer, monkeypatch: pytest.MonkeyPatch, json_lines: bool
+) -> None:
+    """A result with characters stdout's encoding lacks (or a lone surrogate, which JSON can
+    carry and UTF-8 cannot) is printed with escapes, not a traceback."""
+    server.text = "na\u00efve \ud800"
+    raw = BytesIO()
+    monkeypatch.setattr(sys, "stdout", TextIOWrapper(raw, encoding="ascii", write_through=True))
+    assert await print_run(server.url, silence(1.0), json_lines=json_lines) == 0
+    out = raw.getvalue().decode("ascii")
+    if json_lines:
+        events = [json.loads(line) for line in out.splitlines()]
+        assert events[-2]["payload"]["result"] == "na\u00efve \ud800 1"
+    else:
+        assert out == "[0.00-1.00] na\\xefve \\ud800 1\n"
 
 
 @pytest.mark.parametrize("json_lines", [False, True])

@@ -440,7 +440,10 @@ class _JsonPrinter(_Printer):
         self._out = out
 
     def show(self, event: Event) -> None:
-        self._out.write(json.dumps(event, ensure_ascii=False) + "\n")
+        try:
+            self._out.write(json.dumps(event, ensure_ascii=False) + "\n")
+        except UnicodeEncodeError:  # a character our output cannot encode: JSON's \u escapes
+            self._out.write(json.dumps(event) + "\n")
         self._out.flush()
 
 
@@ -465,21 +468,30 @@ class _TextPrinter(_Printer):
             width = shutil.get_terminal_size().columns - 1
             if len(line) > width:
                 line = "…" + line[len(line) - width + 1 :]
-            self._out.write(_CLEAR_LINE + line)
-            self._out.flush()
+            _write(self._out, _CLEAR_LINE + line)
             self._partial_shown = True
         elif name == "SentenceEnd":
             self.close()
             begin = _ms(payload.get("begin_time", self._begin_ms))
             if payload.get("result"):
-                self._out.write(_line(begin, _ms(payload.get("time")), payload["result"]) + "\n")
-                self._out.flush()
+                _write(self._out, _line(begin, _ms(payload.get("time")), payload["result"]) + "\n")
 
     def close(self) -> None:
         if self._partial_shown:
             self._out.write(_CLEAR_LINE)
             self._out.flush()
             self._partial_shown = False
+
+
+def _write(out: TextIO, text: str) -> None:
+    """``text`` with what the encoding of ``out`` cannot hold (a lone surrogate, a character
+    outside a legacy locale's charset) as backslash escapes, not a UnicodeEncodeError."""
+    try:
+        out.write(text)
+    except UnicodeEncodeError:
+        encoding = out.encoding or "utf-8"
+        out.write(text.encode(encoding, "backslashreplace").decode(encoding))
+    out.flush()
 
 
 def _ms(value: object) -> int:
