@@ -232,6 +232,22 @@ def test_unsupported_encodings(tmp_path: Path, tag: int, bits: int) -> None:
         read_wav_file(path)
 
 
+@pytest.mark.parametrize("read_by", ["wave", "own parser"])
+def test_a_sample_rate_no_recording_has_is_refused(tmp_path: Path, read_by: str) -> None:
+    """Resampling 1000 samples from 1 GHz took seconds and gigabytes for its filter."""
+    path = tmp_path / "r.wav"
+    for rate in (768_000, 10**9):
+        if read_by == "wave":
+            write_with_wave(path, b"\x00\x00" * 1000, rate=rate, width=2, channels=1)
+        else:  # float: `wave` refuses it
+            path.write_bytes(riff(fmt_chunk(FORMAT_IEEE_FLOAT, 1, rate, 32), data=bytes(4000)))
+        if rate == 768_000:
+            assert read_wav_file(path)[1] == rate
+        else:
+            with pytest.raises(WavFormatError, match="sample rate of 1000000000 Hz"):
+                read_wav_file(path)
+
+
 def test_truncated_header(tmp_path: Path) -> None:
     path = tmp_path / "t.wav"
     path.write_bytes(riff(fmt_chunk(FORMAT_PCM, 1, 16000, 16), data=b"")[:30])

@@ -23,6 +23,7 @@ from asrd.errors import BadWavHeader, UnsupportedSampleRate
 __all__ = [
     "FORMAT_IEEE_FLOAT",
     "FORMAT_PCM",
+    "MAX_FILE_RATE",
     "WavFormat",
     "WavFormatError",
     "WavStreamParser",
@@ -39,6 +40,9 @@ _SUBFORMAT_GUID_TAIL: Final = b"\x00\x00\x10\x00\x80\x00\x00\xaa\x00\x38\x9b\x71
 # Data chunk sizes that streaming writers put before they know the length.
 _UNKNOWN_SIZES: Final = (0, 0xFFFFFFFF)
 _BLOCK_FRAMES: Final = 1 << 20  # frames converted per numpy pass, bounds temporary memory
+# The highest rate a file is read at: audio interfaces record at up to 768 kHz. Above it is a
+# broken header, and resampling from it would build a filter of gigabytes.
+MAX_FILE_RATE: Final = 768_000
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -122,10 +126,7 @@ def read_wav_file(path: str | os.PathLike[str]) -> tuple[bytes, int]:
         with wave.open(os.fspath(path), "rb") as w:
             nframes = w.getnframes()
             if nframes > 0:
-                if w.getframerate() <= 0:  # `wave` reads such a header; _parse_fmt refuses it
-                    raise WavFormatError(
-                        f"the WAV header gives a sample rate of {w.getframerate()} Hz"
-                    )
+                _check_rate(w.getframerate())
                 raw = w.readframes(nframes)
                 _check_length(path, len(raw), nframes * w.getsampwidth() * w.getnchannels())
                 pcm = to_pcm16_mono(raw, sample_width=w.getsampwidth(), channels=w.getnchannels())
@@ -138,6 +139,7 @@ def read_wav_file(path: str | os.PathLike[str]) -> tuple[bytes, int]:
     if header is None:
         raise WavFormatError("WAV file ends before its data chunk")
     fmt = header.fmt
+    _check_rate(fmt.sample_rate)
     if (fmt.format_tag, fmt.sample_width) not in {
         (FORMAT_PCM, 1),
         (FORMAT_PCM, 2),
@@ -160,6 +162,13 @@ def read_wav_file(path: str | os.PathLike[str]) -> tuple[bytes, int]:
         is_float=fmt.format_tag == FORMAT_IEEE_FLOAT,
     )
     return pcm, fmt.sample_rate
+
+
+def _check_rate(rate: int) -> None:
+    if not 0 < rate <= MAX_FILE_RATE:  # `wave` reads a rate of 0; _parse_fmt refuses it
+        raise WavFormatError(
+            f"the WAV header gives a sample rate of {rate} Hz (at most {MAX_FILE_RATE} Hz)"
+        )
 
 
 def _check_length(path: str | os.PathLike[str], got: int, declared: int) -> None:
