@@ -385,6 +385,21 @@ async def test_connection_refused() -> None:
     assert info.value.code == LOCAL_FAILURE
 
 
+async def not_http_server(stream: trio.SocketStream) -> None:
+    """What a TLS port sends a plain-text upgrade: an alert, no HTTP."""
+    await stream.receive_some(4096)
+    await stream.send_all(b"\x15\x03\x01\x00\x02\x02\x46")
+    await stream.aclose()
+
+
+async def test_an_answer_to_the_upgrade_that_is_not_http(nursery: trio.Nursery) -> None:
+    listeners = await nursery.start(partial(trio.serve_tcp, not_http_server, 0, host="127.0.0.1"))
+    url = f"ws://127.0.0.1:{listeners[0].socket.getsockname()[1]}/ws/v1"
+    with pytest.raises(TranscribeError, match=r"cannot connect .*: its answer is not HTTP") as info:
+        await collect(url, silence(0.1))
+    assert info.value.code == LOCAL_FAILURE
+
+
 async def test_bad_url() -> None:
     with pytest.raises(TranscribeError, match="bad URL"):
         await collect("http://127.0.0.1/ws/v1", silence(0.1))

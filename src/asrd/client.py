@@ -18,6 +18,7 @@ from functools import partial
 from typing import Any, TextIO
 from urllib.parse import urlsplit
 
+import h11
 import trio
 import trio_websocket
 
@@ -322,6 +323,10 @@ async def open_transcription(
             raise TranscribeError(LOCAL_FAILURE, "timed out closing the connection") from None
     except trio_websocket.HandshakeError as e:
         raise TranscribeError(LOCAL_FAILURE, f"cannot connect to {url}: {_describe(e)}") from e
+    except h11.ProtocolError as e:  # trio-websocket lets it out when the answer is no HTTP
+        raise TranscribeError(
+            LOCAL_FAILURE, f"cannot connect to {url}: its answer is not HTTP"
+        ) from e
 
 
 def _describe(e: trio_websocket.HandshakeError) -> str:
