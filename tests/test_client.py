@@ -612,6 +612,33 @@ def test_run_transcribe_resamples_44100_stereo(
     assert capsys.readouterr().out == "[0.00-1.00] second 1\n[1.00-2.00] second 2\n"
 
 
+@pytest.mark.parametrize(
+    ("option", "link", "env"),
+    [
+        ([], APPKEY, "another"),  # a signed link's appkey, over $ASRD_APPKEY
+        (["--appkey", APPKEY], "another", "another"),  # --appkey over everything
+        ([], None, APPKEY),  # no link: $ASRD_APPKEY
+    ],
+)
+def test_transcribe_starts_with_the_appkey_of_its_signed_link(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, option: list[str], link: str | None, env: str
+) -> None:
+    """A signed link only opens sessions of its own appkey (40020106 otherwise): without
+    --appkey, `asrd transcribe` sent 'default' (or $ASRD_APPKEY) with a link for another."""
+    from asrd.cli import main
+
+    monkeypatch.setenv("ASRD_APPKEY", env)
+    path = write_wav(tmp_path / "a.wav", 16000, 1, 0.2)
+    with server_in_thread() as fake:
+        url = fake.url
+        if link is not None:
+            url += f"?appkey={link}&ts=1&nonce=abcdefgh&sig={'0' * 64}"
+        assert (
+            main(["transcribe", "--fast", "--token", TOKEN, "--url", url, *option, str(path)]) == 0
+        )
+    assert fake.start is not None and fake.start["header"]["appkey"] == APPKEY
+
+
 def test_run_transcribe_keeps_8000(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = write_wav(tmp_path / "phone.wav", 8000, 1, 1.0)
     with server_in_thread() as fake:

@@ -324,13 +324,15 @@ async def _run_worker(config: Config, engine: Any, gate: CpuGate | None = None) 
 
 
 def cmd_transcribe(args: argparse.Namespace) -> int:
-    from asrd.client import run_transcribe
+    from asrd.client import link_appkey, run_transcribe
 
+    # A signed link names its appkey, and the Start must name the same one (else 40020106).
+    appkey = args.appkey or link_appkey(args.url) or os.environ.get("ASRD_APPKEY") or "default"
     return run_transcribe(
         args.file,
         url=args.url,
         token=args.token,
-        appkey=args.appkey,
+        appkey=appkey,
         realtime=args.realtime,
         json_lines=args.json,
     )
@@ -402,8 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--token", default=os.environ.get("ASRD_TOKEN"), help="default: $ASRD_TOKEN")
     t.add_argument(
         "--appkey",
-        default=os.environ.get("ASRD_APPKEY", "default"),
-        help="default: $ASRD_APPKEY, else 'default'",
+        help="default: the appkey= of a signed link in --url, else $ASRD_APPKEY, else 'default'",
     )
     speed = t.add_mutually_exclusive_group()
     speed.add_argument(

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from functools import partial
 from typing import Any, TextIO
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import h11
 import trio
@@ -88,6 +88,12 @@ def start_message(
         "payload": payload,
         "context": _context(),
     }
+
+
+def link_appkey(url: str) -> str | None:
+    """The ``appkey=`` of a signed link (asrd sign-url) in ``url``, else None."""
+    query = parse_qs(urlsplit(url).query)
+    return query["appkey"][0] if "sig" in query and query.get("appkey") else None
 
 
 def stop_message(task_id: str, appkey: str) -> Event:
