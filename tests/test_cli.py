@@ -154,6 +154,18 @@ def run_asrd(cwd: Path, *argv: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def test_ctrl_c_while_the_commands_load_ends_with_130(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Building the parser imports every command's module (0.3 s, numpy among them): a
+    Ctrl-C then printed a traceback, where one a moment later ends quietly with 130."""
+    from asrd import cli
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    assert cli.main(["serve"]) == 130
+
+
 def test_an_unknown_log_level_is_refused_not_ignored(tmp_path: Path) -> None:
     result = run_asrd(tmp_path, "--log-level", "verbose", "config", "show")
     assert result.returncode == 2 and "--log-level" in result.stderr

@@ -429,7 +429,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    try:
+        parser = build_parser()  # imports every command's module (numpy among them): a moment
+    except KeyboardInterrupt:  # a Ctrl-C meanwhile: the status of one later, no traceback
+        return 130
     args = parser.parse_args(argv)
     if args.log_level not in LOG_LEVELS:  # from $ASRD_LOG_LEVEL, which argparse does not check
         parser.error(f"ASRD_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}")
