@@ -46,15 +46,14 @@ def _load(args: argparse.Namespace, **overrides: dict[str, Any]) -> Config:
 
 
 class _Stop:
-    """Set by the first SIGTERM, SIGINT or SIGHUP; says which status the command ends with."""
+    """Set by the first SIGTERM, SIGINT or SIGHUP, which it keeps: the command's status."""
 
     def __init__(self, event: trio.Event) -> None:
         self.event = event
-        self.hung_up = False
-        self.interrupted = False  # by SIGINT (Ctrl-C)
+        self.signum = 0  # none yet
 
     def status(self) -> int:
-        return HANGUP_STATUS if self.hung_up else 0
+        return HANGUP_STATUS if self.signum == signal.SIGHUP else 0
 
 
 async def _stop_on_signals(stop: _Stop, *, task_status: trio.TaskStatus[None]) -> None:
@@ -69,12 +68,11 @@ async def _stop_on_signals(stop: _Stop, *, task_status: trio.TaskStatus[None]) -
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
             task_status.started()
             async for signum in signals:
-                stop.hung_up = signum == signal.SIGHUP
-                stop.interrupted = signum == signal.SIGINT
+                stop.signum = signum
                 log.info(
                     "received %s: stopping%s",
                     signal.Signals(signum).name,
-                    f", to end with status {HANGUP_STATUS}" if stop.hung_up else "",
+                    f", to end with status {HANGUP_STATUS}" if stop.status() else "",
                 )
                 sdnotify.stopping()
                 die_at_once_with_parent()  # its SIGTERM would be a second one
@@ -151,7 +149,7 @@ async def _serve_gateway(
                         partial(gateway.serve, wait_for_workers=workers, reservation=reservation)
                     )
                 except* ShuttingDown:  # from the gateway's nursery: in a group
-                    if not stop.interrupted:
+                    if stop.signum != signal.SIGINT:
                         raise
                     interrupted = True
                 if interrupted:
