@@ -44,12 +44,19 @@ def offline_wer() -> float:
 
 
 async def transcribe(
-    url: str, pcm: bytes, rate: int = 16000, **params: Any
+    url: str, pcm: bytes, rate: int = 16000, *, frame_ms: int = 100, **params: Any
 ) -> list[dict[str, Any]]:
     events = []
     with trio.fail_after(GUARD_S):
         async with open_transcription(
-            url, pcm, rate, token="t", appkey="default", realtime=False, params=params
+            url,
+            pcm,
+            rate,
+            token="t",
+            appkey="default",
+            realtime=False,
+            frame_ms=frame_ms,
+            params=params,
         ) as tr:
             async for event in tr:
                 events.append(event)
@@ -208,6 +215,24 @@ async def test_max_sentence_length_force_closes_unless_ignored(nats: Nats, pool:
         assert closed[0]["status"] == 51040104 and len(closed) >= 2
         whole = finals(await transcribe(gw.url, pcm, enable_ignore_sentence_timeout=True))
         assert [p["status"] for p in whole] == [20000000]
+
+
+async def test_a_client_faster_than_its_engine_goes_at_the_engine_pace(
+    nats: Nats, pool: Pool
+) -> None:
+    """Audio pushed far faster than pocketsphinx decodes it, in 10 ms frames (100 messages
+    per second of audio), is read only as fast as the worker acknowledges it, and every
+    sentence comes back. The worker holds at most 4096 messages of a session's input: a
+    client that outran it for long used to end with 50000000 "fell too far behind"."""
+    pcm = b"".join(load_clip(name) + silence(900, 16000) for name in CLIPS)  # 27 s
+    fast = {"max_audio_speed": 1000.0, "audio_burst_s": 3600.0}
+    async with open_gateway(nats.url, pool, server=fast) as gw:
+        events = await transcribe(gw.url, pcm, frame_ms=10)
+        waits = gw.gateway.state.metrics.engine_waits.values.get((), 0.0)
+    assert events[-1]["header"]["name"] == "TranscriptionCompleted"
+    assert waits > 0  # 2,700 messages against a window of 512: the client was held back
+    refs = [transcripts()[name] for name in CLIPS]
+    assert wer([" ".join(refs)], [text_of(events)]) < 0.4
 
 
 # --- concurrency and isolation ----------------------------------------------------------

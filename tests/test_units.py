@@ -775,6 +775,98 @@ def test_a_full_journal_blames_the_client_only_for_a_sentence_too_long() -> None
             behind.end(utt)  # never finalised: the engine is behind
 
 
+async def test_a_client_faster_than_its_worker_is_held_to_the_flow_control_window() -> None:
+    """Audio pushed with no pause but the flow control's, through a real worker: each link
+    waits while more than ENGINE_WINDOW of its messages are unacknowledged, and the worker
+    acknowledges every PROGRESS_EVERY. The worker's input of a session holds 4096 messages:
+    without flow control it overflowed, and the session ended "fell too far behind"."""
+    bus = InMemoryBus()
+    registry = WorkerRegistry(bus, "asrd", timeout_s=1.0)
+    log: list[str] = []
+    worker = Worker(WorkerConfig(decoders=1), "asrd", bus, _StepEngine(log))
+    peak = 0
+    failures: list[wire.Failure] = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(registry.run)
+        await nursery.start(worker.run)
+        link = _link(bus, registry, "s1")
+        await link.open()
+        assert link.results is not None
+        results = link.results
+
+        async def results_loop() -> None:  # the session's, as far as this needs
+            async for msg in results:
+                item = wire.decode_output(msg.data)
+                if isinstance(item, wire.Progress):
+                    link.progressed(item)
+                elif isinstance(item, wire.Failure):
+                    failures.append(item)
+                elif isinstance(item, wire.Result) and item.final:
+                    link.finalized(item.utt)
+
+        nursery.start_soon(results_loop)
+        for utt in range(1, 11):  # 10 sentences of 500 frames: 5,020 messages
+            link.begin(utt)
+            for _ in range(500):
+                link.audio(utt, bytes(320))
+                if "s1" in worker.sessions:
+                    peak = max(peak, worker.sessions["s1"].inbox.pending)
+                if link.engine_behind:
+                    await link.wait_for_engine()
+            link.end(utt)
+        with trio.fail_after(5):
+            while log.count("finish") < 10:  # noqa: ASYNC110 - the fake engine has no event
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    assert not failures
+    assert log.count("accept 320") == 5000
+    assert remote_module.ENGINE_WINDOW - 2 <= peak <= remote_module.ENGINE_WINDOW + 1
+
+
+async def test_flow_control_counts_only_the_current_claim_and_needs_a_reporting_worker(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A worker that does not say it reports progress (an engine of another make) gets no
+    flow control, as before. Progress of an older claim counts for nothing; a worker that
+    acknowledges nothing for ENGINE_STALL_S ends the session instead of stalling it."""
+    bus = InMemoryBus()
+    registry = WorkerRegistry(bus, "asrd", timeout_s=1.0)
+    subject = claim_subject("asrd", "en-US")
+    claims = await bus.subscribe(subject, queue=worker_module.CLAIM_QUEUE)
+    window = remote_module.ENGINE_WINDOW
+
+    async def answer(progress: int) -> None:
+        msg = await claims.receive()
+        bus.publish(msg.reply, wire.ClaimReply(True, "w1", progress=progress).encode())
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(registry.run)
+        foreign = _link(bus, registry, "s1")
+        nursery.start_soon(answer, 0)
+        await foreign.open()
+        for _ in range(window * 2):
+            foreign.audio(0, b"x")
+        assert not foreign.engine_behind
+
+        link = _link(bus, registry, "s2")
+        nursery.start_soon(answer, 64)
+        await link.open()
+        for _ in range(window + 1):
+            link.audio(0, b"x")
+        assert link.engine_behind
+        link.progressed(wire.Progress(64, epoch=1))  # not the current claim's
+        assert link.engine_behind
+        link.progressed(wire.Progress(64, epoch=0))
+        assert not link.engine_behind
+        for _ in range(64):
+            link.audio(0, b"x")
+        start = trio.current_time()
+        with pytest.raises(EngineFailed, match="acknowledged none of 513 messages for 60 s"):
+            await link.wait_for_engine()
+        assert trio.current_time() - start == pytest.approx(remote_module.ENGINE_STALL_S)
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_claim_nobody_answers_is_sent_again_under_a_new_epoch(
     autojump_clock: trio.abc.Clock,
 ) -> None:

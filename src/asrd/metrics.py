@@ -183,6 +183,12 @@ class GatewayMetrics:
                 "asrd_failovers_total", "moves to a new worker, counted when their session ends"
             )
         )
+        self.engine_waits = r.add(
+            Counter(
+                "asrd_engine_waits_total",
+                "times a session stopped reading its client until its engine worker caught up",
+            )
+        )
         self.workers = r.add(Gauge("asrd_workers_alive", "engine workers heard from"))
         self.decoders_free = r.add(
             Gauge("asrd_decoders_free", "free decoders of live workers not draining")

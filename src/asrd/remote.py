@@ -44,6 +44,15 @@ REPLAY_AUDIO_BYTES = 64 * 1024  # audio per replayed message
 KEEPALIVE_S = 1.0
 BUSY_WAIT_S = 0.5  # how long a claim waits for a decoder to come free before 40000005
 CLAIM_ATTEMPTS = 3  # claims sent, each waiting claim_timeout_s, before "no worker answered"
+# Input messages a worker that reports its progress may have unacknowledged before the session
+# reads no more of its client (TCP then slows the client down): a client that sends faster
+# than its decoder keeps up goes at the decoder's pace instead of overflowing its input (4096
+# messages at the worker). 512 messages are 51 s of audio in 100 ms frames, 5 s in 10 ms ones.
+ENGINE_WINDOW = 512
+# Waiting for a worker that acknowledges nothing for this long ends the session. A dead or
+# stuck worker is noticed sooner, by its heartbeats; this is the backstop for one that beats
+# but has lost track of the session.
+ENGINE_STALL_S = 60.0
 
 
 class RemoteRecognizer:
@@ -83,6 +92,12 @@ class RemoteRecognizer:
         self.failovers = 0
         self.epoch = 0  # of the current claim; results of older claims are void
         self._reconnects_seen = bus.reconnects
+        # Flow control: input messages published under the current claim, how many of them
+        # its worker acknowledged, and how often it does (0: never, so no flow control).
+        self._sent = 0
+        self._acked = 0
+        self._window = 0
+        self._progressed = trio.Event()
 
     async def open(self) -> None:
         """Subscribe to results first (nothing may be missed), then claim a worker."""
@@ -143,6 +158,11 @@ class RemoteRecognizer:
             reply = wire.decode_claim_reply(raw)
             if reply.ok:
                 self.worker_id = reply.worker_id
+                # The worker counts from its claim: so do we. A wider window than the
+                # worker's reports would wait for a report that never comes.
+                self._sent = self._acked = 0
+                self._window = max(ENGINE_WINDOW, 2 * reply.progress) if reply.progress else 0
+                self._wake()
                 return
             if reply.code != TooManyRequests.code:
                 raise AsrdError(reply.reason, code=reply.code)
@@ -177,7 +197,38 @@ class RemoteRecognizer:
                 f"the engine fell more than {self._journal_max_bytes} bytes of audio behind"
             )
         if not self._paused:
-            self._bus.publish(self._in_subject, data)
+            self._publish(data)
+
+    def _publish(self, data: bytes) -> None:
+        self._bus.publish(self._in_subject, data)
+        self._sent += 1
+
+    @property
+    def engine_behind(self) -> bool:
+        """Whether the worker has more input unacknowledged than the session may send ahead."""
+        return bool(self._window) and self._sent - self._acked > self._window
+
+    async def wait_for_engine(self) -> None:
+        """Until the worker has caught up to within the window (or the session moved)."""
+        while self.engine_behind:
+            event = self._progressed
+            with trio.move_on_after(ENGINE_STALL_S):
+                await event.wait()
+            if not event.is_set():
+                raise EngineFailed(
+                    f"engine worker {self.worker_id} acknowledged none of "
+                    f"{self._sent - self._acked} messages for {ENGINE_STALL_S:g} s"
+                )
+
+    def progressed(self, progress: wire.Progress) -> None:
+        """The worker of the current claim reports how much of its input it has dealt with."""
+        if progress.epoch == self.epoch and progress.received > self._acked:
+            self._acked = min(progress.received, self._sent)
+            self._wake()
+
+    def _wake(self) -> None:
+        self._progressed.set()
+        self._progressed = trio.Event()
 
     def begin(self, utt: int) -> None:
         self._send(utt, wire.encode_control("begin", utt))
@@ -269,14 +320,14 @@ class RemoteRecognizer:
                 f"{self._failover_timeout_s:g} s ({last.reason if last else 'no answer'})"
             )
         for data in _replay(self.journal):  # no checkpoint in between: the order is kept
-            self._bus.publish(self._in_subject, data)
+            self._publish(data)
         self._paused = False
         self.failovers += 1
         log.warning("session %s continues on worker %s", self.session_id, self.worker_id)
 
     def _publish_quietly(self, data: bytes) -> None:
         try:
-            self._bus.publish(self._in_subject, data)
+            self._publish(data)
         except BusError as exc:
             log.debug("keepalive not sent: %s", exc)
 

@@ -310,6 +310,9 @@ class Session:
                 await self._handle(command)
             else:
                 await self._audio(self.codec.receive_binary(message).data)
+                if self.remote is not None and self.remote.engine_behind:
+                    self.state.metrics.engine_waits.inc()
+                    await self.remote.wait_for_engine()  # its socket unread meanwhile
 
     async def _handle(self, event: ClientCommand) -> None:
         if self._stopping:
@@ -371,6 +374,9 @@ class Session:
                     "results are not being read: the client is too slow a consumer"
                 ) from None
             item = wire.decode_output(msg.data)
+            if isinstance(item, wire.Progress):
+                self.remote.progressed(item)
+                continue
             if isinstance(item, wire.Handoff | wire.Failure):
                 if not self.remote.current_epoch(item):
                     continue  # from a worker whose claim is void: not ours to obey

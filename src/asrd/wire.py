@@ -81,11 +81,20 @@ class ClaimReply:
     worker_id: str = ""
     code: int = 0
     reason: str = ""
+    # The worker reports progress after every this many input messages (0: it never does,
+    # and its gateway cannot slow a client down to its pace).
+    progress: int = 0
 
     def encode(self) -> bytes:
-        return _dumps(
-            {"ok": self.ok, "worker_id": self.worker_id, "code": self.code, "reason": self.reason}
-        )
+        obj: dict[str, Any] = {
+            "ok": self.ok,
+            "worker_id": self.worker_id,
+            "code": self.code,
+            "reason": self.reason,
+        }
+        if self.progress:
+            obj["progress"] = self.progress
+        return _dumps(obj)
 
 
 @_wire_errors
@@ -114,6 +123,7 @@ def decode_claim_reply(data: bytes) -> ClaimReply:
         str(obj.get("worker_id", "")),
         int(obj.get("code", 0)),
         str(obj.get("reason", "")),
+        max(0, int(obj.get("progress", 0))),
     )
 
 
@@ -207,10 +217,24 @@ class Handoff:
         return _dumps({"type": "handoff", "epoch": self.epoch})
 
 
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """How many of the session's input messages the worker has dealt with under its claim:
+    the gateway sends no more audio while too many are unacknowledged."""
+
+    received: int
+    epoch: int = 0
+
+    def encode(self) -> bytes:
+        return _dumps({"type": "progress", "received": self.received, "epoch": self.epoch})
+
+
 @_wire_errors
-def decode_output(data: bytes) -> Result | Failure | Handoff:
+def decode_output(data: bytes) -> Result | Failure | Handoff | Progress:
     obj = _loads(data)
     kind = obj.get("type")
+    if kind == "progress":
+        return Progress(int(obj["received"]), int(obj.get("epoch", 0)))
     if kind == "error":
         return Failure(int(obj["code"]), str(obj["reason"]), int(obj.get("epoch", 0)))
     if kind == "handoff":

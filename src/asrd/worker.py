@@ -35,6 +35,11 @@ MAX_STEP_MS = 100  # audio decoded between two checkpoints of the worker's event
 # audio: made before that audio is decoded, it would be stale when it arrives.
 MAX_PARTIAL_DEFER_MS = 1000
 STALL_S = 5.0  # heartbeats stop when the event loop has made no progress for this long
+# A session's input messages between two progress reports. Its gateway stops sending audio
+# while more than asrd.remote.ENGINE_WINDOW of them are unacknowledged: a client that sends
+# faster than its decoder keeps up is slowed to the decoder's pace, and the session's input
+# never holds more than a window (its subscription, below, overflows at 4096).
+PROGRESS_EVERY = 64
 
 
 class _Served:
@@ -235,7 +240,7 @@ class Worker:
         assert self._nursery is not None
         self._nursery.start_soon(self._session, recognizer, served)
         await self._update_claim_subscription()
-        return wire.ClaimReply(True, self.id)
+        return wire.ClaimReply(True, self.id, progress=PROGRESS_EVERY)
 
     # --- sessions ----------------------------------------------------------------------------
 
@@ -257,10 +262,14 @@ class Worker:
         # does not know: hand the session back, so that it replays its journal.
         reconnects = self.bus.reconnects
         handback = False
+        received = 0  # input messages dealt with, for the progress reports
         try:
             with served.scope:
                 while True:
+                    if received and received % PROGRESS_EVERY == 0:  # all before it is done
+                        self.bus.publish(out, wire.Progress(received, claim.epoch).encode())
                     msg = await sub.receive()
+                    received += 1
                     served.last_heard = trio.current_time()  # read by _silence_loop
                     if self.bus.reconnects != reconnects:
                         log.warning(
