@@ -280,6 +280,38 @@ def test_a_session_keeps_its_transcript_only_when_it_is_recorded() -> None:
     ]
 
 
+async def test_the_transcript_record_holds_the_sentences_the_client_was_sent(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A final sentence counts, and goes into the transcript record, once it is sent: one
+    still stuck in the socket when the session ends never reached the client."""
+    from asrd.control import Admission
+    from asrd.events import SentenceEnd
+
+    session, _ = make_session(send_timeout_s=3.0, idle_timeout_s=60.0)
+    session.ws = OneSendSocket()  # type: ignore[assignment]
+    session.admission = Admission("k", "en-US", record_transcript=True)
+    session.codec.render(TranscriptionStarted("s"))
+    for index, text in ((1, "Sent."), (2, "Stuck.")):
+        session._out_send.send_nowait(SentenceEnd(index, 2000, 100, text, 0.9, (), False))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session._send_loop)
+        with pytest.raises(ClientError, match="read no results"):
+            await session._timeouts_loop()
+        nursery.cancel_scope.cancel()
+    assert session._finals == 1
+    assert [s["text"] for s in session._transcript] == ["Sent."]
+
+
+class OneSendSocket(StuckSocket):
+    """A client that reads one message, then nothing more."""
+
+    async def send_message(self, message: Any) -> None:
+        self.sent += 1
+        if self.sent > 1:
+            await trio.sleep_forever()
+
+
 async def test_a_client_that_stops_reading_at_completion_still_frees_its_slot(
     autojump_clock: trio.abc.Clock,
 ) -> None:

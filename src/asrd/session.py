@@ -335,6 +335,7 @@ class Session:
                 metrics.partial_lag.observe(self._since_arrival(event.time_ms))
             elif isinstance(event, SentenceEnd):
                 metrics.endpointing.observe(self._since_end(event))
+                self._keep(event)  # the record holds what the client was sent
             if isinstance(event, TranscriptionCompleted):
                 self.completed = True
                 assert self._nursery is not None
@@ -387,8 +388,6 @@ class Session:
             if not self.remote.current(item):
                 continue  # from before a failover or reconnect: the replay will redo it
             for ev in self.tracker.result(item):
-                if isinstance(ev, SentenceEnd):
-                    self._keep(ev)
                 await self._out_send.send(ev)
             if item.final:
                 self.remote.finalized(item.utt)
