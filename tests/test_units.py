@@ -864,6 +864,21 @@ async def test_flow_control_counts_only_the_current_claim_and_needs_a_reporting_
         with pytest.raises(EngineFailed, match="acknowledged none of 513 messages for 60 s"):
             await link.wait_for_engine()
         assert trio.current_time() - start == pytest.approx(remote_module.ENGINE_STALL_S)
+
+        # A session waiting for its worker moves on once another worker took it over: both
+        # count afresh from the new claim, and the replay (merged into 64 KiB messages) counts.
+        async def wait() -> None:
+            await link.wait_for_engine()
+            waited.set()
+
+        waited = trio.Event()
+        nursery.start_soon(wait)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not waited.is_set()
+        nursery.start_soon(answer, 64)
+        await link._failover("test")
+        await waited.wait()
+        assert not link.engine_behind and link._sent == 1  # 577 bytes of audio: one message
         nursery.cancel_scope.cancel()
 
 
