@@ -15,6 +15,7 @@ import time
 import urllib.request
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import nats as nats_py
 import pytest
@@ -284,6 +285,53 @@ def test_a_workers_lines_about_a_session_carry_its_ids(nats: Nats) -> None:
         stop(proc)
     assert line["message"].startswith(f"session {sid} failed: malformed"), line
     assert (line["session_id"], line["task_id"]) == (sid, task), line
+
+
+class _JsonLines(logging.Handler):
+    """Formats each record as it is emitted, in the emitting task's context, as the
+    gateway's own handler does."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.setFormatter(logs.JsonFormatter())
+        self.lines: list[dict[str, Any]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(json.loads(self.format(record)))
+
+
+@pytest.mark.integration
+async def test_trio_websockets_lines_about_a_session_carry_its_ids(
+    gateway: RunningGateway,
+) -> None:
+    """trio-websocket reads each connection in a task it starts before the session's own,
+    outside the session's context: its debug lines (one per frame) had no ids."""
+    handler = _JsonLines()
+    ws_log = logging.getLogger("trio-websocket")
+    level = ws_log.level
+    ws_log.addHandler(handler)
+    ws_log.setLevel(logging.DEBUG)
+    try:
+        with trio.fail_after(GUARD_S):
+            async with open_transcription(
+                gateway.url,
+                silence(500, 16000),
+                16000,
+                token="t",
+                appkey="default",
+                realtime=False,
+            ) as tr:
+                async for _ in tr:
+                    pass
+            await gateway.gateway.state.idle.wait()
+    finally:
+        ws_log.removeHandler(handler)
+        ws_log.setLevel(level)
+    server = [line for line in handler.lines if line["message"].startswith("server-")]
+    # From the first message on: the upgrade request comes before the session exists.
+    first = next(i for i, line in enumerate(server) if "TextMessage" in line["message"])
+    assert len(server) - first > 10, server  # Start, 5 frames, Stop, close, results
+    assert [line for line in server[first:] if len(line.get("session_id", "")) != 32] == []
 
 
 def test_json_log_lines_carry_session_and_task_ids() -> None:

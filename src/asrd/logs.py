@@ -12,6 +12,7 @@ import json
 import logging
 import sys
 import time
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -25,6 +26,28 @@ class LogContext:
 current: contextvars.ContextVar[LogContext | None] = contextvars.ContextVar(
     "asrd_log_context", default=None
 )
+
+
+# trio-websocket reads each connection in a task it starts before the session's own, so that
+# task's lines (its debug lines, one per frame) lack the session's context. They name their
+# connection as their first argument: a session binds its connection to its ids.
+_by_connection: weakref.WeakKeyDictionary[object, LogContext] = weakref.WeakKeyDictionary()
+_CONNECTION_LOGGER = "trio-websocket"
+
+
+def bind(connection: object, context: LogContext) -> None:
+    """Lines trio-websocket logs about ``connection`` carry ``context``'s ids."""
+    _by_connection[connection] = context
+
+
+def _context(record: logging.LogRecord) -> LogContext | None:
+    ctx = current.get()
+    if ctx is None and record.name == _CONNECTION_LOGGER and isinstance(record.args, tuple):
+        try:
+            ctx = _by_connection.get(record.args[0]) if record.args else None
+        except TypeError:  # not a connection: a str or int can have no weak reference
+            ctx = None
+    return ctx
 
 
 @contextlib.contextmanager
@@ -47,7 +70,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        ctx = current.get()
+        ctx = _context(record)
         if ctx is not None:
             out["session_id"] = ctx.session_id
             if ctx.task_id:
@@ -60,7 +83,7 @@ class JsonFormatter(logging.Formatter):
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
-        ctx = current.get()
+        ctx = _context(record)
         if ctx is not None and ctx.session_id:
             line += f" [session={ctx.session_id} task={ctx.task_id or '-'}]"
         return line

@@ -147,6 +147,7 @@ class Session:
         self.admission: Admission | None = None
         self.id = uuid.uuid4().hex
         self._log_context = logs.LogContext(self.id)
+        logs.bind(ws, self._log_context)  # for the lines of trio-websocket's reader task
         self.error: AsrdError | None = None
         self.completed = False
         self.params = SessionParams()
