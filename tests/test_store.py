@@ -540,6 +540,29 @@ async def test_tokens_expire_are_revoked_and_belong_to_their_key(
         assert "revoked" in revoked["header"]["status_text"]
 
 
+async def test_a_token_request_for_longer_than_token_ttl_s_is_refused_not_cut_down(
+    redis_url: str,
+) -> None:
+    """POST /token with a ttl_s beyond [redis] token_ttl_s got a token of token_ttl_s, with
+    200: an app that did not read expires_in held a token shorter than it asked for."""
+    config = Config.model_validate({"redis": {"url": redis_url, "token_ttl_s": 600}})
+    async with open_repo(redis_url) as repo:
+        _, secret = await repo.create_app("long")
+    credentials = [(b"authorization", b"Basic " + base64.b64encode(f"long:{secret}".encode()))]
+    async with open_redis_control_plane(config) as plane:
+        for ttl in (601, 86400):
+            body = json.dumps({"ttl_s": ttl}).encode()
+            status, answer = await handle_token_request(plane, "POST", credentials, body)
+            assert status == 400, answer
+            assert "ttl_s must be 1 to 600" in json.loads(answer)["error"]
+        status, answer = await handle_token_request(plane, "POST", credentials, b'{"ttl_s": 600}')
+        assert status == 200 and json.loads(answer)["expires_in"] == 600
+        status, answer = await handle_token_request(plane, "POST", credentials, b"")
+        assert status == 200 and json.loads(answer)["expires_in"] == 600  # the default
+        async with open_repo(redis_url) as repo:
+            assert len(await repo.store.execute("KEYS", repo.keys.token("*"))) == 2
+
+
 # --- 3. signed links --------------------------------------------------------------------------
 
 

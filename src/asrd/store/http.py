@@ -2,10 +2,11 @@
 
 Request: credentials as HTTP Basic auth (``Authorization: Basic base64(appkey:secret)``) or
 as a JSON body ``{"appkey": ..., "secret": ...}``; the body may ask for a shorter lifetime,
-``{"ttl_s": 600}`` (at most ``[redis] token_ttl_s``). Answer ``200`` with
-``{"token", "appkey", "expires_at" (unix s), "expires_in" (s)}``, else a JSON
-``{"error", "code"}`` with 400, 401 (unknown key, wrong secret, disabled key), 404 (no Redis
-control plane), 405, 411, 413 or 503 (Redis unreachable: retry).
+``{"ttl_s": 600}``. Answer ``200`` with ``{"token", "appkey", "expires_at" (unix s),
+"expires_in" (s)}``, else a JSON ``{"error", "code"}`` with 400 (among others a ``ttl_s``
+that is not 1 to ``[redis] token_ttl_s``: refused, never cut down), 401 (unknown key, wrong
+secret, disabled key), 404 (no Redis control plane), 405, 411, 413 or 503 (Redis
+unreachable: retry).
 
 The gateway hands requests for :data:`TOKEN_PATH` to :func:`token_endpoint`.
 """

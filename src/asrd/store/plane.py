@@ -43,6 +43,7 @@ from asrd.errors import (
     AppKeyTokenMismatch,
     AsrdError,
     AuthError,
+    ClientError,
     InvalidParameter,
     ServerError,
     TooManyRequests,
@@ -234,12 +235,18 @@ class RedisControlPlane:
     async def issue_token_with_secret(
         self, appkey: str, secret: str, ttl_s: int | None = None
     ) -> tuple[str, TokenInfo]:
-        """``POST /token``: a token for the holder of ``appkey``'s secret."""
+        """``POST /token``: a token for the holder of ``appkey``'s secret, for ``ttl_s``
+        seconds (default: ``[redis] token_ttl_s``). A longer ``ttl_s`` is refused, as by
+        ``asrd token --ttl``, not cut down: an app that asked for 2 h, got 1 h and did not
+        read ``expires_in`` would find its token refused an hour before it expected."""
+        longest = self._rc.token_ttl_s
+        if ttl_s is not None and not 1 <= ttl_s <= longest:
+            raise ClientError(f"ttl_s must be 1 to {longest} (seconds): no token lasts longer")
         with self._told_to_clients():
-            return await self._issue_token_with_secret(appkey, secret, ttl_s)
+            return await self._issue_token_with_secret(appkey, secret, ttl_s or longest)
 
     async def _issue_token_with_secret(
-        self, appkey: str, secret: str, ttl_s: int | None
+        self, appkey: str, secret: str, ttl_s: int
     ) -> tuple[str, TokenInfo]:
         app = await self._repo.get_app(appkey)
         # Compare even for an unknown key, so timing does not tell which keys exist.
@@ -248,8 +255,7 @@ class RedisControlPlane:
             raise AuthError("invalid appkey or secret")
         if not app.active:
             raise AuthError(f"appkey {appkey!r} is disabled")
-        ttl = min(ttl_s or self._rc.token_ttl_s, self._rc.token_ttl_s)
-        return await self._repo.issue_token(app, ttl)
+        return await self._repo.issue_token(app, ttl_s)
 
     # --- admission -------------------------------------------------------------------------
 
