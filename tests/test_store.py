@@ -350,8 +350,10 @@ async def test_key_lifecycle_with_the_cli(
     # Redis holds a hash of the secret, never the secret.
     assert secret not in await redis_dump(redis_url)
     assert signing.sha256_hex(secret) in await redis_dump(redis_url)
-    status, _ = await asrd(capsys, "keys", "create", "app1", *r)
-    assert status == 2  # exists already
+    status, out, err = await asrd_err(capsys, "keys", "create", "app1", *r)
+    assert status == 1 and "already exists" in err  # a conflict, as not found is: not 2
+    assert not out  # no new secret, and the key keeps its own
+    assert signing.sha256_hex(secret) in await redis_dump(redis_url)
     status, _ = await asrd(capsys, "keys", "create", "apps", *r)
     assert status == 2  # reserved: its usage hash would be the set of all keys with usage
 
@@ -433,6 +435,46 @@ async def test_commands_missing_what_to_act_on_are_invalid_input(
     for option in (("--limit", "5"), ("--since", "2026-01-01")):
         status, _, err = await asrd_err(capsys, "transcript", "0" * 32, *option, *r)
         assert status == 2 and "--appkey" in err
+
+
+async def test_not_found_already_exists_and_redis_unreachable_fail_with_1(
+    redis_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """README: 1 for a command that failed on what Redis holds or on Redis itself, whichever
+    keys or config command it is; 2 is for invalid input only."""
+    r = ("--redis-url", redis_url)
+    assert (await asrd(capsys, "keys", "create", "there", *r))[0] == 0
+    failing = [
+        ("keys", "create", "there"),
+        ("keys", "show", "nope"),
+        ("keys", "update", "nope", "--max-sessions", "1"),
+        ("keys", "disable", "nope"),
+        ("keys", "enable", "nope"),
+        ("keys", "delete", "nope"),
+        ("token", "nope"),
+        ("token", "--revoke", "made-up"),
+        ("config", "get", "routing.languages"),  # no live configuration at all
+        ("config", "unset", "routing.languages"),
+        ("transcript", "0" * 32),
+    ]
+    for argv in failing:
+        status, _, err = await asrd_err(capsys, *argv, *r)
+        assert status == 1 and err, (argv, status, err)
+    down = ("--redis-url", f"redis://127.0.0.1:{free_port()}/0")
+    for argv in [
+        ("keys", "list"),
+        ("keys", "create", "new"),
+        ("keys", "show", "there"),
+        ("keys", "delete", "there"),
+        ("token", "there"),
+        ("config", "show"),
+        ("config", "set", "routing.default_language", "en-GB"),
+        ("config", "reset"),
+        ("usage",),
+        ("transcript", "0" * 32),
+    ]:
+        status, _, err = await asrd_err(capsys, *argv, *down)
+        assert status == 1 and "unreachable" in err, (argv, status, err)
 
 
 # --- 2. tokens --------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from asrd.config import Config, ConfigError, DynamicConfig, Name, load_config
 from asrd.errors import ClientError
 from asrd.store import StoreError, signing
 from asrd.store.redisstore import open_redis_store
-from asrd.store.repo import AppKey, ConfigState, Repository, valid_appkey
+from asrd.store.repo import AppKey, AppKeyExists, ConfigState, Repository, valid_appkey
 
 DEFAULT_CONFIG = "config.toml"
 TRANSCRIPTS_LIMIT = 50  # `asrd transcript --appkey K` lists this many by default
@@ -120,13 +120,16 @@ def _show_app(app: AppKey, active: int | None = None) -> None:
 
 def cmd_keys_create(args: argparse.Namespace) -> int:
     async def fn(repo: Repository) -> int:
-        app, secret = await repo.create_app(
-            args.appkey,
-            max_sessions=args.max_sessions,
-            languages=args.languages or [],
-            record_transcripts=not args.no_transcripts,
-            description=args.description or "",
-        )
+        try:
+            app, secret = await repo.create_app(
+                args.appkey,
+                max_sessions=args.max_sessions,
+                languages=args.languages or [],
+                record_transcripts=not args.no_transcripts,
+                description=args.description or "",
+            )
+        except AppKeyExists as exc:
+            raise CommandError(exc.reason) from None
         if args.json:
             _print_json({**app.public(), "secret": secret})
         else:

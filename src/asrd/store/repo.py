@@ -32,6 +32,12 @@ def valid_appkey(appkey: str) -> bool:
     return bool(APPKEY_RE.fullmatch(appkey)) and appkey not in RESERVED_APPKEYS
 
 
+class AppKeyExists(InvalidParameter):
+    """:meth:`Repository.create_app` of a name already taken: a conflict with what Redis
+    holds, not a malformed name, so ``asrd keys create`` fails with 1 (as for a key not
+    found), not with 2 (invalid input)."""
+
+
 @dataclass(frozen=True, slots=True)
 class AppKey:
     appkey: str
@@ -335,7 +341,7 @@ class Repository:
             CREATE_APP, [self.keys.app(appkey), self.keys.apps], [appkey, *fields]
         )
         if not created:
-            raise InvalidParameter(f"appkey {appkey!r} already exists")
+            raise AppKeyExists(f"appkey {appkey!r} already exists")
         return app, secret
 
     async def get_app(self, appkey: str) -> AppKey | None:
