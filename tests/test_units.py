@@ -395,7 +395,7 @@ def test_tracker_keeps_words_within_their_sentence() -> None:
 
 
 def test_tracker_keeps_an_engines_word_times_within_the_audio_it_had() -> None:
-    """README: words are "each within its sentence". An engine's word that ended after its
+    """README: word "times stay within the sentence". An engine's word that ended after its
     sentence (its audio) or before it started went to the client as the engine wrote it."""
     t = SentenceTracker(SessionParams(enable_intermediate_result=True, enable_words=True))
     t.begin(1, 1000, 700)  # the engine hears stream 700..3000
