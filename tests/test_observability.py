@@ -33,6 +33,7 @@ from asrd.metrics import WorkerMetrics
 from asrd.procfs import read_proc
 from tests.audio_fixtures import load_clip, silence
 from tests.conftest import Nats, RunningGateway
+from tests.records import session_record
 from tests.servers import read_until, start_worker, stop
 
 GUARD_S = 120
@@ -393,7 +394,7 @@ async def test_a_transcript_dropped_from_the_buffer_is_logged_with_its_own_ids(
     """The record buffer overflows while a later session ends (Redis away): the line saying
     which transcript is dropped carries the ids of the session it was, not of the one whose
     end pushed it out."""
-    from asrd.control import Admission, SessionRecord
+    from asrd.control import Admission
     from asrd.store.plane import open_redis_control_plane
 
     config = Config.model_validate(
@@ -403,18 +404,7 @@ async def test_a_transcript_dropped_from_the_buffer_is_logged_with_its_own_ids(
     async with open_redis_control_plane(config) as plane:
         for i in range(2):
             sid, task = f"{i}" * 32, f"{i + 5}" * 32
-            record = SessionRecord(
-                task_id=task,
-                session_id=sid,
-                appkey="k",
-                language="en-US",
-                started_at=time.time(),
-                duration_s=1.0,
-                audio_s=1.0,
-                code=20000000,
-                reason="completed",
-                sentences=[{"index": 1, "begin_time": 0, "time": 900, "text": "hi"}],
-            )
+            record = session_record("k", sid, task_id=task, text="hi")
             with logs.about(sid, task):  # as the session's own task calls it
                 await plane.finish(Admission(appkey="k", pool="en-US", slot=sid), record)
         assert plane.lost_transcripts == 1

@@ -35,7 +35,7 @@ from asrd.children import free_port
 from asrd.cli import main
 from asrd.client import TranscribeError, open_transcription
 from asrd.config import Config, DynamicConfig, RedisConfig, RoutingConfig, WorkerConfig
-from asrd.control import Admission, ConnectInfo, SessionRecord
+from asrd.control import Admission, ConnectInfo
 from asrd.engines.base import EngineFull, EngineWord, Hypothesis, Recognizer
 from asrd.errors import AppKeyTokenMismatch, AuthError
 from asrd.gateway import Gateway
@@ -50,6 +50,7 @@ from asrd.store.repo import ConfigState, RecordItem, Repository, day_of
 from asrd.worker import Worker
 from tests.audio_fixtures import load_clip, silence
 from tests.conftest import Nats, Pool
+from tests.records import session_record
 from tests.servers import redis_server, stop, wait_port
 from tests.test_observability import get, metric, raw_exchange
 
@@ -1434,17 +1435,7 @@ async def test_a_read_only_redis_is_one_outage_until_it_takes_writes_again(
     line). Only a write ends it: here the buffered record, once Redis takes writes again."""
     config = Config.model_validate({"redis": {"url": redis_url}})
     caplog.set_level(logging.WARNING, logger="asrd.store.plane")
-    record = SessionRecord(
-        task_id="1" * 32,
-        session_id="ro1",
-        appkey="read-only",
-        language="en-US",
-        started_at=time.time(),
-        duration_s=1.0,
-        audio_s=1.0,
-        code=20000000,
-        reason="completed",
-    )
+    record = session_record("read-only", "ro1")
     async with open_redis_control_plane(config) as plane, open_repo(redis_url) as repo:
         await repo.store.execute("REPLICAOF", "127.0.0.1", str(free_port()))
         try:
@@ -1486,17 +1477,8 @@ async def test_records_wait_whole_while_a_foreign_value_blocks_their_keys(
         now = time.time()
         for i, appkey in enumerate(["fine", "blocked", "fine"]):
             admission = Admission(appkey=appkey, pool=pool.name, slot=f"s{i}")
-            record = SessionRecord(
-                task_id=f"{i:032x}",
-                session_id=f"s{i}",
-                appkey=appkey,
-                language=pool.name,
-                started_at=now,
-                duration_s=2.0,
-                audio_s=1.5,
-                code=20000000,
-                reason="completed",
-                sentences=[{"index": 1, "begin_time": 0, "time": 900, "text": f"s{i}"}],
+            record = session_record(
+                appkey, f"s{i}", started_at=now, language=pool.name, text=f"s{i}"
             )
             await plane.finish(admission, record)
 
@@ -1534,17 +1516,7 @@ async def test_a_slot_given_back_during_a_refresh_is_not_brought_back(
         real_refresh = plane._repo.refresh_slots
 
         async def refresh_racing_a_release(running: dict[str, list[str]]) -> None:
-            record = SessionRecord(
-                task_id="0" * 32,
-                session_id="s1",
-                appkey="racing",
-                language=pool.name,
-                started_at=time.time(),
-                duration_s=1.0,
-                audio_s=1.0,
-                code=20000000,
-                reason="completed",
-            )
+            record = session_record("racing", "s1", language=pool.name)
             await plane.finish(admission, record)  # the session ends during the round-trip
             with trio.fail_after(GUARD_S):
                 await given_back.wait()  # and its slot is given back first
@@ -1579,17 +1551,15 @@ async def test_records_beyond_the_buffer_are_counted_not_lost(
         started_at = time.time()
         for i in range(5):
             admission = Admission(appkey="buffered", pool=pool.name, slot=f"s{i}")
-            record = SessionRecord(
+            record = session_record(
+                "buffered",
+                f"s{i}",
                 task_id=f"{i:032x}",
-                session_id=f"s{i}",
-                appkey="buffered",
-                language=pool.name,
                 started_at=started_at,
-                duration_s=2.0,
+                language=pool.name,
                 audio_s=1.5,
                 code=20000000 if i % 2 == 0 else 40000004,
-                reason="completed",
-                sentences=[{"index": 1, "begin_time": 0, "time": 900, "text": f"s{i}"}],
+                text=f"s{i}",
             )
             await plane.finish(admission, record)
         assert plane.lost_transcripts == 3
