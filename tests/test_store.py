@@ -367,6 +367,7 @@ async def test_key_lifecycle_with_the_cli(
         assert status == 2
     status, out = await asrd(capsys, "token", "app1", "--ttl", "60", "--json", *r)
     assert 55 <= json.loads(out)["expires_at"] - time.time() <= 60
+    assert json.loads(out)["expires_in"] == 60  # as POST /token answers
     status, out = await asrd(capsys, "token", "app1", "--json", *r)
     token = json.loads(out)["token"]
     async with open_redis_gateway(nats.url, pool, redis_url) as gw:

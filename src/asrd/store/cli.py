@@ -241,7 +241,14 @@ def cmd_token(args: argparse.Namespace) -> int:
         ttl = args.ttl or max_ttl
         token, info = await repo.issue_token(app, ttl)
         if args.json:
-            _print_json({"token": token, "appkey": app.appkey, "expires_at": int(info.expires_at)})
+            _print_json(  # the fields of POST /token's answer
+                {
+                    "token": token,
+                    "appkey": app.appkey,
+                    "expires_at": int(info.expires_at),
+                    "expires_in": ttl,
+                }
+            )
         else:
             print(token)
             print(f"expires {_when(info.expires_at)} (in {ttl} s)", file=sys.stderr)
