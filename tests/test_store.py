@@ -461,7 +461,7 @@ async def test_not_found_already_exists_and_redis_unreachable_fail_with_1(
     ]
     for argv in failing:
         status, _, err = await asrd_err(capsys, *argv, *r)
-        assert status == 1 and err, (argv, status, err)
+        assert status == 1 and err.startswith("asrd: "), (argv, status, err)
     down = ("--redis-url", f"redis://127.0.0.1:{free_port()}/0")
     for argv in [
         ("keys", "list"),

@@ -354,11 +354,11 @@ def cmd_config(args: argparse.Namespace) -> int:
         if action in ("show", "get"):
             state = _readable(await repo.load_config())
             if state.doc is None:
-                print(
-                    "no live configuration in Redis: gateways and workers use their config.toml",
-                    file=sys.stderr,
-                )
-                return 0 if action == "show" else 1
+                none = "no live configuration in Redis: gateways and workers use their config.toml"
+                if action == "get":  # a failure, told as every other (a JSON line with --log-json)
+                    raise CommandError(none)
+                print(none, file=sys.stderr)
+                return 0
             data = state.doc.model_dump(mode="json")
             _print_json(data if action == "show" else _get_path(data, args.key))
             return 0
