@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import socket
+import ssl
+import struct
+import subprocess
 import sys
 import threading
 import wave
@@ -400,6 +404,129 @@ async def test_an_answer_to_the_upgrade_that_is_not_http(nursery: trio.Nursery) 
     assert info.value.code == LOCAL_FAILURE
 
 
+async def serve(nursery: trio.Nursery, handler: Any, scheme: str = "ws") -> str:
+    """Run ``handler`` for each TCP connection on a free port; return a URL to it."""
+    listeners = await nursery.start(partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
+    return f"{scheme}://127.0.0.1:{listeners[0].socket.getsockname()[1]}/ws/v1"
+
+
+async def closes_at_once(stream: trio.SocketStream) -> None:
+    await stream.aclose()
+
+
+async def closes_after_the_request(stream: trio.SocketStream) -> None:
+    await stream.receive_some(4096)
+    await stream.aclose()
+
+
+async def resets(stream: trio.SocketStream) -> None:
+    await stream.receive_some(4096)
+    stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    await stream.aclose()  # with a linger time of 0: a reset
+
+
+async def not_tls_server(stream: trio.SocketStream) -> None:
+    """A plain HTTP port, as a wss:// URL by mistake reaches it: garbage to TLS."""
+    await stream.receive_some(4096)
+    await stream.send_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+    await trio.sleep_forever()
+
+
+@pytest.mark.parametrize("handler", [closes_at_once, closes_after_the_request, resets])
+async def test_a_server_that_closes_without_answering_the_upgrade(
+    nursery: trio.Nursery, handler: Any
+) -> None:
+    """trio-websocket's reader task stopped quietly and its connect waited out its timeout
+    (30 s), to report only 'timed out'."""
+    url = await serve(nursery, handler)
+    t0 = trio.current_time()
+    with pytest.raises(TranscribeError, match="the WebSocket upgrade") as info:
+        await collect(url, silence(0.1))
+    assert trio.current_time() - t0 < 15
+    assert info.value.code == LOCAL_FAILURE
+    # closes_at_once may close or reset the connection
+    if handler is closes_after_the_request:
+        assert info.value.reason == (
+            f"cannot connect to {url}: "
+            "the server closed the connection without answering the WebSocket upgrade"
+        )
+    elif handler is resets:
+        assert "the connection broke before the answer to the WebSocket upgrade: " in str(
+            info.value
+        )
+
+
+async def test_a_tls_handshake_that_fails_says_so(nursery: trio.Nursery) -> None:
+    """trio-websocket shook hands in its reader task, dropped the SSL error and waited out
+    its connect timeout (30 s), to report only 'timed out'."""
+    url = await serve(nursery, not_tls_server, "wss")
+    t0 = trio.current_time()
+    with pytest.raises(
+        TranscribeError, match=r"cannot connect to wss://.*: TLS handshake failed: ."
+    ):
+        await collect(url, silence(0.1))
+    assert trio.current_time() - t0 < 15
+
+
+async def rejects_the_upgrade(stream: trio.SocketStream) -> None:
+    await stream.receive_some(4096)
+    await stream.send_all(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
+    await trio.sleep_forever()
+
+
+async def test_a_rejected_upgrade(nursery: trio.Nursery) -> None:
+    url = await serve(nursery, rejects_the_upgrade)
+    with pytest.raises(TranscribeError, match=r"cannot connect .*: upgrade rejected with HTTP 403"):
+        await collect(url, silence(0.1))
+
+
+@pytest.fixture(scope="module")
+def tls_cert(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and its key."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command")
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        [
+            *"openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes".split(),
+            *"-days 2 -subj /CN=asrd -addext subjectAltName=IP:127.0.0.1".split(),
+            *["-keyout", str(key), "-out", str(cert)],
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
+@pytest.mark.parametrize("trusted", [True, False])
+async def test_wss(
+    nursery: trio.Nursery,
+    monkeypatch: pytest.MonkeyPatch,
+    tls_cert: tuple[Path, Path],
+    trusted: bool,
+) -> None:
+    """The client shakes hands with TLS itself: a certificate it trusts (SSL_CERT_FILE, as
+    OpenSSL reads it) works, one it does not is named as the cause."""
+    cert, key = tls_cert
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(cert, key)
+    fake = FakeServer()
+    ws_server = await nursery.start(
+        partial(trio_websocket.serve_websocket, fake.handler, "127.0.0.1", 0, server_tls)
+    )
+    url = f"wss://127.0.0.1:{ws_server.port}/ws/v1"
+    if trusted:
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+        events = await collect(url, silence(1.5))
+        assert names(events) == ["TranscriptionStarted", *SENTENCE * 2, "TranscriptionCompleted"]
+        assert fake.violations == []
+    else:
+        monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+        with pytest.raises(TranscribeError, match=r"TLS handshake failed: .*CERTIFICATE_VERIFY"):
+            await collect(url, silence(0.1))
+
+
 async def test_bad_url() -> None:
     with pytest.raises(TranscribeError, match="bad URL"):
         await collect("http://127.0.0.1/ws/v1", silence(0.1))
@@ -416,8 +543,9 @@ async def test_leaving_early_stops_the_sender(server: FakeServer) -> None:
     assert server.stop is None
 
 
-async def deaf_to_close_server(fail: bool, stream: trio.SocketStream) -> None:
-    """Answers Start, then TaskFailed or (on Stop) Completed, but never the closing handshake."""
+async def deaf_to_close_server(after_start: str, stream: trio.SocketStream) -> None:
+    """Answers Start, then ``after_start`` ("TaskFailed") or (on Stop) Completed, but never
+    the closing handshake."""
     ws = WSConnection(ConnectionType.SERVER)
     task_id = ""
 
@@ -434,7 +562,7 @@ async def deaf_to_close_server(fail: bool, stream: trio.SocketStream) -> None:
                 if header["name"] == "StartTranscription":
                     task_id = header["task_id"]
                     await send(ws_events.Message(server_event("TranscriptionStarted", task_id)))
-                    if fail:
+                    if after_start == "TaskFailed":
                         failed = server_event("TaskFailed", task_id, status=41040201)
                         await send(ws_events.Message(failed))
                 else:
@@ -445,10 +573,7 @@ async def deaf_to_close_server(fail: bool, stream: trio.SocketStream) -> None:
 
 @pytest.mark.parametrize("fail", [True, False])
 async def test_server_deaf_to_close(nursery: trio.Nursery, fail: bool) -> None:
-    listeners = await nursery.start(
-        partial(trio.serve_tcp, partial(deaf_to_close_server, fail), 0, host="127.0.0.1")
-    )
-    url = f"ws://127.0.0.1:{listeners[0].socket.getsockname()[1]}/ws/v1"
+    url = await serve(nursery, partial(deaf_to_close_server, "TaskFailed" if fail else ""))
     if fail:  # the TaskFailed, not the close timeout, is what the caller learns
         with pytest.raises(TranscribeError) as info:
             await collect(url, silence(0.1), reply_timeout=0.2)

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import shutil
+import ssl
 import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from functools import partial
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 from urllib.parse import parse_qs, urlsplit
 
 import h11
@@ -300,47 +301,148 @@ async def open_transcription(
     for a message after Stop; while audio is still going out the server may stay silent as
     long as it likes.
     """
+    if (why := _bad_url(url)) is not None:
+        raise TranscribeError(LOCAL_FAILURE, f"bad URL {url!r}: {why}")
     task_id = _new_id()
     headers = [(b"X-NLS-Token", token.encode())] if token else []
     try:
-        connect = trio_websocket.open_websocket_url(
-            url,
-            extra_headers=headers,
-            connect_timeout=reply_timeout,
-            disconnect_timeout=reply_timeout,
-        )
-    except ValueError as e:
-        raise TranscribeError(LOCAL_FAILURE, f"bad URL {url!r}: {e}") from None
-    transcription: Transcription | None = None
-    try:
-        async with connect as ws:
-            transcription = Transcription(ws, task_id, appkey, reply_timeout)
-            await transcription._start(start_message(task_id, appkey, sample_rate, params))
-            with _unwrap_single():
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(transcription._stream, pcm, sample_rate, frame_ms, realtime)
-                    try:
-                        yield transcription
-                    finally:
-                        nursery.cancel_scope.cancel()
-    except trio_websocket.DisconnectionTimeout:
-        # Raised only when the body succeeded (trio-websocket lets a body's error win over it).
-        if transcription is None or not transcription.completed:
-            raise TranscribeError(LOCAL_FAILURE, "timed out closing the connection") from None
-    except trio_websocket.HandshakeError as e:
-        raise TranscribeError(LOCAL_FAILURE, f"cannot connect to {url}: {_describe(e)}") from e
+        with _unwrap_single():
+            async with trio.open_nursery() as nursery:  # trio-websocket's reader task
+                ws = await _connect(nursery, url, headers, reply_timeout)
+                transcription = Transcription(ws, task_id, appkey, reply_timeout)
+                try:
+                    await transcription._start(start_message(task_id, appkey, sample_rate, params))
+                    with _unwrap_single():
+                        async with trio.open_nursery() as senders:
+                            senders.start_soon(
+                                transcription._stream, pcm, sample_rate, frame_ms, realtime
+                            )
+                            try:
+                                yield transcription
+                            finally:
+                                senders.cancel_scope.cancel()
+                finally:
+                    with trio.move_on_after(reply_timeout) as closing:
+                        await ws.aclose()
+                    nursery.cancel_scope.cancel()
+                # Reached only when the body succeeded: its error wins over this one.
+                if closing.cancelled_caught and not transcription.completed:
+                    raise TranscribeError(LOCAL_FAILURE, "timed out closing the connection")
+    except trio_websocket.ConnectionRejected as e:
+        raise TranscribeError(
+            LOCAL_FAILURE, f"cannot connect to {url}: upgrade rejected with HTTP {e.status_code}"
+        ) from e
     except h11.ProtocolError as e:  # trio-websocket lets it out when the answer is no HTTP
         raise TranscribeError(
             LOCAL_FAILURE, f"cannot connect to {url}: its answer is not HTTP"
         ) from e
 
 
-def _describe(e: trio_websocket.HandshakeError) -> str:
-    if isinstance(e, trio_websocket.ConnectionRejected):
-        return f"upgrade rejected with HTTP {e.status_code}"
-    if isinstance(e, trio_websocket.ConnectionTimeout):
-        return "timed out"
-    return str(e.__cause__ or e) or type(e).__name__
+async def _connect(
+    nursery: trio.Nursery, url: str, headers: list[tuple[bytes, bytes]], timeout: float
+) -> trio_websocket.WebSocketConnection:
+    """Open the WebSocket to ``url``, its reader task in ``nursery``, within ``timeout``.
+
+    Not trio-websocket's open_websocket_url: a failed TLS handshake and a server that closes
+    before answering the upgrade came out of it only as a timeout, after ``timeout``. It
+    shakes hands with TLS in its reader task and drops the error; and that task stops
+    quietly where the stream ends, leaving the connect to wait for an answer.
+    """
+    try:
+        with trio.fail_after(timeout):
+            return await _open(nursery, url, headers)
+    except trio.TooSlowError:
+        why = "timed out"
+    except trio.BrokenResourceError as e:  # only the TLS handshake lets one out
+        why = f"TLS handshake failed: {e.__cause__ or e}"
+    except OSError as e:  # no such host, refused, unreachable; or _upgrade's ConnectionError
+        why = str(e) or type(e).__name__
+    raise TranscribeError(LOCAL_FAILURE, f"cannot connect to {url}: {why}")
+
+
+async def _open(
+    nursery: trio.Nursery, url: str, headers: list[tuple[bytes, bytes]]
+) -> trio_websocket.WebSocketConnection:
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    tls = parts.scheme == "wss"
+    stream: trio.abc.Stream = await trio.open_tcp_stream(host, parts.port or (443 if tls else 80))
+    try:
+        if tls:
+            stream = tls_stream = trio.SSLStream(
+                stream, ssl.create_default_context(), server_hostname=host, https_compatible=True
+            )
+            await tls_stream.do_handshake()
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        return await _upgrade(nursery, stream, parts.netloc.rpartition("@")[2], target, headers)
+    except BaseException:
+        await trio.aclose_forcefully(stream)
+        raise
+
+
+async def _upgrade(
+    nursery: trio.Nursery,
+    stream: trio.abc.Stream,
+    host: str,
+    target: str,
+    headers: list[tuple[bytes, bytes]],
+) -> trio_websocket.WebSocketConnection:
+    """trio_websocket.wrap_client_stream, but a ConnectionError where the stream ends first."""
+    ended = trio.CancelScope()
+    watched = _EndWatch(stream, ended.cancel)
+    with ended:
+        # Its docstring takes any trio.abc.Stream; its annotation names two kinds.
+        return await trio_websocket.wrap_client_stream(
+            nursery, cast(trio.SocketStream, watched), host, target, extra_headers=headers
+        )
+    if watched.broken is not None:
+        raise ConnectionError(
+            f"the connection broke before the answer to the WebSocket upgrade: {watched.broken}"
+        )
+    how = "before finishing its answer to" if watched.heard else "without answering"
+    raise ConnectionError(f"the server closed the connection {how} the WebSocket upgrade")
+
+
+class _EndWatch(trio.abc.Stream):
+    """A stream that calls ``on_end`` where it ends (its end, a reset) and notes how.
+
+    trio-websocket's reader task stops there without a word: this is how the wait for the
+    answer to the upgrade learns of it.
+    """
+
+    def __init__(self, stream: trio.abc.Stream, on_end: Callable[[], object]) -> None:
+        self._stream = stream
+        self._on_end = on_end
+        self.heard = False  # whether any bytes came
+        self.broken: BaseException | None = None  # why it broke, if it did
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        try:
+            data = bytes(await self._stream.receive_some(max_bytes))
+        except trio.BrokenResourceError as e:
+            self._broke(e)
+            raise
+        if not data:
+            self._on_end()
+        self.heard = self.heard or bool(data)
+        return data
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        try:
+            await self._stream.send_all(data)
+        except trio.BrokenResourceError as e:
+            self._broke(e)
+            raise
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._stream.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+    def _broke(self, error: trio.BrokenResourceError) -> None:
+        self.broken = self.broken or error.__cause__ or error
+        self._on_end()
 
 
 # --- the CLI command -----------------------------------------------------------------------
