@@ -544,8 +544,8 @@ async def test_leaving_early_stops_the_sender(server: FakeServer) -> None:
 
 
 async def deaf_to_close_server(after_start: str, stream: trio.SocketStream) -> None:
-    """Answers Start, then ``after_start`` ("TaskFailed") or (on Stop) Completed, but never
-    the closing handshake."""
+    """Answers Start, then ``after_start`` ("TaskFailed", "garbage": no JSON) or (on Stop)
+    Completed, but never the closing handshake."""
     ws = WSConnection(ConnectionType.SERVER)
     task_id = ""
 
@@ -565,6 +565,8 @@ async def deaf_to_close_server(after_start: str, stream: trio.SocketStream) -> N
                     if after_start == "TaskFailed":
                         failed = server_event("TaskFailed", task_id, status=41040201)
                         await send(ws_events.Message(failed))
+                    elif after_start == "garbage":
+                        await send(ws_events.Message("garbage"))
                 else:
                     done = server_event("TranscriptionCompleted", task_id)
                     await send(ws_events.Message(done))
@@ -581,6 +583,18 @@ async def test_server_deaf_to_close(nursery: trio.Nursery, fail: bool) -> None:
     else:  # completed: a close timeout does not matter
         events = await collect(url, silence(0.1), reply_timeout=0.2)
         assert names(events) == ["TranscriptionStarted", "TranscriptionCompleted"]
+
+
+async def test_a_local_failure_does_not_wait_for_the_closing_handshake(
+    nursery: trio.Nursery,
+) -> None:
+    """A server that breaks the protocol is not one to wait on: the client waited for its
+    answer to the close as long as for any reply (30 s) before it reported the failure."""
+    url = await serve(nursery, partial(deaf_to_close_server, "garbage"))
+    t0 = trio.current_time()
+    with pytest.raises(TranscribeError, match="server sent invalid JSON: 'garbage'"):
+        await collect(url, silence(0.1))  # with the reply timeout of the CLI: 30 s
+    assert trio.current_time() - t0 < 15
 
 
 # --- send_audio pacing (virtual time) ------------------------------------------------------

@@ -296,10 +296,11 @@ async def open_transcription(
 
     Entering returns once the server answered ``TranscriptionStarted`` (or raises
     :class:`TranscribeError`); the body iterates the events. Leaving closes the connection
-    and stops the sender, even mid-stream. ``reply_timeout`` bounds connecting, the answer to
-    Start, each send (a server that reads nothing for so long has stalled) and each wait
-    for a message after Stop; while audio is still going out the server may stay silent as
-    long as it likes.
+    and stops the sender, even mid-stream; after a local failure (a :class:`TranscribeError`
+    whose ``event`` is None) without waiting for the server to answer the close.
+    ``reply_timeout`` bounds connecting, the answer to Start, each send (a server that reads
+    nothing for so long has stalled), each wait for a message after Stop and the close;
+    while audio is still going out the server may stay silent as long as it likes.
     """
     if (why := _bad_url(url)) is not None:
         raise TranscribeError(LOCAL_FAILURE, f"bad URL {url!r}: {why}")
@@ -310,6 +311,7 @@ async def open_transcription(
             async with trio.open_nursery() as nursery:  # trio-websocket's reader task
                 ws = await _connect(nursery, url, headers, reply_timeout)
                 transcription = Transcription(ws, task_id, appkey, reply_timeout)
+                local_failure = False
                 try:
                     await transcription._start(start_message(task_id, appkey, sample_rate, params))
                     with _unwrap_single():
@@ -321,8 +323,14 @@ async def open_transcription(
                                 yield transcription
                             finally:
                                 senders.cancel_scope.cancel()
+                except TranscribeError as e:
+                    local_failure = e.event is None
+                    raise
                 finally:
-                    with trio.move_on_after(reply_timeout) as closing:
+                    # After a local failure (no reply in time, one that breaks the protocol)
+                    # the server is stalled or broken: its answer to the close is not worth
+                    # a wait. A close cancelled at once closes the socket without one.
+                    with trio.move_on_after(0 if local_failure else reply_timeout) as closing:
                         await ws.aclose()
                     nursery.cancel_scope.cancel()
                 # Reached only when the body succeeded: its error wins over this one.
