@@ -7,6 +7,7 @@ audio received, a last sentence for the rest on Stop, then ``TranscriptionComple
 
 from __future__ import annotations
 
+import gc
 import json
 import re
 import shutil
@@ -16,6 +17,7 @@ import struct
 import subprocess
 import sys
 import threading
+import warnings
 import wave
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
@@ -367,6 +369,19 @@ async def test_connection_closed_before_completion(server: FakeServer) -> None:
         await collect(server.url, silence(1))
     assert info.value.code == LOCAL_FAILURE
     assert info.value.event is None
+
+
+async def test_the_socket_is_closed_after_the_server_closed(server: FakeServer) -> None:
+    """trio-websocket closes its socket only when it starts the close: after the server's,
+    it left it to the garbage collector (a ResourceWarning, the descriptor open until then)."""
+    server.drop_after_bytes = 6400
+    gc.collect()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        with pytest.raises(TranscribeError, match="closed"):
+            await collect(server.url, silence(1))
+        gc.collect()
+    assert [str(w.message) for w in caught if w.category is ResourceWarning] == []
 
 
 async def test_no_answer_to_start(server: FakeServer) -> None:

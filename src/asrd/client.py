@@ -309,7 +309,7 @@ async def open_transcription(
     try:
         with _unwrap_single():
             async with trio.open_nursery() as nursery:  # trio-websocket's reader task
-                ws = await _connect(nursery, url, headers, reply_timeout)
+                ws, stream = await _connect(nursery, url, headers, reply_timeout)
                 transcription = Transcription(ws, task_id, appkey, reply_timeout)
                 local_failure = False
                 try:
@@ -332,6 +332,8 @@ async def open_transcription(
                     # a wait. A close cancelled at once closes the socket without one.
                     with trio.move_on_after(0 if local_failure else reply_timeout) as closing:
                         await ws.aclose()
+                    # The socket: trio-websocket closes it only after a close of ours
+                    await trio.aclose_forcefully(stream)
                     nursery.cancel_scope.cancel()
                 # Reached only when the body succeeded: its error wins over this one.
                 if closing.cancelled_caught and not transcription.completed:
@@ -348,8 +350,9 @@ async def open_transcription(
 
 async def _connect(
     nursery: trio.Nursery, url: str, headers: list[tuple[bytes, bytes]], timeout: float
-) -> trio_websocket.WebSocketConnection:
-    """Open the WebSocket to ``url``, its reader task in ``nursery``, within ``timeout``.
+) -> tuple[trio_websocket.WebSocketConnection, trio.abc.Stream]:
+    """Open the WebSocket to ``url``, its reader task in ``nursery``, within ``timeout``;
+    return it and the stream under it.
 
     Not trio-websocket's open_websocket_url: a failed TLS handshake and a server that closes
     before answering the upgrade came out of it only as a timeout, after ``timeout``. It
@@ -370,7 +373,7 @@ async def _connect(
 
 async def _open(
     nursery: trio.Nursery, url: str, headers: list[tuple[bytes, bytes]]
-) -> trio_websocket.WebSocketConnection:
+) -> tuple[trio_websocket.WebSocketConnection, trio.abc.Stream]:
     parts = urlsplit(url)
     host = parts.hostname or ""
     tls = parts.scheme == "wss"
@@ -382,10 +385,11 @@ async def _open(
             )
             await tls_stream.do_handshake()
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        return await _upgrade(nursery, stream, parts.netloc.rpartition("@")[2], target, headers)
+        ws = await _upgrade(nursery, stream, parts.netloc.rpartition("@")[2], target, headers)
     except BaseException:
         await trio.aclose_forcefully(stream)
         raise
+    return ws, stream
 
 
 async def _upgrade(
