@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import itertools
+import logging
 import struct
 import wave
 from pathlib import Path
@@ -20,6 +22,7 @@ from asrd.audio import (
     WavFormatError,
     WavStreamParser,
     convert_rate,
+    read_audio_stream,
     read_wav_file,
     to_pcm16_mono,
 )
@@ -258,6 +261,75 @@ def test_truncated_header(tmp_path: Path) -> None:
 def test_missing_file_is_an_oserror(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         read_wav_file(tmp_path / "nope.wav")
+
+
+# --- read_audio_stream -------------------------------------------------------------------------
+
+
+class Endless(io.RawIOBase):
+    """``head``, then zeros for ever: a recorder's pipe."""
+
+    def __init__(self, head: bytes) -> None:
+        self._head = head
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        data, self._head = self._head or bytes(len(buffer)), b""
+        n = min(len(data), len(buffer))
+        buffer[:n] = data[:n]
+        return n
+
+
+def test_a_stream_wav_ends_with_the_stream_whatever_its_header_says(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A writer to a pipe cannot go back to fill in the sizes: a guess stays there."""
+    raw = np.array([[0.5, -0.5], [0.25, 0.75]], dtype="<f4").tobytes()
+    wav = riff(fmt_chunk(FORMAT_IEEE_FLOAT, 2, 44100, 32), data=raw, data_size=0xFFFFFFFF)
+    with caplog.at_level(logging.WARNING):
+        pcm, rate = read_audio_stream(io.BytesIO(wav), max_bytes=1 << 20)
+    assert (samples(pcm).tolist(), rate) == ([0, 16384], 44100)
+    assert caplog.records == []
+
+
+def test_a_stream_wav_ends_at_its_data_size() -> None:
+    data = struct.pack("<3h", 1, 2, 3)
+    wav = riff(fmt_chunk(FORMAT_PCM, 1, 8000, 16), data=data, data_size=4) + b"LIST\0\0\0\0"
+    assert read_audio_stream(io.BytesIO(wav), max_bytes=1 << 20) == (data[:4], 8000)
+
+
+def test_raw_stream_drops_an_odd_last_byte() -> None:
+    stream = io.BytesIO(b"\x01\x00\x02\x00\x03")
+    assert read_audio_stream(stream, max_bytes=1 << 20, raw_rate=11025) == (b"\x01\0\x02\0", 11025)
+
+
+@pytest.mark.parametrize("raw_rate", [None, 16000])
+def test_an_empty_stream_is_refused(raw_rate: int | None) -> None:
+    with pytest.raises(WavFormatError, match="it is empty"):
+        read_audio_stream(io.BytesIO(b""), max_bytes=1 << 20, raw_rate=raw_rate)
+
+
+def test_a_stream_is_read_up_to_max_bytes() -> None:
+    with open("/dev/zero", "rb") as endless, pytest.raises(WavFormatError, match="more than 1 MiB"):
+        read_audio_stream(endless, max_bytes=1 << 20, raw_rate=16000)
+
+
+@pytest.mark.parametrize(
+    ("head", "why"),
+    [
+        (b"RIFX\0\0\0\0WAVE", "not a RIFF/WAVE stream"),
+        (riff(fmt_chunk(2, 1, 16000, 4), data=b""), "unsupported WAV encoding: format tag 2"),
+        (riff(fmt_chunk(FORMAT_PCM, 1, 800_000, 16), data=b""), "sample rate of 800000 Hz"),
+    ],
+    ids=["not-riff", "adpcm", "800khz"],
+)
+def test_a_stream_header_is_refused_once_it_has_come(head: bytes, why: str) -> None:
+    """Not after the whole stream: it may never end (a recorder, without --raw-rate)."""
+    stream = io.BufferedReader(Endless(head))
+    with pytest.raises(WavFormatError, match=why):
+        read_audio_stream(stream, max_bytes=64 << 20)
 
 
 # --- to_pcm16_mono, convert_rate ---------------------------------------------------------------

@@ -858,3 +858,55 @@ def test_run_transcribe_refuses_a_url_that_is_no_websocket_address(
     path = write_wav(tmp_path / "x.wav", 16000, 1, 0.1)
     assert cli(path, url) == 2
     assert why in capsys.readouterr().err
+
+
+# --- asrd transcribe - (stdin, a real pipe) ----------------------------------------------------
+
+
+def transcribe_stdin(url: str, *argv: str) -> subprocess.Popen[bytes]:
+    """``asrd transcribe ARGV -`` with a pipe for its stdin."""
+    argv = ("--token", TOKEN, "--appkey", APPKEY, *argv)
+    return subprocess.Popen(
+        [sys.executable, "-m", "asrd", "transcribe", "--fast", "--url", url, *argv, "-"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
+def test_transcribe_reads_a_wav_from_stdin(tmp_path: Path) -> None:
+    """As a writer to a pipe leaves one: sizes it cannot go back to fill in keep a guess
+    (here 0xFFFFFFFF), and the audio runs to the end of the stream, without a warning."""
+    wav = bytearray(write_wav(tmp_path / "cd.wav", 44100, 2, 2.0).read_bytes())
+    wav[4:8] = wav[40:44] = b"\xff" * 4  # RIFF and data sizes
+    with server_in_thread() as fake, transcribe_stdin(fake.url) as asrd:
+        out, err = asrd.communicate(bytes(wav), timeout=GUARD)
+    assert (out, err) == (b"[0.00-1.00] second 1\n[1.00-2.00] second 2\n", b"")
+    assert fake.start is not None and fake.start["payload"]["sample_rate"] == 16000
+    assert sum(fake.frame_sizes) == 2 * 32000
+
+
+def test_transcribe_reads_raw_pcm_from_stdin() -> None:
+    with server_in_thread() as fake, transcribe_stdin(fake.url, "--raw-rate", "8000") as asrd:
+        out, err = asrd.communicate(silence(1.5, 8000) + b"\x01", timeout=GUARD)
+    assert asrd.returncode == 0, err
+    assert out == b"[0.00-1.00] second 1\n[1.00-1.50] second 2\n"
+    assert fake.start is not None and fake.start["payload"]["sample_rate"] == 8000
+    assert sum(fake.frame_sizes) == 2 * 12000  # the odd last byte is no sample
+
+
+@pytest.mark.parametrize(
+    ("stdin", "why"),
+    [(b"", "it is empty"), (b"ID3\x04", "not a RIFF/WAVE stream (starts with b'ID3\\x04')")],
+)
+def test_transcribe_refuses_stdin_it_cannot_read(stdin: bytes, why: str) -> None:
+    """Status 2, as for an unreadable file. A header that is no WAV is refused once it has
+    come, though the stream goes on (a recorder's, without --raw-rate)."""
+    with transcribe_stdin("ws://127.0.0.1:9/ws/v1") as asrd:
+        assert asrd.stdin is not None and asrd.stderr is not None
+        asrd.stdin.write(stdin)
+        asrd.stdin.flush()
+        if not stdin:
+            asrd.stdin.close()
+        assert asrd.wait(GUARD) == 2
+        assert asrd.stderr.read().decode() == f"asrd: cannot read stdin: {why}\n"

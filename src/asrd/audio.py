@@ -1,12 +1,14 @@
 """Audio utilities: WAV reading, sample conversion, resampling, and an incremental WAV parser.
 
-Everything here is pure (no I/O except :func:`read_wav_file`) so the gateway can run it on
-every audio frame and tests can drive it synchronously. The canonical audio of asrd is
-16-bit little-endian mono PCM ("pcm16"), the only thing engines consume.
+Everything here is pure (no I/O except :func:`read_wav_file` and :func:`read_audio_stream`)
+so the gateway can run it on every audio frame and tests can drive it synchronously. The
+canonical audio of asrd is 16-bit little-endian mono PCM ("pcm16"), the only thing engines
+consume.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import os
@@ -28,6 +30,8 @@ __all__ = [
     "WavFormatError",
     "WavStreamParser",
     "convert_rate",
+    "read_audio_stream",
+    "read_wav_bytes",
     "read_wav_file",
     "to_pcm16_mono",
 ]
@@ -43,6 +47,7 @@ _BLOCK_FRAMES: Final = 1 << 20  # frames converted per numpy pass, bounds tempor
 # The highest rate a file is read at: audio interfaces record at up to 768 kHz. Above it is a
 # broken header, and resampling from it would build a filter of gigabytes.
 MAX_FILE_RATE: Final = 768_000
+_READ_BYTES: Final = 1 << 16  # read from a stream at a time
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -50,7 +55,7 @@ log = logging.getLogger(__name__)
 
 
 class WavFormatError(ValueError):
-    """A file or stream is not a WAV we can read; the message says why."""
+    """A file or stream is not audio we can read; the message says why."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,10 +140,62 @@ def read_wav_file(path: str | os.PathLike[str]) -> tuple[bytes, int]:
         pass
     with open(path, "rb") as f:
         content = f.read()
+    fmt, raw, declared = _wav_data(content)
+    if declared is not None:
+        _check_length(path, len(raw), declared)
+    return _wav_pcm(fmt, raw), fmt.sample_rate
+
+
+def read_wav_bytes(content: bytes) -> tuple[bytes, int]:
+    """:func:`read_wav_file` for a WAV read whole from a stream (stdin).
+
+    The audio ends where the header's data size or ``content`` does, whichever comes first,
+    without a warning: a writer to a pipe cannot go back to fill in the size, and puts a
+    guess there.
+    """
+    fmt, raw, _declared = _wav_data(content)
+    return _wav_pcm(fmt, raw), fmt.sample_rate
+
+
+def read_audio_stream(
+    stream: io.BufferedIOBase, *, max_bytes: int, raw_rate: int | None = None
+) -> tuple[bytes, int]:
+    """Read a stream that cannot seek (stdin) to its end; return (pcm16 mono, sample rate).
+
+    It holds a WAV, or with ``raw_rate`` raw 16-bit little-endian mono PCM at that rate. A
+    WAV header is checked as soon as it has come, so input that is no WAV fails then, not
+    after all of it. Raises :class:`WavFormatError` for that, for empty input and for more
+    than ``max_bytes``: a stream may never end (a recorder, a device).
+    """
+    content = bytearray()
+    header = None
+    while chunk := stream.read1(_READ_BYTES):  # what has come, not a full buffer
+        content += chunk
+        if len(content) > max_bytes:
+            raise WavFormatError(f"more than {max_bytes >> 20} MiB: too long to read whole")
+        if raw_rate is None and header is None and (header := _parse_header(content)):
+            _check_format(header.fmt)
+    if not content:
+        raise WavFormatError("it is empty")
+    data = bytes(content)
+    content.clear()  # one copy of the input at a time
+    if raw_rate is not None:
+        return to_pcm16_mono(data, sample_width=2, channels=1), raw_rate
+    return read_wav_bytes(data)
+
+
+def _wav_data(content: bytes) -> tuple[WavFormat, bytes, int | None]:
+    """The format of a WAV in ``content``, its audio bytes, and the data size its header
+    declares (None: unknown)."""
     header = _parse_header(content)
     if header is None:
-        raise WavFormatError("WAV file ends before its data chunk")
-    fmt = header.fmt
+        raise WavFormatError("WAV ends before its data chunk")
+    _check_format(header.fmt)
+    end = None if header.data_size is None else header.data_offset + header.data_size
+    return header.fmt, content[header.data_offset : end], header.data_size
+
+
+def _check_format(fmt: WavFormat) -> None:
     _check_rate(fmt.sample_rate)
     if (fmt.format_tag, fmt.sample_width) not in {
         (FORMAT_PCM, 1),
@@ -151,17 +208,15 @@ def read_wav_file(path: str | os.PathLike[str]) -> tuple[bytes, int]:
         raise WavFormatError(
             f"unsupported WAV encoding: format tag {fmt.format_tag}, {fmt.bits_per_sample} bits"
         )
-    end = None if header.data_size is None else header.data_offset + header.data_size
-    raw = content[header.data_offset : end]
-    if header.data_size is not None:
-        _check_length(path, len(raw), header.data_size)
-    pcm = to_pcm16_mono(
+
+
+def _wav_pcm(fmt: WavFormat, raw: bytes) -> bytes:
+    return to_pcm16_mono(
         raw,
         sample_width=fmt.sample_width,
         channels=fmt.channels,
         is_float=fmt.format_tag == FORMAT_IEEE_FLOAT,
     )
-    return pcm, fmt.sample_rate
 
 
 def _check_rate(rate: int) -> None:

@@ -333,7 +333,21 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
         appkey=appkey,
         realtime=args.realtime,
         json_lines=args.json,
+        raw_rate=args.raw_rate,
     )
+
+
+def _sample_rate(value: str) -> int:
+    """``--raw-rate``: the rates a WAV may have (asrd.audio.MAX_FILE_RATE says why at most)."""
+    from asrd.audio import MAX_FILE_RATE
+
+    try:
+        rate = int(value)
+    except ValueError:
+        rate = 0
+    if not 0 < rate <= MAX_FILE_RATE:
+        raise argparse.ArgumentTypeError(f"not a sample rate of 1 to {MAX_FILE_RATE} Hz: {value!r}")
+    return rate
 
 
 # --- main --------------------------------------------------------------------------------
@@ -396,7 +410,13 @@ def build_parser() -> argparse.ArgumentParser:
     w.set_defaults(func=cmd_worker)
 
     t = sub.add_parser("transcribe", help="stream a WAV file to asrd and print the sentences")
-    t.add_argument("file")
+    t.add_argument("file", help="a WAV file, or - to read stdin")
+    t.add_argument(
+        "--raw-rate",
+        type=_sample_rate,
+        metavar="HZ",
+        help="the input is raw 16-bit little-endian mono PCM at HZ, no WAV",
+    )
     t.add_argument("--url", default="ws://127.0.0.1:8080/ws/v1", help="default: %(default)s")
     # Not %(default)s for the token: --help would print it.
     t.add_argument("--token", default=os.environ.get("ASRD_TOKEN"), help="default: $ASRD_TOKEN")

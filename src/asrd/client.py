@@ -24,7 +24,13 @@ import trio
 import trio_websocket
 
 from asrd import __version__, logs
-from asrd.audio import WavFormatError, convert_rate, read_wav_file
+from asrd.audio import (
+    WavFormatError,
+    convert_rate,
+    read_audio_stream,
+    read_wav_file,
+    to_pcm16_mono,
+)
 from asrd.errors import AsrdError, ServerError
 
 __all__ = [
@@ -47,6 +53,9 @@ NAMESPACE = "SpeechTranscriber"
 LOCAL_FAILURE = ServerError.code
 # Rates the gateway accepts; anything else is resampled to 16 kHz before sending.
 NATIVE_RATES = (8000, 16000)
+# stdin is read whole before anything is sent, as a file is; it may never end (a recorder, a
+# device), so no more than this: 2.3 hours of 16 kHz mono 16-bit audio, 25 minutes of CD audio.
+STDIN_MAX_BYTES = 256 << 20
 _CLEAR_LINE = "\r\x1b[K"
 
 
@@ -483,16 +492,20 @@ def run_transcribe(
     realtime: bool,
     json_lines: bool,
     params: dict[str, object] | None = None,
+    raw_rate: int | None = None,
 ) -> int:
     """``asrd transcribe FILE``: exit status 0 done, 1 transcription failed, 2 unreadable file
-    or a URL that names no WebSocket server (invalid input, not a failure to retry)."""
+    or a URL that names no WebSocket server (invalid input, not a failure to retry).
+
+    ``file`` ``-`` is stdin; with ``raw_rate`` the input is raw pcm16 mono at that rate.
+    """
     if (why := _bad_url(url)) is not None:
         logs.fatal(f"--url {url!r}: {why}")
         return 2
     try:
-        pcm, rate = read_wav_file(file)
+        pcm, rate = _read_audio(file, raw_rate)
     except (OSError, WavFormatError) as e:
-        logs.fatal(f"cannot read {file}: {e}")
+        logs.fatal(f"cannot read {'stdin' if file == '-' else file}: {e}")
         return 2
     if rate not in NATIVE_RATES:
         pcm, rate = convert_rate(pcm, rate, 16000), 16000
@@ -509,6 +522,18 @@ def run_transcribe(
             params=params,
         )
     )
+
+
+def _read_audio(file: str, raw_rate: int | None) -> tuple[bytes, int]:
+    """The audio of ``file`` (``-``: stdin) as pcm16 mono and its rate."""
+    if file == "-":
+        # fd 0 as a BufferedReader, whose read1 returns what has come (its header, early)
+        with open(0, "rb", closefd=False) as stdin:
+            return read_audio_stream(stdin, max_bytes=STDIN_MAX_BYTES, raw_rate=raw_rate)
+    if raw_rate is None:
+        return read_wav_file(file)
+    with open(file, "rb") as f:
+        return to_pcm16_mono(f.read(), sample_width=2, channels=1), raw_rate
 
 
 async def transcribe_and_print(
