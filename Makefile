@@ -15,9 +15,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 setup: $(STAMP)
-	@command -v redis-server >/dev/null 2>&1 && command -v systemd-analyze >/dev/null 2>&1 || { \
-	  echo "installing redis-server and systemd (systemd-analyze) from Debian for the tests"; \
-	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq redis-server systemd; }
+	@command -v redis-server >/dev/null 2>&1 && command -v systemd-analyze >/dev/null 2>&1 \
+	  && command -v openssl >/dev/null 2>&1 || { \
+	  echo "installing redis-server, systemd (systemd-analyze) and openssl from Debian for the tests"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq redis-server systemd openssl; }
 
 serve: $(STAMP)
 	$(VENV)/bin/asrd serve $(ARGS)
