@@ -738,7 +738,9 @@ async def test_worker_takes_claims_again_after_a_burst_overflowed_them(
         nursery.cancel_scope.cancel()
 
 
-def _link(bus: InMemoryBus, registry: WorkerRegistry, session_id: str) -> RemoteRecognizer:
+def _link(
+    bus: InMemoryBus, registry: WorkerRegistry, session_id: str, journal_max_bytes: int = 1 << 20
+) -> RemoteRecognizer:
     return RemoteRecognizer(
         bus,
         registry,
@@ -750,7 +752,7 @@ def _link(bus: InMemoryBus, registry: WorkerRegistry, session_id: str) -> Remote
         partials=False,
         claim_timeout_s=2.0,
         failover_timeout_s=10.0,
-        journal_max_bytes=1 << 20,
+        journal_max_bytes=journal_max_bytes,
     )
 
 
@@ -821,6 +823,51 @@ async def test_a_client_faster_than_its_worker_is_held_to_the_flow_control_windo
     assert not failures
     assert log.count("accept 320") == 5000
     assert remote_module.ENGINE_WINDOW - 2 <= peak <= remote_module.ENGINE_WINDOW + 1
+
+
+async def test_a_client_sending_large_frames_is_held_before_its_journal_fills() -> None:
+    """Flow control counts messages, and a client's frame may be 64 KiB (2 s of audio): 512
+    of them are 32 MiB, twice the replay journal (16 MiB), which holds every message the
+    engine has not finished. Such a client must wait for its worker too, not end with
+    "the engine fell more than 16777216 bytes of audio behind"."""
+    bus = InMemoryBus()
+    registry = WorkerRegistry(bus, "asrd", timeout_s=1.0)
+    log: list[str] = []
+    worker = Worker(WorkerConfig(decoders=1), "asrd", bus, _StepEngine(log))
+    failures: list[wire.Failure] = []
+    frame = bytes(64 * 1024)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(registry.run)
+        await nursery.start(worker.run)
+        link = _link(bus, registry, "s1", journal_max_bytes=16 * 1024 * 1024)  # the default
+        await link.open()
+        assert link.results is not None
+        results = link.results
+
+        async def results_loop() -> None:
+            async for msg in results:
+                item = wire.decode_output(msg.data)
+                if isinstance(item, wire.Progress):
+                    link.progressed(item)
+                elif isinstance(item, wire.Failure):
+                    failures.append(item)
+                elif isinstance(item, wire.Result) and item.final:
+                    link.finalized(item.utt)
+
+        nursery.start_soon(results_loop)
+        for utt in range(1, 31):  # 30 sentences of 20 frames (41 s): 660 messages, 39 MiB
+            link.begin(utt)
+            for _ in range(20):
+                link.audio(utt, frame)
+                if link.engine_behind:
+                    await link.wait_for_engine()
+            link.end(utt)
+        with trio.fail_after(5):
+            while log.count("finish") < 30:  # noqa: ASYNC110 - the fake engine has no event
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    assert not failures
+    assert log.count("finish") == 30
 
 
 async def test_flow_control_counts_only_the_current_claim_and_needs_a_reporting_worker(

@@ -11,6 +11,7 @@ every sentence exactly once, with the same index and times.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 from collections.abc import Iterator
@@ -97,7 +98,13 @@ class RemoteRecognizer:
         self._sent = 0
         self._acked = 0
         self._window = 0
+        self._every = 0
         self._progressed = trio.Event()
+        # The sizes of the messages not acknowledged yet, and their sum: the journal holds
+        # them all, and 512 frames of 64 KiB would overflow it before the window is reached.
+        self._unacked: collections.deque[int] = collections.deque()
+        self._unacked_bytes = 0
+        self._window_bytes = journal_max_bytes // 4
 
     async def open(self) -> None:
         """Subscribe to results first (nothing may be missed), then claim a worker."""
@@ -160,7 +167,9 @@ class RemoteRecognizer:
                 self.worker_id = reply.worker_id
                 # The worker counts from its claim: so do we. A wider window than the
                 # worker's reports would wait for a report that never comes.
-                self._sent = self._acked = 0
+                self._sent = self._acked = self._unacked_bytes = 0
+                self._unacked.clear()
+                self._every = reply.progress
                 self._window = max(ENGINE_WINDOW, 2 * reply.progress) if reply.progress else 0
                 self._wake()
                 return
@@ -202,11 +211,21 @@ class RemoteRecognizer:
     def _publish(self, data: bytes) -> None:
         self._bus.publish(self._in_subject, data)
         self._sent += 1
+        if self._window:
+            self._unacked.append(len(data))
+            self._unacked_bytes += len(data)
 
     @property
     def engine_behind(self) -> bool:
-        """Whether the worker has more input unacknowledged than the session may send ahead."""
-        return bool(self._window) and self._sent - self._acked > self._window
+        """Whether the worker has more input unacknowledged than the session may send ahead:
+        more messages than the window, or a quarter of the journal in messages that are owed
+        two reports at least (fewer may never be reported: nothing more is sent meanwhile)."""
+        if not self._window:
+            return False
+        unacked = self._sent - self._acked
+        return unacked > self._window or (
+            unacked >= 2 * self._every and self._unacked_bytes > self._window_bytes
+        )
 
     async def wait_for_engine(self) -> None:
         """Until the worker has caught up to within the window (or the session moved)."""
@@ -222,8 +241,11 @@ class RemoteRecognizer:
 
     def progressed(self, progress: wire.Progress) -> None:
         """The worker of the current claim reports how much of its input it has dealt with."""
-        if progress.epoch == self.epoch and progress.received > self._acked:
-            self._acked = min(progress.received, self._sent)
+        if self._window and progress.epoch == self.epoch and progress.received > self._acked:
+            acked = min(progress.received, self._sent)
+            for _ in range(acked - self._acked):
+                self._unacked_bytes -= self._unacked.popleft()
+            self._acked = acked
             self._wake()
 
     def _wake(self) -> None:
