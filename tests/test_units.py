@@ -218,6 +218,8 @@ def test_wire_round_trips() -> None:
     assert wire.decode_claim(c.encode()) == c
     c = wire.Claim("s" * 32, 8000, True, epoch=2, task_id="t" * 32)
     assert wire.decode_claim(c.encode()) == c
+    c = wire.Claim("s" * 32, 8000, True, progress=True)
+    assert wire.decode_claim(c.encode()) == c
     older = b'{"session_id":"s","sample_rate":8000,"partials":true,"epoch":0}'  # no task_id
     assert wire.decode_claim(older) == wire.Claim("s", 8000, True)
     for task_id in ('"a.b"', "7", '"' + "t" * 129 + '"'):  # logged: ids only
@@ -868,6 +870,41 @@ async def test_a_client_sending_large_frames_is_held_before_its_journal_fills() 
         nursery.cancel_scope.cancel()
     assert not failures
     assert log.count("finish") == 30
+
+
+async def test_a_worker_reports_progress_only_to_a_gateway_that_asks_for_it() -> None:
+    """A gateway older than flow control ends the session on a result type it does not know
+    (BusError "unknown result type 'progress'"): a worker sends progress reports, and offers
+    them in its claim reply, only when the claim asks for them. Workers and gateways are
+    upgraded one at a time, in either order."""
+    bus = InMemoryBus()
+    worker = Worker(WorkerConfig(decoders=1), "asrd", bus, _StepEngine([]))
+    subject = claim_subject("asrd", "en-US")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(worker.run)
+        for sid, asked in (("old", False), ("new", True)):
+            results = await bus.subscribe(session_out("asrd", sid))
+            claim = json.loads(wire.Claim(sid, 16000, False).encode())  # as an older gateway's
+            if asked:
+                claim["progress"] = True
+            reply = wire.decode_claim_reply(
+                await bus.request(subject, json.dumps(claim).encode(), 1)
+            )
+            assert reply.ok and reply.progress == (worker_module.PROGRESS_EVERY if asked else 0)
+            inbox = session_in("asrd", sid)
+            bus.publish(inbox, wire.encode_control("begin", 1))
+            for _ in range(2 * worker_module.PROGRESS_EVERY):
+                bus.publish(inbox, wire.encode_audio(1, bytes(320)))
+            bus.publish(inbox, wire.encode_control("end", 1))
+            with trio.fail_after(5):
+                items = [wire.decode_output((await results.receive()).data)]
+                while not isinstance(items[-1], wire.Result):
+                    items.append(wire.decode_output((await results.receive()).data))
+            progress = [i.received for i in items if isinstance(i, wire.Progress)]
+            assert progress == ([64, 128] if asked else [])
+            bus.publish(inbox, wire.encode_control("close"))  # its decoder for the next claim
+            await trio.testing.wait_all_tasks_blocked()
+        nursery.cancel_scope.cancel()
 
 
 async def test_flow_control_counts_only_the_current_claim_and_needs_a_reporting_worker(

@@ -77,7 +77,7 @@ class RemoteRecognizer:
         self._prefix = prefix
         self.session_id = session_id
         self.pool = pool
-        self._claim = wire.Claim(session_id, sample_rate, partials, task_id=task_id)
+        self._claim = wire.Claim(session_id, sample_rate, partials, task_id=task_id, progress=True)
         self._claim_timeout_s = claim_timeout_s
         self._failover_timeout_s = failover_timeout_s
         self._journal_max_bytes = journal_max_bytes

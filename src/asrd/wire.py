@@ -62,17 +62,21 @@ class Claim:
     partials: bool
     epoch: int = 0  # bumped by every failover; results carry it back
     task_id: str = ""  # the client's, for the worker's log lines only
+    # The gateway understands progress results (flow control): a worker sends them only
+    # then, since a gateway older than them ends the session on a result it does not know.
+    progress: bool = False
 
     def encode(self) -> bytes:
-        return _dumps(
-            {
-                "session_id": self.session_id,
-                "sample_rate": self.sample_rate,
-                "partials": self.partials,
-                "epoch": self.epoch,
-                "task_id": self.task_id,
-            }
-        )
+        obj: dict[str, Any] = {
+            "session_id": self.session_id,
+            "sample_rate": self.sample_rate,
+            "partials": self.partials,
+            "epoch": self.epoch,
+            "task_id": self.task_id,
+        }
+        if self.progress:
+            obj["progress"] = True
+        return _dumps(obj)
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +116,7 @@ def decode_claim(data: bytes) -> Claim:
         bool(obj.get("partials")),
         int(obj.get("epoch", 0)),
         task_id,
+        bool(obj.get("progress")),
     )
 
 

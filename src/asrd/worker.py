@@ -240,7 +240,8 @@ class Worker:
         assert self._nursery is not None
         self._nursery.start_soon(self._session, recognizer, served)
         await self._update_claim_subscription()
-        return wire.ClaimReply(True, self.id, progress=PROGRESS_EVERY)
+        # Progress reports only to a gateway that asked for them (see _session).
+        return wire.ClaimReply(True, self.id, progress=PROGRESS_EVERY if claim.progress else 0)
 
     # --- sessions ----------------------------------------------------------------------------
 
@@ -263,10 +264,12 @@ class Worker:
         reconnects = self.bus.reconnects
         handback = False
         received = 0  # input messages dealt with, for the progress reports
+        # None to a gateway that did not ask: one older than them ends the session on them.
+        every = PROGRESS_EVERY if claim.progress else 0
         try:
             with served.scope:
                 while True:
-                    if received and received % PROGRESS_EVERY == 0:  # all before it is done
+                    if every and received and received % every == 0:  # all before it is done
                         self.bus.publish(out, wire.Progress(received, claim.epoch).encode())
                     msg = await sub.receive()
                     received += 1
