@@ -907,6 +907,103 @@ async def test_a_worker_reports_progress_only_to_a_gateway_that_asks_for_it() ->
         nursery.cancel_scope.cancel()
 
 
+async def test_a_session_waits_out_a_pause_its_worker_announced(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A worker announces a final pass that will silence it (grace_s, up to 600 s): its
+    heartbeats stop and it acknowledges nothing meanwhile, and the registry keeps it alive.
+    A session waiting for it then waits out the pause too; ENGINE_STALL_S counts after it.
+    It ended 60 s into a 100-s pass with 50000000 "acknowledged none"."""
+    bus = InMemoryBus()
+    registry = WorkerRegistry(bus, "asrd", timeout_s=1.0)
+    log: list[str] = []
+    engine = _StepEngine(log)
+    engine.final_cost = 25.0  # 6 s of audio: a pause of 150 s announced (grace 301 s)
+    record = _StepRecorder.finish
+
+    def finish(self: _StepRecorder) -> Any:
+        autojump_clock.jump(100.0)  # the pass holds the event loop: no beat, no report
+        return record(self)
+
+    worker = Worker(WorkerConfig(decoders=1), "asrd", bus, engine)
+    failures: list[wire.Failure] = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(registry.run)
+        await nursery.start(worker.run)
+        link = _link(bus, registry, "s1")
+        await link.open()
+        assert link.results is not None
+        results = link.results
+
+        async def results_loop() -> None:
+            async for msg in results:
+                item = wire.decode_output(msg.data)
+                if isinstance(item, wire.Progress):
+                    link.progressed(item)
+                elif isinstance(item, wire.Failure):
+                    failures.append(item)
+                elif isinstance(item, wire.Result) and item.final:
+                    link.finalized(item.utt)
+
+        nursery.start_soon(results_loop)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(_StepRecorder, "finish", finish)
+            for utt in (1, 2):  # 2 sentences of 600 frames (6 s), pushed with no pause
+                link.begin(utt)
+                for _ in range(600):
+                    link.audio(utt, bytes(320))
+                    if link.engine_behind:
+                        await link.wait_for_engine()
+                link.end(utt)
+            with trio.fail_after(300):
+                while log.count("finish") < 2:  # noqa: ASYNC110 - the fake engine has no event
+                    await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    assert not failures
+
+
+async def test_a_session_waiting_for_its_worker_waits_out_its_failover(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """failover_timeout_s may be up to 600 s: a session that was waiting for its worker when
+    the worker went waits for the failover, which has its own deadline, and not only for
+    ENGINE_STALL_S. It ended 60 s into a 90-s failover with 50000000 "acknowledged none"."""
+    bus = InMemoryBus()
+    registry = WorkerRegistry(bus, "asrd", timeout_s=1.0)
+    subject = claim_subject("asrd", "en-US")
+
+    async def answer(claims: Subscription) -> None:
+        msg = await claims.receive()
+        bus.publish(msg.reply, wire.ClaimReply(True, "w1", progress=64).encode())
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(registry.run)
+        link = _link(bus, registry, "s1")
+        link._failover_timeout_s = 120.0
+        claims = await bus.subscribe(subject, queue=worker_module.CLAIM_QUEUE)
+        nursery.start_soon(answer, claims)
+        await link.open()
+        await bus.unsubscribe(claims)  # the pool's only worker is gone, for 90 s
+        for _ in range(remote_module.ENGINE_WINDOW + 1):
+            link.audio(0, b"x")
+        waited = trio.Event()
+
+        async def wait() -> None:
+            await link.wait_for_engine()
+            waited.set()
+
+        nursery.start_soon(wait)
+        nursery.start_soon(link._failover, "test")
+        await trio.sleep(90)
+        assert not waited.is_set()
+        claims = await bus.subscribe(subject, queue=worker_module.CLAIM_QUEUE)
+        nursery.start_soon(answer, claims)
+        with trio.fail_after(1):
+            await waited.wait()
+        assert link.failovers == 1 and not link.engine_behind
+        nursery.cancel_scope.cancel()
+
+
 async def test_flow_control_counts_only_the_current_claim_and_needs_a_reporting_worker(
     autojump_clock: trio.abc.Clock,
 ) -> None:

@@ -11,6 +11,7 @@ run a long final pass, which holds the GIL and so silences its heartbeats, annou
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 
 import trio
@@ -96,6 +97,12 @@ class WorkerRegistry:
 
     def alive(self, pool: str) -> list[wire.Heartbeat]:
         return [e.beat for e in self._workers.values() if e.beat.pool == pool]
+
+    def paused_until(self, worker_id: str) -> float:
+        """Until when ``worker_id`` announced it may be silent (a long final pass: it does
+        nothing else meanwhile), by its last heartbeat; -inf for a worker not known."""
+        entry = self._workers.get(worker_id)
+        return entry.last_seen + entry.beat.grace_s if entry is not None else -math.inf
 
     def watch(self, worker_id: str, event: trio.Event) -> WorkerWatch:
         """Have ``event`` set when ``worker_id`` (known from a claim reply) is declared dead.

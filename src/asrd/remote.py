@@ -52,7 +52,9 @@ CLAIM_ATTEMPTS = 3  # claims sent, each waiting claim_timeout_s, before "no work
 ENGINE_WINDOW = 512
 # Waiting for a worker that acknowledges nothing for this long ends the session. A dead or
 # stuck worker is noticed sooner, by its heartbeats; this is the backstop for one that beats
-# but has lost track of the session.
+# but has lost track of the session. Not while the session moves to another worker (the
+# failover has its own deadline), nor during a pause its worker announced (grace_s, up to
+# 600 s: a long final pass acknowledges nothing either); it counts from the pause's end.
 ENGINE_STALL_S = 60.0
 
 
@@ -231,13 +233,22 @@ class RemoteRecognizer:
         """Until the worker has caught up to within the window (or the session moved)."""
         while self.engine_behind:
             event = self._progressed
-            with trio.move_on_after(ENGINE_STALL_S):
-                await event.wait()
-            if not event.is_set():
-                raise EngineFailed(
-                    f"engine worker {self.worker_id} acknowledged none of "
-                    f"{self._sent - self._acked} messages for {ENGINE_STALL_S:g} s"
-                )
+            deadline = trio.current_time() + ENGINE_STALL_S
+            while True:
+                with trio.move_on_at(deadline):
+                    await event.wait()
+                if event.is_set():
+                    break
+                now = trio.current_time()
+                if self._paused:
+                    deadline = now + ENGINE_STALL_S
+                elif (pause_end := self._registry.paused_until(self.worker_id)) > now:
+                    deadline = pause_end + ENGINE_STALL_S
+                else:
+                    raise EngineFailed(
+                        f"engine worker {self.worker_id} acknowledged none of "
+                        f"{self._sent - self._acked} messages for {ENGINE_STALL_S:g} s"
+                    )
 
     def progressed(self, progress: wire.Progress) -> None:
         """The worker of the current claim reports how much of its input it has dealt with."""
