@@ -494,6 +494,35 @@ async def test_a_rejected_upgrade(nursery: trio.Nursery) -> None:
         await collect(url, silence(0.1))
 
 
+async def rejects_and_closes(answer: bytes, stream: trio.SocketStream) -> None:
+    await stream.receive_some(4096)
+    await stream.send_all(answer)
+    await stream.aclose()
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        # A body without a length runs to the end of the connection (HTTP/1.0, or a proxy's
+        # error page with Connection: close): the answer is whole when the connection ends.
+        b"HTTP/1.0 403 Forbidden\r\nContent-Type: text/html\r\n\r\n<h1>403 Forbidden</h1>",
+        b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\n\r\nbusy",
+        # A body cut short: the status has come all the same.
+        b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 100\r\n\r\nno",
+    ],
+)
+async def test_a_rejection_that_ends_with_the_connection(
+    nursery: trio.Nursery, answer: bytes
+) -> None:
+    """The server answered, with a refusal: 'closed before finishing its answer' hid its
+    status, which trio-websocket reports only once the body is whole by its length."""
+    url = await serve(nursery, partial(rejects_and_closes, answer))
+    status = answer.split()[1].decode()
+    with pytest.raises(TranscribeError) as info:
+        await collect(url, silence(0.1))
+    assert info.value.reason == f"cannot connect to {url}: upgrade rejected with HTTP {status}"
+
+
 @pytest.fixture(scope="module")
 def tls_cert(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A self-signed certificate for 127.0.0.1 and its key."""

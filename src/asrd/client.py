@@ -408,7 +408,8 @@ async def _upgrade(
     target: str,
     headers: list[tuple[bytes, bytes]],
 ) -> trio_websocket.WebSocketConnection:
-    """trio_websocket.wrap_client_stream, but a ConnectionError where the stream ends first."""
+    """trio_websocket.wrap_client_stream, but a ConnectionError where the stream ends first
+    (ConnectionRejected if a refusal came whole up to its body)."""
     ended = trio.CancelScope()
     watched = _EndWatch(stream, ended.cancel)
     with ended:
@@ -416,12 +417,39 @@ async def _upgrade(
         return await trio_websocket.wrap_client_stream(
             nursery, cast(trio.SocketStream, watched), host, target, extra_headers=headers
         )
+    if (refusal := _refusal(bytes(watched.answer))) is not None:
+        raise refusal
     if watched.broken is not None:
         raise ConnectionError(
             f"the connection broke before the answer to the WebSocket upgrade: {watched.broken}"
         )
-    how = "before finishing its answer to" if watched.heard else "without answering"
+    how = "before finishing its answer to" if watched.answer else "without answering"
     raise ConnectionError(f"the server closed the connection {how} the WebSocket upgrade")
+
+
+def _refusal(answer: bytes) -> trio_websocket.ConnectionRejected | None:
+    """The refusal that ``answer`` (bytes that came before the connection ended) begins with,
+    once its head is whole; else None.
+
+    trio-websocket reports a refusal once its body is whole by its length; a body without one
+    (HTTP/1.0, a proxy's error page with Connection: close) runs to the end of the connection,
+    which it never tells wsproto of, and a body cut short never ends.
+    """
+    http = h11.Connection(h11.CLIENT)
+    http.send(h11.Request(method="GET", target="/", headers=[("Host", "-")]))
+    http.send(h11.EndOfMessage())
+    http.receive_data(answer)
+    try:
+        event = http.next_event()
+    except h11.RemoteProtocolError:
+        return None
+    if not isinstance(event, h11.Response):  # its head is not whole yet, or a 1xx
+        return None
+    return trio_websocket.ConnectionRejected(event.status_code, tuple(event.headers), None)
+
+
+# What _EndWatch keeps of what came: the answer to the upgrade, as much as h11 reads of a head.
+_ANSWER_BYTES = 16 << 10
 
 
 class _EndWatch(trio.abc.Stream):
@@ -434,7 +462,7 @@ class _EndWatch(trio.abc.Stream):
     def __init__(self, stream: trio.abc.Stream, on_end: Callable[[], object]) -> None:
         self._stream = stream
         self._on_end = on_end
-        self.heard = False  # whether any bytes came
+        self.answer = bytearray()  # the first bytes that came, up to _ANSWER_BYTES
         self.broken: BaseException | None = None  # why it broke, if it did
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
@@ -445,7 +473,8 @@ class _EndWatch(trio.abc.Stream):
             raise
         if not data:
             self._on_end()
-        self.heard = self.heard or bool(data)
+        if len(self.answer) < _ANSWER_BYTES:
+            self.answer += data[: _ANSWER_BYTES - len(self.answer)]
         return data
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
