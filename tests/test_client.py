@@ -873,6 +873,8 @@ def test_run_transcribe_refuses_a_wav_without_a_sample_rate(
         ("http://127.0.0.1:9/ws/v1", "use ws://"),
         ("ws:///ws/v1", "no host"),
         ("ws://127.0.0.1:99999/ws/v1", "out of range"),
+        # not the default port: the client took 0 for no port, and went to port 80
+        ("ws://127.0.0.1:0/ws/v1", "port 0"),
         ("127.0.0.1:9", "use ws://"),
     ],
 )

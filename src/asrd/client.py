@@ -509,6 +509,8 @@ def _bad_url(url: str) -> str | None:
         return "use ws://HOST:PORT/PATH (or wss://)"
     if not parts.hostname:
         return "no host"
+    if parts.port == 0:  # no server listens there; _open would take it for no port (80, 443)
+        return "port 0 is no server's port"
     return None
 
 
