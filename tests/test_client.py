@@ -470,6 +470,17 @@ async def test_a_server_that_closes_without_answering_the_upgrade(
         )
 
 
+async def test_a_token_that_cannot_be_a_header_is_our_fault_not_the_servers(
+    nursery: trio.Nursery,
+) -> None:
+    """h11 refuses to send the upgrade with a line break or non-ASCII in a header: that was
+    reported as an answer that is not HTTP, as if the server had broken the protocol."""
+    url = await serve(nursery, rejects_the_upgrade)
+    for token in ("line\nbreak", "caf\u00e9"):
+        with pytest.raises(TranscribeError, match="the token must be printable ASCII"):
+            await collect(url, silence(0.1), token=token)
+
+
 async def test_a_tls_handshake_that_fails_says_so(nursery: trio.Nursery) -> None:
     """trio-websocket shook hands in its reader task, dropped the SSL error and waited out
     its connect timeout (30 s), to report only 'timed out'."""
@@ -780,6 +791,24 @@ def cli(path: Path, url: str, **kwargs: Any) -> int:
     return run_transcribe(str(path), **options)
 
 
+def test_run_transcribe_refuses_a_token_that_cannot_be_sent(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_wav(tmp_path / "x.wav", 16000, 1, 0.1)
+    assert cli(path, "ws://127.0.0.1:9/ws/v1", token="pasted\nwith a line break") == 2
+    assert "--token: the token must be printable ASCII" in capsys.readouterr().err
+
+
+def test_run_transcribe_refuses_an_empty_raw_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """As empty stdin is: it streamed nothing and reported a transcription done."""
+    path = tmp_path / "empty.pcm"
+    path.write_bytes(b"")
+    assert cli(path, "ws://127.0.0.1:9/ws/v1", raw_rate=16000) == 2
+    assert "it is empty" in capsys.readouterr().err
+
+
 def test_run_transcribe_resamples_44100_stereo(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -876,6 +905,9 @@ def test_run_transcribe_refuses_a_wav_without_a_sample_rate(
         # not the default port: the client took 0 for no port, and went to port 80
         ("ws://127.0.0.1:0/ws/v1", "port 0"),
         ("127.0.0.1:9", "use ws://"),
+        # a traceback from getaddrinfo (UnicodeError), and an error blamed on the server
+        (f"ws://{'a' * 64}.example/ws/v1", "is no host name"),
+        ("ws://127.0.0.1:9/ws/v1?appkey=my app", "percent-encoded"),
     ],
 )
 def test_run_transcribe_refuses_a_url_that_is_no_websocket_address(

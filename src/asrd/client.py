@@ -313,6 +313,8 @@ async def open_transcription(
     """
     if (why := _bad_url(url)) is not None:
         raise TranscribeError(LOCAL_FAILURE, f"bad URL {url!r}: {why}")
+    if token is not None and not _header_safe(token):
+        raise TranscribeError(LOCAL_FAILURE, BAD_TOKEN)
     task_id = _new_id()
     headers = [(b"X-NLS-Token", token.encode())] if token else []
     try:
@@ -498,6 +500,16 @@ class _EndWatch(trio.abc.Stream):
 # --- the CLI command -----------------------------------------------------------------------
 
 
+BAD_TOKEN = "the token must be printable ASCII without spaces"
+
+
+def _header_safe(value: str) -> bool:
+    """Whether ``value`` can go in an HTTP header as it is. h11 refuses a line break or a
+    character beyond ASCII where it builds the upgrade request, and that came out as an
+    answer that "is not HTTP", as if the server had broken the protocol."""
+    return all("!" <= c <= "~" for c in value)
+
+
 def _bad_url(url: str) -> str | None:
     """Why ``url`` cannot be a WebSocket server's address, or None."""
     try:
@@ -509,6 +521,12 @@ def _bad_url(url: str) -> str | None:
         return "use ws://HOST:PORT/PATH (or wss://)"
     if not parts.hostname:
         return "no host"
+    try:
+        parts.hostname.encode("idna")
+    except UnicodeError:  # a label of more than 63 characters, or an empty one
+        return f"{parts.hostname!r} is no host name"
+    if any(c.isspace() or not c.isprintable() for c in url):
+        return "spaces and control characters must be percent-encoded (%20)"
     if parts.port == 0:  # no server listens there; _open would take it for no port (80, 443)
         return "port 0 is no server's port"
     return None
@@ -532,6 +550,9 @@ def run_transcribe(
     """
     if (why := _bad_url(url)) is not None:
         logs.fatal(f"--url {url!r}: {why}")
+        return 2
+    if token is not None and not _header_safe(token):
+        logs.fatal(f"--token: {BAD_TOKEN}")
         return 2
     try:
         pcm, rate = _read_audio(file, raw_rate)
@@ -564,7 +585,10 @@ def _read_audio(file: str, raw_rate: int | None) -> tuple[bytes, int]:
     if raw_rate is None:
         return read_wav_file(file)
     with open(file, "rb") as f:
-        return to_pcm16_mono(f.read(), sample_width=2, channels=1), raw_rate
+        data = f.read()
+    if not data:  # as for stdin: nothing to send is no transcription
+        raise WavFormatError("it is empty")
+    return to_pcm16_mono(data, sample_width=2, channels=1), raw_rate
 
 
 async def transcribe_and_print(
