@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -779,6 +780,39 @@ def test_a_full_journal_blames_the_client_only_for_a_sentence_too_long() -> None
             behind.end(utt)  # never finalised: the engine is behind
 
 
+async def _results_loop(link: RemoteRecognizer, failures: list[wire.Failure]) -> None:
+    """A session's results loop, as far as flow control needs it."""
+    assert link.results is not None
+    async for msg in link.results:
+        item = wire.decode_output(msg.data)
+        if isinstance(item, wire.Progress):
+            link.progressed(item)
+        elif isinstance(item, wire.Failure):
+            failures.append(item)
+        elif isinstance(item, wire.Result) and item.final:
+            link.finalized(item.utt)
+
+
+async def _push_flat_out(
+    link: RemoteRecognizer,
+    *,
+    sentences: int,
+    frames: int,
+    frame: bytes,
+    each: Callable[[], None] = lambda: None,
+) -> None:
+    """Sentences sent as a session does for a client that pushes audio as fast as it can:
+    no pause but the flow control's. ``each`` runs after every frame."""
+    for utt in range(1, sentences + 1):
+        link.begin(utt)
+        for _ in range(frames):
+            link.audio(utt, frame)
+            each()
+            if link.engine_behind:
+                await link.wait_for_engine()
+        link.end(utt)
+
+
 async def test_a_client_faster_than_its_worker_is_held_to_the_flow_control_window() -> None:
     """Audio pushed with no pause but the flow control's, through a real worker: each link
     waits while more than ENGINE_WINDOW of its messages are unacknowledged, and the worker
@@ -795,29 +829,15 @@ async def test_a_client_faster_than_its_worker_is_held_to_the_flow_control_windo
         await nursery.start(worker.run)
         link = _link(bus, registry, "s1")
         await link.open()
-        assert link.results is not None
-        results = link.results
+        nursery.start_soon(_results_loop, link, failures)
 
-        async def results_loop() -> None:  # the session's, as far as this needs
-            async for msg in results:
-                item = wire.decode_output(msg.data)
-                if isinstance(item, wire.Progress):
-                    link.progressed(item)
-                elif isinstance(item, wire.Failure):
-                    failures.append(item)
-                elif isinstance(item, wire.Result) and item.final:
-                    link.finalized(item.utt)
+        def note_peak() -> None:
+            nonlocal peak
+            if "s1" in worker.sessions:
+                peak = max(peak, worker.sessions["s1"].inbox.pending)
 
-        nursery.start_soon(results_loop)
-        for utt in range(1, 11):  # 10 sentences of 500 frames: 5,020 messages
-            link.begin(utt)
-            for _ in range(500):
-                link.audio(utt, bytes(320))
-                if "s1" in worker.sessions:
-                    peak = max(peak, worker.sessions["s1"].inbox.pending)
-                if link.engine_behind:
-                    await link.wait_for_engine()
-            link.end(utt)
+        # 10 sentences of 500 frames: 5,020 messages
+        await _push_flat_out(link, sentences=10, frames=500, frame=bytes(320), each=note_peak)
         with trio.fail_after(5):
             while log.count("finish") < 10:  # noqa: ASYNC110 - the fake engine has no event
                 await trio.sleep(0.01)
@@ -843,27 +863,9 @@ async def test_a_client_sending_large_frames_is_held_before_its_journal_fills() 
         await nursery.start(worker.run)
         link = _link(bus, registry, "s1", journal_max_bytes=16 * 1024 * 1024)  # the default
         await link.open()
-        assert link.results is not None
-        results = link.results
-
-        async def results_loop() -> None:
-            async for msg in results:
-                item = wire.decode_output(msg.data)
-                if isinstance(item, wire.Progress):
-                    link.progressed(item)
-                elif isinstance(item, wire.Failure):
-                    failures.append(item)
-                elif isinstance(item, wire.Result) and item.final:
-                    link.finalized(item.utt)
-
-        nursery.start_soon(results_loop)
-        for utt in range(1, 31):  # 30 sentences of 20 frames (41 s): 660 messages, 39 MiB
-            link.begin(utt)
-            for _ in range(20):
-                link.audio(utt, frame)
-                if link.engine_behind:
-                    await link.wait_for_engine()
-            link.end(utt)
+        nursery.start_soon(_results_loop, link, failures)
+        # 30 sentences of 20 frames (41 s): 660 messages, 39 MiB
+        await _push_flat_out(link, sentences=30, frames=20, frame=frame)
         with trio.fail_after(5):
             while log.count("finish") < 30:  # noqa: ASYNC110 - the fake engine has no event
                 await trio.sleep(0.01)
@@ -932,29 +934,11 @@ async def test_a_session_waits_out_a_pause_its_worker_announced(
         await nursery.start(worker.run)
         link = _link(bus, registry, "s1")
         await link.open()
-        assert link.results is not None
-        results = link.results
-
-        async def results_loop() -> None:
-            async for msg in results:
-                item = wire.decode_output(msg.data)
-                if isinstance(item, wire.Progress):
-                    link.progressed(item)
-                elif isinstance(item, wire.Failure):
-                    failures.append(item)
-                elif isinstance(item, wire.Result) and item.final:
-                    link.finalized(item.utt)
-
-        nursery.start_soon(results_loop)
+        nursery.start_soon(_results_loop, link, failures)
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(_StepRecorder, "finish", finish)
-            for utt in (1, 2):  # 2 sentences of 600 frames (6 s), pushed with no pause
-                link.begin(utt)
-                for _ in range(600):
-                    link.audio(utt, bytes(320))
-                    if link.engine_behind:
-                        await link.wait_for_engine()
-                link.end(utt)
+            # 2 sentences of 600 frames (6 s)
+            await _push_flat_out(link, sentences=2, frames=600, frame=bytes(320))
             with trio.fail_after(300):
                 while log.count("finish") < 2:  # noqa: ASYNC110 - the fake engine has no event
                     await trio.sleep(0.01)
