@@ -52,17 +52,22 @@ def make_session(**server: Any) -> tuple[Session, StuckSocket]:
     return session, ws
 
 
+async def send_until_dropped(session: Session, why: str) -> None:
+    """Run the session's send loop until its timeouts end it with ClientError ``why``."""
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session._send_loop)
+        with pytest.raises(ClientError, match=why):
+            await session._timeouts_loop()
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_client_that_reads_nothing_is_dropped_after_send_timeout(
     autojump_clock: trio.abc.Clock,
 ) -> None:
     session, ws = make_session(send_timeout_s=3.0, idle_timeout_s=60.0)
     session._out_send.send_nowait(TranscriptionStarted("s"))
     start = trio.current_time()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(session._send_loop)
-        with pytest.raises(ClientError, match="read no results for 3 s"):
-            await session._timeouts_loop()
-        nursery.cancel_scope.cancel()
+    await send_until_dropped(session, "read no results for 3 s")
     assert ws.sent == 1
     assert trio.current_time() - start == pytest.approx(3.0)
 
@@ -294,11 +299,7 @@ async def test_the_transcript_record_holds_the_sentences_the_client_was_sent(
     session.codec.render(TranscriptionStarted("s"))
     for index, text in ((1, "Sent."), (2, "Stuck.")):
         session._out_send.send_nowait(SentenceEnd(index, 2000, 100, text, 0.9, (), False))
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(session._send_loop)
-        with pytest.raises(ClientError, match="read no results"):
-            await session._timeouts_loop()
-        nursery.cancel_scope.cancel()
+    await send_until_dropped(session, "read no results")
     assert session._finals == 1
     assert [s["text"] for s in session._transcript] == ["Sent."]
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -793,6 +794,23 @@ async def _results_loop(link: RemoteRecognizer, failures: list[wire.Failure]) ->
             link.finalized(item.utt)
 
 
+@asynccontextmanager
+async def _served_link(
+    worker: Worker, registry: WorkerRegistry, **link: Any
+) -> AsyncIterator[tuple[RemoteRecognizer, list[wire.Failure]]]:
+    """A session's link to ``worker``, opened, its results loop running; the failures the
+    worker sent it."""
+    failures: list[wire.Failure] = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(registry.run)
+        await nursery.start(worker.run)
+        opened = _link(worker.bus, registry, "s1", **link)  # type: ignore[arg-type]
+        await opened.open()
+        nursery.start_soon(_results_loop, opened, failures)
+        yield opened, failures
+        nursery.cancel_scope.cancel()
+
+
 async def _push_flat_out(
     link: RemoteRecognizer,
     *,
@@ -823,13 +841,7 @@ async def test_a_client_faster_than_its_worker_is_held_to_the_flow_control_windo
     log: list[str] = []
     worker = Worker(WorkerConfig(decoders=1), "asrd", bus, _StepEngine(log))
     peak = 0
-    failures: list[wire.Failure] = []
-    async with trio.open_nursery() as nursery:
-        await nursery.start(registry.run)
-        await nursery.start(worker.run)
-        link = _link(bus, registry, "s1")
-        await link.open()
-        nursery.start_soon(_results_loop, link, failures)
+    async with _served_link(worker, registry) as (link, failures):
 
         def note_peak() -> None:
             nonlocal peak
@@ -841,7 +853,6 @@ async def test_a_client_faster_than_its_worker_is_held_to_the_flow_control_windo
         with trio.fail_after(5):
             while log.count("finish") < 10:  # noqa: ASYNC110 - the fake engine has no event
                 await trio.sleep(0.01)
-        nursery.cancel_scope.cancel()
     assert not failures
     assert log.count("accept 320") == 5000
     assert remote_module.ENGINE_WINDOW - 2 <= peak <= remote_module.ENGINE_WINDOW + 1
@@ -856,20 +867,14 @@ async def test_a_client_sending_large_frames_is_held_before_its_journal_fills() 
     registry = WorkerRegistry(bus, "asrd", timeout_s=1.0)
     log: list[str] = []
     worker = Worker(WorkerConfig(decoders=1), "asrd", bus, _StepEngine(log))
-    failures: list[wire.Failure] = []
     frame = bytes(64 * 1024)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(registry.run)
-        await nursery.start(worker.run)
-        link = _link(bus, registry, "s1", journal_max_bytes=16 * 1024 * 1024)  # the default
-        await link.open()
-        nursery.start_soon(_results_loop, link, failures)
+    journal = 16 * 1024 * 1024  # the default
+    async with _served_link(worker, registry, journal_max_bytes=journal) as (link, failures):
         # 30 sentences of 20 frames (41 s): 660 messages, 39 MiB
         await _push_flat_out(link, sentences=30, frames=20, frame=frame)
         with trio.fail_after(5):
             while log.count("finish") < 30:  # noqa: ASYNC110 - the fake engine has no event
                 await trio.sleep(0.01)
-        nursery.cancel_scope.cancel()
     assert not failures
     assert log.count("finish") == 30
 
@@ -928,13 +933,7 @@ async def test_a_session_waits_out_a_pause_its_worker_announced(
         return record(self)
 
     worker = Worker(WorkerConfig(decoders=1), "asrd", bus, engine)
-    failures: list[wire.Failure] = []
-    async with trio.open_nursery() as nursery:
-        await nursery.start(registry.run)
-        await nursery.start(worker.run)
-        link = _link(bus, registry, "s1")
-        await link.open()
-        nursery.start_soon(_results_loop, link, failures)
+    async with _served_link(worker, registry) as (link, failures):
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(_StepRecorder, "finish", finish)
             # 2 sentences of 600 frames (6 s)
@@ -942,7 +941,6 @@ async def test_a_session_waits_out_a_pause_its_worker_announced(
             with trio.fail_after(300):
                 while log.count("finish") < 2:  # noqa: ASYNC110 - the fake engine has no event
                     await trio.sleep(0.01)
-        nursery.cancel_scope.cancel()
     assert not failures
 
 
