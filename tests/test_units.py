@@ -1027,6 +1027,13 @@ async def test_flow_control_counts_only_the_current_claim_and_needs_a_reporting_
         with pytest.raises(EngineFailed, match="acknowledged none of 513 messages for 60 s"):
             await link.wait_for_engine()
         assert trio.current_time() - start == pytest.approx(remote_module.ENGINE_STALL_S)
+        # After a pause the worker announced (100 s), the 60 s count from its end, and the
+        # error says how long the session waited in all.
+        start = trio.current_time()
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(registry, "paused_until", lambda worker_id: start + 100.0)
+            with pytest.raises(EngineFailed, match="acknowledged none of 513 messages for 160 s"):
+                await link.wait_for_engine()
 
         # A session waiting for its worker moves on once another worker took it over: both
         # count afresh from the new claim, and the replay (merged into 64 KiB messages) counts.

@@ -233,7 +233,8 @@ class RemoteRecognizer:
         """Until the worker has caught up to within the window (or the session moved)."""
         while self.engine_behind:
             event = self._progressed
-            deadline = trio.current_time() + ENGINE_STALL_S
+            since = trio.current_time()
+            deadline = since + ENGINE_STALL_S
             while True:
                 with trio.move_on_at(deadline):
                     await event.wait()
@@ -247,7 +248,7 @@ class RemoteRecognizer:
                 else:
                     raise EngineFailed(
                         f"engine worker {self.worker_id} acknowledged none of "
-                        f"{self._sent - self._acked} messages for {ENGINE_STALL_S:g} s"
+                        f"{self._sent - self._acked} messages for {now - since:.0f} s"
                     )
 
     def progressed(self, progress: wire.Progress) -> None:
