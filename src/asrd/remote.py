@@ -95,15 +95,14 @@ class RemoteRecognizer:
         self.failovers = 0
         self.epoch = 0  # of the current claim; results of older claims are void
         self._reconnects_seen = bus.reconnects
-        # Flow control: input messages published under the current claim, how many of them
-        # its worker acknowledged, and how often it does (0: never, so no flow control).
-        self._sent = 0
+        # Flow control, under the current claim: how many input messages its worker
+        # acknowledged, how often it does (0: never, so no flow control), and the sizes of
+        # those published since, and their sum: the journal holds them all, and 512 frames of
+        # 64 KiB would overflow it before the window is reached.
         self._acked = 0
         self._window = 0
         self._every = 0
         self._progressed = trio.Event()
-        # The sizes of the messages not acknowledged yet, and their sum: the journal holds
-        # them all, and 512 frames of 64 KiB would overflow it before the window is reached.
         self._unacked: collections.deque[int] = collections.deque()
         self._unacked_bytes = 0
         self._window_bytes = journal_max_bytes // 4
@@ -169,7 +168,7 @@ class RemoteRecognizer:
                 self.worker_id = reply.worker_id
                 # The worker counts from its claim: so do we. A wider window than the
                 # worker's reports would wait for a report that never comes.
-                self._sent = self._acked = self._unacked_bytes = 0
+                self._acked = self._unacked_bytes = 0
                 self._unacked.clear()
                 self._every = reply.progress
                 self._window = max(ENGINE_WINDOW, 2 * reply.progress) if reply.progress else 0
@@ -212,7 +211,6 @@ class RemoteRecognizer:
 
     def _publish(self, data: bytes) -> None:
         self._bus.publish(self._in_subject, data)
-        self._sent += 1
         if self._window:
             self._unacked.append(len(data))
             self._unacked_bytes += len(data)
@@ -224,7 +222,7 @@ class RemoteRecognizer:
         two reports at least (fewer may never be reported: nothing more is sent meanwhile)."""
         if not self._window:
             return False
-        unacked = self._sent - self._acked
+        unacked = len(self._unacked)
         return unacked > self._window or (
             unacked >= 2 * self._every and self._unacked_bytes > self._window_bytes
         )
@@ -248,13 +246,13 @@ class RemoteRecognizer:
                 else:
                     raise EngineFailed(
                         f"engine worker {self.worker_id} acknowledged none of "
-                        f"{self._sent - self._acked} messages for {now - since:.0f} s"
+                        f"{len(self._unacked)} messages for {now - since:.0f} s"
                     )
 
     def progressed(self, progress: wire.Progress) -> None:
         """The worker of the current claim reports how much of its input it has dealt with."""
         if self._window and progress.epoch == self.epoch and progress.received > self._acked:
-            acked = min(progress.received, self._sent)
+            acked = min(progress.received, self._acked + len(self._unacked))
             for _ in range(acked - self._acked):
                 self._unacked_bytes -= self._unacked.popleft()
             self._acked = acked
