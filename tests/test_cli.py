@@ -11,13 +11,18 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 import wave
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import trio
+import trio_websocket
 
 from asrd.children import free_port
+from asrd.client import start_message
 from asrd.wer import wer
 from tests.audio_fixtures import LIBRIVOX, transcripts
 from tests.conftest import Nats
@@ -38,6 +43,16 @@ def children_of(pid: int) -> list[int]:
             if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
                 found.append(int(entry.name))
     return found
+
+
+async def _start_with_language(url: str, language: str) -> dict[str, Any]:
+    """The server's answer to a StartTranscription asking for ``language``."""
+    async with trio_websocket.open_websocket_url(url) as ws:
+        start = start_message(uuid.uuid4().hex, "default", 16000, {"language": language})
+        await ws.send_message(json.dumps(start))
+        with trio.fail_after(GUARD_S):
+            answer: dict[str, Any] = json.loads(await ws.get_message())
+        return answer
 
 
 def test_serve_then_transcribe_then_sigterm_leaves_no_orphans(tmp_path: Path) -> None:
@@ -98,6 +113,16 @@ def test_serve_then_transcribe_then_sigterm_leaves_no_orphans(tmp_path: Path) ->
         head.stdout.close()  # real time: the next event comes a good while later
         assert head.wait(GUARD_S) == 141
         assert "Traceback" not in head.stderr.read()
+
+        # Its own workers serve en-US only: another language is an invalid parameter at once,
+        # not a server error that a client would retry.
+        failed = trio.run(_start_with_language, url, "fr-FR")
+        assert failed["header"]["name"] == "TaskFailed"
+        assert failed["header"]["status"] == 40000003, failed
+        assert (
+            "'fr-FR'" in failed["header"]["status_text"]
+            and "en-US" in failed["header"]["status_text"]
+        )
 
         bad = subprocess.run(
             [sys.executable, "-m", "asrd", "transcribe", "--url", url, str(tmp_path / "nope.wav")],

@@ -18,7 +18,7 @@ from asrd.config import (
     RoutingConfig,
     load_config,
 )
-from asrd.control import ConnectInfo, StaticControlPlane, route_language
+from asrd.control import ConnectInfo, StaticControlPlane, embedded_routing, route_language
 from asrd.errors import AuthError, InvalidParameter, ServerError
 from asrd.store import signing
 from asrd.store.cli import _get_path, _set_path
@@ -151,6 +151,22 @@ def test_route_language() -> None:
     with pytest.raises(InvalidParameter, match=r"unknown language 'de'.*en-GB, fr") as exc:
         route_language(table, "en-US", "de")
     assert exc.value.code == 40000003
+
+
+def test_serve_routes_only_the_language_of_its_own_workers() -> None:
+    served = embedded_routing(load_config(None)).routing
+    assert served.languages == {"en-US": "en-US"}
+    assert route_language(served, "en-US", None) == ("en-US", "en-US")
+    with pytest.raises(InvalidParameter, match=r"unknown language 'fr'.*en-US"):
+        route_language(served, "en-US", "fr")
+    # the pool its workers were moved to
+    moved = load_config(None, worker={"pool": "spare"}, routing={"workers": {"spare": "en-GB"}})
+    assert embedded_routing(moved).routing.languages == {"en-GB": "en-GB"}
+    # a table of its own, or a shared NATS that may carry other pools: as configured
+    table = load_config(None, routing={"languages": {"fr": "french"}})
+    assert embedded_routing(table).routing == table.routing
+    shared = load_config(None, nats={"url": "nats://127.0.0.1:4222"})
+    assert not embedded_routing(shared).routing.languages
 
 
 async def test_static_control_plane_routes_from_config() -> None:

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import trio
 
-from asrd import gctune, logs, sdnotify
+from asrd import control, gctune, logs, sdnotify
 from asrd.children import die_at_once_with_parent
 from asrd.config import Config, ConfigError, load_config
 from asrd.cpugate import CpuGate
@@ -167,10 +167,12 @@ def _worker_processes(config: Config) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    config = _load(
-        args,
-        server={"host": args.host, "port": args.port},
-        worker={"processes": args.workers},
+    config = control.embedded_routing(
+        _load(
+            args,
+            server={"host": args.host, "port": args.port},
+            worker={"processes": args.workers},
+        )
     )
     workers = _worker_processes(config)
     if config.server.processes > 1:

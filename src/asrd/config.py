@@ -155,8 +155,9 @@ class AuthConfig(_Model):
 class RoutingConfig(_Model):
     """Which engine pool serves a language. Kept in config.toml, or live in Redis.
 
-    With no ``languages`` a session's language names its pool (the embedded default); with
-    some, only those languages are served and any other gets TaskFailed 40000003.
+    With no ``languages`` a session's language names its pool (``asrd serve`` with its own
+    nats-server fills it: control.embedded_routing); with some, only those languages are
+    served and any other gets TaskFailed 40000003.
     """
 
     default_language: Name | None = None  # None: [server] default_language

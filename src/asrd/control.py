@@ -85,6 +85,22 @@ def route_language(
     return lang, pool
 
 
+def embedded_routing(config: Config) -> Config:
+    """``asrd serve``'s routing: with its private nats-server, the only workers are the ones
+    it starts, so the languages it serves are known: the pool they serve. Routed as a table,
+    any other language gets 40000003 at Start, where "a language names its pool" would wait for
+    a worker that cannot come and fail with 50000000, an error a client retries. An explicit
+    ``[routing] languages``, or a shared NATS (``[nats] url``), keeps its own routing."""
+    routing = config.routing
+    if config.nats.url or routing.languages:
+        return config
+    pool = routing.workers.get(config.worker.pool, config.worker.pool)
+    languages = {pool: pool}
+    return config.model_copy(
+        update={"routing": routing.model_copy(update={"languages": languages})}
+    )
+
+
 class StaticControlPlane:
     """Keys and tokens from ``[auth]``, routing from ``[routing]``; nothing is recorded."""
 
