@@ -1,7 +1,8 @@
 """Sample-rate conversion of PCM16LE mono audio (numpy, windowed-sinc polyphase).
 
 Engines run at their model's rate (pocketsphinx's bundled model: 16 kHz) while clients may
-send 8 kHz telephone audio. :class:`Resampler` converts a stream chunk by chunk and gives
+send 8 kHz telephone audio; ``asrd transcribe`` converts its input (any rate up to 768 kHz)
+to 16 kHz. :class:`Resampler` converts a stream chunk by chunk and gives
 exactly the samples :func:`resample` gives for the whole buffer, however the stream is cut
 (odd byte counts included), so results never depend on how the network chunked the audio.
 
@@ -29,31 +30,49 @@ __all__ = ["Resampler", "output_length", "resample"]
 _ZERO_CROSSINGS = 32
 _KAISER_BETA = 6.0
 _ROLLOFF = 0.94
+# Memory stays bounded whatever the input's length and rates: process() takes the input in
+# blocks of _BLOCK_IN samples, _emit() computes outputs in blocks of _BLOCK_TAPS kernel taps in
+# all (1 MB per float64 temporary), and the polyphase table is kept only up to _TABLE_TAPS
+# taps: the ratio 16000/44099 has 16000 phases of 188 taps (a 24 MB table), 16000/767999 16000
+# of 3268 (418 MB); the rows of such a ratio are computed for each block instead.
+_BLOCK_IN = 1 << 16
+_BLOCK_TAPS = 1 << 17
+_TABLE_TAPS = 1 << 20
 
 _Floats = npt.NDArray[np.float64]
 
 
 class _Kernel:
-    """Polyphase table of a windowed-sinc low-pass for the ratio ``up / down`` (reduced)."""
+    """Polyphase windowed-sinc low-pass for the ratio ``up / down`` (reduced)."""
 
-    __slots__ = ("down", "half", "offsets", "table", "up")
+    __slots__ = ("cutoff", "down", "half", "offsets", "table", "up", "window")
 
     def __init__(self, up: int, down: int) -> None:
         self.up = up
         self.down = down
         # Cut-off in units of the input rate's Nyquist: below both Nyquist frequencies.
-        cutoff = _ROLLOFF * min(1.0, up / down)
-        self.half = math.ceil(_ZERO_CROSSINGS / cutoff)
+        self.cutoff = _ROLLOFF * min(1.0, up / down)
+        self.half = math.ceil(_ZERO_CROSSINGS / self.cutoff)
         # Output m uses inputs n + offsets where n = floor(m * down / up).
         self.offsets = np.arange(-self.half + 1, self.half + 1, dtype=np.int64)
-        phases = np.arange(up, dtype=np.float64)[:, None] / up
-        u = phases - self.offsets[None, :].astype(np.float64)  # input-sample distance
-        window = np.kaiser(2 * self.half + 1, _KAISER_BETA)
+        self.window = np.kaiser(2 * self.half + 1, _KAISER_BETA)
+        self.table: _Floats | None = None
+        if up * len(self.offsets) <= _TABLE_TAPS:
+            self.table = self._rows(np.arange(up, dtype=np.int64))
+
+    def weights(self, phases: npt.NDArray[np.int64]) -> _Floats:
+        """The taps of each output's phase (``m * down % up``), one row per output."""
+        return self._rows(phases) if self.table is None else self.table[phases]
+
+    def _rows(self, phases: npt.NDArray[np.int64]) -> _Floats:
+        u = phases[:, None] / self.up - self.offsets[None, :]  # input-sample distance
         # Interpolate the window at the fractional positions (it is smooth, linear is fine).
-        w = np.interp(u, np.arange(-self.half, self.half + 1, dtype=np.float64), window)
-        table = cutoff * np.sinc(cutoff * u) * w
+        grid = np.arange(-self.half, self.half + 1, dtype=np.float64)
+        w = np.interp(u, grid, self.window)
+        rows = self.cutoff * np.sinc(self.cutoff * u) * w
         # Unit DC gain for every phase: a constant input stays exactly constant.
-        self.table: _Floats = table / table.sum(axis=1, keepdims=True)
+        result: _Floats = rows / rows.sum(axis=1, keepdims=True)
+        return result
 
 
 @lru_cache(maxsize=16)
@@ -121,15 +140,17 @@ class Resampler:
         self._carry = pcm[usable:]
         if self._passthrough:
             return pcm[:usable]
-        if usable:
-            x = np.frombuffer(pcm, dtype="<i2", count=usable // 2).astype(np.float64)
+        k = self._k
+        out = []
+        for offset in range(0, usable, 2 * _BLOCK_IN):
+            count = min(_BLOCK_IN, (usable - offset) // 2)
+            x = np.frombuffer(pcm, dtype="<i2", count=count, offset=offset).astype(np.float64)
             self._buf = np.concatenate((self._buf, x))
             self._n_in += len(x)
-        k = self._k
-        # Output m is complete once its last input, floor(m*down/up) + half, has arrived.
-        ready = self._n_in - k.half
-        end = output_length(ready, k.down, k.up) if ready > 0 else 0
-        return self._emit(end)
+            # Output m is complete once its last input, floor(m*down/up) + half, has arrived.
+            ready = self._n_in - k.half
+            out.append(self._emit(output_length(ready, k.down, k.up) if ready > 0 else 0))
+        return b"".join(out)
 
     def flush(self) -> bytes:
         """End of stream: the held-back outputs, computed with silence after the end."""
@@ -143,14 +164,23 @@ class Resampler:
         self._buf = np.concatenate((self._buf, np.zeros(k.half, dtype=np.float64)))
         return self._emit(output_length(self._n_in, k.down, k.up))
 
+    @property
+    def held(self) -> int:
+        """Input samples kept between calls: the kernel's history and lookahead, bounded
+        whatever the length of the stream."""
+        return len(self._buf)
+
     def _emit(self, end: int) -> bytes:
+        """Outputs up to ``end``, computed in blocks that bound the temporaries' size."""
         k = self._k
         if end <= self._m:
             return b""
-        t = np.arange(self._m, end, dtype=np.int64) * k.down
-        n = t // k.up
-        idx = n[:, None] + k.offsets[None, :] - self._base
-        y = np.einsum("ij,ij->i", self._buf[idx], k.table[t % k.up])
+        step = max(1, _BLOCK_TAPS // len(k.offsets))
+        out = []
+        for start in range(self._m, end, step):
+            t = np.arange(start, min(start + step, end), dtype=np.int64) * k.down
+            idx = (t // k.up)[:, None] + k.offsets[None, :] - self._base
+            out.append(_to_pcm16(np.einsum("ij,ij->i", self._buf[idx], k.weights(t % k.up))))
         self._m = end
         # Drop the history that no later output can reach.
         next_n = (end * k.down) // k.up
@@ -158,4 +188,4 @@ class Resampler:
         if drop > 0:
             self._buf = self._buf[drop:]
             self._base += drop
-        return _to_pcm16(y)
+        return b"".join(out)
