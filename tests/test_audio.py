@@ -24,7 +24,6 @@ from asrd.audio import (
     WavFormat,
     WavFormatError,
     WavStreamParser,
-    convert_rate,
     read_audio_stream,
     read_wav_file,
     to_pcm16_mono,
@@ -215,7 +214,7 @@ def test_44100_file_resampled_to_16000_keeps_its_tone(tmp_path: Path) -> None:
     raw = pcm16(tone(1000, 44100, 1.0))
     path = write_with_wave(tmp_path / "cd.wav", raw, rate=44100, width=2, channels=1)
     pcm, rate = read_wav_file(path)
-    out = samples(convert_rate(pcm, rate, 16000)).astype(np.float64)
+    out = samples(resample(pcm, rate, 16000)).astype(np.float64)
     assert len(out) == 16000
     spectrum = np.abs(np.fft.rfft(out))
     assert np.argmax(spectrum) == 1000  # 1 Hz bins over one second
@@ -336,7 +335,7 @@ def test_a_stream_header_is_refused_once_it_has_come(head: bytes, why: str) -> N
         read_audio_stream(stream, max_bytes=64 << 20)
 
 
-# --- to_pcm16_mono, convert_rate ---------------------------------------------------------------
+# --- to_pcm16_mono ------------------------------------------------------------------------------
 
 
 def test_partial_trailing_frame_is_dropped() -> None:
@@ -350,14 +349,7 @@ def test_bad_sample_width(width: int, is_float: bool) -> None:
         to_pcm16_mono(b"\x00" * 16, sample_width=width, channels=1, is_float=is_float)
 
 
-def test_convert_rate_identity_and_errors() -> None:
-    pcm = pcm16(tone(100, 16000, 0.01))
-    assert convert_rate(pcm, 16000, 16000) is pcm
-    assert convert_rate(b"", 44100, 16000) == b""
-    with pytest.raises(ValueError, match="odd"):
-        convert_rate(b"\x00", 16000, 8000)
-    with pytest.raises(ValueError, match="positive"):
-        convert_rate(pcm, 0, 8000)
+# --- asrd.resample: what tests/test_engine_pocketsphinx.py does not cover ----------------------
 
 
 def rms_db(pcm: bytes, reference: float) -> float:
@@ -368,22 +360,12 @@ def rms_db(pcm: bytes, reference: float) -> float:
 @pytest.mark.parametrize(("from_rate", "to_rate"), [(44100, 16000), (48000, 16000), (16000, 8000)])
 def test_downsampling_keeps_the_passband_and_removes_aliases(from_rate: int, to_rate: int) -> None:
     reference = 0.5 * 32768 / np.sqrt(2)
-    passband = convert_rate(pcm16(tone(0.25 * to_rate, from_rate)), from_rate, to_rate)
+    passband = resample(pcm16(tone(0.25 * to_rate, from_rate)), from_rate, to_rate)
     assert len(passband) // 2 == to_rate
     assert abs(rms_db(passband, reference)) < 0.5
     # Above the new Nyquist frequency: would alias to 0.4 * to_rate without the low-pass.
-    alias = convert_rate(pcm16(tone(0.6 * to_rate, from_rate)), from_rate, to_rate)
+    alias = resample(pcm16(tone(0.6 * to_rate, from_rate)), from_rate, to_rate)
     assert rms_db(alias, reference) < -60
-
-
-def test_upsampling_by_interpolation() -> None:
-    out = convert_rate(pcm16(tone(500, 8000)), 8000, 16000)
-    assert len(out) // 2 == 16000
-    spectrum = np.abs(np.fft.rfft(samples(out).astype(np.float64)))
-    assert np.argmax(spectrum) == 500
-
-
-# --- asrd.resample: what tests/test_engine_pocketsphinx.py does not cover ----------------------
 
 
 def peak_bytes(run: Callable[[], object]) -> int:

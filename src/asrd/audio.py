@@ -1,4 +1,5 @@
-"""Audio utilities: WAV reading, sample conversion, resampling, and an incremental WAV parser.
+"""Audio utilities: WAV reading, sample conversion and an incremental WAV parser
+(resampling: :mod:`asrd.resample`).
 
 Everything here is pure (no I/O except :func:`read_wav_file` and :func:`read_audio_stream`)
 so the gateway can run it on every audio frame and tests can drive it synchronously. The
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import io
 import logging
-import math
 import os
 import struct
 import wave
@@ -29,7 +29,6 @@ __all__ = [
     "WavFormat",
     "WavFormatError",
     "WavStreamParser",
-    "convert_rate",
     "read_audio_stream",
     "read_wav_bytes",
     "read_wav_file",
@@ -45,7 +44,7 @@ _SUBFORMAT_GUID_TAIL: Final = b"\x00\x00\x10\x00\x80\x00\x00\xaa\x00\x38\x9b\x71
 _UNKNOWN_SIZES: Final = (0, 0xFFFFFFFF)
 _BLOCK_FRAMES: Final = 1 << 20  # frames converted per numpy pass, bounds temporary memory
 # The highest rate a file is read at: audio interfaces record at up to 768 kHz. Above it is a
-# broken header, and resampling from it would build a filter of gigabytes.
+# broken header, and resampling from it would take a filter of millions of taps per sample.
 MAX_FILE_RATE: Final = 768_000
 _READ_BYTES: Final = 1 << 16  # read from a stream at a time
 
@@ -280,58 +279,6 @@ def _decode(raw: bytes, width: int, is_float: bool) -> FloatArray:
 
 def _encode_pcm16(x: FloatArray) -> bytes:
     return np.clip(np.rint(x * 32768.0), -32768, 32767).astype("<i2").tobytes()
-
-
-def convert_rate(pcm16: bytes, from_rate: int, to_rate: int) -> bytes:
-    """Resample pcm16 mono; the output has ``len * to_rate // from_rate`` samples.
-
-    Downsampling low-passes with a Blackman-windowed sinc FIR (passband to about 0.91 of
-    the new Nyquist frequency, about -74 dB beyond it) before interpolating, so speech
-    energy above the new Nyquist does not alias into the band the recogniser listens to.
-    Upsampling interpolates linearly: it creates no aliasing, only a gentle high cut.
-    """
-    if from_rate <= 0 or to_rate <= 0:
-        raise ValueError(f"sample rates must be positive, got {from_rate} and {to_rate}")
-    if len(pcm16) % 2:
-        raise ValueError("pcm16 has an odd number of bytes")
-    if from_rate == to_rate or not pcm16:
-        return pcm16
-    x = np.frombuffer(pcm16, dtype="<i2").astype(np.float64)
-    ratio = from_rate / to_rate
-    if ratio > 1:
-        x = _fir_filter(x, _lowpass_taps(ratio))
-    n_out = len(x) * to_rate // from_rate
-    # Integer products keep positions exact for integer ratios (48000 → 16000).
-    positions = np.arange(n_out, dtype=np.int64) * from_rate / to_rate
-    y = np.interp(positions, np.arange(len(x), dtype=np.float64), x)
-    return _encode_pcm16(y / 32768.0)
-
-
-def _lowpass_taps(ratio: float) -> FloatArray:
-    """Windowed-sinc low-pass whose stopband starts at the output Nyquist frequency."""
-    half = math.ceil(32 * ratio)
-    n = 2 * half + 1
-    # A Blackman transition band is about 5.5 / n cycles per sample wide.
-    cutoff = 0.5 / ratio - 2.75 / n
-    k = np.arange(n, dtype=np.float64) - half
-    taps = 2 * cutoff * np.sinc(2 * cutoff * k) * np.blackman(n)
-    result: FloatArray = taps / taps.sum()
-    return result
-
-
-def _fir_filter(x: FloatArray, taps: FloatArray) -> FloatArray:
-    """Zero-phase ('same'-aligned) FIR by FFT overlap-add; blocks bound memory on long files."""
-    n, m = len(x), len(taps)
-    block = max(1 << 15, 4 * m)
-    nfft = 1 << (block + m - 2).bit_length()
-    spectrum = np.fft.rfft(taps, nfft)
-    full = np.zeros(n + m - 1, dtype=np.float64)
-    for start in range(0, n, block):
-        seg = x[start : start + block]
-        conv = np.fft.irfft(np.fft.rfft(seg, nfft) * spectrum, nfft)[: len(seg) + m - 1]
-        full[start : start + len(seg) + m - 1] += conv
-    delay = (m - 1) // 2
-    return full[delay : delay + n]
 
 
 class WavStreamParser:

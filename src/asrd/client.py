@@ -24,14 +24,9 @@ import trio
 import trio_websocket
 
 from asrd import __version__, logs
-from asrd.audio import (
-    WavFormatError,
-    convert_rate,
-    read_audio_stream,
-    read_wav_file,
-    to_pcm16_mono,
-)
+from asrd.audio import WavFormatError, read_audio_stream, read_wav_file, to_pcm16_mono
 from asrd.errors import AsrdError, ServerError
+from asrd.resample import resample
 
 __all__ = [
     "LOCAL_FAILURE",
@@ -560,7 +555,7 @@ def run_transcribe(
         logs.fatal(f"cannot read {'stdin' if file == '-' else file}: {e}")
         return 2
     if rate not in NATIVE_RATES:
-        pcm, rate = convert_rate(pcm, rate, 16000), 16000
+        pcm, rate = resample(pcm, rate, 16000), 16000
     return trio.run(
         partial(
             transcribe_and_print,

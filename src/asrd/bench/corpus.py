@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-from asrd.audio import convert_rate, read_wav_file
+from asrd.audio import read_wav_file
+from asrd.resample import resample
 
 __all__ = [
     "Clip",
@@ -83,7 +84,7 @@ def load_corpus(directory: str | Path, sample_rate: int = 16000) -> Corpus:
             continue
         pcm, rate = read_wav_file(wav)
         if rate != sample_rate:
-            pcm = convert_rate(pcm, rate, sample_rate)
+            pcm = resample(pcm, rate, sample_rate)
         clips.append(Clip(wav.stem, pcm, refs[wav.stem]))
     if not clips:
         raise ValueError(
