@@ -25,7 +25,7 @@ from tests.conftest import Pool, open_gateway
 from tests.servers import nats_server, restart_nats, start_worker, stop
 from tests.test_resilience import recording, sentences
 
-from asrd.client import open_transcription
+from asrd.client import open_transcription, pcm_chunks
 
 
 async def run(gw: Any, pcm: bytes, fault: Any = None) -> tuple[list[Any], float, float]:
@@ -34,7 +34,7 @@ async def run(gw: Any, pcm: bytes, fault: Any = None) -> tuple[list[Any], float,
     async with trio.open_nursery() as nursery:
         async with open_transcription(
             gw.url,
-            pcm,
+            pcm_chunks(pcm),
             16000,
             token="t",
             appkey="default",

@@ -37,6 +37,7 @@ from asrd.client import (
     LOCAL_FAILURE,
     TranscribeError,
     open_transcription,
+    pcm_chunks,
     run_transcribe,
     send_audio,
     transcribe_and_print,
@@ -231,7 +232,7 @@ async def collect(url: str, pcm: bytes, **kwargs: Any) -> list[Event]:
     options.update(kwargs)
     rate = options.pop("sample_rate", 16000)
     with trio.fail_after(GUARD):
-        async with open_transcription(url, pcm, rate, **options) as transcription:
+        async with open_transcription(url, pcm_chunks(pcm), rate, **options) as transcription:
             return [event async for event in transcription]
 
 
@@ -271,7 +272,7 @@ async def test_events_in_order_and_client_closes(server: FakeServer) -> None:
 async def test_session_id_and_completed_flag(server: FakeServer) -> None:
     with trio.fail_after(GUARD):
         async with open_transcription(
-            server.url, silence(0.2), 16000, token=TOKEN, appkey=APPKEY, realtime=False
+            server.url, pcm_chunks(silence(0.2)), 16000, token=TOKEN, appkey=APPKEY, realtime=False
         ) as transcription:
             assert transcription.session_id == "5" * 32
             assert not transcription.completed
@@ -355,7 +356,12 @@ async def test_events_before_task_failed_are_delivered(server: FakeServer) -> No
     with pytest.raises(TranscribeError):
         with trio.fail_after(GUARD):
             async with open_transcription(
-                server.url, silence(3), 16000, token=TOKEN, appkey=APPKEY, realtime=False
+                server.url,
+                pcm_chunks(silence(3)),
+                16000,
+                token=TOKEN,
+                appkey=APPKEY,
+                realtime=False,
             ) as transcription:
                 async for event in transcription:
                     seen.append(event["header"]["name"])
@@ -587,7 +593,7 @@ async def test_bad_url() -> None:
 async def test_leaving_early_stops_the_sender(server: FakeServer) -> None:
     with trio.fail_after(GUARD):
         async with open_transcription(
-            server.url, silence(60), 16000, token=TOKEN, appkey=APPKEY, realtime=True
+            server.url, pcm_chunks(silence(60)), 16000, token=TOKEN, appkey=APPKEY, realtime=True
         ) as transcription:
             async for event in transcription:
                 assert event["header"]["name"] == "TranscriptionStarted"
@@ -660,11 +666,50 @@ async def test_send_audio_pacing(autojump_clock: trio.abc.Clock, realtime: bool)
     async def send(frame: bytes) -> None:
         sent.append((trio.current_time() - t0, len(frame)))
 
-    await send_audio(send, silence(0.25), 16000, frame_ms=100, realtime=realtime)
+    await send_audio(send, pcm_chunks(silence(0.25)), 16000, frame_ms=100, realtime=realtime)
     assert [size for _, size in sent] == [3200, 3200, 1600]
     times = [t for t, _ in sent]
     # Each frame leaves when its last sample would have been captured live.
     assert times == (pytest.approx([0.1, 0.2, 0.25]) if realtime else [0.0, 0.0, 0.0])
+
+
+async def test_send_audio_frames_chunks_of_any_size() -> None:
+    pcm = bytes(range(256)) * 40  # 10240 bytes: 3 frames of 3200 and 640 left
+    sizes = [1, 999, 3200, 2, 5000, 1038]
+    sent: list[bytes] = []
+
+    async def chunks() -> AsyncIterator[bytes]:
+        start = 0
+        for size in sizes:
+            yield pcm[start : start + size]
+            start += size
+
+    async def send(frame: bytes) -> None:
+        sent.append(frame)
+
+    await send_audio(send, chunks(), 16000, frame_ms=100, realtime=False)
+    assert [len(frame) for frame in sent] == [3200, 3200, 3200, 640]
+    assert b"".join(sent) == pcm
+
+
+async def test_send_audio_sends_late_audio_at_once(autojump_clock: trio.abc.Clock) -> None:
+    """A live source's audio comes when it was captured, at its deadline or after it: waiting
+    for the next deadline on top would hold every frame back by up to a frame."""
+    t0 = trio.current_time()
+    sent: list[float] = []
+
+    async def live() -> AsyncIterator[bytes]:
+        for arrival in (0.25, 0.3, 1.0):  # 0.2 s of audio each
+            await trio.sleep_until(t0 + arrival)
+            yield silence(0.2)
+
+    async def send(frame: bytes) -> None:
+        sent.append(trio.current_time() - t0)
+
+    await send_audio(send, live(), 16000, frame_ms=100, realtime=True)
+    # Frame 3 is due at 0.3 s, when its audio comes; frame 4 at 0.4 s; frames 5 and 6 (due at
+    # 0.5 and 0.6 s) came at 1.0 s.
+    assert sent == pytest.approx([0.25, 0.25, 0.3, 0.4, 1.0, 1.0])
 
 
 async def test_send_audio_rejects_frames_below_one_sample() -> None:
@@ -672,7 +717,7 @@ async def test_send_audio_rejects_frames_below_one_sample() -> None:
         raise AssertionError
 
     with pytest.raises(ValueError, match="less than one sample"):
-        await send_audio(send, silence(0.1), 8000, frame_ms=0, realtime=False)
+        await send_audio(send, pcm_chunks(silence(0.1)), 8000, frame_ms=0, realtime=False)
 
 
 # --- printing ------------------------------------------------------------------------------
@@ -688,7 +733,7 @@ async def print_run(url: str, pcm: bytes, **kwargs: Any) -> int:
     }
     options.update(kwargs)
     with trio.fail_after(GUARD):
-        return await transcribe_and_print(pcm, 16000, **options)
+        return await transcribe_and_print(pcm_chunks(pcm), 16000, **options)
 
 
 FINALS = "[0.00-1.00] second 1\n[1.00-2.00] second 2\n[2.00-2.50] second 3\n"

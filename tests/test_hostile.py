@@ -31,7 +31,7 @@ import trio_websocket
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from asrd.client import open_transcription
+from asrd.client import open_transcription, pcm_chunks
 from asrd.config import ServerConfig
 from tests.audio_fixtures import load_clip, silence
 from tests.conftest import Nats, Pool, RunningGateway, open_gateway
@@ -546,7 +546,7 @@ async def transcript(url: str, pcm: bytes, *, realtime: bool = False) -> str:
     texts = []
     with trio.fail_after(GUARD_S):
         async with open_transcription(
-            url, pcm, 16000, token="t", appkey="default", realtime=realtime
+            url, pcm_chunks(pcm), 16000, token="t", appkey="default", realtime=realtime
         ) as tr:
             async for event in tr:
                 if event["header"]["name"] == "SentenceEnd":

@@ -25,7 +25,7 @@ import trio.testing
 from asrd import logs, wire
 from asrd.bus.natsbus import open_nats_bus
 from asrd.children import free_port, worker_argv
-from asrd.client import open_transcription
+from asrd.client import open_transcription, pcm_chunks
 from asrd.config import Config
 from asrd.control import StaticControlPlane
 from asrd.gateway import Gateway
@@ -61,7 +61,7 @@ async def test_gateway_metrics_and_health(gateway: RunningGateway) -> None:
     with trio.fail_after(GUARD_S):
         async with open_transcription(
             gateway.url,
-            pcm,
+            pcm_chunks(pcm),
             16000,
             token="t",
             appkey="default",
@@ -316,7 +316,7 @@ async def test_trio_websockets_lines_about_a_session_carry_its_ids(
         with trio.fail_after(GUARD_S):
             async with open_transcription(
                 gateway.url,
-                silence(500, 16000),
+                pcm_chunks(silence(500, 16000)),
                 16000,
                 token="t",
                 appkey="default",

@@ -16,7 +16,7 @@ import trio
 
 from asrd.bus import Bus, NoResponders
 from asrd.bus.natsbus import open_nats_bus
-from asrd.client import TranscribeError, open_transcription
+from asrd.client import TranscribeError, open_transcription, pcm_chunks
 from asrd.config import NatsConfig, WorkerConfig
 from asrd.engines.loadtest import LoadtestEngine
 from asrd.errors import AsrdError, BusError, TooManyRequests
@@ -75,7 +75,7 @@ async def stream(
         with trio.fail_after(GUARD_S):
             async with open_transcription(
                 gw.url,
-                pcm,
+                pcm_chunks(pcm),
                 RATE,
                 token="t",
                 appkey="default",

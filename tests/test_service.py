@@ -17,7 +17,7 @@ import pytest
 import trio
 import trio_websocket
 
-from asrd.client import open_transcription
+from asrd.client import open_transcription, pcm_chunks
 from asrd.engines.pocketsphinx import DECODER_DEFAULTS
 from asrd.wer import wer
 from tests import sdk
@@ -50,7 +50,7 @@ async def transcribe(
     with trio.fail_after(GUARD_S):
         async with open_transcription(
             url,
-            pcm,
+            pcm_chunks(pcm),
             rate,
             token="t",
             appkey="default",
@@ -365,7 +365,7 @@ async def test_auth_codes(nats: Nats, pool: Pool) -> None:
 async def transcribe_with_token(url: str, token: str, appkey: str) -> list[dict[str, Any]]:
     out = []
     async with open_transcription(
-        url, load_clip("0930"), 16000, token=token, appkey=appkey, realtime=False
+        url, pcm_chunks(load_clip("0930")), 16000, token=token, appkey=appkey, realtime=False
     ) as tr:
         async for e in tr:
             out.append(e)

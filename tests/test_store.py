@@ -33,7 +33,7 @@ import trio_websocket
 from asrd.bus.natsbus import open_nats_bus
 from asrd.children import free_port
 from asrd.cli import main
-from asrd.client import TranscribeError, open_transcription
+from asrd.client import TranscribeError, open_transcription, pcm_chunks
 from asrd.config import Config, DynamicConfig, RedisConfig, RoutingConfig, WorkerConfig
 from asrd.control import Admission, ConnectInfo
 from asrd.engines.base import EngineFull, EngineWord, Hypothesis, Recognizer
@@ -309,7 +309,7 @@ async def transcribe(url: str, appkey: str, token: str) -> tuple[str, list[dict[
     events = []
     with trio.fail_after(GUARD_S):
         async with open_transcription(
-            url, clip(), RATE, token=token, appkey=appkey, realtime=False
+            url, pcm_chunks(clip()), RATE, token=token, appkey=appkey, realtime=False
         ) as tr:
             async for event in tr:
                 events.append(event)
@@ -801,7 +801,7 @@ async def test_workers_follow_the_live_routing(nats: Nats, pool: Pool, redis_url
                     try:
                         async with open_transcription(
                             gw.url,
-                            clip(),
+                            pcm_chunks(clip()),
                             RATE,
                             token=token,
                             appkey="mover",

@@ -35,7 +35,7 @@ import trio
 from asrd import reuseport, sdnotify
 from asrd.bench.procs import children_of
 from asrd.children import free_port, nats_server_binary
-from asrd.client import open_transcription
+from asrd.client import open_transcription, pcm_chunks
 from asrd.config import NatsConfig, ServerConfig, load_config
 from asrd.wer import wer
 from tests.audio_fixtures import load_clip, silence, transcripts
@@ -830,7 +830,7 @@ async def test_forked_workers_share_the_model_serve_and_are_supervised(
 
                 async def one() -> None:
                     async with open_transcription(
-                        gw.url, pcm, 16000, token="t", appkey="default", realtime=False
+                        gw.url, pcm_chunks(pcm), 16000, token="t", appkey="default", realtime=False
                     ) as tr:
                         events = [e async for e in tr]
                     assert events[-1]["header"]["name"] == "TranscriptionCompleted"
@@ -950,8 +950,8 @@ async def test_gateway_processes_share_the_port_and_are_supervised(
     async def sessions(n: int) -> None:
         async def one() -> None:
             async with open_transcription(
-                f"ws://127.0.0.1:{port}/ws/v1", pcm, 16000, token="t", appkey="default",
-                realtime=False,
+                f"ws://127.0.0.1:{port}/ws/v1", pcm_chunks(pcm), 16000, token="t",
+                appkey="default", realtime=False,
             ) as tr:  # fmt: skip
                 events = [e async for e in tr]
             assert events[-1]["header"]["name"] == "TranscriptionCompleted"
@@ -1048,8 +1048,8 @@ async def test_ctrl_c_lets_the_sessions_of_gateway_processes_finish(
         pcm = load_clip("0930") + silence(1000, 16000)  # 4.3 s, sent in real time
         with trio.fail_after(GUARD_S):
             async with open_transcription(
-                f"ws://127.0.0.1:{port}/ws/v1", pcm, 16000, token="t", appkey="default",
-                realtime=True,
+                f"ws://127.0.0.1:{port}/ws/v1", pcm_chunks(pcm), 16000, token="t",
+                appkey="default", realtime=True,
             ) as tr:  # fmt: skip
                 await trio.sleep(0.5)
                 os.killpg(proc.pid, signal.SIGINT)
@@ -1231,7 +1231,7 @@ async def test_worker_and_gateway_with_nats_credentials_complete_a_session(
                 pcm = load_clip("0930") + silence(1000, 16000)
                 with trio.fail_after(GUARD_S):
                     async with open_transcription(
-                        gw.url, pcm, 16000, token="t", appkey="default", realtime=False
+                        gw.url, pcm_chunks(pcm), 16000, token="t", appkey="default", realtime=False
                     ) as tr:
                         events = [e async for e in tr]
             assert events[-1]["header"]["name"] == "TranscriptionCompleted"

@@ -13,7 +13,7 @@ import shutil
 import ssl
 import sys
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from functools import partial
 from typing import Any, TextIO, cast
@@ -34,6 +34,7 @@ __all__ = [
     "TranscribeError",
     "Transcription",
     "open_transcription",
+    "pcm_chunks",
     "run_transcribe",
     "send_audio",
     "start_message",
@@ -116,30 +117,55 @@ def _command_header(task_id: str, appkey: str, name: str) -> dict[str, str]:
     }
 
 
+def pcm_chunks(pcm: bytes) -> trio.MemoryReceiveChannel[bytes]:
+    """``pcm`` (16-bit mono) as the audio :func:`open_transcription` takes, for audio that is
+    all there already. A channel, not an async generator: trio warns of one left unfinished
+    (a transcription that failed)."""
+    send, receive = trio.open_memory_channel[bytes](1)
+    with send:
+        send.send_nowait(pcm)
+    return receive
+
+
 async def send_audio(
     send: Callable[[bytes], Awaitable[object]],
-    pcm: bytes,
+    audio: AsyncIterable[bytes],
     sample_rate: int,
     *,
     frame_ms: int = 100,
     realtime: bool,
 ) -> None:
-    """Send pcm16 mono in frames of ``frame_ms``.
+    """Send the pcm16 mono of ``audio``, chunks of any size as they come, in frames of
+    ``frame_ms`` (the last one: what is left).
 
     With ``realtime`` each frame leaves when its last sample would have been captured live
-    (deadlines from one start time, so delays do not accumulate); otherwise frames go as
-    fast as ``send`` accepts them, i.e. at the pace of the server's backpressure.
+    (deadlines from one start time, so delays do not accumulate), or as soon as its audio has
+    come if that is later (a live source); otherwise frames go as fast as ``send`` accepts
+    them, i.e. at the pace of the server's backpressure.
     """
     frame_bytes = 2 * (sample_rate * frame_ms // 1000)
     if frame_bytes <= 0:
         raise ValueError(f"frame_ms={frame_ms} at {sample_rate} Hz is less than one sample")
     bytes_per_second = 2 * sample_rate
     t0 = trio.current_time()
-    for start in range(0, len(pcm), frame_bytes):
-        frame = pcm[start : start + frame_bytes]
+    sent = 0
+
+    async def send_frame(frame: bytes) -> None:
+        nonlocal sent
+        sent += len(frame)
         if realtime:
-            await trio.sleep_until(t0 + (start + len(frame)) / bytes_per_second)
+            await trio.sleep_until(t0 + sent / bytes_per_second)
         await send(frame)
+
+    rest = b""  # less than a frame, waiting for the next chunk
+    async for chunk in audio:
+        data = rest + chunk if rest else chunk
+        whole = len(data) - len(data) % frame_bytes
+        for start in range(0, whole, frame_bytes):
+            await send_frame(data[start : start + frame_bytes])
+        rest = data[whole:]
+    if rest:
+        await send_frame(rest)
 
 
 class Transcription:
@@ -201,10 +227,12 @@ class Transcription:
         self._pending.append(event)
         self._started = True
 
-    async def _stream(self, pcm: bytes, sample_rate: int, frame_ms: int, realtime: bool) -> None:
+    async def _stream(
+        self, audio: AsyncIterable[bytes], sample_rate: int, frame_ms: int, realtime: bool
+    ) -> None:
         """Sender task: audio, then ``StopTranscription``; from then on replies are bounded."""
         try:
-            await send_audio(self._send, pcm, sample_rate, frame_ms=frame_ms, realtime=realtime)
+            await send_audio(self._send, audio, sample_rate, frame_ms=frame_ms, realtime=realtime)
             await self._send(json.dumps(stop_message(self.task_id, self._appkey)))
         except trio_websocket.ConnectionClosed:
             return  # the receiving side reports why
@@ -286,7 +314,7 @@ def _unwrap_single() -> Iterator[None]:
 @asynccontextmanager
 async def open_transcription(
     url: str,
-    pcm: bytes,
+    audio: AsyncIterable[bytes],
     sample_rate: int,
     *,
     token: str | None,
@@ -296,7 +324,8 @@ async def open_transcription(
     params: dict[str, object] | None = None,
     reply_timeout: float = 30.0,
 ) -> AsyncIterator[Transcription]:
-    """Connect, start, and stream ``pcm`` (16-bit mono) in a background task.
+    """Connect, start, and stream ``audio`` in a background task: chunks of 16-bit mono, of any
+    size, as they come (:func:`pcm_chunks` for bytes); its end is the end of the audio.
 
     Entering returns once the server answered ``TranscriptionStarted`` (or raises
     :class:`TranscribeError`); the body iterates the events. Leaving closes the connection
@@ -323,7 +352,7 @@ async def open_transcription(
                     with _unwrap_single():
                         async with trio.open_nursery() as senders:
                             senders.start_soon(
-                                transcription._stream, pcm, sample_rate, frame_ms, realtime
+                                transcription._stream, audio, sample_rate, frame_ms, realtime
                             )
                             try:
                                 yield transcription
@@ -559,7 +588,7 @@ def run_transcribe(
     return trio.run(
         partial(
             transcribe_and_print,
-            pcm,
+            pcm_chunks(pcm),
             rate,
             url=url,
             token=token,
@@ -587,7 +616,7 @@ def _read_audio(file: str, raw_rate: int | None) -> tuple[bytes, int]:
 
 
 async def transcribe_and_print(
-    pcm: bytes,
+    audio: AsyncIterable[bytes],
     sample_rate: int,
     *,
     url: str,
@@ -598,7 +627,7 @@ async def transcribe_and_print(
     params: dict[str, object] | None = None,
     frame_ms: int = 100,
 ) -> int:
-    """Stream ``pcm`` and print as events arrive; return 0, or 1 after a failure (on stderr).
+    """Stream ``audio`` and print as events arrive; return 0, or 1 after a failure (on stderr).
 
     Separate from :func:`run_transcribe` so tests can run it inside their own trio loop.
     """
@@ -607,7 +636,7 @@ async def transcribe_and_print(
     try:
         async with open_transcription(
             url,
-            pcm,
+            audio,
             sample_rate,
             token=token,
             appkey=appkey,
