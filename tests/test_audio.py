@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import itertools
 import logging
 import random
@@ -21,10 +20,11 @@ from hypothesis import strategies as st
 from asrd.audio import (
     FORMAT_IEEE_FLOAT,
     FORMAT_PCM,
+    MAX_HEADER_BYTES,
+    InputDecoder,
     WavFormat,
     WavFormatError,
     WavStreamParser,
-    read_audio_stream,
     read_wav_file,
     to_pcm16_mono,
 )
@@ -266,23 +266,15 @@ def test_missing_file_is_an_oserror(tmp_path: Path) -> None:
         read_wav_file(tmp_path / "nope.wav")
 
 
-# --- read_audio_stream -------------------------------------------------------------------------
+# --- InputDecoder (asrd transcribe's input as it comes) --------------------------------------
 
 
-class Endless(io.RawIOBase):
-    """``head``, then zeros for ever: a recorder's pipe."""
-
-    def __init__(self, head: bytes) -> None:
-        self._head = head
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
-        data, self._head = self._head or bytes(len(buffer)), b""
-        n = min(len(data), len(buffer))
-        buffer[:n] = data[:n]
-        return n
+def decode(decoder: InputDecoder, data: bytes, cuts: list[int]) -> bytes:
+    out = b""
+    bounds = [0, *sorted(cuts), len(data)]
+    for a, b in itertools.pairwise(bounds):
+        out += decoder.feed(data[a:b])
+    return out
 
 
 def test_a_stream_wav_ends_with_the_stream_whatever_its_header_says(
@@ -291,32 +283,36 @@ def test_a_stream_wav_ends_with_the_stream_whatever_its_header_says(
     """A writer to a pipe cannot go back to fill in the sizes: a guess stays there."""
     raw = np.array([[0.5, -0.5], [0.25, 0.75]], dtype="<f4").tobytes()
     wav = riff(fmt_chunk(FORMAT_IEEE_FLOAT, 2, 44100, 32), data=raw, data_size=0xFFFFFFFF)
+    decoder = InputDecoder()
     with caplog.at_level(logging.WARNING):
-        pcm, rate = read_audio_stream(io.BytesIO(wav), max_bytes=1 << 20)
-    assert (samples(pcm).tolist(), rate) == ([0, 16384], 44100)
+        assert samples(decoder.feed(wav)).tolist() == [0, 16384]
+    assert (decoder.sample_rate, decoder.ended, decoder.declared) == (44100, False, None)
     assert caplog.records == []
 
 
 def test_a_stream_wav_ends_at_its_data_size() -> None:
     data = struct.pack("<3h", 1, 2, 3)
     wav = riff(fmt_chunk(FORMAT_PCM, 1, 8000, 16), data=data, data_size=4) + b"LIST\0\0\0\0"
-    assert read_audio_stream(io.BytesIO(wav), max_bytes=1 << 20) == (data[:4], 8000)
+    decoder = InputDecoder()
+    assert decoder.feed(wav[:-6]) == data[:4]
+    assert decoder.ended and (decoder.declared, decoder.received) == (4, 4)
+    assert decoder.feed(wav[-6:]) == b""
 
 
-def test_raw_stream_drops_an_odd_last_byte() -> None:
-    stream = io.BytesIO(b"\x01\x00\x02\x00\x03")
-    assert read_audio_stream(stream, max_bytes=1 << 20, raw_rate=11025) == (b"\x01\0\x02\0", 11025)
+def test_raw_input_keeps_an_odd_byte_for_the_next_chunk() -> None:
+    decoder = InputDecoder(raw_rate=11025)
+    assert (decoder.sample_rate, decoder.ready) == (11025, False)  # no byte yet
+    assert decoder.feed(b"\x01\x00\x02\x00\x03") == b"\x01\0\x02\0"
+    assert decoder.ready and decoder.held == 1
+    assert decoder.feed(b"\x00") == b"\x03\0"
 
 
-@pytest.mark.parametrize("raw_rate", [None, 16000])
-def test_an_empty_stream_is_refused(raw_rate: int | None) -> None:
-    with pytest.raises(WavFormatError, match="it is empty"):
-        read_audio_stream(io.BytesIO(b""), max_bytes=1 << 20, raw_rate=raw_rate)
-
-
-def test_a_stream_is_read_up_to_max_bytes() -> None:
-    with open("/dev/zero", "rb") as endless, pytest.raises(WavFormatError, match="more than 1 MiB"):
-        read_audio_stream(endless, max_bytes=1 << 20, raw_rate=16000)
+def test_a_wav_is_ready_once_its_header_has_come() -> None:
+    """Before a byte of its audio: the connection opens once the header has passed."""
+    wav = riff(fmt_chunk(FORMAT_PCM, 2, 44100, 24), data=b"", data_size=0)
+    decoder = InputDecoder()
+    assert decoder.feed(wav[:-1]) == b"" and not decoder.ready and decoder.held == len(wav) - 1
+    assert decoder.feed(wav[-1:]) == b"" and decoder.ready and decoder.held == 0
 
 
 @pytest.mark.parametrize(
@@ -330,9 +326,34 @@ def test_a_stream_is_read_up_to_max_bytes() -> None:
 )
 def test_a_stream_header_is_refused_once_it_has_come(head: bytes, why: str) -> None:
     """Not after the whole stream: it may never end (a recorder, without --raw-rate)."""
-    stream = io.BufferedReader(Endless(head))
     with pytest.raises(WavFormatError, match=why):
-        read_audio_stream(stream, max_bytes=64 << 20)
+        InputDecoder().feed(head)
+
+
+def test_a_header_is_kept_up_to_a_bound() -> None:
+    """The header is kept until it is whole: a stream of chunks before any data chunk (no WAV a
+    program writes) is refused, not kept for ever."""
+    decoder = InputDecoder()
+    decoder.feed(riff(fmt_chunk(FORMAT_PCM, 1, 16000, 16), data=b"")[:36])
+    decoder.feed(list_chunk(bytes(MAX_HEADER_BYTES - 100)))
+    with pytest.raises(WavFormatError, match="no WAV data chunk in its first 16 MiB"):
+        decoder.feed(b"JUNK" + bytes(200))
+
+
+STEREO_24 = riff(
+    list_chunk(b"INFOISFT\x05\x00\x00\x00asrd\x00"),
+    fmt_chunk(FORMAT_PCM, 2, 44100, 24, extensible=True),
+    data=np.random.default_rng(5).integers(0, 256, 6 * 200, dtype=np.uint8).tobytes(),
+)
+STEREO_24_PCM = to_pcm16_mono(STEREO_24[-6 * 200 :], sample_width=3, channels=2)
+
+
+@given(cuts=st.lists(st.integers(min_value=0, max_value=len(STEREO_24)), max_size=12))
+def test_any_splitting_of_the_input_gives_the_same_audio(cuts: list[int]) -> None:
+    """A frame of two 3-byte samples cut anywhere waits for its rest; nothing more is kept."""
+    decoder = InputDecoder()
+    assert decode(decoder, STEREO_24, cuts) == STEREO_24_PCM
+    assert decoder.held == 0
 
 
 # --- to_pcm16_mono ------------------------------------------------------------------------------

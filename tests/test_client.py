@@ -7,8 +7,13 @@ audio received, a last sentence for the rest on Stop, then ``TranscriptionComple
 
 from __future__ import annotations
 
+import errno
 import gc
+import io
+import itertools
 import json
+import math
+import os
 import re
 import socket
 import ssl
@@ -18,7 +23,7 @@ import sys
 import threading
 import warnings
 import wave
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -33,15 +38,25 @@ import trio_websocket
 from wsproto import ConnectionType, WSConnection
 from wsproto import events as ws_events
 
+from asrd.audio import to_pcm16_mono
 from asrd.client import (
+    AHEAD_CHUNKS,
     LOCAL_FAILURE,
+    READ_BYTES,
+    AudioInput,
     TranscribeError,
     open_transcription,
     pcm_chunks,
     run_transcribe,
     send_audio,
     transcribe_and_print,
+    transcribe_input,
 )
+from asrd.resample import Resampler, resample
+from asrd.wer import wer
+from tests import audio_fixtures
+from tests.audio_fixtures import load_clip, transcripts
+from tests.conftest import RunningGateway
 
 Event = dict[str, Any]
 HEX32 = re.compile(r"^[0-9a-f]{32}$")
@@ -932,13 +947,14 @@ def test_run_transcribe_unreadable_file(
 def test_run_transcribe_refuses_a_wav_without_a_sample_rate(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """``wave`` reads a header with rate 0; resampling it was a traceback, not status 2."""
+    """A header with a rate of 0 (``wave`` reads one): resampling it was a traceback, not
+    status 2."""
     path = write_wav(tmp_path / "x.wav", 16000, 1, 0.1)
     data = bytearray(path.read_bytes())
     data[24:28] = (0).to_bytes(4, "little")  # fmt chunk: sample rate
     path.write_bytes(bytes(data))
     assert cli(path, "ws://127.0.0.1:9/ws/v1") == 2
-    assert "sample rate of 0 Hz" in capsys.readouterr().err
+    assert "cannot read" in (err := capsys.readouterr().err) and "0 Hz" in err
 
 
 @pytest.mark.parametrize(
@@ -1015,3 +1031,210 @@ def test_transcribe_refuses_stdin_it_cannot_read(stdin: bytes, why: str) -> None
             asrd.stdin.close()
         assert asrd.wait(GUARD) == 2
         assert asrd.stderr.read().decode() == f"asrd: cannot read stdin: {why}\n"
+
+
+def test_run_transcribe_sends_a_cut_off_file_with_a_warning(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """An interrupted copy: its audio is sent as far as it goes, and the user learns that it
+    ends early."""
+    path = write_wav(tmp_path / "cut.wav", 16000, 1, 2.0)
+    path.write_bytes(path.read_bytes()[: 44 + 48000])
+    with server_in_thread() as fake, caplog.at_level("WARNING", logger="asrd.audio"):
+        assert cli(path, fake.url) == 0
+    assert sum(fake.frame_sizes) == 48000
+    assert capsys.readouterr().out == "[0.00-1.00] second 1\n[1.00-1.50] second 2\n"
+    assert "the WAV header declares 64000 bytes of audio, the file holds 48000" in caplog.text
+
+
+# --- asrd transcribe's input, read as it comes ---------------------------------------------
+
+
+def wav_bytes(
+    pcm: bytes, rate: int, channels: int, *, width: int = 2, data_size: int | None = None
+) -> bytes:
+    """A WAV of the 16-bit samples ``pcm``, stored ``width`` bytes wide (2 or 3); ``data_size``
+    0xFFFFFFFF as a writer to a pipe leaves it."""
+    if width == 3:  # each sample's bytes after a zero low byte
+        wide = np.zeros((len(pcm) // 2, 3), dtype=np.uint8)
+        wide[:, 1:] = np.frombuffer(pcm, dtype=np.uint8).reshape(-1, 2)
+        pcm = wide.tobytes()
+    out = BytesIO()
+    with wave.open(out, "wb") as w:
+        w.setnchannels(channels)
+        w.setsampwidth(width)
+        w.setframerate(rate)
+        w.writeframes(pcm)
+    wav = bytearray(out.getvalue())
+    if data_size is not None:
+        wav[40:44] = data_size.to_bytes(4, "little")
+    return bytes(wav)
+
+
+def noise(seconds: float, rate: int, channels: int = 1) -> bytes:
+    rng = np.random.default_rng(11)
+    return (rng.standard_normal(int(seconds * rate) * channels) * 3000).astype("<i2").tobytes()
+
+
+class Pipe(io.RawIOBase):
+    """``data`` as a pipe gives it, in reads of at most ``sizes`` bytes (in turn); then its end,
+    zeros for ever (``endless``) or an I/O error (``broken``). ``taken``: bytes read."""
+
+    def __init__(
+        self,
+        data: bytes,
+        sizes: Sequence[int] = (READ_BYTES,),
+        *,
+        endless: bool = False,
+        broken: bool = False,
+    ) -> None:
+        self._data = data
+        self._sizes = itertools.cycle(sizes)
+        self._endless = endless
+        self._broken = broken
+        self.taken = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        n = min(len(buffer), next(self._sizes))
+        data = self._data[self.taken : self.taken + n]
+        if not data and self._broken:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        if not data and self._endless:
+            data = bytes(n)
+        buffer[: len(data)] = data
+        self.taken += len(data)
+        return len(data)
+
+
+async def test_the_input_is_read_as_it_is_sent_and_holds_a_bounded_amount() -> None:
+    """It was read whole first, up to 256 MiB, and resampled whole: 2 GB of float64 copies
+    for 256 MiB of CD audio. Here 60 s of a WAV stream that does not end."""
+    header = len(wav_bytes(b"", 44100, 2))
+    pipe = Pipe(wav_bytes(noise(1, 44100, 2), 44100, 2, data_size=0xFFFFFFFF), endless=True)
+    source = AudioInput(pipe, "stdin")
+    assert await source.begin() == 16000
+    lookahead = Resampler(44100, 16000).lookahead
+    chunks_out, chunks_in = trio.open_memory_channel[bytes](AHEAD_CHUNKS)
+    with trio.fail_after(GUARD):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(source.pump, chunks_out)
+            # Nothing is sent: the reading stops once AHEAD_CHUNKS chunks wait.
+            while not chunks_out.statistics().tasks_waiting_send:  # noqa: ASYNC110 - no event
+                await trio.sleep(0.01)
+            assert pipe.taken - header <= (AHEAD_CHUNKS + 2) * READ_BYTES
+            sent_s = 0.0
+            while sent_s < 60:
+                chunk = await chunks_in.receive()
+                sent_s += len(chunk) / 32000
+                assert len(chunk) <= READ_BYTES
+                assert source.held <= 4 + 2 * (2 * lookahead + 1)
+                ahead = pipe.taken - header - sent_s * 44100 * 4
+                assert ahead <= (AHEAD_CHUNKS + 3) * READ_BYTES
+            nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("sizes", [(READ_BYTES,), (1, 7, 4099, 333, 60001)])
+async def test_how_the_input_comes_does_not_change_its_audio(sizes: Sequence[int]) -> None:
+    """A sample frame cut between reads waits for its rest, and the resampler gives the same
+    samples for the stream as for the whole."""
+    stereo = noise(1.5, 22050, 2)
+    source = AudioInput(Pipe(wav_bytes(stereo, 22050, 2), sizes), "x.wav")
+    assert await source.begin() == 16000
+    chunks_out, chunks_in = trio.open_memory_channel[bytes](math.inf)
+    await source.pump(chunks_out)
+    audio = b"".join([chunk async for chunk in chunks_in])
+    mono = to_pcm16_mono(stereo, sample_width=2, channels=2)
+    assert audio == resample(mono, 22050, 16000)
+
+
+async def test_a_read_error_ends_the_audio_where_it_broke_off(
+    server: FakeServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The results for the audio that came, then why there are no more: status 2, as for an
+    input that cannot be read at all."""
+    source = AudioInput(Pipe(silence(1.5), broken=True), "stdin", raw_rate=16000)
+    with trio.fail_after(GUARD):
+        status = await transcribe_input(
+            source, url=server.url, token=TOKEN, appkey=APPKEY, realtime=False, json_lines=False
+        )
+    assert status == 2
+    assert capsys.readouterr() == (
+        "[0.00-1.00] second 1\n[1.00-1.50] second 2\n",
+        "asrd: cannot read stdin: [Errno 5] Input/output error (the audio sent ends there)\n",
+    )
+    assert sum(server.frame_sizes) == 48000
+
+
+# --- asrd transcribe against the real gateway (nats-server, pocketsphinx workers) ----------
+
+
+async def read_line(stream: trio.abc.ReceiveStream, buffer: bytearray) -> str:
+    """The next line of a child's output; ``buffer`` keeps what came after it."""
+    while b"\n" not in buffer:
+        data = await stream.receive_some()
+        if not data:
+            raise AssertionError(f"its output ended; read: {bytes(buffer)!r}")
+        buffer += data
+    line, _, rest = bytes(buffer).partition(b"\n")
+    buffer[:] = rest
+    return line.decode()
+
+
+def words(line: str) -> str:
+    return line.split("] ", 1)[1]
+
+
+async def test_transcribe_prints_a_sentence_while_its_input_goes_on(
+    gateway: RunningGateway,
+) -> None:
+    """A live source (arecord ... | asrd transcribe --raw-rate 16000 -): each sentence is
+    printed once it is over, not once the input ends. stdin was read to its end first."""
+    argv = [sys.executable, "-m", "asrd", "transcribe", "--fast", "--url", gateway.url]
+    argv += ["--token", "t", "--appkey", "default", "--raw-rate", "16000", "-"]
+    first = silence(0.3) + load_clip("0880") + silence(1.5)  # the sentence ends by silence
+    second = load_clip("0930") + silence(1.0)
+    out = bytearray()
+    with trio.fail_after(120):
+        async with trio.open_nursery() as nursery:
+            run = partial(trio.run_process, argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            asrd: trio.Process = await nursery.start(run)
+            assert asrd.stdin is not None and asrd.stdout is not None
+            for i in range(0, len(first), 6400):  # 0.2 s at a time, a little faster than live
+                await asrd.stdin.send_all(first[i : i + 6400])
+                await trio.sleep(0.05)
+            line = await read_line(asrd.stdout, out)  # stdin still open
+            assert wer([transcripts()["0880"]], [words(line)]) < 0.5, line
+            await asrd.stdin.send_all(second)
+            await asrd.stdin.aclose()
+            line = await read_line(asrd.stdout, out)
+            assert wer([transcripts()["0930"]], [words(line)]) < 0.5, line
+    assert asrd.returncode == 0
+
+
+@pytest.mark.parametrize(("rate", "channels", "width"), [(44100, 2, 3), (22050, 1, 2)])
+async def test_transcribe_resamples_a_file_as_it_reads_it(
+    gateway: RunningGateway, tmp_path: Path, rate: int, channels: int, width: int
+) -> None:
+    """A recording at a rate the gateway does not take is resampled to 16 kHz chunk by chunk,
+    and transcribed as its 16-kHz original is. Its 64-KiB reads of 24-bit stereo end in the
+    middle of sample frames, which wait for their rest."""
+    pcm = silence(0.3) + load_clip("0880") + silence(0.8)
+    original = tmp_path / "original.wav"
+    original.write_bytes(wav_bytes(pcm, 16000, 1))
+    other = np.repeat(np.frombuffer(audio_fixtures.resample(pcm, 16000, rate), "<i2"), channels)
+    path = tmp_path / f"{rate}.wav"
+    path.write_bytes(wav_bytes(other.tobytes(), rate, channels, width=width))
+    if width == 3:
+        assert (READ_BYTES - 44) % 6, "the first read ends mid-frame"
+    argv = [sys.executable, "-m", "asrd", "transcribe", "--fast", "--url", gateway.url]
+    argv += ["--token", "t", "--appkey", "default"]
+    texts = []
+    for wav in (original, path):
+        with trio.fail_after(120):
+            done = await trio.run_process([*argv, str(wav)], capture_stdout=True)
+        texts.append([words(line) for line in done.stdout.decode().splitlines()])
+    assert texts[1] == texts[0]
+    assert wer([transcripts()["0880"]], texts[0]) < 0.5

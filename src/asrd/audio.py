@@ -1,15 +1,13 @@
-"""Audio utilities: WAV reading, sample conversion and an incremental WAV parser
+"""Audio utilities: WAV reading, sample conversion and incremental WAV parsers
 (resampling: :mod:`asrd.resample`).
 
-Everything here is pure (no I/O except :func:`read_wav_file` and :func:`read_audio_stream`)
-so the gateway can run it on every audio frame and tests can drive it synchronously. The
-canonical audio of asrd is 16-bit little-endian mono PCM ("pcm16"), the only thing engines
-consume.
+Everything here is pure (no I/O except :func:`read_wav_file`) so the gateway can run it on
+every audio frame and tests can drive it synchronously. The canonical audio of asrd is 16-bit
+little-endian mono PCM ("pcm16"), the only thing engines consume.
 """
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import struct
@@ -26,13 +24,14 @@ __all__ = [
     "FORMAT_IEEE_FLOAT",
     "FORMAT_PCM",
     "MAX_FILE_RATE",
+    "MAX_HEADER_BYTES",
+    "InputDecoder",
     "WavFormat",
     "WavFormatError",
     "WavStreamParser",
-    "read_audio_stream",
-    "read_wav_bytes",
     "read_wav_file",
     "to_pcm16_mono",
+    "warn_if_cut_off",
 ]
 
 FORMAT_PCM: Final = 1
@@ -46,7 +45,9 @@ _BLOCK_FRAMES: Final = 1 << 20  # frames converted per numpy pass, bounds tempor
 # The highest rate a file is read at: audio interfaces record at up to 768 kHz. Above it is a
 # broken header, and resampling from it would take a filter of millions of taps per sample.
 MAX_FILE_RATE: Final = 768_000
-_READ_BYTES: Final = 1 << 16  # read from a stream at a time
+# The most of a WAV kept before its data chunk (fmt, LIST, bext, iXML, padding) while it is
+# read as it comes: it must be whole to be parsed. The audio after it is never kept.
+MAX_HEADER_BYTES: Final = 16 << 20
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -132,7 +133,7 @@ def read_wav_file(path: str | os.PathLike[str]) -> tuple[bytes, int]:
             if nframes > 0:
                 _check_rate(w.getframerate())
                 raw = w.readframes(nframes)
-                _check_length(path, len(raw), nframes * w.getsampwidth() * w.getnchannels())
+                warn_if_cut_off(path, len(raw), nframes * w.getsampwidth() * w.getnchannels())
                 pcm = to_pcm16_mono(raw, sample_width=w.getsampwidth(), channels=w.getnchannels())
                 return pcm, w.getframerate()
     except (wave.Error, EOFError):
@@ -141,46 +142,8 @@ def read_wav_file(path: str | os.PathLike[str]) -> tuple[bytes, int]:
         content = f.read()
     fmt, raw, declared = _wav_data(content)
     if declared is not None:
-        _check_length(path, len(raw), declared)
+        warn_if_cut_off(path, len(raw), declared)
     return _wav_pcm(fmt, raw), fmt.sample_rate
-
-
-def read_wav_bytes(content: bytes) -> tuple[bytes, int]:
-    """:func:`read_wav_file` for a WAV read whole from a stream (stdin).
-
-    The audio ends where the header's data size or ``content`` does, whichever comes first,
-    without a warning: a writer to a pipe cannot go back to fill in the size, and puts a
-    guess there.
-    """
-    fmt, raw, _declared = _wav_data(content)
-    return _wav_pcm(fmt, raw), fmt.sample_rate
-
-
-def read_audio_stream(
-    stream: io.BufferedIOBase, *, max_bytes: int, raw_rate: int | None = None
-) -> tuple[bytes, int]:
-    """Read a stream that cannot seek (stdin) to its end; return (pcm16 mono, sample rate).
-
-    It holds a WAV, or with ``raw_rate`` raw 16-bit little-endian mono PCM at that rate. A
-    WAV header is checked as soon as it has come, so input that is no WAV fails then, not
-    after all of it. Raises :class:`WavFormatError` for that, for empty input and for more
-    than ``max_bytes``: a stream may never end (a recorder, a device).
-    """
-    content = bytearray()
-    header = None
-    while chunk := stream.read1(_READ_BYTES):  # what has come, not a full buffer
-        content += chunk
-        if len(content) > max_bytes:
-            raise WavFormatError(f"more than {max_bytes >> 20} MiB: too long to read whole")
-        if raw_rate is None and header is None and (header := _parse_header(content)):
-            _check_format(header.fmt)
-    if not content:
-        raise WavFormatError("it is empty")
-    data = bytes(content)
-    content.clear()  # one copy of the input at a time
-    if raw_rate is not None:
-        return to_pcm16_mono(data, sample_width=2, channels=1), raw_rate
-    return read_wav_bytes(data)
 
 
 def _wav_data(content: bytes) -> tuple[WavFormat, bytes, int | None]:
@@ -225,7 +188,7 @@ def _check_rate(rate: int) -> None:
         )
 
 
-def _check_length(path: str | os.PathLike[str], got: int, declared: int) -> None:
+def warn_if_cut_off(path: str | os.PathLike[str], got: int, declared: int) -> None:
     """Warn about a cut-off file: its audio is still read, but the user may not know it ends
     early (an interrupted copy or recording)."""
     if got < declared:
@@ -259,6 +222,77 @@ def to_pcm16_mono(raw: bytes, *, sample_width: int, channels: int, is_float: boo
         samples = _decode(raw[start : min(start + step, usable)], sample_width, is_float)
         out += _encode_pcm16(samples.reshape(-1, channels).mean(axis=1))
     return bytes(out)
+
+
+class InputDecoder:
+    """Sans-IO: ``asrd transcribe``'s input as it comes, in chunks of any size, to pcm16 mono.
+
+    A WAV of any encoding :func:`read_wav_file` reads, or with ``raw_rate`` raw pcm16 mono at
+    that rate. A WAV header is checked as soon as it has come, not after all of the input: a
+    stream may never end (a recorder, without ``--raw-rate``). The audio ends where the
+    header's data size or the input does, whichever comes first: a writer to a pipe cannot go
+    back to fill in the size, and leaves a guess there. Between chunks it keeps only the
+    header until it is whole, then the part of a sample frame cut off at a chunk's end.
+    """
+
+    def __init__(self, raw_rate: int | None = None) -> None:
+        self._raw = raw_rate is not None
+        self._format = None if raw_rate is None else WavFormat(FORMAT_PCM, 1, raw_rate, 16)
+        self._header = bytearray()
+        self._remaining: int | None = None  # data bytes still to come; None: to the end
+        self._carry = b""  # the start of a sample frame
+        self.declared: int | None = None  # the data size the header gives, if it gives one
+        self.received = 0  # data bytes that came (a raw input is all data)
+
+    @property
+    def sample_rate(self) -> int | None:
+        """The audio's rate, once known."""
+        return None if self._format is None else self._format.sample_rate
+
+    @property
+    def ready(self) -> bool:
+        """The audio has begun: a WAV's header has come whole and passed, or raw bytes came."""
+        return self._format is not None and (self.received > 0 or not self._raw)
+
+    @property
+    def ended(self) -> bool:
+        """The header's data size has come: what follows is no audio."""
+        return self._remaining == 0
+
+    @property
+    def held(self) -> int:
+        """Bytes kept between chunks."""
+        return len(self._header) + len(self._carry)
+
+    def feed(self, data: bytes) -> bytes:
+        """The pcm16 mono that ``data``, the next bytes of the input, completes (maybe none).
+
+        Raises :class:`WavFormatError` for a header that cannot be read.
+        """
+        if self._format is None:
+            self._header += data
+            header = _parse_header(self._header)
+            if header is None:
+                if len(self._header) > MAX_HEADER_BYTES:
+                    raise WavFormatError(
+                        f"no WAV data chunk in its first {MAX_HEADER_BYTES >> 20} MiB"
+                    )
+                return b""
+            _check_format(header.fmt)
+            data = bytes(self._header[header.data_offset :])
+            self._header = bytearray()
+            self._format = header.fmt
+            self._remaining = self.declared = header.data_size
+        if self._remaining is not None:
+            data = data[: self._remaining]
+            self._remaining -= len(data)
+        self.received += len(data)
+        if self._carry:
+            data = self._carry + data
+        frame = self._format.sample_width * self._format.channels
+        whole = len(data) - len(data) % frame
+        self._carry = data[whole:]
+        return _wav_pcm(self._format, data[:whole])
 
 
 def _decode(raw: bytes, width: int, is_float: bool) -> FloatArray:

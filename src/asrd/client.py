@@ -16,7 +16,7 @@ import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from functools import partial
-from typing import Any, TextIO, cast
+from typing import Any, Protocol, TextIO, cast
 from urllib.parse import parse_qs, urlsplit
 
 import h11
@@ -24,13 +24,14 @@ import trio
 import trio_websocket
 
 from asrd import __version__, logs
-from asrd.audio import WavFormatError, read_audio_stream, read_wav_file, to_pcm16_mono
+from asrd.audio import InputDecoder, WavFormatError, warn_if_cut_off
 from asrd.errors import AsrdError, ServerError
-from asrd.resample import resample
+from asrd.resample import Resampler
 
 __all__ = [
     "LOCAL_FAILURE",
     "NAMESPACE",
+    "AudioInput",
     "TranscribeError",
     "Transcription",
     "open_transcription",
@@ -40,6 +41,7 @@ __all__ = [
     "start_message",
     "stop_message",
     "transcribe_and_print",
+    "transcribe_input",
 ]
 
 Event = dict[str, Any]
@@ -49,9 +51,6 @@ NAMESPACE = "SpeechTranscriber"
 LOCAL_FAILURE = ServerError.code
 # Rates the gateway accepts; anything else is resampled to 16 kHz before sending.
 NATIVE_RATES = (8000, 16000)
-# stdin is read whole before anything is sent, as a file is; it may never end (a recorder, a
-# device), so no more than this: 2.3 hours of 16 kHz mono 16-bit audio, 25 minutes of CD audio.
-STDIN_MAX_BYTES = 256 << 20
 _CLEAR_LINE = "\r\x1b[K"
 
 
@@ -578,17 +577,146 @@ def run_transcribe(
     if token is not None and not _header_safe(token):
         logs.fatal(f"--token: {BAD_TOKEN}")
         return 2
+    name = "stdin" if file == "-" else file
     try:
-        pcm, rate = _read_audio(file, raw_rate)
-    except (OSError, WavFormatError) as e:
-        logs.fatal(f"cannot read {'stdin' if file == '-' else file}: {e}")
+        # Unbuffered: AudioInput says why.
+        f = open(0, "rb", buffering=0, closefd=False) if file == "-" else open(file, "rb", 0)
+    except OSError as e:
+        logs.fatal(f"cannot read {name}: {e}")
         return 2
-    if rate not in NATIVE_RATES:
-        pcm, rate = resample(pcm, rate, 16000), 16000
-    return trio.run(
-        partial(
-            transcribe_and_print,
-            pcm_chunks(pcm),
+    with f:
+        return trio.run(
+            partial(
+                transcribe_input,
+                AudioInput(f, name, raw_rate=raw_rate),
+                url=url,
+                token=token,
+                appkey=appkey,
+                realtime=realtime,
+                json_lines=json_lines,
+                params=params,
+            )
+        )
+
+
+# What asrd transcribe reads at a time: what has come of a pipe or a terminal, up to this; this
+# much of a file.
+READ_BYTES = 1 << 16
+# Chunks converted and waiting for the sender: with --realtime, a file is read no further ahead
+# of what has been sent than these and the read in progress, whatever its length.
+AHEAD_CHUNKS = 4
+
+
+class Readable(Protocol):
+    def read(self, size: int, /) -> bytes | None: ...
+
+
+class AudioInput:
+    """``asrd transcribe``'s input, read as it comes: pcm16 mono at a rate the gateway takes.
+
+    Each read runs in a thread and is one ``read`` of an unbuffered file: what has come of a
+    pipe or a terminal, as much as asked of a file. Not a BufferedReader's ``read1``: a read
+    left waiting as the transcription ends (Ctrl-C, a source that goes on) holds its lock, so
+    closing it waits for that read, and Python's exit aborts on stdin's own. The audio is
+    converted chunk by chunk (:class:`asrd.audio.InputDecoder`), and resampled to 16 kHz
+    unless its rate is one the gateway takes.
+    """
+
+    def __init__(self, file: Readable, name: str, *, raw_rate: int | None = None) -> None:
+        self.name = name  # for messages: "stdin" or the file's path
+        self.sample_rate = 0  # of the audio as sent, once it has begun
+        self.error: OSError | None = None  # a read that failed after the audio had begun
+        self._file = file
+        self._decoder = InputDecoder(raw_rate)
+        self._resampler: Resampler | None = None
+        self._first = b""  # what came with the header
+
+    async def _read(self) -> bytes:
+        data = await trio.to_thread.run_sync(self._file.read, READ_BYTES, abandon_on_cancel=True)
+        return data or b""  # None: a non-blocking fd with nothing yet; taken as its end
+
+    async def begin(self) -> int:
+        """Read until the audio has begun (a WAV's header has come and passed, raw bytes
+        came) and return the rate it is sent at; raise OSError or WavFormatError, as for an
+        empty input."""
+        pcm = []
+        while not self._decoder.ready:
+            data = await self._read()
+            if not data:
+                if self._decoder.sample_rate is None and self._decoder.held:
+                    raise WavFormatError("WAV ends before its data chunk")
+                raise WavFormatError("it is empty")
+            pcm.append(self._decoder.feed(data))
+        rate = self._decoder.sample_rate or 0
+        self.sample_rate = rate if rate in NATIVE_RATES else 16000
+        self._resampler = Resampler(rate, self.sample_rate)
+        self._first = self._resampler.process(b"".join(pcm))
+        return self.sample_rate
+
+    async def pump(self, chunks: trio.MemorySendChannel[bytes]) -> None:
+        """Send the audio, from where :meth:`begin` left off, into ``chunks`` as it comes,
+        and close it at the end: of the input, of a WAV's data chunk, or at a read error
+        (then in :attr:`error`)."""
+        assert self._resampler is not None, "begin() first"
+        with chunks:
+            if self._first:
+                await chunks.send(self._first)
+                self._first = b""
+            while not self._decoder.ended:
+                try:
+                    data = await self._read()
+                except OSError as e:
+                    self.error = e
+                    break
+                if not data:
+                    break
+                if pcm := self._resampler.process(self._decoder.feed(data)):
+                    await chunks.send(pcm)
+            if tail := self._resampler.flush():
+                await chunks.send(tail)
+
+    @property
+    def held(self) -> int:
+        """Bytes of audio kept between reads (a sample frame's start, the resampler's history
+        and lookahead), besides the chunks waiting for the sender: bounded, whatever the
+        length of the input."""
+        kept = 0 if self._resampler is None else 2 * self._resampler.held
+        return self._decoder.held + kept
+
+    @property
+    def cut_off(self) -> tuple[int, int] | None:
+        """(bytes of audio its header declares, bytes that came) when fewer came."""
+        declared, received = self._decoder.declared, self._decoder.received
+        return None if declared is None or received >= declared else (declared, received)
+
+
+async def transcribe_input(
+    source: AudioInput,
+    *,
+    url: str,
+    token: str | None,
+    appkey: str,
+    realtime: bool,
+    json_lines: bool,
+    params: dict[str, object] | None = None,
+) -> int:
+    """The body of ``asrd transcribe``: stream ``source`` as it is read and print the results.
+
+    The connection opens once the audio has begun: input that is no audio, or none, is
+    refused first (status 2). A read that fails later ends the audio there: the results for
+    what came are printed, then the error, and the status is 2 (unless the transcription
+    failed: 1).
+    """
+    try:
+        rate = await source.begin()
+    except (OSError, WavFormatError) as e:
+        logs.fatal(f"cannot read {source.name}: {e}")
+        return 2
+    chunks_out, chunks_in = trio.open_memory_channel[bytes](AHEAD_CHUNKS)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(source.pump, chunks_out)
+        status = await transcribe_and_print(
+            chunks_in,
             rate,
             url=url,
             token=token,
@@ -597,22 +725,13 @@ def run_transcribe(
             json_lines=json_lines,
             params=params,
         )
-    )
-
-
-def _read_audio(file: str, raw_rate: int | None) -> tuple[bytes, int]:
-    """The audio of ``file`` (``-``: stdin) as pcm16 mono and its rate."""
-    if file == "-":
-        # fd 0 as a BufferedReader, whose read1 returns what has come (its header, early)
-        with open(0, "rb", closefd=False) as stdin:
-            return read_audio_stream(stdin, max_bytes=STDIN_MAX_BYTES, raw_rate=raw_rate)
-    if raw_rate is None:
-        return read_wav_file(file)
-    with open(file, "rb") as f:
-        data = f.read()
-    if not data:  # as for stdin: nothing to send is no transcription
-        raise WavFormatError("it is empty")
-    return to_pcm16_mono(data, sample_width=2, channels=1), raw_rate
+        nursery.cancel_scope.cancel()  # a read still waiting (a source that goes on)
+    if source.error is not None:
+        logs.fatal(f"cannot read {source.name}: {source.error} (the audio sent ends there)")
+        return status or 2
+    if source.cut_off is not None and source.name != "stdin":
+        warn_if_cut_off(source.name, source.cut_off[1], source.cut_off[0])
+    return status
 
 
 async def transcribe_and_print(
