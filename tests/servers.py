@@ -167,7 +167,7 @@ def start_workers(
     return workers
 
 
-def read_until(stream: IO[str], marker: str, timeout: float = 120.0) -> list[str]:
+def read_until(stream: IO[str] | IO[bytes], marker: str, timeout: float = 120.0) -> list[str]:
     """The lines of a child's pipe up to the first that holds ``marker`` (``""``: any line).
 
     Bounded, unlike ``readline()``: a child that hangs without printing fails the test after

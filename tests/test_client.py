@@ -15,15 +15,17 @@ import json
 import math
 import os
 import re
+import signal
 import socket
 import ssl
 import struct
 import subprocess
 import sys
 import threading
+import time
 import warnings
 import wave
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -57,6 +59,7 @@ from asrd.wer import wer
 from tests import audio_fixtures
 from tests.audio_fixtures import load_clip, transcripts
 from tests.conftest import RunningGateway
+from tests.servers import read_until
 
 Event = dict[str, Any]
 HEX32 = re.compile(r"^[0-9a-f]{32}$")
@@ -97,6 +100,7 @@ class FakeServer:
     drop_after_bytes: int | None = None
     never_start: bool = False
     stall_after_start: bool = False  # answers Start, then reads nothing more
+    hold_stop: threading.Event | None = None  # answers Stop once this is set
     text: str = "second"  # the words of each result
     # what it saw
     headers: dict[str, str] = field(default_factory=dict)
@@ -183,6 +187,8 @@ class FakeServer:
             self.check_header(stop["header"], "StopTranscription")
             if stop["header"]["task_id"] != task_id:
                 self.violations.append("task_id changed")
+            if self.hold_stop is not None:
+                await trio.to_thread.run_sync(self.hold_stop.wait)
             if received > sentences * second:
                 await sentence(received * 1000 // second)
             await ws.send_message(server_event("TranscriptionCompleted", task_id))
@@ -1031,6 +1037,139 @@ def test_transcribe_refuses_stdin_it_cannot_read(stdin: bytes, why: str) -> None
             asrd.stdin.close()
         assert asrd.wait(GUARD) == 2
         assert asrd.stderr.read().decode() == f"asrd: cannot read stdin: {why}\n"
+
+
+# --- Ctrl-C ------------------------------------------------------------------------------------
+
+
+def wait_until(done: Callable[[], bool]) -> None:
+    """For what another thread or process does: poll, within the guard."""
+    deadline = time.monotonic() + GUARD
+    while not done():
+        assert time.monotonic() < deadline, "not within the guard"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("then_eof", [False, True], ids=["stdin-goes-on", "stdin-ends-next"])
+def test_ctrl_c_ends_the_audio_and_prints_the_last_results(then_eof: bool) -> None:
+    """As for a live microphone: Ctrl-C ends what is sent, the results for it come, status 0.
+    stdin may go on (arecord from another terminal) or end right after (a recorder in the
+    same terminal gets the SIGINT too). It was a KeyboardInterrupt: status 130, no results."""
+    with server_in_thread() as fake, transcribe_stdin(fake.url, "--raw-rate", "16000") as asrd:
+        assert asrd.stdin is not None and asrd.stdout is not None and asrd.stderr is not None
+        asrd.stdin.write(silence(1.5))
+        asrd.stdin.flush()
+        wait_until(lambda: sum(fake.frame_sizes) == 48000)
+        asrd.send_signal(signal.SIGINT)
+        if then_eof:
+            asrd.stdin.close()
+        assert asrd.stdout.read() == b"[0.00-1.00] second 1\n[1.00-1.50] second 2\n"
+        assert asrd.wait(GUARD) == 0
+        assert "Ctrl-C: the audio ends here" in asrd.stderr.read().decode()
+    assert fake.stop is not None
+
+
+def test_ctrl_c_after_stdin_ended_still_waits_for_the_last_results() -> None:
+    """The recorder's end came first (it got the SIGINT before us): the audio has ended
+    already, and the results the server is still working on are printed."""
+    with server_in_thread() as fake, transcribe_stdin(fake.url, "--raw-rate", "16000") as asrd:
+        assert asrd.stdin is not None and asrd.stdout is not None and asrd.stderr is not None
+        fake.hold_stop = threading.Event()
+        asrd.stdin.write(silence(1.5))
+        asrd.stdin.close()
+        wait_until(lambda: fake.stop is not None)
+        asrd.send_signal(signal.SIGINT)
+        read_until(asrd.stderr, "Ctrl-C", GUARD)
+        fake.hold_stop.set()
+        assert asrd.stdout.read() == b"[0.00-1.00] second 1\n[1.00-1.50] second 2\n"
+        assert asrd.wait(GUARD) == 0
+
+
+def test_a_second_ctrl_c_quits_at_once() -> None:
+    """A server that answers nothing more: after the first Ctrl-C the client would wait the
+    30 s a reply may take and end with 1; the second quits at once, with 130, without the
+    closing handshake (the server would not answer it either)."""
+    with server_in_thread() as fake:
+        fake.stall_after_start = True
+        with transcribe_stdin(fake.url, "--raw-rate", "16000", "--json") as asrd:
+            assert asrd.stdin is not None and asrd.stdout is not None
+            assert asrd.stderr is not None
+            asrd.stdin.write(silence(1.0))
+            asrd.stdin.flush()
+            read_until(asrd.stdout, "TranscriptionStarted", GUARD)
+            asrd.send_signal(signal.SIGINT)
+            read_until(asrd.stderr, "Ctrl-C", GUARD)
+            asrd.send_signal(signal.SIGINT)
+            assert asrd.wait(GUARD) == 130
+            assert "Traceback" not in asrd.stderr.read().decode()
+
+
+async def test_ctrl_c_before_the_audio_began_quits(server: FakeServer) -> None:
+    """Nothing was sent: there is nothing to wait for. It does not connect."""
+    read_end, write_end = os.pipe()
+    # Unbuffered, as asrd transcribe opens stdin for its reads in a thread.
+    stdin = open(read_end, "rb", buffering=0)  # noqa: ASYNC230
+    with stdin, open(write_end, "wb") as writer:  # noqa: ASYNC230
+        source = AudioInput(stdin, "stdin", raw_rate=16000)
+        status: list[int] = []
+
+        async def transcribe() -> None:
+            status.append(
+                await transcribe_input(
+                    source,
+                    url=server.url,
+                    token=TOKEN,
+                    appkey=APPKEY,
+                    realtime=False,
+                    json_lines=False,
+                )
+            )
+
+        with trio.fail_after(GUARD):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(transcribe)
+                await trio.testing.wait_all_tasks_blocked()  # reading stdin
+                signal.raise_signal(signal.SIGINT)
+        writer.close()  # the read left waiting returns
+    assert status == [130]
+    assert server.start is None
+
+
+async def test_ctrl_c_on_a_file_sent_at_real_time(
+    server: FakeServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The audio ends where Ctrl-C came, and a file read no further than that is not one
+    'cut off before the end its header declares'."""
+    path = write_wav(tmp_path / "long.wav", 16000, 1, 30.0)  # more than is read ahead
+    status: list[int] = []
+    with open(path, "rb", buffering=0) as f, caplog.at_level("WARNING"):  # noqa: ASYNC230
+        source = AudioInput(f, str(path))
+
+        async def transcribe() -> None:
+            status.append(
+                await transcribe_input(
+                    source,
+                    url=server.url,
+                    token=TOKEN,
+                    appkey=APPKEY,
+                    realtime=True,
+                    json_lines=False,
+                )
+            )
+
+        with trio.fail_after(GUARD):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(transcribe)
+                while sum(server.frame_sizes) < 32000:  # noqa: ASYNC110 - no event to wait on
+                    await trio.sleep(0.01)
+                signal.raise_signal(signal.SIGINT)
+    assert status == [0]
+    assert capsys.readouterr().out.startswith("[0.00-1.00] second 1\n")
+    assert server.stop is not None and sum(server.frame_sizes) < 2 * 16000 * 30
+    assert "declares" not in caplog.text
 
 
 def test_run_transcribe_sends_a_cut_off_file_with_a_warning(

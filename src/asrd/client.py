@@ -9,7 +9,9 @@ as a smoke test of the gateway. :func:`open_transcription` is the library API;
 from __future__ import annotations
 
 import json
+import logging
 import shutil
+import signal
 import ssl
 import sys
 import uuid
@@ -45,6 +47,7 @@ __all__ = [
 ]
 
 Event = dict[str, Any]
+log = logging.getLogger(__name__)
 
 NAMESPACE = "SpeechTranscriber"
 # Status reported for failures the server did not name (connection lost, timeout, garbage).
@@ -189,9 +192,16 @@ class Transcription:
         self._started = False
         self._stop_sent = False
         self._receive_scope: trio.CancelScope | None = None
+        self._audio_scope = trio.CancelScope()  # the framing of the audio, for end_audio()
 
     def __aiter__(self) -> Transcription:
         return self
+
+    def end_audio(self) -> None:
+        """End the audio here, as if it had ended (a user's Ctrl-C): the frame being sent goes
+        out whole, none after it, then ``StopTranscription``; the last results are waited for
+        as after any Stop. Nothing if the audio has ended already."""
+        self._audio_scope.cancel()
 
     async def __anext__(self) -> Event:
         if self._pending:
@@ -229,15 +239,38 @@ class Transcription:
     async def _stream(
         self, audio: AsyncIterable[bytes], sample_rate: int, frame_ms: int, realtime: bool
     ) -> None:
-        """Sender task: audio, then ``StopTranscription``; from then on replies are bounded."""
-        try:
-            await send_audio(self._send, audio, sample_rate, frame_ms=frame_ms, realtime=realtime)
-            await self._send(json.dumps(stop_message(self.task_id, self._appkey)))
-        except trio_websocket.ConnectionClosed:
-            return  # the receiving side reports why
+        """Sender task: audio, then ``StopTranscription``; from then on replies are bounded.
+
+        The audio is framed (and paced) in a task of its own that :meth:`end_audio` cancels,
+        and handed over frame by frame: a frame cut off in the middle of its write would leave
+        the server to read the Stop as the rest of it.
+        """
+        frames_out, frames_in = trio.open_memory_channel[bytes](0)
+        with _unwrap_single():
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._frame, frames_out, audio, sample_rate, frame_ms, realtime)
+                try:
+                    async for frame in frames_in:
+                        await self._send(frame)
+                    await self._send(json.dumps(stop_message(self.task_id, self._appkey)))
+                except trio_websocket.ConnectionClosed:
+                    nursery.cancel_scope.cancel()
+                    return  # the receiving side reports why
         self._stop_sent = True
         if self._receive_scope is not None:
             self._receive_scope.deadline = trio.current_time() + self._timeout
+
+    async def _frame(
+        self,
+        frames: trio.MemorySendChannel[bytes],
+        audio: AsyncIterable[bytes],
+        sample_rate: int,
+        frame_ms: int,
+        realtime: bool,
+    ) -> None:
+        """The frames of ``audio`` into ``frames``, until its end or :meth:`end_audio`."""
+        with frames, self._audio_scope:
+            await send_audio(frames.send, audio, sample_rate, frame_ms=frame_ms, realtime=realtime)
 
     async def _send(self, message: str | bytes) -> None:
         """One message out, bounded: a server that reads nothing for so long has stalled."""
@@ -630,6 +663,7 @@ class AudioInput:
         self._decoder = InputDecoder(raw_rate)
         self._resampler: Resampler | None = None
         self._first = b""  # what came with the header
+        self._whole = False  # read to its end (or its data chunk's)
 
     async def _read(self) -> bytes:
         data = await trio.to_thread.run_sync(self._file.read, READ_BYTES, abandon_on_cancel=True)
@@ -672,6 +706,7 @@ class AudioInput:
                     break
                 if pcm := self._resampler.process(self._decoder.feed(data)):
                     await chunks.send(pcm)
+            self._whole = self.error is None
             if tail := self._resampler.flush():
                 await chunks.send(tail)
 
@@ -685,9 +720,12 @@ class AudioInput:
 
     @property
     def cut_off(self) -> tuple[int, int] | None:
-        """(bytes of audio its header declares, bytes that came) when fewer came."""
+        """(bytes of audio its header declares, bytes there were) when it was read to its end
+        and there were fewer."""
         declared, received = self._decoder.declared, self._decoder.received
-        return None if declared is None or received >= declared else (declared, received)
+        if not self._whole or declared is None or received >= declared:
+            return None
+        return declared, received
 
 
 async def transcribe_input(
@@ -705,8 +743,35 @@ async def transcribe_input(
     The connection opens once the audio has begun: input that is no audio, or none, is
     refused first (status 2). A read that fails later ends the audio there: the results for
     what came are printed, then the error, and the status is 2 (unless the transcription
-    failed: 1).
+    failed: 1). Ctrl-C: see :class:`_CtrlC`.
     """
+    ctrl_c = _CtrlC()
+    with trio.open_signal_receiver(signal.SIGINT) as signals, ctrl_c.quit:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ctrl_c.watch, signals)
+            status = await _transcribe_input(
+                source,
+                partial(
+                    transcribe_and_print,
+                    url=url,
+                    token=token,
+                    appkey=appkey,
+                    realtime=realtime,
+                    json_lines=json_lines,
+                    params=params,
+                    on_start=ctrl_c.started,
+                ),
+            )
+            nursery.cancel_scope.cancel()
+        return status
+    return INTERRUPTED
+
+
+async def _transcribe_input(
+    source: AudioInput, transcribe: Callable[[AsyncIterable[bytes], int], Awaitable[int]]
+) -> int:
+    """:func:`transcribe_input` but Ctrl-C; ``transcribe`` is :func:`transcribe_and_print`
+    with its options."""
     try:
         rate = await source.begin()
     except (OSError, WavFormatError) as e:
@@ -715,16 +780,7 @@ async def transcribe_input(
     chunks_out, chunks_in = trio.open_memory_channel[bytes](AHEAD_CHUNKS)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(source.pump, chunks_out)
-        status = await transcribe_and_print(
-            chunks_in,
-            rate,
-            url=url,
-            token=token,
-            appkey=appkey,
-            realtime=realtime,
-            json_lines=json_lines,
-            params=params,
-        )
+        status = await transcribe(chunks_in, rate)
         nursery.cancel_scope.cancel()  # a read still waiting (a source that goes on)
     if source.error is not None:
         logs.fatal(f"cannot read {source.name}: {source.error} (the audio sent ends there)")
@@ -732,6 +788,36 @@ async def transcribe_input(
     if source.cut_off is not None and source.name != "stdin":
         warn_if_cut_off(source.name, source.cut_off[1], source.cut_off[0])
     return status
+
+
+# The status of a command a Ctrl-C stopped, as a shell reports a process SIGINT killed.
+INTERRUPTED = 128 + signal.SIGINT
+
+
+class _CtrlC:
+    """Ctrl-C in ``asrd transcribe``, for a live microphone's user: the first ends the audio
+    (:meth:`Transcription.end_audio`) and the last results are printed, as after any end of
+    the input; the second quits at once (:attr:`quit` is cancelled), without waiting for the
+    server. Before the transcription has started, nothing has been sent: the first quits.
+
+    A recorder piping into stdin from the same terminal gets the SIGINT too, and its end
+    ends stdin: before it or after, the audio ends once and the results are printed.
+    """
+
+    def __init__(self) -> None:
+        self.quit = trio.CancelScope()
+        self._transcription: Transcription | None = None
+
+    def started(self, transcription: Transcription) -> None:
+        self._transcription = transcription
+
+    async def watch(self, signals: AsyncIterator[int]) -> None:
+        await anext(signals)
+        if self._transcription is not None:
+            self._transcription.end_audio()
+            log.info("Ctrl-C: the audio ends here; the last results follow (Ctrl-C again: quit)")
+            await anext(signals)
+        self.quit.cancel()
 
 
 async def transcribe_and_print(
@@ -745,8 +831,10 @@ async def transcribe_and_print(
     json_lines: bool,
     params: dict[str, object] | None = None,
     frame_ms: int = 100,
+    on_start: Callable[[Transcription], object] | None = None,
 ) -> int:
     """Stream ``audio`` and print as events arrive; return 0, or 1 after a failure (on stderr).
+    ``on_start`` is given the transcription once the server has started it.
 
     Separate from :func:`run_transcribe` so tests can run it inside their own trio loop.
     """
@@ -763,6 +851,8 @@ async def transcribe_and_print(
             frame_ms=frame_ms,
             params=params,
         ) as transcription:
+            if on_start is not None:
+                on_start(transcription)
             async for event in transcription:
                 printer.show(event)
     except TranscribeError as e:
