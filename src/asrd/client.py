@@ -641,6 +641,8 @@ AHEAD_CHUNKS = 4
 
 
 class Readable(Protocol):
+    """What :class:`AudioInput` reads: an unbuffered file, or what reads as one."""
+
     def read(self, size: int, /) -> bytes | None: ...
 
 
@@ -671,8 +673,8 @@ class AudioInput:
 
     async def begin(self) -> int:
         """Read until the audio has begun (a WAV's header has come and passed, raw bytes
-        came) and return the rate it is sent at; raise OSError or WavFormatError, as for an
-        empty input."""
+        came) and return the rate it is sent at. Raises OSError, or WavFormatError for input
+        that is no audio or none."""
         pcm = []
         while not self._decoder.ready:
             data = await self._read()
@@ -764,7 +766,7 @@ async def transcribe_input(
             )
             nursery.cancel_scope.cancel()
         return status
-    return INTERRUPTED
+    return _INTERRUPTED
 
 
 async def _transcribe_input(
@@ -790,8 +792,9 @@ async def _transcribe_input(
     return status
 
 
-# The status of a command a Ctrl-C stopped, as a shell reports a process SIGINT killed.
-INTERRUPTED = 128 + signal.SIGINT
+# The status of a command a Ctrl-C stopped: asrd.cli's INTERRUPTED_STATUS (the client does not
+# import the CLI).
+_INTERRUPTED = 128 + signal.SIGINT
 
 
 class _CtrlC:
