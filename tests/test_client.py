@@ -1,4 +1,4 @@
-"""Tests of asrd.client against a tiny fake NLS server defined here.
+"""Tests of asrd.client and asrd.transcribe against a tiny fake NLS server defined here.
 
 The fake speaks just enough of protocols.md §1: it checks the token header and the ids,
 answers ``TranscriptionStarted``, one SentenceBegin/ResultChanged/SentenceEnd per second of
@@ -42,19 +42,21 @@ from wsproto import events as ws_events
 
 from asrd.audio import to_pcm16_mono
 from asrd.client import (
-    AHEAD_CHUNKS,
     LOCAL_FAILURE,
-    READ_BYTES,
-    AudioInput,
     TranscribeError,
     open_transcription,
     pcm_chunks,
-    run_transcribe,
     send_audio,
+)
+from asrd.resample import Resampler, resample
+from asrd.transcribe import (
+    AHEAD_CHUNKS,
+    READ_BYTES,
+    AudioInput,
+    run_transcribe,
     transcribe_and_print,
     transcribe_input,
 )
-from asrd.resample import Resampler, resample
 from asrd.wer import wer
 from tests import audio_fixtures
 from tests.audio_fixtures import load_clip, transcripts

@@ -324,7 +324,8 @@ async def _run_worker(config: Config, engine: Any, gate: CpuGate | None = None) 
 
 
 def cmd_transcribe(args: argparse.Namespace) -> int:
-    from asrd.client import link_appkey, run_transcribe
+    from asrd.client import link_appkey
+    from asrd.transcribe import run_transcribe
 
     # A signed link names its appkey, and the Start must name the same one (else 40020106).
     appkey = args.appkey or link_appkey(args.url) or os.environ.get("ASRD_APPKEY") or "default"
