@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import itertools
 import logging
-import random
 import struct
-import tracemalloc
 import wave
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +26,7 @@ from asrd.audio import (
     to_pcm16_mono,
 )
 from asrd.errors import BadWavHeader, ClientError, UnsupportedSampleRate
-from asrd.resample import Resampler, resample
+from asrd.resample import resample
 
 DATA = Path(__file__).parent / "data"
 REAL_WAV = DATA / "sense_and_sensibility_01_austen_64kb-0870.wav"
@@ -368,69 +365,6 @@ def test_partial_trailing_frame_is_dropped() -> None:
 def test_bad_sample_width(width: int, is_float: bool) -> None:
     with pytest.raises(WavFormatError):
         to_pcm16_mono(b"\x00" * 16, sample_width=width, channels=1, is_float=is_float)
-
-
-# --- asrd.resample: what tests/test_engine_pocketsphinx.py does not cover ----------------------
-
-
-def rms_db(pcm: bytes, reference: float) -> float:
-    x = samples(pcm).astype(np.float64)[200:-200]  # skip the filter's edges
-    return float(20 * np.log10(np.sqrt(np.mean(x**2)) / reference + 1e-12))
-
-
-@pytest.mark.parametrize(("from_rate", "to_rate"), [(44100, 16000), (48000, 16000), (16000, 8000)])
-def test_downsampling_keeps_the_passband_and_removes_aliases(from_rate: int, to_rate: int) -> None:
-    reference = 0.5 * 32768 / np.sqrt(2)
-    passband = resample(pcm16(tone(0.25 * to_rate, from_rate)), from_rate, to_rate)
-    assert len(passband) // 2 == to_rate
-    assert abs(rms_db(passband, reference)) < 0.5
-    # Above the new Nyquist frequency: would alias to 0.4 * to_rate without the low-pass.
-    alias = resample(pcm16(tone(0.6 * to_rate, from_rate)), from_rate, to_rate)
-    assert rms_db(alias, reference) < -60
-
-
-def peak_bytes(run: Callable[[], object]) -> int:
-    """The most memory (numpy's arrays too) allocated at once while ``run`` runs, above what
-    was allocated before."""
-    tracemalloc.start()
-    try:
-        before = tracemalloc.get_traced_memory()[0]
-        run()
-        return tracemalloc.get_traced_memory()[1] - before
-    finally:
-        tracemalloc.stop()
-
-
-def test_resampling_a_long_buffer_takes_bounded_memory() -> None:
-    """Its temporaries were an index array of (outputs x taps) int64 and two like it: 150 MB
-    for 2 s of CD audio, 2 GB for 25 minutes of it."""
-    pcm = pcm16(tone(1000, 44100, 4.0))
-    out_bytes = 2 * 64000
-    assert peak_bytes(lambda: resample(pcm, 44100, 16000)) < 2 * out_bytes + (8 << 20)
-
-
-def test_a_ratio_of_many_phases_builds_no_table() -> None:
-    """16000/44099 has 16000 phases of 188 taps: a 24 MB table, 145 MB to build it (and 16000 of
-    3268, 418 MB, from 767999 Hz). Their rows are computed as they are needed."""
-    pcm = pcm16(tone(1000, 44099, 0.1))
-    assert peak_bytes(lambda: Resampler(44099, 16000).process(pcm)) < 12 << 20
-
-
-@pytest.mark.parametrize(("src", "dst"), [(44099, 16000), (44100, 16000)])
-def test_computed_rows_do_not_depend_on_chunking(src: int, dst: int) -> None:
-    pcm = pcm16(np.random.default_rng(3).standard_normal(src // 4) * 0.1)
-    whole = resample(pcm, src, dst)
-    rnd = random.Random(src)
-    for _ in range(3):
-        r = Resampler(src, dst)
-        out, i = [], 0
-        while i < len(pcm):
-            n = rnd.choice([1, 3, 160, 4099, 70001])
-            out.append(r.process(pcm[i : i + n]))
-            i += n
-            assert r.held <= 2 * r.lookahead + 1  # its history and lookahead, no more
-        out.append(r.flush())
-        assert b"".join(out) == whole
 
 
 # --- WavStreamParser ---------------------------------------------------------------------------

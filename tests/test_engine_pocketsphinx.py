@@ -1,4 +1,4 @@
-"""The pocketsphinx engine on real speech, and the resampler that feeds it 8 kHz audio.
+"""The pocketsphinx engine on real speech (its resampler: tests/test_resample.py).
 
 Accuracy is measured on the LibriVox clips of Debian's pocketsphinx-testdata (tests/data).
 Decoders cost ~0.3 s each to create, so the engine is module-scoped and small.
@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import difflib
 import itertools
-import math
-import random
 import re
 import subprocess
 import sys
@@ -25,7 +23,6 @@ import pytest
 from asrd.engines import EngineFull, Hypothesis, create_engine
 from asrd.engines.pocketsphinx import DECODER_DEFAULTS, PocketsphinxEngine
 from asrd.errors import TooManyRequests, UnsupportedSampleRate
-from asrd.resample import Resampler, output_length, resample
 from asrd.wer import normalize, wer
 
 DATA = Path(__file__).parent / "data"
@@ -519,76 +516,6 @@ def test_cmn_priors_are_read_as_written_or_refused() -> None:
     for by_rate in ({8000: "40;3"}, "8000=40,3"):
         with pytest.raises(ValueError, match="cmninit_by_rate"):
             create_engine("pocketsphinx", decoders=1, cmninit_by_rate=by_rate)
-
-
-# --- resampler -----------------------------------------------------------------------------
-
-RATE_PAIRS = [(8000, 16000), (16000, 8000), (44100, 16000), (22050, 16000), (16000, 16000)]
-
-
-def _noise(n: int, seed: int = 7) -> bytes:
-    rng = np.random.default_rng(seed)
-    return (rng.standard_normal(n) * 4000).astype("<i2").tobytes()
-
-
-@pytest.mark.parametrize(("src", "dst"), RATE_PAIRS)
-def test_resampler_chunking_is_invisible(src: int, dst: int) -> None:
-    pcm = _noise(src // 2 + 1)  # an odd number of samples
-    whole = resample(pcm, src, dst)
-    assert len(whole) // 2 == output_length(len(pcm) // 2, src, dst)
-    rnd = random.Random(src * 31 + dst)
-    for _ in range(5):
-        r = Resampler(src, dst)
-        out = []
-        i = 0
-        while i < len(pcm):
-            n = rnd.choice([1, 2, 3, 7, 160, 333, 1601, 4099])
-            out.append(r.process(pcm[i : i + n]))
-            i += n
-        out.append(r.flush())
-        assert b"".join(out) == whole
-
-
-def _tone(freq: float, rate: int, seconds: float, amplitude: float = 10000.0) -> bytes:
-    t = np.arange(int(rate * seconds)) / rate
-    return np.rint(amplitude * np.sin(2 * math.pi * freq * t)).astype("<i2").tobytes()
-
-
-@pytest.mark.parametrize("freq", [300.0, 1000.0, 3400.0])
-def test_upsampling_keeps_speech_band_tones(freq: float) -> None:
-    up = np.frombuffer(resample(_tone(freq, 8000, 0.5), 8000, 16000), dtype="<i2")
-    expected = np.frombuffer(_tone(freq, 16000, 0.5), dtype="<i2").astype(np.float64)
-    inner = slice(200, -200)  # away from the zero padding at both ends
-    error = np.abs(up[inner] - expected[inner])
-    assert error.max() < 0.01 * 10000
-
-
-def test_downsampling_rejects_what_would_alias() -> None:
-    down = np.frombuffer(resample(_tone(6000.0, 16000, 0.5), 16000, 8000), dtype="<i2")
-    assert np.sqrt(np.mean(down[100:-100].astype(np.float64) ** 2)) < 10
-
-
-def test_resampler_keeps_dc_and_edges() -> None:
-    dc = np.full(4000, 1234, dtype="<i2").tobytes()
-    up = np.frombuffer(resample(dc, 8000, 16000), dtype="<i2")
-    assert len(up) == 8000
-    assert np.all(up[100:-100] == 1234)  # away from the zero padding at both ends
-    assert resample(b"", 8000, 16000) == b""
-    assert resample(b"\x01", 8000, 16000) == b""
-    assert resample(b"\x01\x02\x03", 16000, 16000) == b"\x01\x02"
-
-
-def test_resampler_misuse() -> None:
-    with pytest.raises(ValueError):
-        Resampler(0, 16000)
-    r = Resampler(8000, 16000)
-    assert r.lookahead > 0
-    r.process(b"\x00\x01" * 100)
-    tail = r.flush()
-    assert tail
-    assert r.flush() == b""
-    with pytest.raises(RuntimeError):
-        r.process(b"\0\0")
 
 
 def test_normalize_handles_reference_markup() -> None:
