@@ -512,9 +512,20 @@ def target(index):
         sdnotify.ready()
         time.sleep(0.5)  # the family is ready by then: this is a crash after the start
         return 1
-    if sys.argv[1] == "noabort":  # wedged, and SIGABRT does not end it (as if stopped)
+    if sys.argv[1] == "noabort":  # wedged, and SIGABRT does not end it (it handles it)
         import signal
         signal.signal(signal.SIGABRT, signal.SIG_IGN)
+    if sys.argv[1] == "stopped":  # the first of each index stops (SIGSTOP); the next is healthy
+        import pathlib, signal
+        marker = pathlib.Path(sys.argv[2], str(index))
+        sdnotify.ready()
+        os.write(1, f"started {index} {os.getpid()}\\n".encode())
+        if not marker.exists():
+            marker.touch()
+            os.kill(os.getpid(), signal.SIGSTOP)
+        while True:
+            sdnotify.notify("WATCHDOG=1")
+            time.sleep(0.1)
     sdnotify.ready()  # and never a WATCHDOG=1: a wedged child
     os.write(1, f"started {index} {os.getpid()}\\n".encode())  # one write: no interleaving
     time.sleep(3600 if sys.argv[1] == "noabort" else 60)
@@ -727,11 +738,25 @@ def test_prefork_forks_again_later_when_a_fork_fails() -> None:
     assert not [x for x in errors if "process 1" in x], errors  # its sibling served on
 
 
-def spawn_wedged_children(ns: NotifySocket, mode: str) -> subprocess.Popen[bytes]:
+def spawn_wedged_children(ns: NotifySocket, *args: str) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if k not in sdnotify.ENVIRONMENT_KEYS}
     env |= {"NOTIFY_SOCKET": ns.address, "WATCHDOG_USEC": "1000000"}
-    argv = [sys.executable, "-c", PREFORK_SCRIPT, mode]
-    return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE)
+    argv = [sys.executable, "-c", PREFORK_SCRIPT, *args]
+    return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+async def read_starts(proc: subprocess.Popen[bytes], count: int) -> list[int]:
+    """The pids of the first ``count`` children ``proc`` (PREFORK_SCRIPT) started."""
+    assert proc.stdout is not None
+    started: list[int] = []
+    with trio.fail_after(GUARD_S):
+        while len(started) < count:
+            line = await trio.to_thread.run_sync(
+                proc.stdout.readline,
+                abandon_on_cancel=True,  # or fail_after waits
+            )
+            started.append(int(line.split()[2]))
+    return started
 
 
 @pytest.mark.parametrize("mode", ["hang", "noabort"])
@@ -741,15 +766,7 @@ async def test_prefork_kills_and_forks_again_a_child_that_stops_pinging(mode: st
     with notify_socket("abstract") as ns:
         proc = spawn_wedged_children(ns, mode)
         try:
-            assert proc.stdout is not None
-            started: list[int] = []
-            with trio.fail_after(GUARD_S):
-                while len(started) < 4:  # two, then each again after its watchdog kill
-                    line = await trio.to_thread.run_sync(
-                        proc.stdout.readline,
-                        abandon_on_cancel=True,  # or fail_after waits
-                    )
-                    started.append(int(line.split()[2]))
+            started = await read_starts(proc, 4)  # two, then each again after its watchdog kill
             assert len(set(started)) == 4
             proc.send_signal(signal.SIGTERM)
             assert await wait_exit(proc) == 0
@@ -759,6 +776,26 @@ async def test_prefork_kills_and_forks_again_a_child_that_stops_pinging(mode: st
     assert sum("READY=1" in m.split("\n") for m in ns.received) == 1
     assert any("WATCHDOG=1" in m.split("\n") for m in ns.received)
     assert set(ns.senders) == {proc.pid}
+
+
+async def test_prefork_continues_a_stopped_child_it_aborts(tmp_path: Path) -> None:
+    """A stopped child (SIGSTOP, a debugger) ends on the watchdog's SIGABRT, as systemd's
+    stopped main process does: SIGCONT follows it. It used to stay stopped until the SIGKILL
+    a watchdog period later, its slot dead twice as long (seen under systemd)."""
+    with notify_socket("abstract") as ns:
+        proc = spawn_wedged_children(ns, "stopped", str(tmp_path))
+        try:
+            started = await read_starts(proc, 4)  # two stopped, then each forked again
+            assert len(set(started)) == 4
+            proc.send_signal(signal.SIGTERM)
+            assert await wait_exit(proc) == 0
+            assert proc.stderr is not None
+            log = proc.stderr.read().decode()
+        finally:
+            stop(proc)
+    for pid in started[:2]:
+        assert f"(pid {pid}) exited with {128 + signal.SIGABRT}" in log, log
+    assert "did not end on SIGABRT" not in log
 
 
 def alive(pid: int) -> bool:

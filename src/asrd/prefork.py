@@ -262,8 +262,9 @@ class _Supervisor:
         whole watchdog period is killed (SIGABRT, as systemd would) and forked again, so one
         wedged process does not take its siblings down with a restart of the whole unit. One
         still there a period after its SIGABRT gets SIGKILL, as systemd would after
-        TimeoutAbortSec: a stopped process (SIGSTOP, a debugger) does not act on SIGABRT, nor
-        one that handles it, and its slot would stay dead for good.
+        TimeoutAbortSec: one that handles SIGABRT does not end, and its slot would stay dead
+        for good. SIGCONT follows the SIGABRT, as systemd sends it: a stopped process (SIGSTOP)
+        acts on the SIGABRT then, and waited for the SIGKILL, dead a period longer.
         """
         assert self.watchdog is not None
         sdnotify.notify("WATCHDOG=1")
@@ -275,6 +276,7 @@ class _Supervisor:
                 log.warning("%s pid %d stopped pinging the watchdog: killing it", self.what, pid)
                 child.aborted = now
                 self._signal(pid, signal.SIGABRT)
+                self._signal(pid, signal.SIGCONT)  # a stopped one acts on it then, as systemd's
             elif child.aborted is not None and now - child.aborted >= period:
                 log.warning("%s pid %d did not end on SIGABRT: killing it", self.what, pid)
                 child.aborted = float("inf")  # once
