@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import secrets
@@ -268,6 +269,57 @@ def fake_systemd(
     with notify_socket(request.param) as ns:
         monkeypatch.setenv("NOTIFY_SOCKET", ns.address)
         yield ns
+
+
+JOURNAL_SCRIPT = """
+import logging, sys
+from asrd import logs
+logs.setup("debug", json_lines=sys.argv[1] == "json")
+for level in ("debug", "info", "warning", "error", "critical"):
+    getattr(logging.getLogger("asrd"), level)(level)
+logs.fatal("the reason")
+"""
+
+
+def stderr_lines(tmp_path: Path, journal: str, *args: str) -> list[str]:
+    """What JOURNAL_SCRIPT writes to stderr, a file; ``journal``: "this" sets
+    ``$JOURNAL_STREAM`` to that file's device:inode, as systemd does, "other" to another's."""
+    err = tmp_path / "stderr"
+    err.touch()
+    st = (err if journal == "this" else tmp_path).stat()
+    env = {k: v for k, v in os.environ.items() if k != "JOURNAL_STREAM"}
+    env["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}"
+    with err.open("w") as stderr:
+        subprocess.run(
+            [sys.executable, "-c", JOURNAL_SCRIPT, *args],
+            env=env,
+            stderr=stderr,
+            timeout=GUARD_S,
+            check=True,
+        )
+    return err.read_text().splitlines()
+
+
+@pytest.mark.parametrize("form", ["text", "json"])
+def test_lines_to_the_journal_carry_their_syslog_priority(tmp_path: Path, form: str) -> None:
+    """journald stores a line that starts with <N> at priority N: asrd's warnings and errors
+    were all stored at info (6), and ``journalctl -p warning`` showed none (seen under
+    systemd)."""
+    lines = stderr_lines(tmp_path, "this", form)
+    assert [line[:3] for line in lines] == ["<7>", "<6>", "<4>", "<3>", "<2>", "<2>"]
+    if form == "json":  # journald strips the prefix: the message is the JSON line
+        levels = [json.loads(line[3:])["level"] for line in lines]
+        assert levels == ["debug", "info", "warning", "error", "critical", "critical"]
+    else:
+        assert lines[2].endswith(" WARNING asrd: warning")
+        assert lines[5] == "<2>asrd: the reason"
+
+
+def test_no_priority_prefix_when_stderr_is_not_the_journal(tmp_path: Path) -> None:
+    """A child's stderr that is not the journal stream, though it inherited the variable."""
+    lines = stderr_lines(tmp_path, "other", "text")
+    assert len(lines) == 6 and not any(line.startswith("<") for line in lines)
+    assert lines[5] == "asrd: the reason"
 
 
 def test_without_notify_socket_everything_is_a_noop(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -10,11 +10,13 @@ import contextlib
 import contextvars
 import json
 import logging
+import os
 import sys
 import time
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TextIO
 
 
 @dataclass
@@ -89,13 +91,40 @@ class TextFormatter(logging.Formatter):
         return line
 
 
+def stderr_is_journal() -> bool:
+    """Whether stderr is systemd's journal: ``$JOURNAL_STREAM`` names its device and inode
+    (set for a unit's processes with StandardError=journal, the default)."""
+    try:
+        st = os.fstat(sys.stderr.fileno())
+    except (AttributeError, ValueError, OSError):  # no stderr, or not a file
+        return False
+    return os.environ.get("JOURNAL_STREAM") == f"{st.st_dev}:{st.st_ino}"
+
+
+def _syslog_priority(levelno: int) -> int:
+    for level, priority in ((logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNING, 4)):
+        if levelno >= level:
+            return priority
+    return 6 if levelno >= logging.INFO else 7
+
+
+class JournalHandler(logging.StreamHandler[TextIO]):
+    """Lines to a stderr that is the journal start with their syslog priority (``<4>``),
+    which journald strips and keeps (``SyslogLevelPrefix=``, on by default): without it
+    every line was stored at info, and ``journalctl -p warning`` showed no warning or error
+    of asrd's."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"<{_syslog_priority(record.levelno)}>{super().format(record)}"
+
+
 # The options that set this process's logging up, for the asrd processes it starts.
 _options: list[str] = []
 
 
 def setup(level: str, *, json_lines: bool = False) -> None:
     _options[:] = ["--log-level", level] + (["--log-json"] if json_lines else [])
-    handler = logging.StreamHandler(sys.stderr)
+    handler = (JournalHandler if stderr_is_journal() else logging.StreamHandler)(sys.stderr)
     handler.setFormatter(
         JsonFormatter()
         if json_lines
@@ -118,4 +147,5 @@ def fatal(reason: str) -> None:
     if any(isinstance(h.formatter, JsonFormatter) for h in logging.getLogger().handlers):
         logging.getLogger("asrd").critical(reason)
     else:
-        print(f"asrd: {reason}", file=sys.stderr)
+        priority = f"<{_syslog_priority(logging.CRITICAL)}>" if stderr_is_journal() else ""
+        print(f"{priority}asrd: {reason}", file=sys.stderr)
