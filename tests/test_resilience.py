@@ -6,6 +6,7 @@ once, with the same indexes and times as an undisturbed run.
 from __future__ import annotations
 
 import contextlib
+import logging
 import signal
 import subprocess
 from collections.abc import Callable, Iterator
@@ -141,7 +142,12 @@ async def test_sigkill_worker_mid_sentence_loses_nothing(nats: Nats, two_workers
     assert sum(w.poll() is not None for w in two_workers.workers) == 1
 
 
-async def test_sigterm_worker_hands_its_session_over(nats: Nats, two_workers: Pool) -> None:
+async def test_sigterm_worker_hands_its_session_over(
+    nats: Nats, two_workers: Pool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker asked to stop gives its session back and says goodbye: the gateway moves the
+    session and forgets the worker, with no warning (nothing went wrong)."""
+    caplog.set_level(logging.INFO, logger="asrd")
     pcm = recording()
     async with open_gateway(nats.url, two_workers) as gw:
         undisturbed = await stream(gw, pcm, realtime=False)
@@ -156,6 +162,19 @@ async def test_sigterm_worker_hands_its_session_over(nats: Nats, two_workers: Po
     check_same_sentences(disturbed, undisturbed)
     stopped = [w for w in two_workers.workers if w.poll() is not None]
     assert len(stopped) == 1 and stopped[0].returncode == 0
+    gateway_lines = [
+        (r.levelno, r.getMessage())
+        for r in caplog.records
+        if r.name in ("asrd.registry", "asrd.remote")
+    ]
+    # its handoff and its goodbye may be read in either order
+    assert any(
+        level == logging.INFO and "claiming a worker again" in m for level, m in gateway_lines
+    ), gateway_lines
+    assert any(level == logging.INFO and m.endswith(" left") for level, m in gateway_lines), (
+        gateway_lines
+    )
+    assert not [m for level, m in gateway_lines if level >= logging.WARNING], gateway_lines
 
 
 async def test_no_worker_left_gives_a_clear_error_in_bounded_time(nats: Nats) -> None:

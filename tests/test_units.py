@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -291,6 +293,58 @@ async def test_the_registry_survives_junk_and_a_flood_of_heartbeats() -> None:
         bus.publish(subject, wire.Heartbeat("w2", "en-US", "x", 1, 1).encode())
         await trio.testing.wait_all_tasks_blocked()
         assert "w2" in {b.worker_id for b in registry.alive("en-US")}
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_worker_that_stops_cleanly_is_forgotten_without_a_warning(
+    autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A drained worker's last heartbeat says it leaves: gateways forget it at once. Its beats
+    just stopped before, and every gateway warned a timeout later that it was dead, as for a
+    crash; a beat sent before the goodbye but read after it must not bring it back."""
+    bus = InMemoryBus()
+    registry = WorkerRegistry(bus, "asrd", timeout_s=1.0)
+    worker = Worker(WorkerConfig(decoders=2), "asrd", bus, LoadtestEngine(2))
+    caplog.set_level(logging.INFO, logger="asrd")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(registry.run)
+        await nursery.start(worker.run)
+        await trio.sleep(0.5)
+        assert [b.worker_id for b in registry.alive("en-US")] == [worker.id]
+        late = wire.Heartbeat(worker.id, "en-US", "loadtest", 2, 2).encode()
+        await worker.drain()
+        await worker.leave()
+        await trio.testing.wait_all_tasks_blocked()
+        assert registry.alive("en-US") == []
+        bus.publish(heartbeat_subject("asrd"), late)  # one sent before, read after
+        await trio.sleep(5)  # far beyond the timeout
+        assert registry.alive("en-US") == []
+        nursery.cancel_scope.cancel()
+    messages = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "asrd.registry"]
+    assert (logging.INFO, f"engine worker {worker.id} left") in messages
+    assert not [m for level, m in messages if level >= logging.WARNING], messages
+
+
+async def test_a_worker_heard_again_long_after_it_left_is_up_again(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """The goodbye is remembered for one timeout, not for ever."""
+    bus = InMemoryBus()
+    registry = WorkerRegistry(bus, "asrd", timeout_s=1.0)
+    subject = heartbeat_subject("asrd")
+    beat = wire.Heartbeat("w", "en-US", "x", 1, 1)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(registry.run)
+        bus.publish(subject, beat.encode())
+        bus.publish(subject, dataclasses.replace(beat, leaving=True).encode())
+        await trio.sleep(0.1)
+        bus.publish(subject, beat.encode())
+        await trio.sleep(0.1)
+        assert registry.alive("en-US") == []
+        await trio.sleep(2)
+        bus.publish(subject, beat.encode())
+        await trio.sleep(0.1)
+        assert [b.worker_id for b in registry.alive("en-US")] == ["w"]
         nursery.cancel_scope.cancel()
 
 

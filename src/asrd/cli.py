@@ -28,6 +28,7 @@ log = logging.getLogger("asrd")
 
 DEFAULT_CONFIG = "config.toml"
 WORKER_DRAIN_S = 10.0  # a worker asked to stop finishes its sessions for at most this long
+LEAVE_TIMEOUT_S = 2.0  # then says goodbye to the gateways (its last heartbeat), at most this long
 # A daemon stopped by SIGHUP drains as for SIGTERM, then ends with the status of a process the
 # signal killed: systemd's Restart=on-failure starts it again (re-reading config.toml). Ended
 # with 0, the unit would stay down; killed outright, it would cut its sessions off.
@@ -316,6 +317,8 @@ async def _run_worker(config: Config, engine: Any, gate: CpuGate | None = None) 
             await stop.event.wait()
             with trio.move_on_after(WORKER_DRAIN_S):
                 await worker.drain()
+            with trio.move_on_after(LEAVE_TIMEOUT_S):
+                await worker.leave()
             nursery.cancel_scope.cancel()
     return stop.status()
 

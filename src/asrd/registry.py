@@ -5,7 +5,8 @@ it through the :class:`WorkerWatch` they hold (:meth:`WorkerRegistry.watch`) wit
 second, whatever the reason it went (SIGKILL, OOM, host gone, network split). A worker about to
 run a long final pass, which holds the GIL and so silences its heartbeats, announces a
 ``grace_s``; every beat repeats what is left of it, and the deadline is the later of
-``timeout_s`` and ``grace_s`` after the last beat.
+``timeout_s`` and ``grace_s`` after the last beat. A worker that stops cleanly says so in its
+last beat (``leaving``): it is forgotten at once, without the warning a death gets.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ log = logging.getLogger(__name__)
 class _Entry:
     beat: wire.Heartbeat
     last_seen: float
-    dead: bool = False
+    dead: bool = False  # gone: declared dead, or it left
+    left: bool = False  # it said goodbye (a clean stop), not silence
     # Events of the sessions decoded by this worker, set when it is declared dead.
     watchers: set[trio.Event] = field(default_factory=set)
 
@@ -41,6 +43,9 @@ class WorkerRegistry:
         self._prefix = prefix
         self._timeout_s = timeout_s
         self._workers: dict[str, _Entry] = {}
+        # Workers that said goodbye, and when: a beat of theirs that comes after it (sent
+        # just before) must not bring them back, to be declared dead later.
+        self._left: dict[str, float] = {}
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         subject = heartbeat_subject(self._prefix)
@@ -62,6 +67,11 @@ class WorkerRegistry:
                     beat = wire.decode_heartbeat(msg.data)
                 except BusError as exc:
                     log.warning("ignoring malformed heartbeat: %s", exc)
+                    continue
+                if beat.leaving:
+                    self._leave(beat.worker_id)
+                    continue
+                if beat.worker_id in self._left:
                     continue
                 entry = self._workers.get(beat.worker_id)
                 if entry is None:
@@ -86,11 +96,23 @@ class WorkerRegistry:
             for worker_id, entry in list(self._workers.items()):
                 if entry.last_seen + max(self._timeout_s, entry.beat.grace_s) < now:
                     log.warning("engine worker %s missed its heartbeats: declared dead", worker_id)
-                    entry.dead = True
-                    for event in entry.watchers:
-                        event.set()
-                    entry.watchers.clear()
-                    del self._workers[worker_id]
+                    self._forget(worker_id)
+            for worker_id, left in list(self._left.items()):
+                if left + self._timeout_s < now:
+                    del self._left[worker_id]
+
+    def _leave(self, worker_id: str) -> None:
+        self._left[worker_id] = trio.current_time()
+        if worker_id in self._workers:
+            log.info("engine worker %s left", worker_id)
+            self._forget(worker_id, left=True)  # its sessions, if any are left, move at once
+
+    def _forget(self, worker_id: str, *, left: bool = False) -> None:
+        entry = self._workers.pop(worker_id)
+        entry.dead, entry.left = True, left
+        for event in entry.watchers:
+            event.set()
+        entry.watchers.clear()
 
     def all(self) -> list[wire.Heartbeat]:
         return [e.beat for e in self._workers.values()]
@@ -130,6 +152,11 @@ class WorkerWatch:
     @property
     def dead(self) -> bool:
         return self._entry.dead
+
+    @property
+    def left(self) -> bool:
+        """Gone after saying goodbye: a clean stop, not a failure."""
+        return self._entry.left
 
     def cancel(self) -> None:
         self._entry.watchers.discard(self._event)

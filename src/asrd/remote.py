@@ -313,12 +313,14 @@ class RemoteRecognizer:
                 watch.cancel()
             if self._attention.is_set():
                 self._attention = trio.Event()
-            if watch.dead:
+            if self._handoff or watch.left:
+                # A worker stopping cleanly gives its sessions back, then says goodbye, and
+                # the two may be read in either order: no warning for either.
+                why = "gave the session back" if self._handoff else "left"
                 self._handoff = False
+                await self._failover(f"engine worker {self.worker_id} {why}", level=logging.INFO)
+            elif watch.dead:
                 await self._failover(f"engine worker {self.worker_id} stopped responding")
-            elif self._handoff:
-                self._handoff = False
-                await self._failover(f"engine worker {self.worker_id} gave the session back")
             elif self._bus.reconnects != reconnects:
                 # Messages in flight when the connection dropped may be lost in either
                 # direction: give the (same or another) worker the journal again.
@@ -328,8 +330,8 @@ class RemoteRecognizer:
             else:
                 self._publish_quietly(wire.encode_control("keepalive", epoch=self.epoch))
 
-    async def _failover(self, why: str) -> None:
-        log.warning("session %s: %s; claiming a worker again", self.session_id, why)
+    async def _failover(self, why: str, *, level: int = logging.WARNING) -> None:
+        log.log(level, "session %s: %s; claiming a worker again", self.session_id, why)
         self._paused = True
         self.epoch += 1
         # If the old worker is alive after all (overloaded, or only the bus dropped), it must
@@ -355,7 +357,7 @@ class RemoteRecognizer:
             self._publish(data)
         self._paused = False
         self.failovers += 1
-        log.warning("session %s continues on worker %s", self.session_id, self.worker_id)
+        log.log(level, "session %s continues on worker %s", self.session_id, self.worker_id)
 
     def _publish_quietly(self, data: bytes) -> None:
         try:

@@ -269,6 +269,7 @@ class Heartbeat:
     free: int
     draining: bool = False
     grace_s: float = 0.0  # the worker will be busy (and silent) for up to this long
+    leaving: bool = False  # its last beat: it stops now (drained), no beat follows
 
     def encode(self) -> bytes:
         return _dumps(
@@ -280,6 +281,7 @@ class Heartbeat:
                 "free": self.free,
                 "draining": self.draining,
                 "grace_s": self.grace_s,
+                "leaving": self.leaving,
             }
         )
 
@@ -295,6 +297,7 @@ def decode_heartbeat(data: bytes) -> Heartbeat:
         int(obj.get("free", 0)),
         bool(obj.get("draining", False)),
         _grace(float(obj.get("grace_s", 0.0))),
+        bool(obj.get("leaving", False)),
     )
 
 

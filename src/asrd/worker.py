@@ -79,6 +79,7 @@ class Worker:
         self._pause_until = 0.0  # time.monotonic() until which heartbeats may stop
         self._pauses = 0  # announced final passes not yet over
         self._progress = time.monotonic()  # when the event loop last showed it is running
+        self._stop_beats: Callable[[], None] | None = None  # the periodic heartbeats
         m = self.metrics = WorkerMetrics()
         m.sessions.fn = lambda: len(self.sessions)
         m.decoders_free.fn = lambda: max(self.free, 0)
@@ -125,6 +126,22 @@ class Worker:
                 served.scope.cancel()
         while self.sessions:  # noqa: ASYNC110 - shutdown only; sessions end on their own
             await trio.sleep(0.05)
+
+    async def leave(self) -> None:
+        """Say goodbye: the heartbeats stop, after a last one saying so, so that gateways forget
+        this worker at once instead of declaring it dead (a warning) a timeout later. After
+        :meth:`drain`; a session still running moves at once."""
+        if self._stop_beats is not None:
+            self._stop_beats()
+            self._stop_beats = None
+        last = wire.Heartbeat(
+            self.id, self.config.pool, self.engine.name, self.engine.capacity, 0, True, 0.0, True
+        )
+        try:
+            self.bus.publish(heartbeat_subject(self.prefix), last.encode())
+            await self.bus.flush()
+        except BusError as exc:  # the gateways will declare it dead instead
+            log.warning("last heartbeat not sent: %s", exc)
 
     async def set_pool(self, pool: str) -> None:
         """Serve claims of ``pool`` from now on (live routing); running sessions continue."""
@@ -418,6 +435,7 @@ class Worker:
     async def _heartbeat_loop(self) -> None:
         interval = self.config.heartbeat_interval_s
         stop = self.bus.publish_every(heartbeat_subject(self.prefix), self._regular_beat, interval)
+        self._stop_beats = stop
         try:
             while True:
                 self._progress = time.monotonic()
