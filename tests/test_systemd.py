@@ -493,6 +493,8 @@ async def test_gateway_process_notifies_ready_watchdog_and_stopping(
             # READY=1 came only once the port accepts connections and NATS is connected.
             assert (await http_get(port, "/readyz")).startswith(b"HTTP/1.1 200")
             with trio.fail_after(GUARD_S):
+                # where it listens stays in the status, with the sessions counted
+                await ns.wait_for(f"STATUS=listening on port {port}; 0 sessions")
                 for _ in range(2):
                     await ns.wait_for("WATCHDOG=1")
             proc.send_signal(signal.SIGTERM)

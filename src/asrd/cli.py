@@ -126,6 +126,7 @@ async def _serve_gateway(
     ):
         gateway = Gateway(config, bus, control)
         stop = _Stop(gateway.stop_requested)
+        where = ["starting"]  # then where it listens: systemctl status shows it with the count
         async with trio.open_nursery() as nursery:
             await nursery.start(_stop_on_signals, stop)
             # a full collection would pause every session: see gctune
@@ -134,7 +135,7 @@ async def _serve_gateway(
                 partial(
                     sdnotify.watchdog_loop,
                     lambda: bus.connected,
-                    describe=lambda: f"{gateway.state.active} sessions",
+                    describe=lambda: _sessions_status(where[0], gateway.state.active),
                 )
             )
             server = config.server
@@ -158,9 +159,14 @@ async def _serve_gateway(
                     # handler was set, an interrupted command, not a failure.
                     nursery.cancel_scope.cancel()
                     return INTERRUPTED_STATUS
-                sdnotify.ready(f"listening on port {port}")
+                where[0] = f"listening on port {port}"
+                sdnotify.ready(where[0])
             nursery.cancel_scope.cancel()
     return stop.status()
+
+
+def _sessions_status(where: str, sessions: int) -> str:
+    return f"{where}; {sessions} session{'' if sessions == 1 else 's'}"
 
 
 def _worker_processes(config: Config) -> int:
