@@ -162,10 +162,19 @@ def test_refuses_public_address_without_auth(tmp_path: Path) -> None:
     assert "loopback" in result.stderr
 
 
-def spawn_asrd(cwd: Path, *argv: str) -> subprocess.Popen[str]:
-    """``asrd ARGV`` running in ``cwd``, its log (stderr) piped for reading."""
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def spawn_asrd(cwd: Path, *argv: str, sigint_ignored: bool = False) -> subprocess.Popen[str]:
+    """``asrd ARGV`` running in ``cwd``, its log (stderr) piped for reading; with
+    ``sigint_ignored``, started as a shell starts a background job: SIGINT ignored."""
     return subprocess.Popen(
-        [sys.executable, "-m", "asrd", *argv], cwd=cwd, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-m", "asrd", *argv],
+        cwd=cwd,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_ignore_sigint if sigint_ignored else None,
     )
 
 
@@ -420,8 +429,14 @@ def test_sighup_stops_a_worker_to_be_started_again(
     assert err.count("received SIGHUP: stopping, to end with status 129") == processes, err
 
 
-def test_ctrl_c_while_the_gateway_connects_to_nats_ends_with_130(tmp_path: Path) -> None:
-    proc = spawn_asrd(tmp_path, "gateway", "--port", "0", "--nats-url", "nats://127.0.0.1:1")
+@pytest.mark.parametrize("sigint_ignored", [False, True])
+def test_ctrl_c_while_the_gateway_connects_to_nats_ends_with_130(
+    tmp_path: Path, sigint_ignored: bool
+) -> None:
+    """Also when started with SIGINT ignored, as a shell starts a background job: it ignored
+    a SIGINT then, and caught the first one later but not the second."""
+    argv = ("gateway", "--port", "0", "--nats-url", "nats://127.0.0.1:1")
+    proc = spawn_asrd(tmp_path, *argv, sigint_ignored=sigint_ignored)
     assert proc.stderr is not None
     read_until(proc.stderr, "NATS error")  # nats-py retries
     proc.send_signal(signal.SIGINT)

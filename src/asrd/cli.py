@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
@@ -459,6 +460,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # SIGINT stops asrd however it was started (the first drains, a second stops at once). A
+    # shell starts a background job with SIGINT ignored: one while it started did nothing,
+    # the first later was caught (a signal receiver of its own) but not the second. (Only a
+    # process's main thread may; tests run some commands in threads.)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         parser = build_parser()  # imports every command's module (numpy among them): a moment
     except KeyboardInterrupt:  # a Ctrl-C meanwhile: the status of one later, no traceback
