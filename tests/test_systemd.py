@@ -169,6 +169,9 @@ def test_service_settings(name: str) -> None:
     assert unit["Install"]["WantedBy"] == ["asrd.target"]
     if command == "gateway":
         assert int(one("LimitNOFILE")) >= 10 * ServerConfig().max_sessions
+        # stops before the workers: its sessions drain while they still serve them
+        after = " ".join(unit["Unit"]["After"]).split()
+        assert "asrd-worker@0.service" in after, after
 
 
 def test_target_pulls_in_only_the_units_enabled_here() -> None:
