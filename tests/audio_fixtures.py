@@ -76,6 +76,17 @@ def resample(pcm: bytes, from_rate: int, to_rate: int) -> bytes:
     return from_array(np.fft.irfft(out, m) * (m / n))
 
 
+def sine(freq: float, rate: int, seconds: float = 1.0, amplitude: float = 0.5) -> np.ndarray:
+    """A sine as floats, 1.0 being full scale: for tests of converters and filters."""
+    t = np.arange(int(rate * seconds)) / rate
+    return amplitude * np.sin(2 * np.pi * freq * t)
+
+
+def pcm16(x: np.ndarray) -> bytes:
+    """Floats (1.0: full scale) as 16-bit PCM bytes."""
+    return from_array(x * 32768)
+
+
 def samples(ms: int, rate: int) -> int:
     return ms * rate // 1000
 

@@ -9,7 +9,6 @@ import wave
 from pathlib import Path
 
 import numpy as np
-import numpy.typing as npt
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -27,28 +26,13 @@ from asrd.audio import (
 )
 from asrd.errors import BadWavHeader, ClientError, UnsupportedSampleRate
 from asrd.resample import resample
+from tests.audio_fixtures import pcm16, sine, to_array
 
 DATA = Path(__file__).parent / "data"
 REAL_WAV = DATA / "sense_and_sensibility_01_austen_64kb-0870.wav"
 PCM_GUID_TAIL = b"\x00\x00\x10\x00\x80\x00\x00\xaa\x00\x38\x9b\x71"
 
 # --- helpers ---------------------------------------------------------------------------------
-
-
-def tone(
-    freq: float, rate: int, seconds: float = 1.0, amplitude: float = 0.5
-) -> npt.NDArray[np.float64]:
-    t = np.arange(int(rate * seconds)) / rate
-    result: npt.NDArray[np.float64] = amplitude * np.sin(2 * np.pi * freq * t)
-    return result
-
-
-def pcm16(x: npt.NDArray[np.float64]) -> bytes:
-    return np.clip(np.rint(x * 32768), -32768, 32767).astype("<i2").tobytes()
-
-
-def samples(pcm: bytes) -> npt.NDArray[np.int16]:
-    return np.frombuffer(pcm, dtype="<i2")
 
 
 def write_with_wave(path: Path, raw: bytes, *, rate: int, width: int, channels: int) -> Path:
@@ -93,7 +77,7 @@ def test_real_recording_reads_unchanged() -> None:
 
 
 def test_16bit_mono_round_trip(tmp_path: Path) -> None:
-    raw = pcm16(tone(440, 16000, 0.5))
+    raw = pcm16(sine(440, 16000, 0.5))
     path = write_with_wave(tmp_path / "a.wav", raw, rate=16000, width=2, channels=1)
     assert read_wav_file(path) == (raw, 16000)
 
@@ -105,14 +89,14 @@ def test_stereo_is_mixed_to_the_mean(tmp_path: Path) -> None:
     path = write_with_wave(tmp_path / "s.wav", raw, rate=8000, width=2, channels=2)
     pcm, rate = read_wav_file(path)
     assert rate == 8000
-    assert samples(pcm).tolist() == [2000, 0, 32767, -32768, 4]  # 3.5 rounds to even
+    assert to_array(pcm).tolist() == [2000, 0, 32767, -32768, 4]  # 3.5 rounds to even
 
 
 def test_8bit_unsigned(tmp_path: Path) -> None:
     raw = bytes([128, 255, 0, 192])
     path = write_with_wave(tmp_path / "u8.wav", raw, rate=16000, width=1, channels=1)
     pcm, _ = read_wav_file(path)
-    assert samples(pcm).tolist() == [0, 127 * 256, -32768, 64 * 256]
+    assert to_array(pcm).tolist() == [0, 127 * 256, -32768, 64 * 256]
 
 
 def test_24bit(tmp_path: Path) -> None:
@@ -120,14 +104,14 @@ def test_24bit(tmp_path: Path) -> None:
     raw = b"".join(v.to_bytes(3, "little", signed=True) for v in values)
     path = write_with_wave(tmp_path / "24.wav", raw, rate=16000, width=3, channels=1)
     pcm, _ = read_wav_file(path)
-    assert samples(pcm).tolist() == [0x1234, -0x1234, 32767, -32768, 0]
+    assert to_array(pcm).tolist() == [0x1234, -0x1234, 32767, -32768, 0]
 
 
 def test_32bit_int_stereo(tmp_path: Path) -> None:
     raw = np.array([[0x10000000, 0x30000000], [-(2**31), -(2**31)]], dtype="<i4").tobytes()
     path = write_with_wave(tmp_path / "32.wav", raw, rate=22050, width=4, channels=2)
     pcm, rate = read_wav_file(path)
-    assert (samples(pcm).tolist(), rate) == ([0x2000, -32768], 22050)
+    assert (to_array(pcm).tolist(), rate) == ([0x2000, -32768], 22050)
 
 
 @pytest.mark.parametrize("extensible", [False, True])
@@ -141,18 +125,18 @@ def test_float(tmp_path: Path, extensible: bool, dtype: str) -> None:
     )
     pcm, rate = read_wav_file(path)
     assert rate == 16000
-    assert samples(pcm).tolist() == [0, 16384, -16384, 32767, -32768, 0]
+    assert to_array(pcm).tolist() == [0, 16384, -16384, 32767, -32768, 0]
 
 
 def test_float32_stereo_44100(tmp_path: Path) -> None:
-    left, right = tone(1000, 44100, 0.25), tone(1000, 44100, 0.25) * 0.5
+    left, right = sine(1000, 44100, 0.25), sine(1000, 44100, 0.25) * 0.5
     interleaved = np.stack([left, right], axis=1).astype("<f4")
     path = tmp_path / "f.wav"
     path.write_bytes(riff(fmt_chunk(FORMAT_IEEE_FLOAT, 2, 44100, 32), data=interleaved.tobytes()))
     pcm, rate = read_wav_file(path)
     assert rate == 44100
     expected = pcm16(((left + right) / 2).astype(np.float32).astype(np.float64))
-    assert np.abs(samples(pcm).astype(int) - samples(expected)).max() <= 1
+    assert np.abs(to_array(pcm).astype(int) - to_array(expected)).max() <= 1
 
 
 def test_extensible_pcm_with_list_chunk(tmp_path: Path) -> None:
@@ -166,7 +150,7 @@ def test_extensible_pcm_with_list_chunk(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("size", [0, 0xFFFFFFFF])
 def test_streaming_writer_sizes_mean_until_the_end(tmp_path: Path, size: int) -> None:
-    raw = pcm16(tone(300, 8000, 0.1))
+    raw = pcm16(sine(300, 8000, 0.1))
     path = tmp_path / "stream.wav"
     path.write_bytes(riff(fmt_chunk(FORMAT_PCM, 1, 8000, 16), data=raw, data_size=size))
     assert read_wav_file(path) == (raw, 8000)
@@ -175,7 +159,7 @@ def test_streaming_writer_sizes_mean_until_the_end(tmp_path: Path, size: int) ->
 def test_a_cut_off_file_is_read_with_a_warning(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    raw = pcm16(tone(440, 16000, 0.5))
+    raw = pcm16(sine(440, 16000, 0.5))
     path = write_with_wave(tmp_path / "cut.wav", raw, rate=16000, width=2, channels=1)
     path.write_bytes(path.read_bytes()[:-1000])  # an interrupted copy
     with caplog.at_level("WARNING", logger="asrd.audio"):
@@ -197,7 +181,7 @@ def test_a_cut_off_float_file_is_read_with_a_warning(
     )
     with caplog.at_level("WARNING", logger="asrd.audio"):
         pcm, _ = read_wav_file(path)
-    assert samples(pcm).tolist() == [16384, -16384, 8192]
+    assert to_array(pcm).tolist() == [16384, -16384, 8192]
     assert "declares 40 bytes of audio, the file holds 12" in caplog.text
 
 
@@ -208,10 +192,10 @@ def test_a_whole_file_gives_no_warning(tmp_path: Path, caplog: pytest.LogCapture
 
 
 def test_44100_file_resampled_to_16000_keeps_its_tone(tmp_path: Path) -> None:
-    raw = pcm16(tone(1000, 44100, 1.0))
+    raw = pcm16(sine(1000, 44100, 1.0))
     path = write_with_wave(tmp_path / "cd.wav", raw, rate=44100, width=2, channels=1)
     pcm, rate = read_wav_file(path)
-    out = samples(resample(pcm, rate, 16000)).astype(np.float64)
+    out = to_array(resample(pcm, rate, 16000)).astype(np.float64)
     assert len(out) == 16000
     spectrum = np.abs(np.fft.rfft(out))
     assert np.argmax(spectrum) == 1000  # 1 Hz bins over one second
@@ -282,7 +266,7 @@ def test_a_stream_wav_ends_with_the_stream_whatever_its_header_says(
     wav = riff(fmt_chunk(FORMAT_IEEE_FLOAT, 2, 44100, 32), data=raw, data_size=0xFFFFFFFF)
     decoder = InputDecoder()
     with caplog.at_level(logging.WARNING):
-        assert samples(decoder.feed(wav)).tolist() == [0, 16384]
+        assert to_array(decoder.feed(wav)).tolist() == [0, 16384]
     assert (decoder.sample_rate, decoder.ended, decoder.declared) == (44100, False, None)
     assert caplog.records == []
 

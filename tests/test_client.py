@@ -1106,6 +1106,22 @@ def test_a_second_ctrl_c_quits_at_once() -> None:
             assert "Traceback" not in asrd.stderr.read().decode()
 
 
+async def _transcribe_into(
+    status: list[int], source: AudioInput, server: FakeServer, realtime: bool
+) -> None:
+    """``asrd transcribe``'s body on ``source``, its status appended to ``status``."""
+    status.append(
+        await transcribe_input(
+            source,
+            url=server.url,
+            token=TOKEN,
+            appkey=APPKEY,
+            realtime=realtime,
+            json_lines=False,
+        )
+    )
+
+
 async def test_ctrl_c_before_the_audio_began_quits(server: FakeServer) -> None:
     """Nothing was sent: there is nothing to wait for. It does not connect."""
     read_end, write_end = os.pipe()
@@ -1114,22 +1130,9 @@ async def test_ctrl_c_before_the_audio_began_quits(server: FakeServer) -> None:
     with stdin, open(write_end, "wb") as writer:  # noqa: ASYNC230
         source = AudioInput(stdin, "stdin", raw_rate=16000)
         status: list[int] = []
-
-        async def transcribe() -> None:
-            status.append(
-                await transcribe_input(
-                    source,
-                    url=server.url,
-                    token=TOKEN,
-                    appkey=APPKEY,
-                    realtime=False,
-                    json_lines=False,
-                )
-            )
-
         with trio.fail_after(GUARD):
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(transcribe)
+                nursery.start_soon(_transcribe_into, status, source, server, False)
                 await trio.testing.wait_all_tasks_blocked()  # reading stdin
                 signal.raise_signal(signal.SIGINT)
         writer.close()  # the read left waiting returns
@@ -1149,22 +1152,9 @@ async def test_ctrl_c_on_a_file_sent_at_real_time(
     status: list[int] = []
     with open(path, "rb", buffering=0) as f, caplog.at_level("WARNING"):  # noqa: ASYNC230
         source = AudioInput(f, str(path))
-
-        async def transcribe() -> None:
-            status.append(
-                await transcribe_input(
-                    source,
-                    url=server.url,
-                    token=TOKEN,
-                    appkey=APPKEY,
-                    realtime=True,
-                    json_lines=False,
-                )
-            )
-
         with trio.fail_after(GUARD):
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(transcribe)
+                nursery.start_soon(_transcribe_into, status, source, server, True)
                 while sum(server.frame_sizes) < 32000:  # noqa: ASYNC110 - no event to wait on
                     await trio.sleep(0.01)
                 signal.raise_signal(signal.SIGINT)

@@ -10,27 +10,10 @@ import tracemalloc
 from collections.abc import Callable
 
 import numpy as np
-import numpy.typing as npt
 import pytest
 
 from asrd.resample import Resampler, output_length, resample
-
-
-def tone(
-    freq: float, rate: int, seconds: float = 1.0, amplitude: float = 0.5
-) -> npt.NDArray[np.float64]:
-    t = np.arange(int(rate * seconds)) / rate
-    result: npt.NDArray[np.float64] = amplitude * np.sin(2 * np.pi * freq * t)
-    return result
-
-
-def pcm16(x: npt.NDArray[np.float64]) -> bytes:
-    return np.clip(np.rint(x * 32768), -32768, 32767).astype("<i2").tobytes()
-
-
-def samples(pcm: bytes) -> npt.NDArray[np.int16]:
-    return np.frombuffer(pcm, dtype="<i2")
-
+from tests.audio_fixtures import pcm16, sine, to_array
 
 RATE_PAIRS = [(8000, 16000), (16000, 8000), (44100, 16000), (22050, 16000), (16000, 16000)]
 
@@ -101,18 +84,18 @@ def test_resampler_misuse() -> None:
 
 
 def rms_db(pcm: bytes, reference: float) -> float:
-    x = samples(pcm).astype(np.float64)[200:-200]  # skip the filter's edges
+    x = to_array(pcm).astype(np.float64)[200:-200]  # skip the filter's edges
     return float(20 * np.log10(np.sqrt(np.mean(x**2)) / reference + 1e-12))
 
 
 @pytest.mark.parametrize(("from_rate", "to_rate"), [(44100, 16000), (48000, 16000), (16000, 8000)])
 def test_downsampling_keeps_the_passband_and_removes_aliases(from_rate: int, to_rate: int) -> None:
     reference = 0.5 * 32768 / np.sqrt(2)
-    passband = resample(pcm16(tone(0.25 * to_rate, from_rate)), from_rate, to_rate)
+    passband = resample(pcm16(sine(0.25 * to_rate, from_rate)), from_rate, to_rate)
     assert len(passband) // 2 == to_rate
     assert abs(rms_db(passband, reference)) < 0.5
     # Above the new Nyquist frequency: would alias to 0.4 * to_rate without the low-pass.
-    alias = resample(pcm16(tone(0.6 * to_rate, from_rate)), from_rate, to_rate)
+    alias = resample(pcm16(sine(0.6 * to_rate, from_rate)), from_rate, to_rate)
     assert rms_db(alias, reference) < -60
 
 
@@ -131,7 +114,7 @@ def peak_bytes(run: Callable[[], object]) -> int:
 def test_resampling_a_long_buffer_takes_bounded_memory() -> None:
     """Its temporaries were an index array of (outputs x taps) int64 and two like it: 150 MB
     for 2 s of CD audio, 2 GB for 25 minutes of it."""
-    pcm = pcm16(tone(1000, 44100, 4.0))
+    pcm = pcm16(sine(1000, 44100, 4.0))
     out_bytes = 2 * 64000
     assert peak_bytes(lambda: resample(pcm, 44100, 16000)) < 2 * out_bytes + (8 << 20)
 
@@ -139,7 +122,7 @@ def test_resampling_a_long_buffer_takes_bounded_memory() -> None:
 def test_a_ratio_of_many_phases_builds_no_table() -> None:
     """16000/44099 has 16000 phases of 188 taps: a 24 MB table, 145 MB to build it (and 16000 of
     3268, 418 MB, from 767999 Hz). Their rows are computed as they are needed."""
-    pcm = pcm16(tone(1000, 44099, 0.1))
+    pcm = pcm16(sine(1000, 44099, 0.1))
     assert peak_bytes(lambda: Resampler(44099, 16000).process(pcm)) < 12 << 20
 
 
