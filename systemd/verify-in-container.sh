@@ -11,6 +11,9 @@
 # booted, so its ports do not meet the host's. It prints each command with its output and
 # ends with "ALL CHECKS PASSED", or with the first check that failed (status 1); the
 # container is stopped either way. DIR/base keeps the debootstrapped system for the next run.
+# REUSE=1: boot DIR/root as the last run left it (no new installation). WITHOUT_STOP_ORDER=1:
+# the gateway unit is installed without After=asrd-worker@0.service, a control run in which
+# the check of the stop with a session running must fail.
 set -euo pipefail
 
 DIR=${1:-/tmp/asrd-systemd-verify}
@@ -20,8 +23,6 @@ MACHINE=asrd-verify
 ROOT=$DIR/root
 WAV=/opt/asrd/tests/data/sense_and_sensibility_01_austen_64kb-0880.wav
 WAV_REF="he was not an ill disposed young man"
-LONG_WAV=/opt/asrd/tests/data/sense_and_sensibility_01_austen_64kb-0870.wav
-LONG_REF="and mister john dashwood had then leisure to consider how much there might be prudently in his power to do for them"
 
 [ "$(id -u)" = 0 ] || { echo "run as root" >&2; exit 2; }
 for tool in debootstrap systemd-nspawn nsenter git; do
@@ -160,6 +161,11 @@ sys.exit(rate >= 0.5)' "$1" "$2" || fail "not the words spoken"
 section "README step 5: enable and start; start returns after READY=1"
 ct install -m 0644 /opt/asrd/systemd/asrd-gateway.service /opt/asrd/systemd/asrd-worker@.service \
     /opt/asrd/systemd/asrd.target /etc/systemd/system/
+if [ -n "${WITHOUT_STOP_ORDER:-}" ]; then
+    echo "WITHOUT_STOP_ORDER: After=asrd-worker@0.service taken out of the installed gateway unit"
+    ct sed -i '/^After=asrd-worker@0.service$/d' /etc/systemd/system/asrd-gateway.service
+    ! ct grep -q asrd-worker@0 /etc/systemd/system/asrd-gateway.service || fail "still ordered"
+fi
 show systemctl daemon-reload
 show systemctl enable asrd.target asrd-gateway.service
 show systemctl enable asrd-worker@0.service
@@ -268,12 +274,41 @@ show systemctl is-active $GW $WK
 [ "$(ct systemctl is-active $GW $WK | sort -u)" = active ] || fail "not active after restart"
 [ "$(prop $GW MainPID)" != "$gw" ] && [ "$(prop $WK MainPID)" != "$wk" ] || fail "not restarted"
 
-# A session of 7 s that is running when the stop begins: it must get its result.
+# The session running when the stop begins: two sentences with 1.5 s of silence between them
+# (above max_sentence_silence, 800 ms by default), 7.8 s of audio in all (under
+# shutdown_grace_s), in real time, the stop during the first. It must get both sentences and
+# end 20000000 within shutdown_grace_s of the stop. (A session of one sentence passes even
+# when the workers stop with the gateway: a draining worker finishes the utterance in
+# progress before it hands the session back, and only the next one has no worker left.)
+STOP_WAV=/var/tmp/asrd-two-sentences.wav
+STOP_REFS=("$WAV_REF" "he might even have been made amiable himself")
+GRACE=10  # [server] shutdown_grace_s of deploy/gateway.toml
+ct /usr/bin/python3 -c '
+import sys, wave
+with wave.open(sys.argv[1], "wb") as out:
+    for i, name in enumerate(sys.argv[2:]):
+        with wave.open(name) as w:
+            if i == 0:
+                out.setparams(w.getparams())
+            else:  # 1.5 s of silence
+                out.writeframes(bytes(w.getsampwidth() * int(1.5 * w.getframerate())))
+            out.writeframes(w.readframes(w.getnframes()))
+' "$STOP_WAV" "$WAV" /opt/asrd/tests/data/sense_and_sensibility_01_austen_64kb-0930.wav
 session_during() {
-    echo "# asrd transcribe $LONG_WAV &   (in real time; a second later: $*)"
-    ct /opt/asrd/.venv/bin/asrd transcribe --token "$TOKEN" --appkey my-app "$LONG_WAV" \
-        >"$DIR/drained.txt" 2>&1 &
+    echo "# asrd transcribe --json $STOP_WAV &   (two sentences, 7.8 s in real time;"
+    echo "#   1.5 s after the server's TranscriptionStarted, in the first sentence: $*)"
+    (   # every line of the client with the time it came (the host's clock is the container's)
+        set +e
+        transcribe --json "$STOP_WAV" 2>&1 |
+            while IFS= read -r line; do printf '%s %s\n' "$(date +%s.%N)" "$line"; done
+        exit "${PIPESTATUS[0]}"
+    ) >"$DIR/drained.txt" &
     local client=$!
+    local i
+    for i in $(seq 100); do
+        grep -q '"TranscriptionStarted"' "$DIR/drained.txt" && break
+        sleep 0.1
+    done
     sleep 1.5
     t0=$(now)
     show "$@"
@@ -286,10 +321,45 @@ session_during() {
     echo "both inactive after $(seconds "$t0" "$(now)") s"
     local rc=0
     wait "$client" || rc=$?
-    echo "the client ended with $rc: $(cat "$DIR/drained.txt")"
-    [ "$rc" = 0 ] || fail "the session was not drained"
-    check_transcript "$(cat "$DIR/drained.txt")" "$LONG_REF"
+    echo "the client ended with $rc; its events (seconds after the stop, name, status, result):"
+    ct /opt/asrd/.venv/bin/python -c '
+import json, sys
+from asrd.wer import wer
+t0, grace, refs = float(sys.argv[2]), float(sys.argv[3]), sys.argv[4:]
+events, failures = [], []
+for line in sys.argv[1].splitlines():
+    at, _, text = line.partition(" ")
+    try:
+        event = json.loads(text)
+    except ValueError:
+        print(f"  {float(at) - t0:+6.2f}  {text}")
+        continue
+    header, payload = event["header"], event.get("payload") or {}
+    events.append((float(at) - t0, header["name"], header["status"], payload.get("result")))
+    if events[-1][1] != "TranscriptionResultChanged":
+        print("  %+6.2f  %s %s  %s" % (events[-1][0], events[-1][1], events[-1][2], events[-1][3] or ""))
+ends = [e for e in events if e[1] == "SentenceEnd" and e[3]]
+begins = [e for e in events if e[1] == "SentenceBegin"]
+if not (begins and begins[0][0] < 0 and ends and ends[0][0] > 0):
+    failures.append("the stop did not come during the first sentence")
+if len(ends) != len(refs):
+    failures.append(f"{len(ends)} sentences, not {len(refs)}")
+for end, ref in zip(ends, refs):
+    rate = wer([ref], [end[3]])
+    print(f"  word error rate {rate:.2f} against: {ref}")
+    if rate >= 0.5:
+        failures.append(f"not the words spoken: {end[3]!r}")
+last = events[-1] if events else (0, "nothing", 0, None)
+if (last[1], last[2]) != ("TranscriptionCompleted", 20000000):
+    failures.append(f"it ended with {last[1]} {last[2]}, not TranscriptionCompleted 20000000")
+elif last[0] > grace:
+    failures.append(f"it ended {last[0]:.1f} s after the stop, after shutdown_grace_s")
+print("\n".join(failures) or f"both sentences, 20000000, {last[0]:.1f} s after the stop")
+sys.exit(bool(failures))' "$(cat "$DIR/drained.txt")" "$t0" "$GRACE" "${STOP_REFS[@]}" || rc=failed
     journal_since "$t0" -u $GW -u $WK | grep -Ev '^--' || true
+    [ "$rc" != failed ] ||
+        fail "the session running during the stop did not get all its sentences in the drain"
+    [ "$rc" = 0 ] || fail "the client ended with $rc"
     left=$(ct pgrep -u asrd || true)
     [ -z "$left" ] || fail "processes left: $left"
     echo "processes of user asrd left: none"
