@@ -370,7 +370,7 @@ def test_a_second_ctrl_c_stops_a_draining_gateway_with_130(
     with gateway_with_a_session(tmp_path, nats, processes) as (proc, _, _):
         assert proc.stderr is not None
         proc.send_signal(signal.SIGINT)
-        read_until(proc.stderr, "draining: 1 sessions")  # the process that has it
+        read_until(proc.stderr, "draining: 1 session running")  # the process that has it
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=GUARD_S)
     assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
@@ -394,7 +394,7 @@ def test_a_second_stop_signal_lets_a_draining_gateway_finish(
         assert proc.stderr is not None
         pids = [proc.pid, *children_of(proc.pid)]
         proc.send_signal(signum)
-        log += read_until(proc.stderr, "draining: 1 sessions")  # the process that has it
+        log += read_until(proc.stderr, "draining: 1 session running")  # the process that has it
         for pid in pids:  # as systemd's kill does
             try:
                 os.kill(pid, signum)

@@ -102,7 +102,8 @@ class Gateway:
                 )
                 task_status.started(self.port)
                 await self.stop_requested.wait()
-                log.info("draining: %d sessions running", self.state.active)
+                active = self.state.active
+                log.info("draining: %d session%s running", active, "" if active == 1 else "s")
                 self.draining = True
                 accept_scope.cancel()
                 await self._wait_idle(server.shutdown_grace_s)

@@ -210,7 +210,7 @@ class Session:
                 self.admission, self._record(started_at, duration_s, code)
             )
         log.info(
-            "session %s task %s ended: %s (%s) after %.1f s, %.1f s of audio, %d sentences",
+            "session %s task %s ended: %s (%s) after %.1f s, %.1f s of audio, %d sentence%s",
             self.id,
             self.codec.task_id or "-",
             code,
@@ -218,6 +218,7 @@ class Session:
             duration_s,
             self.audio_bytes / (2 * self.params.sample_rate),
             self._finals,
+            "" if self._finals == 1 else "s",
         )
 
     def _record(self, started_at: float, duration_s: float, code: int) -> SessionRecord:
