@@ -38,8 +38,10 @@ from tests.audio_fixtures import (
 )
 
 FRAME_MS = 30
-# Defaults: 300 ms window of 10 frames, 6 voiced opens; 800 ms silence = 27 frames closes.
+# Defaults: 300 ms window of 10 frames, 6 voiced opens; 800 ms silence = 27 frames closes;
+# of a pause, 300 ms = 10 frames go out at once, the rest waits for speech to resume.
 CLOSE_FRAMES = math.ceil(800 / FRAME_MS)
+TAIL_FRAMES = 300 // FRAME_MS
 
 
 class ScriptedVad:
@@ -99,6 +101,13 @@ def utterances(events: list[SegmentEvent]) -> list[Utt]:
     return out
 
 
+def sent_end_ms(u: Utt, trailing_silence_ms: int = 300) -> int:
+    """Where a closed utterance's audio ends: the pause after its last voiced frame goes out
+    up to ``trailing_silence_ms``, the rest was held back and dropped with the close."""
+    assert u.end is not None
+    return min(u.end.end_ms, u.end.speech_end_ms + trailing_silence_ms)
+
+
 def feed_all(seg: Segmenter, pcm: bytes, chunk: int | None = None) -> list[SegmentEvent]:
     if chunk is None:
         return seg.feed(pcm)
@@ -118,10 +127,11 @@ def test_one_sentence_exact_events(rate: int) -> None:
     events = seg.feed(pcm)
     # 6th voiced frame (frame 15) opens; onset = start of frame 10; pre-roll 300 ms -> 0.
     # Last voiced frame 19 ends at 600 ms; 27 unvoiced frames later (frame 46) it closes.
+    # Of the pause, frames 20-29 (300 ms) go out; 30-46 are dropped with the close.
     assert len(events) == 3
     assert events[0] == UtteranceStarted(begin_ms=300, audio_start_ms=0)
     assert isinstance(events[1], UtteranceAudio)
-    assert frames_of(events[1].pcm, rate) == list(range(47))
+    assert frames_of(events[1].pcm, rate) == list(range(20 + TAIL_FRAMES))
     assert events[2] == UtteranceEnded(
         end_ms=600 + CLOSE_FRAMES * FRAME_MS, speech_end_ms=600, timed_out=False
     )
@@ -177,7 +187,10 @@ def test_next_utterance_never_overlaps_the_previous() -> None:
     assert u1.end.end_ms == (8 + CLOSE_FRAMES) * FRAME_MS
     assert u2.begin_ms == u1.end.end_ms + 2 * FRAME_MS
     assert u2.audio_start_ms == u1.end.end_ms
-    assert frames_of(u1.pcm, 16000) + frames_of(u2.pcm, 16000) == list(range(len(pat)))
+    # Each from its audio start to TAIL_FRAMES after its last voiced frame.
+    assert frames_of(u1.pcm, 16000) == list(range(8 + TAIL_FRAMES))
+    first = 8 + CLOSE_FRAMES
+    assert frames_of(u2.pcm, 16000) == list(range(first, first + 10 + TAIL_FRAMES))
 
 
 def test_events_are_coalesced_and_ordered_within_one_feed() -> None:
@@ -242,6 +255,45 @@ def test_flush_closes_open_utterance_with_partial_frame(rate: int) -> None:
     ]
     assert seg.processed_ms == 11 * FRAME_MS + 10
     assert seg.flush() == []
+
+
+def test_flush_during_a_held_pause_drops_it_and_the_partial_frame() -> None:
+    seg = segmenter()
+    seg.feed(script("1" * 8 + "." * (TAIL_FRAMES + 5), 16000))
+    partial = script(".", 16000, first=8 + TAIL_FRAMES + 5)[:320]
+    assert seg.feed(partial) == []
+    assert seg.flush() == [
+        UtteranceEnded(
+            end_ms=(8 + TAIL_FRAMES + 5) * FRAME_MS + 10,
+            speech_end_ms=8 * FRAME_MS,
+            timed_out=False,
+        )
+    ]
+
+
+@pytest.mark.parametrize("tail_frames", [0, 4, TAIL_FRAMES])
+def test_a_pause_beyond_the_tail_waits_for_speech_then_goes_out_whole(tail_frames: int) -> None:
+    # A pause of 20 frames (600 ms, shorter than the closing 800 ms) within the utterance.
+    seg = segmenter(trailing_silence_ms=tail_frames * FRAME_MS)
+    pat = "1" * 8 + "." * 20 + "1" * 8 + "." * CLOSE_FRAMES
+    fed: list[list[SegmentEvent]] = [seg.feed(script(c, 16000, first=k)) for k, c in enumerate(pat)]
+    # During the pause: each frame within the tail goes out as it comes, the others wait.
+    for k in range(8, 28):
+        sent = [frames_of(e.pcm, 16000) for e in fed[k] if isinstance(e, UtteranceAudio)]
+        assert sent == ([[k]] if k < 8 + tail_frames else [])
+    # The first voiced frame after it brings the held frames, in order, in one event.
+    assert fed[28] == [
+        UtteranceAudio(script("." * (20 - tail_frames) + "1", 16000, 8 + tail_frames))
+    ]
+    (u,) = utterances([e for events in fed for e in events])
+    assert frames_of(u.pcm, 16000) == list(range(36 + tail_frames))
+    assert u.end is not None and u.end.speech_end_ms == 36 * FRAME_MS
+
+
+def test_a_tail_as_long_as_the_closing_silence_sends_the_whole_pause() -> None:
+    seg = segmenter(trailing_silence_ms=CLOSE_FRAMES * FRAME_MS)
+    (u,) = utterances(seg.feed(script("1" * 8 + "." * CLOSE_FRAMES, 16000)))
+    assert frames_of(u.pcm, 16000) == list(range(8 + CLOSE_FRAMES))
 
 
 def test_flush_while_idle_drops_partial_and_keeps_time() -> None:
@@ -355,13 +407,14 @@ def test_any_chunking_gives_the_same_utterances(
     assert utterances(events) == expected
     assert seg.processed_ms == whole.processed_ms
 
-    # Invariants: audio is exactly [audio_start, end), utterances are disjoint and ordered.
+    # Invariants: audio is exactly [audio_start, sent_end), utterances are disjoint and
+    # ordered.
     bps = 2 * rate // 1000
     prev_end = 0
     for u in expected:
         assert u.end is not None
         assert prev_end <= u.audio_start_ms <= u.begin_ms < u.end.speech_end_ms <= u.end.end_ms
-        assert len(u.pcm) // bps == u.end.end_ms - u.audio_start_ms
+        assert len(u.pcm) // bps == sent_end_ms(u) - u.audio_start_ms
         assert u.pcm == pcm[u.audio_start_ms * bps : u.audio_start_ms * bps + len(u.pcm)]
         if u.end.timed_out:
             assert u.end.end_ms - u.begin_ms >= max_sentence_ms
@@ -423,7 +476,7 @@ def test_real_speech_one_utterance_per_clip(rate: int) -> None:
         # the -47 dBFS gate) but within the clip: the noise after it never counts as speech.
         assert sp_end - 150 <= u.end.speech_end_ms <= clip_end + FRAME_MS
         assert u.end.end_ms == u.end.speech_end_ms + close_ms
-        assert u.pcm == pcm[u.audio_start_ms * bps : u.end.end_ms * bps]
+        assert u.pcm == pcm[u.audio_start_ms * bps : (u.end.speech_end_ms + 300) * bps]
 
 
 @pytest.mark.parametrize("rate", [16000, 8000])

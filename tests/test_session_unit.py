@@ -38,8 +38,10 @@ class StuckSocket:
         pass
 
 
-def make_session(**server: Any) -> tuple[Session, StuckSocket]:
-    config = Config.model_validate({"server": server})
+def make_session(
+    segmentation: dict[str, Any] | None = None, **server: Any
+) -> tuple[Session, StuckSocket]:
+    config = Config.model_validate({"server": server, "segmentation": segmentation or {}})
     bus = InMemoryBus()
     state = GatewayState(config, bus, WorkerRegistry(bus, "asrd", 1.0), StaticControlPlane(config))
     ws = StuckSocket()
@@ -488,3 +490,48 @@ async def test_a_sentence_ended_by_stop_is_timed_from_the_stop(
     endpointing = session.state.metrics.endpointing
     assert endpointing.count == 1
     assert endpointing.sum < 5.0, endpointing.sum  # the client's minute is not the gateway's
+
+
+async def _decoded_ms(trailing_silence_ms: int) -> float:
+    """Audio the worker decoded for one sentence ended by 2 s of silence, then Stop."""
+    import json
+
+    from asrd.engines.loadtest import LoadtestEngine
+    from asrd.worker import Worker
+    from tests.audio_fixtures import load_clip, silence
+
+    session, _ = make_session({"trailing_silence_ms": trailing_silence_ms}, idle_timeout_s=120.0)
+    session.codec = AlibabaCodec()
+
+    def command(name: str, message_id: str) -> str:
+        header = {"message_id": message_id, "task_id": "d" * 32, "name": name}
+        return json.dumps({"header": {**header, "namespace": "SpeechTranscriber"}})
+
+    audio = load_clip("0880") + silence(2000, 16000)
+    client = ScriptedClient(
+        [
+            command("StartTranscription", "a" * 32),
+            *(audio[i : i + 3200] for i in range(0, len(audio), 3200)),
+            command("StopTranscription", "c" * 32),
+        ]
+    )
+    session.ws = client  # type: ignore[assignment]
+    state, bus = session.state, session.state.bus
+    worker = Worker(state.config.worker, "asrd", bus, LoadtestEngine(1))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(state.registry.run)
+        await nursery.start(worker.run)
+        with trio.fail_after(600):
+            await session.run()
+        nursery.cancel_scope.cancel()
+    assert sum("SentenceEnd" in m for m in client.received) == 1
+    return worker.metrics.audio.values[()] * 1000
+
+
+async def test_the_engine_gets_the_pause_that_ends_a_sentence_up_to_trailing_silence_ms(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """[segmentation] trailing_silence_ms reaches the session's segmenter: of the 810 ms pause
+    that ends the sentence, the worker decodes 300 ms, or all of it."""
+    whole = await _decoded_ms(6000)
+    assert await _decoded_ms(300) == pytest.approx(whole - 510, abs=1)

@@ -134,6 +134,8 @@ class SegmentationConfig(_Model):
     frame_ms: int = Field(default=30)
     preroll_ms: int = Field(default=300, ge=0, le=2000)
     max_sentence_ms: int = Field(default=60_000, ge=1000, le=600_000)
+    # Of a pause, what goes to the engine before speech resumes (asrd.segmentation).
+    trailing_silence_ms: int = Field(default=300, ge=0, le=6000)
 
     @model_validator(mode="after")
     def _frame(self) -> SegmentationConfig:

@@ -433,6 +433,7 @@ class Session:
                 ignore_sentence_timeout=params.enable_ignore_sentence_timeout,
                 frame_ms=seg.frame_ms,
                 preroll_ms=seg.preroll_ms,
+                trailing_silence_ms=seg.trailing_silence_ms,
             )
         )
         self.tracker = SentenceTracker(params)
