@@ -103,6 +103,7 @@ class FakeServer:
     never_start: bool = False
     stall_after_start: bool = False  # answers Start, then reads nothing more
     hold_stop: threading.Event | None = None  # answers Stop once this is set
+    stall_after_partial: bool = False  # sends the first sentence's partial result, then nothing
     text: str = "second"  # the words of each result
     # what it saw
     headers: dict[str, str] = field(default_factory=dict)
@@ -156,6 +157,8 @@ class FakeServer:
             await ws.send_message(
                 server_event("TranscriptionResultChanged", task_id, partial_result)
             )
+            if self.stall_after_partial:
+                await trio.sleep_forever()
             final = {
                 "index": sentences,
                 "time": end_ms,
@@ -1138,6 +1141,37 @@ async def test_ctrl_c_before_the_audio_began_quits(server: FakeServer) -> None:
         writer.close()  # the read left waiting returns
     assert status == [130]
     assert server.start is None
+
+
+async def test_a_second_ctrl_c_leaves_the_terminal_on_a_clean_line(
+    server: FakeServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A partial result on the terminal when the second Ctrl-C quits is cleared, as at any
+    other end: it was left there, and the shell's prompt came after it on its line."""
+    server.stall_after_partial = True
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stdout", terminal)
+    read_end, write_end = os.pipe()
+    # Unbuffered, as asrd transcribe opens stdin for its reads in a thread.
+    stdin = open(read_end, "rb", buffering=0)  # noqa: ASYNC230
+    with stdin, open(write_end, "wb") as writer, caplog.at_level("INFO"):  # noqa: ASYNC230
+        writer.write(silence(1.0))  # stdin goes on: the first Ctrl-C ends the audio
+        writer.flush()
+        source = AudioInput(stdin, "stdin", raw_rate=16000)
+        status: list[int] = []
+        with trio.fail_after(GUARD):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_transcribe_into, status, source, server, False)
+                while not terminal.getvalue():  # noqa: ASYNC110 - no event to wait on
+                    await trio.sleep(0.01)
+                signal.raise_signal(signal.SIGINT)
+                while "Ctrl-C" not in caplog.text:  # noqa: ASYNC110 - the same
+                    await trio.sleep(0.01)
+                signal.raise_signal(signal.SIGINT)
+        writer.close()  # the read left waiting returns
+    assert status == [130]
+    clear = "\r\x1b[K"
+    assert terminal.getvalue() == f"{clear}[0.00-0.50] second{clear}"
 
 
 async def test_ctrl_c_on_a_file_sent_at_real_time(

@@ -323,7 +323,10 @@ async def transcribe_and_print(
         printer.close()
         logs.fatal(f"transcription failed with status {e.code}: {e.reason}")
         return 1
-    printer.close()
+    finally:
+        # Also when cancelled (a second Ctrl-C quits): a partial result left on the terminal
+        # would leave the shell's prompt on its line.
+        printer.close()
     return 0
 
 
