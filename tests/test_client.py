@@ -1070,13 +1070,16 @@ def test_ctrl_c_ends_the_audio_and_prints_the_last_results(then_eof: bool) -> No
             asrd.stdin.close()
         assert asrd.stdout.read() == b"[0.00-1.00] second 1\n[1.00-1.50] second 2\n"
         assert asrd.wait(GUARD) == 0
-        assert "Ctrl-C: the audio ends here" in asrd.stderr.read().decode()
+        err = asrd.stderr.read().decode()
+        assert "Ctrl-C: the audio ends here; the last results follow" in err, err
+        assert "already" not in err, err
     assert fake.stop is not None
 
 
 def test_ctrl_c_after_stdin_ended_still_waits_for_the_last_results() -> None:
     """The recorder's end came first (it got the SIGINT before us): the audio has ended
-    already, and the results the server is still working on are printed."""
+    already, and the results the server is still working on are printed. The message says
+    so: it said "the audio ends here", though nothing was cut off."""
     with server_in_thread() as fake, transcribe_stdin(fake.url, "--raw-rate", "16000") as asrd:
         assert asrd.stdin is not None and asrd.stdout is not None and asrd.stderr is not None
         fake.hold_stop = threading.Event()
@@ -1084,8 +1087,9 @@ def test_ctrl_c_after_stdin_ended_still_waits_for_the_last_results() -> None:
         asrd.stdin.close()
         wait_until(lambda: fake.stop is not None)
         asrd.send_signal(signal.SIGINT)
-        read_until(asrd.stderr, "Ctrl-C", GUARD)
+        line = read_until(asrd.stderr, "Ctrl-C", GUARD)[-1]
         fake.hold_stop.set()
+        assert "Ctrl-C: the audio had already ended; waiting for the last results" in line
         assert asrd.stdout.read() == b"[0.00-1.00] second 1\n[1.00-1.50] second 2\n"
         assert asrd.wait(GUARD) == 0
 
@@ -1184,7 +1188,7 @@ async def test_ctrl_c_on_a_file_sent_at_real_time(
     'cut off before the end its header declares'."""
     path = write_wav(tmp_path / "long.wav", 16000, 1, 30.0)  # more than is read ahead
     status: list[int] = []
-    with open(path, "rb", buffering=0) as f, caplog.at_level("WARNING"):  # noqa: ASYNC230
+    with open(path, "rb", buffering=0) as f, caplog.at_level("INFO"):  # noqa: ASYNC230
         source = AudioInput(f, str(path))
         with trio.fail_after(GUARD):
             async with trio.open_nursery() as nursery:
@@ -1196,6 +1200,7 @@ async def test_ctrl_c_on_a_file_sent_at_real_time(
     assert capsys.readouterr().out.startswith("[0.00-1.00] second 1\n")
     assert server.stop is not None and sum(server.frame_sizes) < 2 * 16000 * 30
     assert "declares" not in caplog.text
+    assert "Ctrl-C: the audio ends here" in caplog.text
 
 
 def test_run_transcribe_sends_a_cut_off_file_with_a_warning(

@@ -172,6 +172,9 @@ class Transcription:
         self.task_id = task_id
         self.session_id = ""
         self.completed = False
+        # The audio came to its own end, all of it framed for the sender: end_audio() cuts
+        # nothing off.
+        self.audio_ended = False
         self._ws = ws
         self._appkey = appkey
         self._timeout = timeout
@@ -188,7 +191,7 @@ class Transcription:
     def end_audio(self) -> None:
         """End the audio here, as if it had ended (a user's Ctrl-C): the frame being sent goes
         out whole, none after it, then ``StopTranscription``; the last results are waited for
-        as after any Stop. Nothing if the audio has ended already."""
+        as after any Stop. Nothing if the audio has ended already (:attr:`audio_ended`)."""
         self._audio_scope.cancel()
 
     async def __anext__(self) -> Event:
@@ -259,6 +262,7 @@ class Transcription:
         """The frames of ``audio`` into ``frames``, until its end or :meth:`end_audio`."""
         with frames, self._audio_scope:
             await send_audio(frames.send, audio, sample_rate, frame_ms=frame_ms, realtime=realtime)
+            self.audio_ended = True
 
     async def _send(self, message: str | bytes) -> None:
         """One message out, bounded: a server that reads nothing for so long has stalled."""

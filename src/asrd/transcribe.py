@@ -258,9 +258,10 @@ _INTERRUPTED = 128 + signal.SIGINT
 
 class _CtrlC:
     """Ctrl-C in ``asrd transcribe``, for a live microphone's user: the first ends the audio
-    (:meth:`Transcription.end_audio`) and the last results are printed, as after any end of
-    the input; the second quits at once (:attr:`quit` is cancelled), without waiting for the
-    server. Before the transcription has started, nothing has been sent: the first quits.
+    (:meth:`Transcription.end_audio`) unless it had ended already, and the last results are
+    printed, as after any end of the input; the second quits at once (:attr:`quit` is
+    cancelled), without waiting for the server. Before the transcription has started,
+    nothing has been sent: the first quits.
 
     A recorder piping into stdin from the same terminal gets the SIGINT too, and its end
     ends stdin: before it or after, the audio ends once and the results are printed.
@@ -275,9 +276,20 @@ class _CtrlC:
 
     async def watch(self, signals: AsyncIterator[int]) -> None:
         await anext(signals)
-        if self._transcription is not None:
-            self._transcription.end_audio()
-            log.info("Ctrl-C: the audio ends here; the last results follow (Ctrl-C again: quit)")
+        transcription = self._transcription
+        if transcription is not None:
+            # After the end of the input (stdin's, a file sent whole) it cuts nothing off: only
+            # the last results are still coming, and the message must not say otherwise.
+            if transcription.audio_ended:
+                log.info(
+                    "Ctrl-C: the audio had already ended; waiting for the last results "
+                    "(Ctrl-C again: quit)"
+                )
+            else:
+                transcription.end_audio()
+                log.info(
+                    "Ctrl-C: the audio ends here; the last results follow (Ctrl-C again: quit)"
+                )
             await anext(signals)
         self.quit.cancel()
 
