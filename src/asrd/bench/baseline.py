@@ -47,6 +47,7 @@ class Baseline:
     workload_audio_s: float  # stream seconds of the bench playlists decoded
     workload_cpu_per_s: float  # engine CPU per stream second, bench workload, final pass as set
     final_pass: str
+    trailing_silence_ms: int  # the segmenter's, as in the service
     cores: int
     repeat: int
 
@@ -152,7 +153,9 @@ def feed_events(rec: Recognizer, events: Iterable[object], step: int) -> None:
         feeder.feed(ev)
 
 
-def _workload(corpus: Corpus, final_pass: str, gap_ms: int, mss_ms: int) -> tuple[float, float]:
+def _workload(
+    corpus: Corpus, final_pass: str, gap_ms: int, mss_ms: int, tail_ms: int
+) -> tuple[float, float]:
     """(CPU seconds, stream seconds) of the engine work of one playlist per recording.
 
     Only the first has the bench sessions' 300 ms lead-in: a bench session has one per
@@ -176,7 +179,11 @@ def _workload(corpus: Corpus, final_pass: str, gap_ms: int, mss_ms: int) -> tupl
         )
         stream_s += playlist.duration_s
         segmenter = Segmenter(
-            SegmenterConfig(sample_rate=corpus.sample_rate, max_sentence_silence_ms=mss_ms)
+            SegmenterConfig(
+                sample_rate=corpus.sample_rate,
+                max_sentence_silence_ms=mss_ms,
+                trailing_silence_ms=tail_ms,
+            )
         )
         events = [ev for frame in playlist.frames for ev in segmenter.feed(frame)]
         events += segmenter.flush()  # segmentation is gateway work: not timed
@@ -194,6 +201,7 @@ def run_baseline(
     final_pass: str = "batch",
     gap_ms: int = 1500,
     max_sentence_silence_ms: int = 800,
+    trailing_silence_ms: int = 300,
     repeat: int = 3,
 ) -> Baseline:
     """Measure ``repeat`` times and keep the median of each CPU figure."""
@@ -207,7 +215,9 @@ def run_baseline(
         live.append(cpu)
         cpu, wer_batch = _raw(corpus, live=False)
         batch.append(cpu)
-        cpu, stream_s = _workload(corpus, final_pass, gap_ms, max_sentence_silence_ms)
+        cpu, stream_s = _workload(
+            corpus, final_pass, gap_ms, max_sentence_silence_ms, trailing_silence_ms
+        )
         work.append(cpu)
     audio_s = corpus.seconds
     return Baseline(
@@ -219,6 +229,7 @@ def run_baseline(
         workload_audio_s=round(stream_s, 3),
         workload_cpu_per_s=statistics.median(work) / stream_s,
         final_pass=final_pass,
+        trailing_silence_ms=trailing_silence_ms,
         cores=os.cpu_count() or 1,
         repeat=max(1, repeat),
     )

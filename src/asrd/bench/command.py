@@ -90,6 +90,13 @@ def add_commands(subparsers: Any) -> None:
         "(0: one per core)",
     )
     target.add_argument(
+        "--trailing-silence-ms",
+        type=int,
+        default=300,
+        help="--spawn and --engine-baseline: [segmentation] trailing_silence_ms, how much of "
+        "a pause goes to the engine before speech resumes (6000: all of it)",
+    )
+    target.add_argument(
         "--nats-monitor-port",
         type=int,
         default=0,
@@ -263,7 +270,10 @@ async def open_target(args: argparse.Namespace) -> AsyncIterator[Target]:
         idle_timeout_s=idle_timeout,
         max_sessions=100_000,
         nats_monitor_port=args.nats_monitor_port,
-        extra={"worker": {"decode_slots": args.decode_slots}},
+        extra={
+            "worker": {"decode_slots": args.decode_slots},
+            "segmentation": {"trailing_silence_ms": args.trailing_silence_ms},
+        },
     )
     async with open_stack(config) as stack:
         yield Target(stack.url, stack.procs, config, config.workers * config.decoders)
@@ -289,6 +299,7 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
                 "shared_workers": target.stack.shared_workers,
                 "decode_slots": args.decode_slots,
                 "final_pass": target.stack.final_pass,
+                "trailing_silence_ms": target.stack.extra["segmentation"]["trailing_silence_ms"],
                 "idle_timeout_s": target.stack.idle_timeout_s,
             }
         if args.idle_sessions:
@@ -318,6 +329,7 @@ async def _baseline(args: argparse.Namespace, corpus: Corpus, what: str) -> Base
         final_pass=args.final_pass,
         gap_ms=gap_ms(args),
         max_sentence_silence_ms=args.max_sentence_silence,
+        trailing_silence_ms=args.trailing_silence_ms,
         repeat=args.baseline_repeat,
     )
 
