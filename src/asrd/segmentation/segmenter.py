@@ -25,9 +25,9 @@ Rules (frame = ``frame_ms`` of audio, classified voiced/unvoiced by a
   out ahead of it, so the utterance's audio stays contiguous) or the pause closes the
   utterance (then it is dropped). The engine ends its last word within that much silence: 300
   ms gives the same words and word times as the whole pause on the bench recordings, and the
-  rest of an 800 ms pause is 9% of the utterances' audio, and 5% of their decoding, that no
-  result needs (docs/benchmarks.md). A worker that is behind then has less to decode before a
-  sentence's final result.
+  rest of an 800 ms pause is 9% of the utterances' audio and 7.6% of the instructions that
+  decode them, which no result needs (docs/benchmarks.md). A worker that is behind then has
+  less to decode before a sentence's final result.
 * Audio outside utterances is dropped, except the ring buffer needed for pre-roll.
 
 Per-frame work is a few integer operations plus the detector call; audio is sliced once
