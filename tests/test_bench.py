@@ -698,6 +698,9 @@ def test_engine_baseline_brackets_a_capacity_search(tmp_path: Path) -> None:
     )
     text = report_text(report)
     assert "engine baseline:" in text and "engine baseline, after the runs:" in text
+    # Counted in the singular for one: the search held one session on one of everything.
+    assert "capacity: 1 session held real time" in text
+    assert "stack: nats-server, 1 gateway process, 1 loadtest worker (forked from one) x 2 " in text
     assert f"after the runs {cap['engine_limit_streams_after']} streams" in text
 
 

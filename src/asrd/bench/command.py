@@ -25,6 +25,7 @@ from asrd.bench.procs import ProcSet, Sampler, machine_busy_s, parse_pids
 from asrd.bench.report import (
     HoldCriteria,
     build_report,
+    count,
     format_reports,
     format_table,
     machine_info,
@@ -697,10 +698,11 @@ def report_text(report: dict[str, Any]) -> str:
     if "stack" in report:
         s = report["stack"]
         forked = "forked from one" if s.get("shared_workers", False) else "separate"
+        gateways = count(s.get("gateways", 1), "gateway process", "gateway processes")
         lines.append(
-            f"stack: nats-server, {s.get('gateways', 1)} gateway processes, "
-            f"{s['workers']} {s['engine']} workers ({forked}) x "
-            f"{s['decoders']} decoders (final_pass {s['final_pass']})"
+            f"stack: nats-server, {gateways}, "
+            f"{count(s['workers'], s['engine'] + ' worker')} ({forked}) x "
+            f"{count(s['decoders'], 'decoder')} (final_pass {s['final_pass']})"
         )
     baselines = [
         (f"engine baseline{label}", report[key])
@@ -742,7 +744,7 @@ def report_text(report: dict[str, Any]) -> str:
     if "capacity" in report:
         c = report["capacity"]
         line = (
-            f"capacity: {c['held_sessions']} sessions held real time "
+            f"capacity: {count(c['held_sessions'], 'session')} held real time "
             f"(first failure at {c['first_failed_sessions']}, "
             f"p95 lag limit {c['lag_p95_limit_ms']:g} ms)"
         )

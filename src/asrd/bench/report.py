@@ -62,9 +62,10 @@ def _session_p95s(results: Sequence[SessionResult]) -> list[float]:
     return [percentile(sorted(r.partial_lags), 95) for r in results if r.partial_lags]
 
 
-def _sessions(n: int) -> str:
-    """``n`` sessions, in the singular for one, as the log lines count them."""
-    return f"{n} session{'' if n == 1 else 's'}"
+def count(n: int, noun: str, nouns: str = "") -> str:
+    """``n`` of ``noun``, in the singular for one, as the log lines count them (``nouns``:
+    the plural, if not ``noun`` + "s")."""
+    return f"{n} {noun if n == 1 else nouns or noun + 's'}"
 
 
 def build_report(
@@ -127,10 +128,11 @@ def build_report(
     unmeasured = sum(1 for r in completed if not r.partial_lags)
     held, why = True, "every session completed and kept its p95 partial lag under the limit"
     if failed:
-        held, why = False, f"{_sessions(sum(failed.values()))} failed"
+        held, why = False, count(sum(failed.values()), "session") + " failed"
     elif unmeasured or session_p95_max is None:
         # A session whose lag was never measured cannot be said to have kept it.
-        held, why = False, f"{_sessions(unmeasured or len(completed))} received no partial result"
+        unheard = count(unmeasured or len(completed), "session")
+        held, why = False, f"{unheard} received no partial result"
     elif session_p95_max > criteria.lag_p95_limit_ms:
         held = False
         why = (
