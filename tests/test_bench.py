@@ -25,7 +25,6 @@ import trio
 import trio_websocket
 
 from asrd import gctune
-from asrd.bench.command import report_text
 from asrd.bench.corpus import Playlist, default_data_dir, load_corpus
 from asrd.bench.load import (
     COMPLETED,
@@ -52,6 +51,7 @@ from asrd.bench.report import (
     build_report,
     format_reports,
     markdown_tables,
+    report_text,
     rss_growth,
 )
 from asrd.bench.stack import StackConfig, open_stack, render_toml
@@ -302,8 +302,9 @@ async def test_a_rerun_that_holds_is_kept(monkeypatch: pytest.MonkeyPatch) -> No
 async def test_capacity_search_doubles_then_bisects_to_the_largest_n_that_held(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from asrd.bench.command import Target, find_capacity
+    from asrd.bench.command import find_capacity
     from asrd.bench.procs import ProcSet
+    from asrd.bench.stack import Target
 
     limit = 21  # runs hold up to here
     outcomes = {n: [(n <= limit, 0.0)] for n in range(1, 65)}

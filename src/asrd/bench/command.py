@@ -1,4 +1,6 @@
-"""The ``asrd bench`` command: load runs, capacity search, idle-session memory, engine baseline."""
+"""The ``asrd bench`` command: its options, the stack it runs against, load runs and the capacity
+search; idle-session memory is in asrd.bench.idle, the engine baseline in asrd.bench.baseline,
+the report in asrd.bench.report."""
 
 from __future__ import annotations
 
@@ -11,29 +13,27 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import trio
-import trio_websocket
 
 from asrd.bench.baseline import Baseline, run_baseline
 from asrd.bench.corpus import Corpus, default_data_dir, load_corpus
+from asrd.bench.idle import idle_memory
 from asrd.bench.load import LoadPlan, SessionResult, run_load, schedule, split
 from asrd.bench.procs import ProcSet, Sampler, machine_busy_s, parse_pids
 from asrd.bench.report import (
     HoldCriteria,
     build_report,
-    count,
     format_reports,
-    format_table,
     machine_info,
     markdown_tables,
+    report_text,
     rss_growth,
 )
-from asrd.bench.stack import StackConfig, open_stack
-from asrd.client import start_message
+from asrd.bench.stack import StackConfig, Target, open_stack, warn_capacity
 from asrd.config import MAX_DECODERS
 
 log = logging.getLogger(__name__)
@@ -245,14 +245,6 @@ def gap_ms(args: argparse.Namespace) -> int:
 # --- orchestration -----------------------------------------------------------------------
 
 
-@dataclass
-class Target:
-    url: str
-    procs: ProcSet
-    stack: StackConfig | None
-    capacity: int | None  # decoders available, when known
-
-
 @asynccontextmanager
 async def open_target(args: argparse.Namespace) -> AsyncIterator[Target]:
     if args.url:
@@ -308,7 +300,7 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
         elif args.find_capacity:
             report.update(await find_capacity(args, target, corpus, baseline))
         else:
-            _warn_capacity(args.sessions, target)
+            warn_capacity(args.sessions, target)
             report["runs"] = [await one_run(args, target, corpus, args.sessions, baseline)]
     if baseline is not None:
         # The machine's speed drifts within minutes (docs/benchmarks.md): measuring the
@@ -333,15 +325,6 @@ async def _baseline(args: argparse.Namespace, corpus: Corpus, what: str) -> Base
         trailing_silence_ms=args.trailing_silence_ms,
         repeat=args.baseline_repeat,
     )
-
-
-def _warn_capacity(n: int, target: Target) -> None:
-    if target.capacity is not None and n > target.capacity:
-        print(
-            f"asrd bench: warning: {n} sessions but only {target.capacity} decoders "
-            f"({target.stack.workers if target.stack else '?'} workers): the rest get 40000005",
-            file=sys.stderr,
-        )
 
 
 async def one_run(
@@ -526,7 +509,7 @@ async def find_capacity(
     failed_n: int | None = None
     steps: list[dict[str, Any]] = []
     for _ in range(MAX_CAPACITY_STEPS):
-        _warn_capacity(n, target)
+        warn_capacity(n, target)
         rep = await one_run(args, target, corpus, n, baseline)
         steps.append(rep)
         if rep["held"]:
@@ -565,200 +548,3 @@ def _vs_limit(held: int, baseline: Baseline, suffix: str = "") -> dict[str, Any]
         f"engine_limit_streams{suffix}": round(limit, 1),
         f"ratio_to_engine_limit{suffix}": round(held / limit, 3) if limit else None,
     }
-
-
-# --- idle sessions ---------------------------------------------------------------------------
-
-
-async def idle_memory(args: argparse.Namespace, target: Target) -> dict[str, Any]:
-    """Gateway (and worker) RSS per idle WebSocket connection and per started, silent session.
-
-    A warm-up round first (so one-time allocations are not counted), then: N connections
-    opened, RSS read; ``StartTranscription`` on each (each claims a decoder), RSS read; all
-    closed. Everything happens well within the gateway's ``idle_timeout_s``.
-    """
-    n = args.idle_sessions
-    _warn_capacity(n, target)
-    warm = min(n, 20)
-    await _idle_round(args, target, warm, measure=False)
-    await trio.sleep(args.settle)
-    return await _idle_round(args, target, n, measure=True)
-
-
-async def _idle_round(
-    args: argparse.Namespace, target: Target, n: int, *, measure: bool
-) -> dict[str, Any]:
-    limiter = trio.CapacityLimiter(50)  # connections being opened at once
-    connected = 0
-    started = 0
-    failures: dict[str, int] = {}
-    all_connected = trio.Event()
-    all_started = trio.Event()
-    go_start = trio.Event()
-    release = trio.Event()
-    done = 0
-    all_done = trio.Event()
-
-    def settle_counts() -> None:
-        if connected + sum(failures.values()) >= n:
-            all_connected.set()
-        if started + sum(failures.values()) >= n:
-            all_started.set()
-        if done >= n:
-            all_done.set()
-
-    async def one(i: int) -> None:
-        nonlocal connected, started, done
-        outcome = ""
-        try:
-            async with limiter:
-                ws_cm = trio_websocket.open_websocket_url(
-                    target.url, connect_timeout=args.reply_timeout, disconnect_timeout=5
-                )
-                ws = await ws_cm.__aenter__()
-            try:
-                connected += 1
-                settle_counts()
-                await go_start.wait()
-                message = start_message(f"{i:032x}", args.appkey, 16000)
-                await ws.send_message(json.dumps(message))
-                with trio.fail_after(args.reply_timeout):
-                    reply = json.loads(await ws.get_message())
-                name = reply["header"]["name"]
-                if name != "TranscriptionStarted":
-                    outcome = str(reply["header"].get("status", name))
-                else:
-                    started += 1
-                    settle_counts()
-                    await release.wait()
-            finally:
-                await ws_cm.__aexit__(None, None, None)
-        except (trio_websocket.HandshakeError, trio_websocket.ConnectionClosed, OSError) as exc:
-            outcome = type(exc).__name__
-        except trio.TooSlowError:
-            outcome = "timeout"
-        if outcome:
-            failures[outcome] = failures.get(outcome, 0) + 1
-        done += 1
-        settle_counts()
-
-    before = target.procs.read()
-    t0 = time.monotonic()
-    async with trio.open_nursery() as nursery:
-        for i in range(n):
-            nursery.start_soon(one, i)
-        await all_connected.wait()
-        await trio.sleep(1.0)
-        connected_reading = target.procs.read()
-        t_connected = time.monotonic() - t0
-        go_start.set()
-        await all_started.wait()
-        await trio.sleep(1.0)
-        started_reading = target.procs.read()
-        t_started = time.monotonic() - t0
-        release.set()
-        await all_done.wait()
-    if not measure:
-        return {}
-
-    def rss(reading: dict[str, Any], role: str) -> int:
-        return sum(s.rss_kb for s in reading.get(role, []) if s)
-
-    out: dict[str, Any] = {
-        "sessions": n,
-        "connected": connected,
-        "started": started,
-        "failed": failures,
-        "seconds_to_connect_all": round(t_connected, 1),
-        "seconds_to_start_all": round(t_started, 1),
-        "idle_timeout_s": target.stack.idle_timeout_s if target.stack else None,
-    }
-    for role in target.procs.roles:
-        b, c, s = rss(before, role), rss(connected_reading, role), rss(started_reading, role)
-        out[role] = {
-            "rss_mb_before": round(b / 1024, 1),
-            "rss_mb_connected": round(c / 1024, 1),
-            "rss_mb_started": round(s / 1024, 1),
-            "kb_per_connection": round((c - b) / max(1, connected), 1),
-            "kb_per_started_session": round((s - b) / max(1, started), 1),
-        }
-    print(json.dumps(out, indent=2), file=sys.stderr)
-    return out
-
-
-# --- text output -------------------------------------------------------------------------------
-
-
-def report_text(report: dict[str, Any]) -> str:
-    lines: list[str] = []
-    m = report["machine"]
-    lines.append(
-        f"machine: {m['cpus']} x {m['cpu_model']}, {m['mem_gib']} GiB, Python {m['python']}"
-    )
-    if "stack" in report:
-        s = report["stack"]
-        forked = "forked from one" if s.get("shared_workers", False) else "separate"
-        gateways = count(s.get("gateways", 1), "gateway process", "gateway processes")
-        lines.append(
-            f"stack: nats-server, {gateways}, "
-            f"{count(s['workers'], s['engine'] + ' worker')} ({forked}) x "
-            f"{count(s['decoders'], 'decoder')} (final_pass {s['final_pass']})"
-        )
-    baselines = [
-        (f"engine baseline{label}", report[key])
-        for key, label in (("engine_baseline", ""), ("engine_baseline_after", ", after the runs"))
-        if key in report
-    ]
-    for title, b in baselines:
-        lines.append(f"{title}:")
-        lines.append(
-            format_table(
-                [
-                    [
-                        f"{b['rtf_live']:.3f}",
-                        f"{b['rtf_batch']:.3f}",
-                        f"{b['streams_per_core_live']:.1f}",
-                        f"{b['streams_per_core_live_plus_batch']:.1f}",
-                        f"{1000 * b['workload_cpu_per_s']:.0f}",
-                        f"{b['workload_streams_per_core']:.1f}",
-                        f"{b['engine_limit_streams']:.1f}",
-                        f"{b['wer_live']:.3f}",
-                        f"{b['wer_batch']:.3f}",
-                    ]
-                ],
-                [
-                    "RTF live",
-                    "RTF full_utt",
-                    "streams/core live",
-                    "live+batch",
-                    "bench ms/s",
-                    "bench streams/core",
-                    f"x {b['cores']} cores",
-                    "WER live",
-                    "WER batch",
-                ],
-            )
-        )
-    if "runs" in report:
-        lines.append(format_reports(report["runs"]))
-    if "capacity" in report:
-        c = report["capacity"]
-        line = (
-            f"capacity: {count(c['held_sessions'], 'session')} held real time "
-            f"(first failure at {c['first_failed_sessions']}, "
-            f"p95 lag limit {c['lag_p95_limit_ms']:g} ms)"
-        )
-        if c.get("ratio_to_engine_limit") is not None:
-            line += (
-                f"; engine limit {c['engine_limit_streams']} streams, "
-                f"ratio {c['ratio_to_engine_limit']:.2f}"
-            )
-        if c.get("ratio_to_engine_limit_after") is not None:
-            line += (
-                f"; after the runs {c['engine_limit_streams_after']} streams, "
-                f"ratio {c['ratio_to_engine_limit_after']:.2f}"
-            )
-        lines.append(line)
-    if "idle" in report:
-        lines.append(json.dumps(report["idle"], indent=2))
-    return "\n".join(lines)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import sys
@@ -16,7 +17,7 @@ from asrd.bench.procs import RoleUsage
 from asrd.bench.stats import Summary, percentile, summarize
 from asrd.wer import wer
 
-__all__ = ["HoldCriteria", "build_report", "format_table", "machine_info"]
+__all__ = ["HoldCriteria", "build_report", "format_table", "machine_info", "report_text"]
 
 _MB = 1024.0
 
@@ -424,3 +425,78 @@ def markdown_tables(reports: Sequence[dict[str, Any]]) -> str:
             ]
         out.append("")
     return "\n".join(out)
+
+
+def report_text(report: dict[str, Any]) -> str:
+    lines: list[str] = []
+    m = report["machine"]
+    lines.append(
+        f"machine: {m['cpus']} x {m['cpu_model']}, {m['mem_gib']} GiB, Python {m['python']}"
+    )
+    if "stack" in report:
+        s = report["stack"]
+        forked = "forked from one" if s.get("shared_workers", False) else "separate"
+        gateways = count(s.get("gateways", 1), "gateway process", "gateway processes")
+        lines.append(
+            f"stack: nats-server, {gateways}, "
+            f"{count(s['workers'], s['engine'] + ' worker')} ({forked}) x "
+            f"{count(s['decoders'], 'decoder')} (final_pass {s['final_pass']})"
+        )
+    baselines = [
+        (f"engine baseline{label}", report[key])
+        for key, label in (("engine_baseline", ""), ("engine_baseline_after", ", after the runs"))
+        if key in report
+    ]
+    for title, b in baselines:
+        lines.append(f"{title}:")
+        lines.append(
+            format_table(
+                [
+                    [
+                        f"{b['rtf_live']:.3f}",
+                        f"{b['rtf_batch']:.3f}",
+                        f"{b['streams_per_core_live']:.1f}",
+                        f"{b['streams_per_core_live_plus_batch']:.1f}",
+                        f"{1000 * b['workload_cpu_per_s']:.0f}",
+                        f"{b['workload_streams_per_core']:.1f}",
+                        f"{b['engine_limit_streams']:.1f}",
+                        f"{b['wer_live']:.3f}",
+                        f"{b['wer_batch']:.3f}",
+                    ]
+                ],
+                [
+                    "RTF live",
+                    "RTF full_utt",
+                    "streams/core live",
+                    "live+batch",
+                    "bench ms/s",
+                    "bench streams/core",
+                    f"x {b['cores']} cores",
+                    "WER live",
+                    "WER batch",
+                ],
+            )
+        )
+    if "runs" in report:
+        lines.append(format_reports(report["runs"]))
+    if "capacity" in report:
+        c = report["capacity"]
+        line = (
+            f"capacity: {count(c['held_sessions'], 'session')} held real time "
+            f"(first failure at {c['first_failed_sessions']}, "
+            f"p95 lag limit {c['lag_p95_limit_ms']:g} ms)"
+        )
+        if c.get("ratio_to_engine_limit") is not None:
+            line += (
+                f"; engine limit {c['engine_limit_streams']} streams, "
+                f"ratio {c['ratio_to_engine_limit']:.2f}"
+            )
+        if c.get("ratio_to_engine_limit_after") is not None:
+            line += (
+                f"; after the runs {c['engine_limit_streams_after']} streams, "
+                f"ratio {c['ratio_to_engine_limit_after']:.2f}"
+            )
+        lines.append(line)
+    if "idle" in report:
+        lines.append(json.dumps(report["idle"], indent=2))
+    return "\n".join(lines)

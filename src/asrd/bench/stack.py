@@ -34,7 +34,7 @@ from asrd.children import die_with_parent, free_port, nats_server_binary
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Stack", "StackConfig", "open_stack", "render_toml"]
+__all__ = ["Stack", "StackConfig", "Target", "open_stack", "render_toml", "warn_capacity"]
 
 
 @dataclass(frozen=True)
@@ -240,3 +240,22 @@ async def open_stack(
                 # Gateway first (its sessions end), then the workers, then NATS.
                 await _stop(started[1:])
                 await _stop(started[:1])
+
+
+@dataclass
+class Target:
+    """What a bench runs against: a spawned stack, or a running asrd (``--url``)."""
+
+    url: str
+    procs: ProcSet
+    stack: StackConfig | None
+    capacity: int | None  # decoders available, when known
+
+
+def warn_capacity(n: int, target: Target) -> None:
+    if target.capacity is not None and n > target.capacity:
+        print(
+            f"asrd bench: warning: {n} sessions but only {target.capacity} decoders "
+            f"({target.stack.workers if target.stack else '?'} workers): the rest get 40000005",
+            file=sys.stderr,
+        )
