@@ -12,6 +12,7 @@ import gc
 import io
 import itertools
 import json
+import logging
 import math
 import os
 import re
@@ -1176,6 +1177,48 @@ async def test_a_second_ctrl_c_leaves_the_terminal_on_a_clean_line(
     assert status == [130]
     clear = "\r\x1b[K"
     assert terminal.getvalue() == f"{clear}[0.00-0.50] second{clear}"
+
+
+async def test_a_line_logged_over_a_partial_result_starts_on_a_clean_line(
+    server: FakeServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """stdout and stderr one terminal: the partial result shown is cleared before Ctrl-C's
+    note is logged. The note came after the partial's text on its line, and the next
+    partial's rewrite garbled it."""
+    server.stall_after_partial = True
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stdout", terminal)
+    monkeypatch.setattr(sys, "stderr", terminal)
+    to_stderr = logging.StreamHandler(terminal)  # as logs.setup's, without the time
+    to_stderr.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(to_stderr)
+    read_end, write_end = os.pipe()
+    # Unbuffered, as asrd transcribe opens stdin for its reads in a thread.
+    stdin = open(read_end, "rb", buffering=0)  # noqa: ASYNC230
+    try:
+        with stdin, open(write_end, "wb") as writer, caplog.at_level("INFO"):  # noqa: ASYNC230
+            writer.write(silence(1.0))  # stdin goes on: the first Ctrl-C ends the audio
+            writer.flush()
+            source = AudioInput(stdin, "stdin", raw_rate=16000)
+            status: list[int] = []
+            with trio.fail_after(GUARD):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_transcribe_into, status, source, server, False)
+                    while not terminal.getvalue():  # noqa: ASYNC110 - no event to wait on
+                        await trio.sleep(0.01)
+                    signal.raise_signal(signal.SIGINT)
+                    while "Ctrl-C" not in terminal.getvalue():  # noqa: ASYNC110 - the same
+                        await trio.sleep(0.01)
+                    signal.raise_signal(signal.SIGINT)  # the server sends nothing more
+            writer.close()  # the read left waiting returns
+    finally:
+        logging.getLogger().removeHandler(to_stderr)
+    assert status == [130]
+    clear = "\r\x1b[K"
+    assert terminal.getvalue() == (
+        f"{clear}[0.00-0.50] second{clear}INFO asrd.transcribe: Ctrl-C: the audio ends here;"
+        " the last results follow (Ctrl-C again: quit)\n"
+    )
 
 
 async def test_ctrl_c_on_a_file_sent_at_real_time(

@@ -7,12 +7,14 @@ prints the results as lines or JSON.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import shutil
 import signal
 import sys
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterator
 from functools import partial
 from typing import Any, Protocol, TextIO
 
@@ -314,31 +316,32 @@ async def transcribe_and_print(
     """
     out = sys.stdout
     printer: _Printer = _JsonPrinter(out) if json_lines else _TextPrinter(out, live=out.isatty())
-    try:
-        async with open_transcription(
-            url,
-            audio,
-            sample_rate,
-            token=token,
-            appkey=appkey,
-            realtime=realtime,
-            frame_ms=frame_ms,
-            params=params,
-        ) as transcription:
-            if on_start is not None:
-                on_start(transcription)
-            async for event in transcription:
-                printer.show(event)
-    except TranscribeError as e:
-        if e.event is not None:
-            printer.show(e.event)
-        printer.close()
-        logs.fatal(f"transcription failed with status {e.code}: {e.reason}")
-        return 1
-    finally:
-        # Also when cancelled (a second Ctrl-C quits): a partial result left on the terminal
-        # would leave the shell's prompt on its line.
-        printer.close()
+    with _cleared_for_log_lines(printer, out, sys.stderr):
+        try:
+            async with open_transcription(
+                url,
+                audio,
+                sample_rate,
+                token=token,
+                appkey=appkey,
+                realtime=realtime,
+                frame_ms=frame_ms,
+                params=params,
+            ) as transcription:
+                if on_start is not None:
+                    on_start(transcription)
+                async for event in transcription:
+                    printer.show(event)
+        except TranscribeError as e:
+            if e.event is not None:
+                printer.show(e.event)
+            printer.close()
+            logs.fatal(f"transcription failed with status {e.code}: {e.reason}")
+            return 1
+        finally:
+            # Also when cancelled (a second Ctrl-C quits): a partial result left on the
+            # terminal would leave the shell's prompt on its line.
+            printer.close()
     return 0
 
 
@@ -396,6 +399,49 @@ class _TextPrinter(_Printer):
             self._out.write(_CLEAR_LINE)
             self._out.flush()
             self._partial_shown = False
+
+
+class _ClearBeforeLogLines(logging.Handler):
+    """First of the root logger's handlers: the partial result on the terminal is cleared
+    before the line is written, and shown again with the next result."""
+
+    def __init__(self, printer: _Printer) -> None:
+        super().__init__()
+        self._printer = printer
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._printer.close()
+
+
+@contextlib.contextmanager
+def _cleared_for_log_lines(printer: _Printer, out: TextIO, err: TextIO | None) -> Iterator[None]:
+    """Inside, a line logged while a partial result is shown starts on a clean line, when
+    stdout and stderr are one terminal: it came after the partial's text, and the next
+    partial's rewrite garbled it (Ctrl-C's note, a warning). Elsewhere nothing changes."""
+    if not _same_terminal(out, err):
+        yield
+        return
+    handler = _ClearBeforeLogLines(printer)
+    root = logging.getLogger()
+    root.handlers.insert(0, handler)  # before the one that writes the line
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+
+
+def _same_terminal(out: TextIO, err: TextIO | None) -> bool:
+    if out is err:
+        return out.isatty()
+    try:
+        return (
+            err is not None
+            and out.isatty()
+            and err.isatty()
+            and os.fstat(out.fileno()).st_rdev == os.fstat(err.fileno()).st_rdev
+        )
+    except (AttributeError, ValueError, OSError):  # not a file (io.UnsupportedOperation: both)
+        return False
 
 
 def _write(out: TextIO, text: str) -> None:
