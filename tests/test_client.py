@@ -1148,32 +1148,42 @@ async def test_ctrl_c_before_the_audio_began_quits(server: FakeServer) -> None:
     assert server.start is None
 
 
-async def test_a_second_ctrl_c_leaves_the_terminal_on_a_clean_line(
-    server: FakeServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    """A partial result on the terminal when the second Ctrl-C quits is cleared, as at any
-    other end: it was left there, and the shell's prompt came after it on its line."""
-    server.stall_after_partial = True
-    terminal = Terminal()
-    monkeypatch.setattr(sys, "stdout", terminal)
+async def _two_ctrl_c_over_a_partial(
+    server: FakeServer, terminal: Terminal, noted: Callable[[], bool]
+) -> list[int]:
+    """Transcribe a stdin that goes on; once the server's partial result is on ``terminal``,
+    Ctrl-C, and once ``noted()`` says its note is out, Ctrl-C again. The exit status."""
+    server.stall_after_partial = True  # the server sends nothing more
     read_end, write_end = os.pipe()
     # Unbuffered, as asrd transcribe opens stdin for its reads in a thread.
     stdin = open(read_end, "rb", buffering=0)  # noqa: ASYNC230
-    with stdin, open(write_end, "wb") as writer, caplog.at_level("INFO"):  # noqa: ASYNC230
+    status: list[int] = []
+    with stdin, open(write_end, "wb") as writer:  # noqa: ASYNC230
         writer.write(silence(1.0))  # stdin goes on: the first Ctrl-C ends the audio
         writer.flush()
         source = AudioInput(stdin, "stdin", raw_rate=16000)
-        status: list[int] = []
         with trio.fail_after(GUARD):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_transcribe_into, status, source, server, False)
                 while not terminal.getvalue():  # noqa: ASYNC110 - no event to wait on
                     await trio.sleep(0.01)
                 signal.raise_signal(signal.SIGINT)
-                while "Ctrl-C" not in caplog.text:  # noqa: ASYNC110 - the same
+                while not noted():  # noqa: ASYNC110 - the same
                     await trio.sleep(0.01)
                 signal.raise_signal(signal.SIGINT)
         writer.close()  # the read left waiting returns
+    return status
+
+
+async def test_a_second_ctrl_c_leaves_the_terminal_on_a_clean_line(
+    server: FakeServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A partial result on the terminal when the second Ctrl-C quits is cleared, as at any
+    other end: it was left there, and the shell's prompt came after it on its line."""
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stdout", terminal)
+    with caplog.at_level("INFO"):
+        status = await _two_ctrl_c_over_a_partial(server, terminal, lambda: "Ctrl-C" in caplog.text)
     assert status == [130]
     clear = "\r\x1b[K"
     assert terminal.getvalue() == f"{clear}[0.00-0.50] second{clear}"
@@ -1185,32 +1195,17 @@ async def test_a_line_logged_over_a_partial_result_starts_on_a_clean_line(
     """stdout and stderr one terminal: the partial result shown is cleared before Ctrl-C's
     note is logged. The note came after the partial's text on its line, and the next
     partial's rewrite garbled it."""
-    server.stall_after_partial = True
     terminal = Terminal()
     monkeypatch.setattr(sys, "stdout", terminal)
     monkeypatch.setattr(sys, "stderr", terminal)
     to_stderr = logging.StreamHandler(terminal)  # as logs.setup's, without the time
     to_stderr.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(to_stderr)
-    read_end, write_end = os.pipe()
-    # Unbuffered, as asrd transcribe opens stdin for its reads in a thread.
-    stdin = open(read_end, "rb", buffering=0)  # noqa: ASYNC230
     try:
-        with stdin, open(write_end, "wb") as writer, caplog.at_level("INFO"):  # noqa: ASYNC230
-            writer.write(silence(1.0))  # stdin goes on: the first Ctrl-C ends the audio
-            writer.flush()
-            source = AudioInput(stdin, "stdin", raw_rate=16000)
-            status: list[int] = []
-            with trio.fail_after(GUARD):
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(_transcribe_into, status, source, server, False)
-                    while not terminal.getvalue():  # noqa: ASYNC110 - no event to wait on
-                        await trio.sleep(0.01)
-                    signal.raise_signal(signal.SIGINT)
-                    while "Ctrl-C" not in terminal.getvalue():  # noqa: ASYNC110 - the same
-                        await trio.sleep(0.01)
-                    signal.raise_signal(signal.SIGINT)  # the server sends nothing more
-            writer.close()  # the read left waiting returns
+        with caplog.at_level("INFO"):
+            status = await _two_ctrl_c_over_a_partial(
+                server, terminal, lambda: "Ctrl-C" in terminal.getvalue()
+            )
     finally:
         logging.getLogger().removeHandler(to_stderr)
     assert status == [130]

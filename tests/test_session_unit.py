@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -13,12 +14,15 @@ from asrd.bus.memory import InMemoryBus
 from asrd.config import Config
 from asrd.control import ConnectInfo, StaticControlPlane
 from asrd.dialects.alibaba import AlibabaCodec
+from asrd.engines.loadtest import LoadtestEngine
 from asrd.errors import ClientError, IdleTimeout
 from asrd.events import TranscriptionStarted
 from asrd.params import SessionParams
 from asrd.registry import WorkerRegistry
 from asrd.sentences import SentenceTracker
 from asrd.session import GatewayState, Session
+from asrd.worker import Worker
+from tests.audio_fixtures import load_clip, silence
 
 
 class StuckSocket:
@@ -398,7 +402,6 @@ async def test_a_session_refused_at_its_start_logs_its_task_id(
     """A Start whose parameter is refused names the task (its TaskFailed echoes the task id):
     the lines logged about the session carry it as a field under --log-json, as they do once
     a Start is taken."""
-    import json
     import logging
 
     from asrd import logs
@@ -448,44 +451,49 @@ class ScriptedClient:
         pass
 
 
-async def test_a_sentence_ended_by_stop_is_timed_from_the_stop(
-    autojump_clock: trio.abc.Clock,
-) -> None:
-    """The client stops streaming mid-sentence and sends Stop a minute later: the sentence
-    ends when the Stop comes, and asrd_endpointing_seconds measures the gateway from then,
-    not from the last audio (it held the client's minute)."""
-    import json
+def _command(name: str, message_id: str) -> str:
+    """An Alibaba command of the task the session's client runs."""
+    header = {"message_id": message_id, "task_id": "d" * 32, "name": name}
+    return json.dumps({"header": {**header, "namespace": "SpeechTranscriber"}})
 
-    from asrd.engines.loadtest import LoadtestEngine
-    from asrd.worker import Worker
-    from tests.audio_fixtures import load_clip
 
-    session, _ = make_session(idle_timeout_s=120.0)
+def _frames(pcm: bytes) -> list[str | bytes | float]:
+    return [pcm[i : i + 3200] for i in range(0, len(pcm), 3200)]
+
+
+async def _run_with_a_worker(session: Session, script: list[str | bytes | float]) -> Worker:
+    """Run ``session`` to its end with a client that sends ``script``, served by a real
+    load-test worker on the session's in-memory bus; the client is ``session.ws``."""
     session.codec = AlibabaCodec()
-
-    def command(name: str, message_id: str) -> str:
-        header = {"message_id": message_id, "task_id": "d" * 32, "name": name}
-        return json.dumps({"header": {**header, "namespace": "SpeechTranscriber"}})
-
-    speech = load_clip("0880")[: 2 * 16000 * 2]  # 2 s, cut off in the middle of speaking
-    client = ScriptedClient(
-        [
-            command("StartTranscription", "a" * 32),
-            *(speech[i : i + 3200] for i in range(0, len(speech), 3200)),
-            60.0,
-            command("StopTranscription", "c" * 32),
-        ]
-    )
-    session.ws = client  # type: ignore[assignment]
-    state, bus = session.state, session.state.bus
-    worker = Worker(state.config.worker, "asrd", bus, LoadtestEngine(1))
+    session.ws = ScriptedClient(script)  # type: ignore[assignment]
+    state = session.state
+    worker = Worker(state.config.worker, "asrd", state.bus, LoadtestEngine(1))
     async with trio.open_nursery() as nursery:
         await nursery.start(state.registry.run)
         await nursery.start(worker.run)
         with trio.fail_after(600):
             await session.run()
         nursery.cancel_scope.cancel()
-    names = [json.loads(m)["header"]["name"] for m in client.received]
+    return worker
+
+
+async def test_a_sentence_ended_by_stop_is_timed_from_the_stop(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """The client stops streaming mid-sentence and sends Stop a minute later: the sentence
+    ends when the Stop comes, and asrd_endpointing_seconds measures the gateway from then,
+    not from the last audio (it held the client's minute)."""
+    session, _ = make_session(idle_timeout_s=120.0)
+    speech = load_clip("0880")[: 2 * 16000 * 2]  # 2 s, cut off in the middle of speaking
+    script = [
+        _command("StartTranscription", "a" * 32),
+        *_frames(speech),
+        60.0,
+        _command("StopTranscription", "c" * 32),
+    ]
+    await _run_with_a_worker(session, script)
+    received = session.ws.received  # type: ignore[attr-defined]
+    names = [json.loads(m)["header"]["name"] for m in received]
     assert names[-2:] == ["SentenceEnd", "TranscriptionCompleted"], names
     endpointing = session.state.metrics.endpointing
     assert endpointing.count == 1
@@ -494,37 +502,15 @@ async def test_a_sentence_ended_by_stop_is_timed_from_the_stop(
 
 async def _decoded_ms(trailing_silence_ms: int) -> float:
     """Audio the worker decoded for one sentence ended by 2 s of silence, then Stop."""
-    import json
-
-    from asrd.engines.loadtest import LoadtestEngine
-    from asrd.worker import Worker
-    from tests.audio_fixtures import load_clip, silence
-
     session, _ = make_session({"trailing_silence_ms": trailing_silence_ms}, idle_timeout_s=120.0)
-    session.codec = AlibabaCodec()
-
-    def command(name: str, message_id: str) -> str:
-        header = {"message_id": message_id, "task_id": "d" * 32, "name": name}
-        return json.dumps({"header": {**header, "namespace": "SpeechTranscriber"}})
-
-    audio = load_clip("0880") + silence(2000, 16000)
-    client = ScriptedClient(
-        [
-            command("StartTranscription", "a" * 32),
-            *(audio[i : i + 3200] for i in range(0, len(audio), 3200)),
-            command("StopTranscription", "c" * 32),
-        ]
-    )
-    session.ws = client  # type: ignore[assignment]
-    state, bus = session.state, session.state.bus
-    worker = Worker(state.config.worker, "asrd", bus, LoadtestEngine(1))
-    async with trio.open_nursery() as nursery:
-        await nursery.start(state.registry.run)
-        await nursery.start(worker.run)
-        with trio.fail_after(600):
-            await session.run()
-        nursery.cancel_scope.cancel()
-    assert sum("SentenceEnd" in m for m in client.received) == 1
+    script = [
+        _command("StartTranscription", "a" * 32),
+        *_frames(load_clip("0880") + silence(2000, 16000)),
+        _command("StopTranscription", "c" * 32),
+    ]
+    worker = await _run_with_a_worker(session, script)
+    received = session.ws.received  # type: ignore[attr-defined]
+    assert sum("SentenceEnd" in m for m in received) == 1
     return worker.metrics.audio.values[()] * 1000
 
 
