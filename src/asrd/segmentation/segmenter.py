@@ -325,15 +325,19 @@ class Segmenter:
         part of the running pause (``silence`` samples) beyond ``trailing_silence_ms``, which
         is held back in turn."""
         held = self._held
-        if held:
+        keep = max(0, (silence - self._tail) * 2)  # bytes at the end to hold back
+        if keep >= len(held) + len(pcm):  # the pause goes on: no copy of what is held
             held += pcm
-            pcm = bytes(held)
-            held.clear()
-        keep = (silence - self._tail) * 2
-        if keep > 0:
-            held += pcm[len(pcm) - keep :]
-            pcm = pcm[: len(pcm) - keep]
-        return pcm
+            return b""
+        if not held:  # the common case: speech, or the first of a pause
+            if keep:
+                held += pcm[len(pcm) - keep :]
+                return pcm[: len(pcm) - keep]
+            return pcm
+        held += pcm  # speech resumed: what was held goes out first
+        out = bytes(held[: len(held) - keep])
+        del held[: len(held) - keep]
+        return out
 
     def _ms(self, samples: int) -> int:
         return samples * 1000 // self._rate
