@@ -15,12 +15,13 @@ import time
 import wave
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pocketsphinx
 import pytest
 
-from asrd.engines import EngineFull, Hypothesis, create_engine
+from asrd.engines import EngineFull, Hypothesis, Recognizer, create_engine
 from asrd.engines.pocketsphinx import DECODER_DEFAULTS, PocketsphinxEngine
 from asrd.errors import TooManyRequests, UnsupportedSampleRate
 from asrd.wer import normalize, wer
@@ -334,6 +335,90 @@ def test_chunking_does_not_change_the_result(engine: PocketsphinxEngine, rate: i
     assert whole == reference
 
 
+def _count_batch_passes(engine: PocketsphinxEngine, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Lengths of the audio each full-utterance pass decodes, from now on."""
+    passes: list[int] = []
+    real = engine._batch_decode
+
+    def counted(pcm: bytes, cmn: str) -> Any:
+        passes.append(len(pcm))
+        return real(pcm, cmn)
+
+    monkeypatch.setattr(engine, "_batch_decode", counted)
+    return passes
+
+
+def _feed(rec: Recognizer, pcm: bytes, chunk: int) -> None:
+    for i in range(0, len(pcm), chunk):
+        rec.accept(pcm[i : i + chunk])
+
+
+@pytest.mark.parametrize("rate", [16000, 8000])
+def test_a_pause_runs_the_final_pass_early_and_finish_returns_it(
+    engine: PocketsphinxEngine, rate: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    excerpt = SHORT.pcm[: 3 * 32000]
+    pcm = excerpt if rate == 16000 else to_8k(excerpt)
+    reference = stream(engine, pcm, rate).final
+    assert reference.text
+    passes = _count_batch_passes(engine, monkeypatch)
+    rec = engine.acquire(rate)
+    try:
+        rec.start()
+        _feed(rec, pcm, 333)  # odd chunks: a byte and a block wait, the resampler holds some
+        rec.pause()
+        assert len(passes) == 1  # the pass ran here...
+        assert rec.finish() == reference  # ... on exactly the audio finish() would have had
+        assert len(passes) == 1  # and finish() had nothing left to decode
+    finally:
+        engine.release(rec)
+
+
+def test_audio_after_a_pause_voids_its_pass(
+    engine: PocketsphinxEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pcm = SHORT.pcm[: 3 * 32000]
+    reference = stream(engine, pcm, 16000).final
+    passes = _count_batch_passes(engine, monkeypatch)
+    rec = engine.acquire(16000)
+    try:
+        rec.start()
+        _feed(rec, pcm[:32000], 3200)
+        rec.pause()  # speech resumes: this pass is thrown away
+        _feed(rec, pcm[32000:], 3200)
+        assert rec.finish() == reference
+        assert passes == [32000, len(pcm)]
+        # A pause in one utterance says nothing about the next.
+        rec.start()
+        rec.accept(pcm[:32000])
+        rec.pause()
+        assert rec.finish().text
+        assert passes == [32000, len(pcm), 32000]
+        rec.start()
+        rec.accept(pcm)
+        assert rec.finish() == reference
+        assert passes[-1] == len(pcm)
+    finally:
+        engine.release(rec)
+
+
+def test_no_early_pass_without_a_batch_final_pass_or_when_turned_off(
+    live_engine: PocketsphinxEngine,
+) -> None:
+    off = PocketsphinxEngine(decoders=1, early_final=False)
+    assert (live_engine.early_final, off.early_final) == (False, False)
+    for engine in (live_engine, off):
+        rec = engine.acquire(16000)
+        try:
+            rec.start()
+            rec.accept(SHORT.pcm[:32000])
+            rec.pause()
+            assert rec._early is None
+            assert rec.finish().text
+        finally:
+            engine.release(rec)
+
+
 def test_sessions_do_not_leak_into_each_other(engine: PocketsphinxEngine) -> None:
     first = stream(engine, SHORT.pcm, 16000).final
     stream(engine, SHORTEST_TWO[1].pcm, 16000)  # other audio on the same decoders
@@ -393,6 +478,8 @@ def test_misuse_is_reported(engine: PocketsphinxEngine) -> None:
         rec.accept(b"\0\0")
     with pytest.raises(RuntimeError):
         rec.finish()
+    with pytest.raises(RuntimeError):
+        rec.pause()
     assert rec.partial() is None
     rec.start()
     with pytest.raises(RuntimeError):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
@@ -22,6 +22,7 @@ from asrd.segmentation import (
     SegmentEvent,
     UtteranceAudio,
     UtteranceEnded,
+    UtterancePaused,
     UtteranceStarted,
     WebrtcVad,
     energy_gate_dbfs,
@@ -82,10 +83,14 @@ class Utt:
     audio_start_ms: int
     pcm: bytes
     end: UtteranceEnded | None
+    # For each UtterancePaused: its speech_end_ms, and how much audio had been sent by then.
+    # Advisory, and where a pause is reported depends on the chunking: not compared.
+    pauses: list[tuple[int, int]] = field(default_factory=list, compare=False)
 
 
 def utterances(events: list[SegmentEvent]) -> list[Utt]:
-    """Group events per utterance, checking the order Started, Audio*, Ended."""
+    """Group events per utterance, checking the order Started, (Audio | Paused)*, Ended, and
+    that a pause is reported once: audio comes between two reports."""
     out: list[Utt] = []
     for e in events:
         if isinstance(e, UtteranceStarted):
@@ -95,6 +100,11 @@ def utterances(events: list[SegmentEvent]) -> list[Utt]:
             assert out and out[-1].end is None, "audio outside an utterance"
             assert e.pcm, "empty audio event"
             out[-1].pcm += e.pcm
+        elif isinstance(e, UtterancePaused):
+            assert out and out[-1].end is None, "Paused outside an utterance"
+            pauses = out[-1].pauses
+            assert not pauses or pauses[-1][1] < len(out[-1].pcm), "the same pause twice"
+            pauses.append((e.speech_end_ms, len(out[-1].pcm)))
         else:
             assert out and out[-1].end is None, "Ended without Started"
             out[-1].end = e
@@ -290,6 +300,45 @@ def test_a_pause_beyond_the_tail_waits_for_speech_then_goes_out_whole(tail_frame
     assert u.end is not None and u.end.speech_end_ms == 36 * FRAME_MS
 
 
+@pytest.mark.parametrize("tail_frames", [0, 4, TAIL_FRAMES])
+def test_a_pause_is_reported_once_where_its_hold_starts(tail_frames: int) -> None:
+    seg = segmenter(trailing_silence_ms=tail_frames * FRAME_MS)
+    pat = "1" * 8 + "." * 20 + "1" * 8 + "." * CLOSE_FRAMES
+    fed = [seg.feed(script(c, 16000, first=k)) for k, c in enumerate(pat)]
+    reported = [
+        k for k, events in enumerate(fed) if any(isinstance(e, UtterancePaused) for e in events)
+    ]
+    # At the first frame beyond the tail of each pause: the one within the sentence and the
+    # one that closes it, each once.
+    assert reported == [8 + tail_frames, 36 + tail_frames]
+    (u,) = utterances([e for events in fed for e in events])
+    frame_bytes = 2 * FRAME_MS * 16
+    assert u.pauses == [
+        (8 * FRAME_MS, (8 + tail_frames) * frame_bytes),
+        (36 * FRAME_MS, len(u.pcm)),
+    ]
+
+
+def test_a_pause_that_resumes_and_pauses_again_in_one_feed_is_reported_again() -> None:
+    seg = segmenter()
+    seg.feed(script("1" * 8 + "." * 15, 16000))  # held: the pause beyond 300 ms
+    events = seg.feed(script("1" * 4 + "." * 12, 16000, first=23))
+    assert [type(e) for e in events] == [UtteranceAudio, UtterancePaused]
+    assert events[1] == UtterancePaused(speech_end_ms=27 * FRAME_MS)
+
+
+def test_no_pause_is_reported_without_a_hold() -> None:
+    # A tail as long as the closing silence holds nothing back: there is nothing to report.
+    seg = segmenter(trailing_silence_ms=CLOSE_FRAMES * FRAME_MS)
+    pat = "1" * 8 + "." * 20 + "1" * 8 + "." * CLOSE_FRAMES
+    events = [e for k, c in enumerate(pat) for e in seg.feed(script(c, 16000, first=k))]
+    assert not any(isinstance(e, UtterancePaused) for e in events)
+    # Nor when the pause closes the sentence within the feed that passes the tail.
+    seg = segmenter()
+    events = seg.feed(script("1" * 8 + "." * CLOSE_FRAMES, 16000))
+    assert [type(e) for e in events] == [UtteranceStarted, UtteranceAudio, UtteranceEnded]
+
+
 def test_a_tail_as_long_as_the_closing_silence_sends_the_whole_pause() -> None:
     seg = segmenter(trailing_silence_ms=CLOSE_FRAMES * FRAME_MS)
     (u,) = utterances(seg.feed(script("1" * 8 + "." * CLOSE_FRAMES, 16000)))
@@ -477,6 +526,8 @@ def test_real_speech_one_utterance_per_clip(rate: int) -> None:
         assert sp_end - 150 <= u.end.speech_end_ms <= clip_end + FRAME_MS
         assert u.end.end_ms == u.end.speech_end_ms + close_ms
         assert u.pcm == pcm[u.audio_start_ms * bps : (u.end.speech_end_ms + 300) * bps]
+        # The closing pause was reported once its hold started, with all of the audio sent.
+        assert u.pauses[-1] == (u.end.speech_end_ms, len(u.pcm))
 
 
 @pytest.mark.parametrize("rate", [16000, 8000])

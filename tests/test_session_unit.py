@@ -14,6 +14,7 @@ from asrd.bus.memory import InMemoryBus
 from asrd.config import Config
 from asrd.control import ConnectInfo, StaticControlPlane
 from asrd.dialects.alibaba import AlibabaCodec
+from asrd.engines import Engine
 from asrd.engines.loadtest import LoadtestEngine
 from asrd.errors import ClientError, IdleTimeout
 from asrd.events import TranscriptionStarted
@@ -461,13 +462,16 @@ def _frames(pcm: bytes) -> list[str | bytes | float]:
     return [pcm[i : i + 3200] for i in range(0, len(pcm), 3200)]
 
 
-async def _run_with_a_worker(session: Session, script: list[str | bytes | float]) -> Worker:
+async def _run_with_a_worker(
+    session: Session, script: list[str | bytes | float], engine: Engine | None = None
+) -> Worker:
     """Run ``session`` to its end with a client that sends ``script``, served by a real
-    load-test worker on the session's in-memory bus; the client is ``session.ws``."""
+    worker (of the load-test engine unless given) on the session's in-memory bus; the client
+    is ``session.ws``."""
     session.codec = AlibabaCodec()
     session.ws = ScriptedClient(script)  # type: ignore[assignment]
     state = session.state
-    worker = Worker(state.config.worker, "asrd", state.bus, LoadtestEngine(1))
+    worker = Worker(state.config.worker, "asrd", state.bus, engine or LoadtestEngine(1))
     async with trio.open_nursery() as nursery:
         await nursery.start(state.registry.run)
         await nursery.start(worker.run)
@@ -521,3 +525,52 @@ async def test_the_engine_gets_the_pause_that_ends_a_sentence_up_to_trailing_sil
     that ends the sentence, the worker decodes 300 ms, or all of it."""
     whole = await _decoded_ms(6000)
     assert await _decoded_ms(300) == pytest.approx(whole - 510, abs=1)
+
+
+async def _two_pauses(
+    early_final: bool, monkeypatch: pytest.MonkeyPatch
+) -> tuple[list[dict[str, Any]], Worker, int]:
+    """One sentence with a 300 ms gap inside it and 2 s of silence after, served by
+    pocketsphinx with the batch final pass: its SentenceEnd events, the worker, and how many
+    pause hints the gateway sent."""
+    from asrd.engines.pocketsphinx import PocketsphinxEngine
+
+    session, _ = make_session(idle_timeout_s=120.0)
+    hints = 0
+    publish = session.state.bus.publish
+
+    def spy(subject: str, data: bytes, reply: str = "") -> None:
+        nonlocal hints
+        hints += subject.endswith(".in") and b'"type":"pause"' in data.replace(b" ", b"")
+        publish(subject, data, reply)
+
+    monkeypatch.setattr(session.state.bus, "publish", spy)
+    pcm = load_clip("0880") + silence(300, 16000) + load_clip("0890") + silence(2000, 16000)
+    # In real time: a worker with input already waiting skips a pass at a pause.
+    paced = [item for frame in _frames(pcm) for item in (0.1, frame)]
+    script = [
+        _command("StartTranscription", "a" * 32),
+        *paced,
+        _command("StopTranscription", "c" * 32),
+    ]
+    engine = PocketsphinxEngine(1, early_final=early_final)
+    worker = await _run_with_a_worker(session, script, engine)
+    received = [json.loads(m) for m in session.ws.received]  # type: ignore[attr-defined]
+    ends = [m["payload"] for m in received if m["header"]["name"] == "SentenceEnd"]
+    return ends, worker, hints
+
+
+async def test_a_pause_starts_the_batch_final_pass_and_only_a_closing_one_is_used(
+    autojump_clock: trio.abc.Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The gateway tells the worker when a pause starts being held; the worker runs the
+    batch final pass then. The gap inside the sentence voids its pass (speech resumed), the
+    closing pause's pass is the final result: the same as the pass run at the close."""
+    early, worker, hints = await _two_pauses(True, monkeypatch)
+    assert hints == 2
+    assert worker.metrics.early_finals.values == {("voided",): 1, ("used",): 1}
+    at_close, worker, hints = await _two_pauses(False, monkeypatch)
+    assert hints == 0  # a worker that did not ask for them gets none
+    assert worker.metrics.early_finals.values == {}
+    assert len(early) == 1 and early[0]["result"]
+    assert early == at_close

@@ -735,6 +735,9 @@ class FakeRecognizer:
     def partial(self) -> Hypothesis | None:
         return None
 
+    def pause(self) -> None:
+        pass
+
     def finish(self) -> Hypothesis:
         return Hypothesis(
             "hello world", (EngineWord("hello", 0, 300), EngineWord("world", 300, 600)), 0.9
@@ -744,6 +747,7 @@ class FakeRecognizer:
 class FakeEngine:
     name = "fake"
     final_cost = 0.0
+    early_final = False
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity

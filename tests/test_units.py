@@ -673,6 +673,9 @@ class _StepRecorder:
 
         return Hypothesis(f"heard {self.heard}", (), 0.0)
 
+    def pause(self) -> None:
+        self.log.append("pause")
+
     def finish(self) -> Any:
         from asrd.engines.base import EMPTY_HYPOTHESIS
 
@@ -684,6 +687,7 @@ class _StepEngine:
     name = "steps"
     capacity = 1
     final_cost = 0.0
+    early_final = False
 
     def __init__(self, log: list[str]) -> None:
         self.log = log
@@ -727,6 +731,46 @@ async def test_worker_decodes_a_long_message_in_steps_with_heartbeats_between() 
     assert len(progress) == 10 and len(set(progress)) > 1
     steps = [e for e in log if e.startswith("accept")]
     assert steps == ["accept 3200"] * 10
+
+
+async def test_a_worker_runs_the_final_pass_at_a_pause_unless_more_input_waits() -> None:
+    """An engine with an early final pass asks for pause hints in its claim reply, and runs
+    the pass on one. Input already waiting behind the hint means the speech resumed (the
+    pass would be void) or the sentence ended (the pass runs at its end anyway): no pass."""
+    log: list[str] = []
+    bus = InMemoryBus()
+    engine = _StepEngine(log)
+    engine.early_final = True
+    worker = Worker(WorkerConfig(decoders=1), "asrd", bus, engine)
+    inbox = session_in("asrd", "s")
+    frame = bytes(3200)
+
+    async def logged(entry: str, times: int) -> None:
+        with trio.fail_after(5):
+            while log.count(entry) < times:  # noqa: ASYNC110 - the fake engine has no event
+                await trio.sleep(0.01)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(worker.run)
+        claim = wire.Claim("s", 16000, False)
+        reply = await bus.request(claim_subject("asrd", "en-US"), claim.encode(), 1)
+        assert wire.decode_claim_reply(reply).pauses
+        bus.publish(inbox, wire.encode_control("begin", 1))
+        bus.publish(inbox, wire.encode_audio(1, frame))
+        bus.publish(inbox, wire.encode_control("pause", 1))  # nothing behind it: a pass
+        await logged("pause", 1)
+        bus.publish(inbox, wire.encode_control("end", 1))
+        await logged("finish", 1)
+        bus.publish(inbox, wire.encode_control("begin", 2))
+        bus.publish(inbox, wire.encode_audio(2, frame))
+        bus.publish(inbox, wire.encode_control("pause", 2))  # with audio behind it
+        bus.publish(inbox, wire.encode_audio(2, frame))
+        bus.publish(inbox, wire.encode_control("end", 2))
+        await logged("finish", 2)
+        nursery.cancel_scope.cancel()
+    first = ["start", "accept 3200", "pause", "finish"]
+    assert log == [*first, "start", "accept 3200", "accept 3200", "finish"]
+    assert worker.metrics.early_finals.values == {("used",): 1}
 
 
 async def test_a_worker_behind_decodes_what_waits_before_its_next_partial() -> None:

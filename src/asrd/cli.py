@@ -266,6 +266,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
             config.worker.engine,
             decoders=config.worker.decoders,
             final_pass=config.worker.final_pass,
+            early_final=config.worker.early_final,
             **config.worker.engine_options,
         )
     except ValueError as exc:

@@ -101,6 +101,9 @@ class WorkerConfig(_Model):
     # At most this many of those processes decode at once (asrd.cpugate); 0: one per core.
     decode_slots: int = Field(default=0, ge=0, le=256)
     final_pass: Literal["batch", "live"] = "batch"  # see engines/pocketsphinx.py
+    # With final_pass "batch": run it when a pause starts being held (the gateway's
+    # [segmentation] trailing_silence_ms), not when the sentence closes.
+    early_final: bool = True
     # Engine-specific settings, e.g. pocketsphinx decoder options ({"maxhmmpf": 5000, "beam":
     # 1e-48, "hmm": "/path/to/model"}): passed to the engine as they are.
     engine_options: dict[str, str | int | float | bool] = Field(default_factory=dict)
@@ -116,7 +119,7 @@ class WorkerConfig(_Model):
         cls, options: dict[str, str | int | float | bool]
     ) -> dict[str, str | int | float | bool]:
         # The worker passes these itself: in engine_options they would be given twice.
-        if taken := sorted(options.keys() & {"decoders", "final_pass"}):
+        if taken := sorted(options.keys() & {"decoders", "final_pass", "early_final"}):
             raise ValueError(f"{', '.join(taken)}: set in [worker] itself, not engine_options")
         return options
 

@@ -211,6 +211,13 @@ class WorkerMetrics:
         self.decoders_total = r.add(Gauge("asrd_worker_decoders_total", "decoders"))
         self.claims = r.add(Counter("asrd_worker_claims_total", "claims by outcome", ["outcome"]))
         self.utterances = r.add(Counter("asrd_worker_utterances_total", "final results sent"))
+        self.early_finals = r.add(
+            Counter(
+                "asrd_worker_early_final_passes_total",
+                "final passes run at a pause: used (the pause closed the sentence) or voided",
+                ["outcome"],
+            )
+        )
         self.audio = r.add(Counter("asrd_worker_audio_seconds_total", "audio decoded, seconds"))
         self.errors = r.add(Counter("asrd_worker_session_errors_total", "sessions failed"))
         self.nats_reconnects = r.add(

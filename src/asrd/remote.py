@@ -90,6 +90,7 @@ class RemoteRecognizer:
         self.journal: list[tuple[int, bytes]] = []
         self._journal_bytes = 0
         self._paused = False  # failing over: journal only, publish at replay
+        self._pause_hints = False  # the worker asked for ``pause`` (wire.ClaimReply.pauses)
         self._handoff = False  # the worker asked us to move the session
         self._attention = trio.Event()  # set on a handoff or when the worker is declared dead
         self.failovers = 0
@@ -171,6 +172,7 @@ class RemoteRecognizer:
                 self._acked = self._unacked_bytes = 0
                 self._unacked.clear()
                 self._every = reply.progress
+                self._pause_hints = reply.pauses
                 self._window = max(ENGINE_WINDOW, 2 * reply.progress) if reply.progress else 0
                 self._wake()
                 return
@@ -270,6 +272,12 @@ class RemoteRecognizer:
 
     def end(self, utt: int) -> None:
         self._send(utt, wire.encode_control("end", utt))
+
+    def pause(self, utt: int) -> None:
+        """Speech paused in ``utt``, to a worker that asked: it may run the final pass now.
+        Only a hint, so not journaled: a worker that replays the journal runs it at ``end``."""
+        if self._pause_hints and not self._paused:
+            self._publish(wire.encode_control("pause", utt))
 
     def finalized(self, utt: int) -> None:
         """Forget journal entries of utterances up to ``utt``: they can never be needed again."""

@@ -60,8 +60,10 @@ from asrd.remote import RemoteRecognizer
 from asrd.segmentation import (
     Segmenter,
     SegmenterConfig,
+    SegmentEvent,
     UtteranceAudio,
     UtteranceEnded,
+    UtterancePaused,
     UtteranceStarted,
 )
 from asrd.sentences import SentenceTracker
@@ -489,14 +491,14 @@ class Session:
             return max(0.0, trio.current_time() - self._stopped_at)
         return self._since_arrival(end.time_ms)
 
-    async def _segment(
-        self, events: list[UtteranceStarted | UtteranceAudio | UtteranceEnded]
-    ) -> None:
+    async def _segment(self, events: list[SegmentEvent]) -> None:
         remote, tracker = self.remote, self.tracker
         assert remote is not None and tracker is not None
         for ev in events:
             if isinstance(ev, UtteranceAudio):
                 remote.audio(self._utt, ev.pcm)
+            elif isinstance(ev, UtterancePaused):
+                remote.pause(self._utt)
             elif isinstance(ev, UtteranceStarted):
                 self._utt += 1
                 remote.begin(self._utt)

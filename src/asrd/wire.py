@@ -88,6 +88,8 @@ class ClaimReply:
     # The worker reports progress after every this many input messages (0: it never does,
     # and its gateway cannot slow a client down to its pace).
     progress: int = 0
+    # The worker wants ``pause`` hints: its engine starts a final pass early on them.
+    pauses: bool = False
 
     def encode(self) -> bytes:
         obj: dict[str, Any] = {
@@ -98,6 +100,8 @@ class ClaimReply:
         }
         if self.progress:
             obj["progress"] = self.progress
+        if self.pauses:
+            obj["pauses"] = True
         return _dumps(obj)
 
 
@@ -129,6 +133,7 @@ def decode_claim_reply(data: bytes) -> ClaimReply:
         int(obj.get("code", 0)),
         str(obj.get("reason", "")),
         max(0, int(obj.get("progress", 0))),
+        obj.get("pauses") is True,
     )
 
 
@@ -140,7 +145,7 @@ def encode_audio(utt: int, pcm: bytes) -> bytes:
 
 
 def encode_control(kind: str, utt: int = 0, epoch: int = 0) -> bytes:
-    """``begin``/``end`` of an utterance, ``keepalive``, or ``close`` of the session.
+    """``begin``/``end``/``pause`` of an utterance, ``keepalive``, or ``close`` of the session.
 
     ``keepalive`` carries the gateway's current claim epoch: a worker still decoding under an
     older claim (one it answered too late) lets go when it sees it."""

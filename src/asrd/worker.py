@@ -258,7 +258,12 @@ class Worker:
         self._nursery.start_soon(self._session, recognizer, served)
         await self._update_claim_subscription()
         # Progress reports only to a gateway that asked for them (see _session).
-        return wire.ClaimReply(True, self.id, progress=PROGRESS_EVERY if claim.progress else 0)
+        return wire.ClaimReply(
+            True,
+            self.id,
+            progress=PROGRESS_EVERY if claim.progress else 0,
+            pauses=self.engine.early_final,
+        )
 
     # --- sessions ----------------------------------------------------------------------------
 
@@ -283,6 +288,7 @@ class Worker:
         received = 0  # input messages dealt with, for the progress reports
         # None to a gateway that did not ask: one older than them ends the session on them.
         every = PROGRESS_EVERY if claim.progress else 0
+        early = False  # the open utterance's final pass ran at a pause, no audio since
         try:
             with served.scope:
                 while True:
@@ -301,6 +307,9 @@ class Worker:
                     if isinstance(item, wire.AudioIn):
                         if item.utt != utt:
                             continue  # audio of an utterance we are not decoding (stale)
+                        if early:
+                            early = False
+                            self.metrics.early_finals.inc(1, "voided")
                         # A sentence's first message carries its pre-roll, and a replay's
                         # may be longer: decode it in steps, so that the event loop ticks
                         # in between (the heartbeat vouches for it) and other sessions of
@@ -337,9 +346,18 @@ class Worker:
                             await self._finish(rec, audio_bytes / (2 * claim.sample_rate))
                         rec.start()
                         utt, audio_bytes, next_partial, last_partial = item.utt, 0, step, ""
+                        early = False
                         served.in_utterance = True
+                    elif item.kind == "pause":
+                        # Speech paused: if the pause closes the sentence, its final pass is
+                        # done by the time the gateway says so (or under way).
+                        if item.utt == utt and self.engine.early_final and not sub.pending:
+                            await self._early_final(rec, audio_bytes / (2 * claim.sample_rate))
+                            early = True
                     elif item.kind == "end":
                         if item.utt == utt:
+                            if early:
+                                self.metrics.early_finals.inc(1, "used")
                             hyp = await self._finish(rec, audio_bytes / (2 * claim.sample_rate))
                             self.metrics.utterances.inc()
                             self.bus.publish(
@@ -463,6 +481,12 @@ class Worker:
                     log.warning("session %s: gateway silent, freeing decoder", session_id)
                 served.silent = True
                 served.scope.cancel()
+
+    async def _early_final(self, rec: Recognizer, audio_s: float) -> None:
+        """The final pass run at a pause (:meth:`Recognizer.pause`), announced like any."""
+        async with self._pause(audio_s):
+            with self.gate:
+                rec.pause()
 
     async def _finish(self, rec: Recognizer, audio_s: float) -> Hypothesis:
         """An utterance's final pass, also one thrown away: it may take as long as a decode

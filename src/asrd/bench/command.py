@@ -84,6 +84,12 @@ def add_commands(subparsers: Any) -> None:
     )
     target.add_argument("--final-pass", choices=("batch", "live"), default="batch")
     target.add_argument(
+        "--no-early-final",
+        action="store_true",
+        help="--spawn: [worker] early_final = false, the batch final pass runs when a sentence "
+        "closes rather than when its closing pause starts being held",
+    )
+    target.add_argument(
         "--decode-slots",
         type=int,
         default=0,
@@ -264,7 +270,7 @@ async def open_target(args: argparse.Namespace) -> AsyncIterator[Target]:
         max_sessions=100_000,
         nats_monitor_port=args.nats_monitor_port,
         extra={
-            "worker": {"decode_slots": args.decode_slots},
+            "worker": {"decode_slots": args.decode_slots, "early_final": not args.no_early_final},
             "segmentation": {"trailing_silence_ms": args.trailing_silence_ms},
         },
     )
@@ -292,6 +298,7 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
                 "shared_workers": target.stack.shared_workers,
                 "decode_slots": args.decode_slots,
                 "final_pass": target.stack.final_pass,
+                "early_final": target.stack.extra["worker"]["early_final"],
                 "trailing_silence_ms": target.stack.extra["segmentation"]["trailing_silence_ms"],
                 "idle_timeout_s": target.stack.idle_timeout_s,
             }

@@ -344,8 +344,14 @@ def _stack_title(report: dict[str, Any]) -> str:
         return "external stack"
     title = f"{stack['engine']}, {stack['workers']} workers x {stack['decoders']} decoders"
     if stack["engine"] != "loadtest":
-        title += f" (final_pass {stack['final_pass']})"
+        title += f" (final_pass {_final_pass(stack)})"
     return title
+
+
+def _final_pass(stack: dict[str, Any]) -> str:
+    """``batch``, ``batch, at the close`` (early_final off) or ``live``."""
+    late = stack["final_pass"] == "batch" and not stack.get("early_final", False)  # before it
+    return f"{stack['final_pass']}, at the close" if late else stack["final_pass"]
 
 
 def _markdown_row(r: dict[str, Any]) -> str:
@@ -440,7 +446,7 @@ def report_text(report: dict[str, Any]) -> str:
         lines.append(
             f"stack: nats-server, {gateways}, "
             f"{count(s['workers'], s['engine'] + ' worker')} ({forked}) x "
-            f"{count(s['decoders'], 'decoder')} (final_pass {s['final_pass']})"
+            f"{count(s['decoders'], 'decoder')} (final_pass {_final_pass(s)})"
         )
     baselines = [
         (f"engine baseline{label}", report[key])

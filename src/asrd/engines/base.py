@@ -57,6 +57,13 @@ class Recognizer(Protocol):
         """The current best guess, or None before anything is recognised. Cheap."""
         ...
 
+    def pause(self) -> None:
+        """The utterance's speech paused: the audio accepted so far is all of it unless more
+        comes. An engine with an early final pass (``Engine.early_final``) runs it now, so
+        that ``finish()`` right after costs nothing; ``accept()`` voids it. Others do nothing.
+        """
+        ...
+
     def finish(self) -> Hypothesis:
         """End the utterance and return its final result."""
         ...
@@ -70,6 +77,8 @@ class Engine(Protocol):
     # CPU seconds that Recognizer.finish() may block for, per second of utterance audio (a
     # second, full-utterance pass); the worker announces the pause so it is not taken for dead.
     final_cost: float
+    # Recognizer.pause() runs the final pass: the worker asks its gateways for pause hints.
+    early_final: bool
 
     def acquire(self, sample_rate: int, *, partials: bool = True) -> Recognizer:
         """Take a free recognizer for audio at ``sample_rate``; raises :class:`EngineFull`.

@@ -122,6 +122,9 @@ class LoadtestRecognizer:
             return None
         return _hypothesis(placeholder_words(self._first_ms, self._last_ms), 0.0)
 
+    def pause(self) -> None:
+        self._check()  # finish() is cheap: nothing to do early
+
     def finish(self) -> Hypothesis:
         self._check()
         if not self._in_utterance:
@@ -182,6 +185,7 @@ class LoadtestEngine:
 
     name = "loadtest"
     final_cost = 0.0
+    early_final = False
 
     def __init__(self, decoders: int, **_ignored: Any) -> None:
         if decoders < 1:

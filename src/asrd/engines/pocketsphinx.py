@@ -27,6 +27,7 @@ Accuracy notes (corpus WER on the five LibriVox clips in ``tests/data``, 71 word
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import warnings
@@ -142,8 +143,10 @@ class PocketsphinxRecognizer:
         # Batch finals: the final result comes from one full_utt decode of the utterance
         # (batch CMN, the offline accuracy); the live search then runs only for partials.
         self._batch = engine.final_pass == "batch"
+        self._early_final = engine.early_final
         self._live = partials or not self._batch
         self._utterance = bytearray()  # model-rate audio of the utterance (batch finals)
+        self._early: Hypothesis | None = None  # the final pass pause() ran, until more audio
         self._batch_cmn = decoder.get_cmn()  # the session's prior, set by acquire()
         self._decoder = decoder
         self.sample_rate = sample_rate
@@ -167,6 +170,7 @@ class PocketsphinxRecognizer:
             self._resampler = Resampler(self.sample_rate, self._model_rate)
         self._pending.clear()
         self._utterance.clear()
+        self._early = None
         self._samples = 0
         self._partial_frames = -1
         self._partial = None
@@ -180,6 +184,8 @@ class PocketsphinxRecognizer:
     def accept(self, pcm: bytes) -> None:
         """Buffer and decode in whole blocks of ``_BLOCK_MS``, whatever the chunk sizes."""
         self._require_utterance("accept")
+        if pcm:
+            self._early = None  # the pause is over: its final pass is void
         pending = self._pending
         pending += pcm if self._resampler is None else self._resampler.process(pcm)
         blocks = len(pending) // self._block
@@ -201,9 +207,25 @@ class PocketsphinxRecognizer:
         frames = decoder.n_frames()
         if frames != self._partial_frames:
             self._partial_frames = frames
-            words, _ = self._words(decoder.seg())
+            words, _ = self._words(decoder.seg(), self._samples)
             self._partial = _hypothesis(words, 0.0) if words else None
         return self._partial
+
+    def pause(self) -> None:
+        """With an early final pass, run the batch pass now on the utterance as ``finish()``
+        would see it if no more audio came; ``finish()`` then returns its result, and
+        ``accept()`` voids it. The rest of the pause is never sent (``trailing_silence_ms``),
+        so when the pause closes the sentence, the final is ready or well under way."""
+        self._require_utterance("pause")
+        if not (self._batch and self._early_final):
+            return
+        pending = self._pending
+        if self._resampler is not None:  # its flush, on a copy: the stream may go on
+            pending = pending + copy.copy(self._resampler).flush()
+        tail = bytes(pending[: len(pending) - len(pending) % 2])
+        self._early = self._batch_final(
+            bytes(self._utterance) + tail, self._samples + len(tail) // 2
+        )
 
     def finish(self) -> Hypothesis:
         """End the utterance; confidence is the mean word posterior (see ``_words``)."""
@@ -216,22 +238,34 @@ class PocketsphinxRecognizer:
         self._pending.clear()
         self._feed(tail)
         self._in_utterance = False
+        early, self._early = self._early, None
         try:
             if self._live:
                 decoder.end_utt()
-            if self._batch:
-                assert self._engine is not None
-                if not self._utterance:
-                    return EMPTY_HYPOTHESIS  # an utterance with no audio: nothing to decode
-                decoder = self._engine._batch_decode(bytes(self._utterance), self._batch_cmn)
+        except RuntimeError as exc:
+            self._utterance.clear()
+            raise EngineFailed(f"pocketsphinx final decode failed: {exc}") from exc
+        if self._batch:
+            try:
+                if early is not None:
+                    return early  # the pass pause() ran: no audio came after it
+                return self._batch_final(bytes(self._utterance), self._samples)
+            finally:
+                self._utterance.clear()
+        words, probs = self._words(decoder.seg(), self._samples)
+        return _hypothesis(words, sum(probs) / len(probs)) if words else EMPTY_HYPOTHESIS
+
+    def _batch_final(self, pcm: bytes, samples: int) -> Hypothesis:
+        """The final result of ``pcm``, the whole utterance, by one full-utterance decode."""
+        assert self._engine is not None
+        if not pcm:
+            return EMPTY_HYPOTHESIS  # an utterance with no audio: nothing to decode
+        try:
+            decoder = self._engine._batch_decode(pcm, self._batch_cmn)
         except RuntimeError as exc:
             raise EngineFailed(f"pocketsphinx final decode failed: {exc}") from exc
-        finally:
-            self._utterance.clear()
-        words, probs = self._words(decoder.seg())
-        if not words:
-            return EMPTY_HYPOTHESIS
-        return _hypothesis(words, sum(probs) / len(probs))
+        words, probs = self._words(decoder.seg(), samples)
+        return _hypothesis(words, sum(probs) / len(probs)) if words else EMPTY_HYPOTHESIS
 
     # --- engine side -----------------------------------------------------------------------
 
@@ -246,6 +280,7 @@ class PocketsphinxRecognizer:
             self._resampler = None
             self._pending.clear()
             self._utterance.clear()
+            self._early = None
             if not self._live:
                 return self._detach(decoder)
             try:
@@ -282,7 +317,7 @@ class PocketsphinxRecognizer:
         except RuntimeError as exc:
             raise EngineFailed(f"pocketsphinx process_raw failed: {exc}") from exc
 
-    def _words(self, segments: Any) -> tuple[list[EngineWord], list[float]]:
+    def _words(self, segments: Any, samples: int) -> tuple[list[EngineWord], list[float]]:
         """Real words of a segmentation with times in ms, and their posteriors.
 
         ``Segment.prob`` is ``exp`` of pocketsphinx's ``ps_seg_prob``. After ``end_utt`` with
@@ -296,7 +331,7 @@ class PocketsphinxRecognizer:
         if segments is None:  # no hypothesis yet
             return words, probs
         per_frame = 1000 / self._frame_rate
-        audio_ms = self._samples * 1000 // self._model_rate
+        audio_ms = samples * 1000 // self._model_rate
         for seg in segments:
             text = _clean_word(seg.word)
             if text is None:
@@ -366,6 +401,9 @@ class PocketsphinxEngine:
     ``final_pass`` is ``"batch"`` (final results from a full-utterance decode with batch CMN:
     offline accuracy, at the cost of ~0.1 x the utterance length of extra CPU and latency when
     it ends) or ``"live"`` (the streaming search's own result: no extra cost, lower accuracy).
+    ``early_final`` (batch only) runs that pass at a pause (:meth:`PocketsphinxRecognizer.pause`)
+    rather than when the sentence closes: the final comes up to the rest of the closing pause
+    sooner, and a pause that does not close the sentence costs a pass thrown away.
     """
 
     name = "pocketsphinx"
@@ -377,11 +415,13 @@ class PocketsphinxEngine:
         loglevel: str = "ERROR",
         cmninit_by_rate: Mapping[int, str] | None = None,
         final_pass: str = "batch",
+        early_final: bool = True,
         **config: Any,
     ) -> None:
         if final_pass not in ("batch", "live"):
             raise ValueError(f"final_pass must be 'batch' or 'live', got {final_pass!r}")
         self.final_pass = final_pass
+        self.early_final = final_pass == "batch" and early_final
         # GIL-holding work at the end of an utterance, per second of its audio, with room for
         # a busy machine: a full_utt decode runs at ~0.1-0.13 x real time; the live search's
         # end_utt (bestpath over the lattice, no fwdflat pass) at ~0.002 x.

@@ -6,6 +6,7 @@ from .segmenter import (
     SegmentEvent,
     UtteranceAudio,
     UtteranceEnded,
+    UtterancePaused,
     UtteranceStarted,
 )
 from .vad import (
@@ -23,6 +24,7 @@ __all__ = [
     "SegmenterConfig",
     "UtteranceAudio",
     "UtteranceEnded",
+    "UtterancePaused",
     "UtteranceStarted",
     "VoiceDetector",
     "WebrtcVad",

@@ -27,7 +27,9 @@ Rules (frame = ``frame_ms`` of audio, classified voiced/unvoiced by a
   ms gives the same words and word times as the whole pause on the bench recordings, and the
   rest of an 800 ms pause is 9% of the utterances' audio and 7.6% of the instructions that
   decode them, which no result needs (docs/benchmarks.md). A worker that is behind then has
-  less to decode before a sentence's final result.
+  less to decode before a sentence's final result. When a feed starts holding a pause back
+  it reports :class:`UtterancePaused`: the audio sent so far is all the utterance will have
+  if that pause closes it, so an engine may start its final pass there.
 * Audio outside utterances is dropped, except the ring buffer needed for pre-roll.
 
 Per-frame work is a few integer operations plus the detector call; audio is sliced once
@@ -113,13 +115,21 @@ class UtteranceAudio:
 
 
 @dataclass(frozen=True, slots=True)
+class UtterancePaused:
+    """The open utterance's pause reached ``trailing_silence_ms``: what was sent is all of the
+    utterance, unless speech resumes before the pause closes it."""
+
+    speech_end_ms: int  # stream time of the end of the last voiced frame
+
+
+@dataclass(frozen=True, slots=True)
 class UtteranceEnded:
     end_ms: int  # stream time at which the utterance was closed (audio processed)
     speech_end_ms: int  # stream time of the end of the last voiced frame
     timed_out: bool  # closed because of max_sentence_ms
 
 
-SegmentEvent = UtteranceStarted | UtteranceAudio | UtteranceEnded
+SegmentEvent = UtteranceStarted | UtteranceAudio | UtterancePaused | UtteranceEnded
 
 
 class _PerFrame:
@@ -283,8 +293,12 @@ class Segmenter:
             pos = end
 
         if is_open:
+            holding = bool(self._held)
             if pcm := self._release(prefix + data[seg_from:], silence):
                 events.append(UtteranceAudio(pcm))
+            # A hold that starts now: the first, or one after speech resumed in this feed.
+            if self._held and (pcm or not holding):
+                events.append(UtterancePaused(ms(speech_end)))
         else:
             hist = self._hist
             if seg_from == 0:
