@@ -742,6 +742,14 @@ async def test_a_worker_runs_the_final_pass_at_a_pause_unless_more_input_waits()
     engine = _StepEngine(log)
     engine.early_final = True
     worker = Worker(WorkerConfig(decoders=1), "asrd", bus, engine)
+    announced: list[float] = []  # the audio seconds of each final pass announced
+    pause = worker._pause
+
+    def announce(audio_s: float) -> Any:
+        announced.append(audio_s)
+        return pause(audio_s)
+
+    worker._pause = announce  # type: ignore[method-assign]
     inbox = session_in("asrd", "s")
     frame = bytes(3200)
 
@@ -771,6 +779,8 @@ async def test_a_worker_runs_the_final_pass_at_a_pause_unless_more_input_waits()
     first = ["start", "accept 3200", "pause", "finish"]
     assert log == [*first, "start", "accept 3200", "accept 3200", "finish"]
     assert worker.metrics.early_finals.values == {("used",): 1}
+    # The pass is announced where it runs: at the pause, or at the end without one.
+    assert announced == [0.1, 0.0, 0.2]
 
 
 async def test_a_worker_behind_decodes_what_waits_before_its_next_partial() -> None:

@@ -358,7 +358,9 @@ class Worker:
                         if item.utt == utt:
                             if early:
                                 self.metrics.early_finals.inc(1, "used")
-                            hyp = await self._finish(rec, audio_bytes / (2 * claim.sample_rate))
+                            # Its pass already ran: nothing long to announce.
+                            audio_s = 0.0 if early else audio_bytes / (2 * claim.sample_rate)
+                            hyp = await self._finish(rec, audio_s)
                             self.metrics.utterances.inc()
                             self.bus.publish(
                                 out,
