@@ -300,27 +300,36 @@ def test_a_pause_beyond_the_tail_waits_for_speech_then_goes_out_whole(tail_frame
     assert u.end is not None and u.end.speech_end_ms == 36 * FRAME_MS
 
 
-@pytest.mark.parametrize("tail_frames", [0, 4, TAIL_FRAMES])
-def test_a_pause_is_reported_once_where_its_hold_starts(tail_frames: int) -> None:
-    seg = segmenter(trailing_silence_ms=tail_frames * FRAME_MS)
-    pat = "1" * 8 + "." * 20 + "1" * 8 + "." * CLOSE_FRAMES
+@pytest.mark.parametrize(
+    ("tail_frames", "hint_frames"),
+    [(0, 0), (4, 4), (TAIL_FRAMES, TAIL_FRAMES), (4, 10), (10, 20), (10, 0)],
+)
+def test_a_pause_is_reported_once_when_it_passes_pause_hint_ms(
+    tail_frames: int, hint_frames: int
+) -> None:
+    seg = segmenter(
+        trailing_silence_ms=tail_frames * FRAME_MS, pause_hint_ms=hint_frames * FRAME_MS
+    )
+    pat = "1" * 8 + "." * 25 + "1" * 8 + "." * CLOSE_FRAMES
     fed = [seg.feed(script(c, 16000, first=k)) for k, c in enumerate(pat)]
     reported = [
         k for k, events in enumerate(fed) if any(isinstance(e, UtterancePaused) for e in events)
     ]
-    # At the first frame beyond the tail of each pause: the one within the sentence and the
-    # one that closes it, each once.
-    assert reported == [8 + tail_frames, 36 + tail_frames]
+    # At the first frame beyond pause_hint_ms (never before the hold starts) of each pause:
+    # the one within the sentence and the one that closes it, each once.
+    hint = max(tail_frames, hint_frames)
+    assert reported == [8 + hint, 41 + hint]
     (u,) = utterances([e for events in fed for e in events])
     frame_bytes = 2 * FRAME_MS * 16
+    # By then all of the utterance has gone out, unless speech resumes.
     assert u.pauses == [
         (8 * FRAME_MS, (8 + tail_frames) * frame_bytes),
-        (36 * FRAME_MS, len(u.pcm)),
+        (41 * FRAME_MS, len(u.pcm)),
     ]
 
 
 def test_a_pause_that_resumes_and_pauses_again_in_one_feed_is_reported_again() -> None:
-    seg = segmenter()
+    seg = segmenter(pause_hint_ms=300)
     seg.feed(script("1" * 8 + "." * 15, 16000))  # held: the pause beyond 300 ms
     events = seg.feed(script("1" * 4 + "." * 12, 16000, first=23))
     assert [type(e) for e in events] == [UtteranceAudio, UtterancePaused]

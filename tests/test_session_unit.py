@@ -527,12 +527,12 @@ async def test_the_engine_gets_the_pause_that_ends_a_sentence_up_to_trailing_sil
     assert await _decoded_ms(300) == pytest.approx(whole - 510, abs=1)
 
 
-async def _two_pauses(
+async def _three_pauses(
     early_final: bool, monkeypatch: pytest.MonkeyPatch
 ) -> tuple[list[dict[str, Any]], Worker, int]:
-    """One sentence with a 300 ms gap inside it and 2 s of silence after, served by
-    pocketsphinx with the batch final pass: its SentenceEnd events, the worker, and how many
-    pause hints the gateway sent."""
+    """A sentence with a 300 ms gap inside it, then another, each closed by 2 s of silence,
+    served by pocketsphinx with the batch final pass: the SentenceEnd events, the worker,
+    and how many pause hints the gateway sent."""
     from asrd.engines.pocketsphinx import PocketsphinxEngine
 
     session, _ = make_session(idle_timeout_s=120.0)
@@ -545,7 +545,8 @@ async def _two_pauses(
         publish(subject, data, reply)
 
     monkeypatch.setattr(session.state.bus, "publish", spy)
-    pcm = load_clip("0880") + silence(300, 16000) + load_clip("0890") + silence(2000, 16000)
+    gap, close = silence(300, 16000), silence(2000, 16000)
+    pcm = load_clip("0880") + gap + load_clip("0890") + close + load_clip("0870") + close
     # In real time: a worker with input already waiting skips a pass at a pause.
     paced = [item for frame in _frames(pcm) for item in (0.1, frame)]
     script = [
@@ -560,17 +561,20 @@ async def _two_pauses(
     return ends, worker, hints
 
 
-async def test_a_pause_starts_the_batch_final_pass_and_only_a_closing_one_is_used(
+async def test_a_pause_starts_the_batch_final_pass_within_a_budget_for_passes_thrown_away(
     autojump_clock: trio.abc.Clock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The gateway tells the worker when a pause starts being held; the worker runs the
-    batch final pass then. The gap inside the sentence voids its pass (speech resumed), the
-    closing pause's pass is the final result: the same as the pass run at the close."""
-    early, worker, hints = await _two_pauses(True, monkeypatch)
-    assert hints == 2
+    batch final pass then. The gap inside the first sentence throws its pass away (speech
+    resumed); that used up the session's budget for such passes (EARLY_WASTE_BUDGET), so the
+    first sentence's final pass runs at its close. The second sentence comes once the
+    session has sent four times as much audio: its final is the pass run at its pause. The
+    results are those of passes run at the close."""
+    early, worker, hints = await _three_pauses(True, monkeypatch)
+    assert hints == 3
     assert worker.metrics.early_finals.values == {("voided",): 1, ("used",): 1}
-    at_close, worker, hints = await _two_pauses(False, monkeypatch)
+    at_close, worker, hints = await _three_pauses(False, monkeypatch)
     assert hints == 0  # a worker that did not ask for them gets none
     assert worker.metrics.early_finals.values == {}
-    assert len(early) == 1 and early[0]["result"]
+    assert len(early) == 2 and all(end["result"] for end in early)
     assert early == at_close

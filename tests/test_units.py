@@ -733,6 +733,28 @@ async def test_worker_decodes_a_long_message_in_steps_with_heartbeats_between() 
     assert steps == ["accept 3200"] * 10
 
 
+def test_passes_thrown_away_at_pauses_stay_within_a_share_of_the_audio() -> None:
+    """A session may run its final pass at a pause while its passes thrown away have decoded
+    at most EARLY_WASTE_BUDGET times its audio; a pass used costs nothing extra."""
+    early = worker_module.EarlyFinals()
+    assert early.allowed()  # the first always may
+    early.heard(1000)
+    early.ran(1000)
+    assert early.heard(500)  # speech resumed: thrown away
+    assert not early.heard(500)
+    assert (early.audio, early.voided) == (2000, 1000)
+    assert not early.allowed()  # 1000 > 0.25 * 2000
+    early.heard(2000)
+    assert early.allowed()  # 1000 <= 0.25 * 4000
+    early.ran(3000)
+    assert early.ended()  # the pause closed the sentence: used, nothing thrown away
+    assert not early.ended()
+    assert early.voided == 1000 and early.allowed()
+    early.ran(100)
+    early.ended()  # a restarted utterance forgets it too
+    assert not early.heard(10)
+
+
 async def test_a_worker_runs_the_final_pass_at_a_pause_unless_more_input_waits() -> None:
     """An engine with an early final pass asks for pause hints in its claim reply, and runs
     the pass on one. Input already waiting behind the hint means the speech resumed (the

@@ -101,8 +101,8 @@ class WorkerConfig(_Model):
     # At most this many of those processes decode at once (asrd.cpugate); 0: one per core.
     decode_slots: int = Field(default=0, ge=0, le=256)
     final_pass: Literal["batch", "live"] = "batch"  # see engines/pocketsphinx.py
-    # With final_pass "batch": run it when a pause starts being held (the gateway's
-    # [segmentation] trailing_silence_ms), not when the sentence closes.
+    # With final_pass "batch": run it once a pause reaches the gateway's [segmentation]
+    # pause_hint_ms, not when the sentence closes.
     early_final: bool = True
     # Engine-specific settings, e.g. pocketsphinx decoder options ({"maxhmmpf": 5000, "beam":
     # 1e-48, "hmm": "/path/to/model"}): passed to the engine as they are.
@@ -139,6 +139,8 @@ class SegmentationConfig(_Model):
     max_sentence_ms: int = Field(default=60_000, ge=1000, le=600_000)
     # Of a pause, what goes to the engine before speech resumes (asrd.segmentation).
     trailing_silence_ms: int = Field(default=300, ge=0, le=6000)
+    # A pause this long (at least trailing_silence_ms) lets a worker start the final pass.
+    pause_hint_ms: int = Field(default=500, ge=0, le=6000)
 
     @model_validator(mode="after")
     def _frame(self) -> SegmentationConfig:

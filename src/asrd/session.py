@@ -436,6 +436,7 @@ class Session:
                 frame_ms=seg.frame_ms,
                 preroll_ms=seg.preroll_ms,
                 trailing_silence_ms=seg.trailing_silence_ms,
+                pause_hint_ms=seg.pause_hint_ms,
             )
         )
         self.tracker = SentenceTracker(params)

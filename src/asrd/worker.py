@@ -40,6 +40,45 @@ STALL_S = 5.0  # heartbeats stop when the event loop has made no progress for th
 # faster than its decoder keeps up is slowed to the decoder's pace, and the session's input
 # never holds more than a window (its subscription, below, overflows at 4096).
 PROGRESS_EVERY = 64
+# Final passes run at a pause and thrown away (speech resumed) may decode at most this share
+# of a session's audio again: their cost stays under a quarter of the final passes' own.
+EARLY_WASTE_BUDGET = 0.25
+
+
+class EarlyFinals:
+    """When one session's final pass may run at a pause (:meth:`Recognizer.pause`), and what
+    became of the one that did. Each pause that speech resumes after throws a decode of the
+    utterance so far away, so a session may run one while its passes thrown away have
+    decoded at most ``EARLY_WASTE_BUDGET`` times the audio it sent (the first always may).
+    Sizes in bytes of audio."""
+
+    __slots__ = ("_ran", "audio", "voided")
+
+    def __init__(self) -> None:
+        self.audio = 0  # the session's audio decoded
+        self.voided = 0  # audio decoded by passes thrown away
+        self._ran = -1  # the audio of the pass run at the utterance's current pause, if any
+
+    def allowed(self) -> bool:
+        return self.voided <= EARLY_WASTE_BUDGET * self.audio
+
+    def ran(self, utterance: int) -> None:
+        self._ran = utterance
+
+    def heard(self, audio: int) -> bool:
+        """More audio of the utterance; True if it threw a pass away."""
+        self.audio += audio
+        if self._ran < 0:
+            return False
+        self.voided += self._ran
+        self._ran = -1
+        return True
+
+    def ended(self) -> bool:
+        """The utterance ended (or restarted); True if its pass ran at its last pause."""
+        ran = self._ran >= 0
+        self._ran = -1
+        return ran
 
 
 class _Served:
@@ -288,7 +327,7 @@ class Worker:
         received = 0  # input messages dealt with, for the progress reports
         # None to a gateway that did not ask: one older than them ends the session on them.
         every = PROGRESS_EVERY if claim.progress else 0
-        early = False  # the open utterance's final pass ran at a pause, no audio since
+        early = EarlyFinals()
         try:
             with served.scope:
                 while True:
@@ -307,8 +346,7 @@ class Worker:
                     if isinstance(item, wire.AudioIn):
                         if item.utt != utt:
                             continue  # audio of an utterance we are not decoding (stale)
-                        if early:
-                            early = False
+                        if early.heard(len(item.pcm)):
                             self.metrics.early_finals.inc(1, "voided")
                         # A sentence's first message carries its pre-roll, and a replay's
                         # may be longer: decode it in steps, so that the event loop ticks
@@ -346,20 +384,28 @@ class Worker:
                             await self._finish(rec, audio_bytes / (2 * claim.sample_rate))
                         rec.start()
                         utt, audio_bytes, next_partial, last_partial = item.utt, 0, step, ""
-                        early = False
+                        early.ended()
                         served.in_utterance = True
                     elif item.kind == "pause":
                         # Speech paused: if the pause closes the sentence, its final pass is
-                        # done by the time the gateway says so (or under way).
-                        if item.utt == utt and self.engine.early_final and not sub.pending:
+                        # done by the time the gateway says so (or under way). Not with input
+                        # waiting behind the hint: speech resumed (the pass would be thrown
+                        # away) or the sentence ended (the pass runs now anyway).
+                        if (
+                            item.utt == utt
+                            and self.engine.early_final
+                            and not sub.pending
+                            and early.allowed()
+                        ):
                             await self._early_final(rec, audio_bytes / (2 * claim.sample_rate))
-                            early = True
+                            early.ran(audio_bytes)
                     elif item.kind == "end":
                         if item.utt == utt:
-                            if early:
+                            ran = early.ended()
+                            if ran:
                                 self.metrics.early_finals.inc(1, "used")
                             # Its pass already ran: nothing long to announce.
-                            audio_s = 0.0 if early else audio_bytes / (2 * claim.sample_rate)
+                            audio_s = 0.0 if ran else audio_bytes / (2 * claim.sample_rate)
                             hyp = await self._finish(rec, audio_s)
                             self.metrics.utterances.inc()
                             self.bus.publish(

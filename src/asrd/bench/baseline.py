@@ -28,8 +28,9 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from asrd.bench.corpus import Corpus, Playlist
-from asrd.engines.base import Recognizer
+from asrd.engines.base import Hypothesis, Recognizer
 from asrd.wer import wer
+from asrd.worker import EarlyFinals
 
 __all__ = ["Baseline", "feed_events", "run_baseline"]
 
@@ -129,21 +130,36 @@ class EventFeeder:
         self.rec = rec
         self.step = step
         self.fed = self.next_partial = 0
+        self.finals: list[Hypothesis] = []
+        self.early = EarlyFinals()
+        self.early_used = 0  # final results that came from the pass run at the pause
 
     def feed(self, ev: object) -> None:
-        from asrd.segmentation import UtteranceAudio, UtteranceEnded, UtteranceStarted
+        from asrd.segmentation import (
+            UtteranceAudio,
+            UtteranceEnded,
+            UtterancePaused,
+            UtteranceStarted,
+        )
 
         if isinstance(ev, UtteranceStarted):
+            self.early.ended()
             self.rec.start()
             self.fed, self.next_partial = 0, self.step
         elif isinstance(ev, UtteranceAudio):
+            self.early.heard(len(ev.pcm))
             self.rec.accept(ev.pcm)
             self.fed += len(ev.pcm)
             if self.fed >= self.next_partial:
                 self.next_partial = self.fed + self.step
                 self.rec.partial()
+        elif isinstance(ev, UtterancePaused):
+            if self.early.allowed():  # the batch final pass, early, as a worker runs it
+                self.rec.pause()
+                self.early.ran(self.fed)
         elif isinstance(ev, UtteranceEnded):
-            self.rec.finish()
+            self.early_used += self.early.ended()
+            self.finals.append(self.rec.finish())
 
 
 def feed_events(rec: Recognizer, events: Iterable[object], step: int) -> None:

@@ -104,6 +104,13 @@ def add_commands(subparsers: Any) -> None:
         "a pause goes to the engine before speech resumes (6000: all of it)",
     )
     target.add_argument(
+        "--pause-hint-ms",
+        type=int,
+        default=500,
+        help="--spawn: [segmentation] pause_hint_ms, how long a pause is when the gateway "
+        "tells the worker (a batch final pass starts then)",
+    )
+    target.add_argument(
         "--nats-monitor-port",
         type=int,
         default=0,
@@ -271,7 +278,10 @@ async def open_target(args: argparse.Namespace) -> AsyncIterator[Target]:
         nats_monitor_port=args.nats_monitor_port,
         extra={
             "worker": {"decode_slots": args.decode_slots, "early_final": not args.no_early_final},
-            "segmentation": {"trailing_silence_ms": args.trailing_silence_ms},
+            "segmentation": {
+                "trailing_silence_ms": args.trailing_silence_ms,
+                "pause_hint_ms": args.pause_hint_ms,
+            },
         },
     )
     async with open_stack(config) as stack:
@@ -300,6 +310,7 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
                 "final_pass": target.stack.final_pass,
                 "early_final": target.stack.extra["worker"]["early_final"],
                 "trailing_silence_ms": target.stack.extra["segmentation"]["trailing_silence_ms"],
+                "pause_hint_ms": target.stack.extra["segmentation"]["pause_hint_ms"],
                 "idle_timeout_s": target.stack.idle_timeout_s,
             }
         if args.idle_sessions:

@@ -27,9 +27,10 @@ Rules (frame = ``frame_ms`` of audio, classified voiced/unvoiced by a
   ms gives the same words and word times as the whole pause on the bench recordings, and the
   rest of an 800 ms pause is 9% of the utterances' audio and 7.6% of the instructions that
   decode them, which no result needs (docs/benchmarks.md). A worker that is behind then has
-  less to decode before a sentence's final result. When a feed starts holding a pause back
-  it reports :class:`UtterancePaused`: the audio sent so far is all the utterance will have
-  if that pause closes it, so an engine may start its final pass there.
+  less to decode before a sentence's final result. Once a pause is longer than
+  ``pause_hint_ms`` (and ``trailing_silence_ms``), the feed that saw it reports
+  :class:`UtterancePaused`, once per pause: the audio sent so far is all the utterance will
+  have if that pause closes it, so an engine may start its final pass there.
 * Audio outside utterances is dropped, except the ring buffer needed for pre-roll.
 
 Per-frame work is a few integer operations plus the detector call; audio is sliced once
@@ -70,6 +71,8 @@ class SegmenterConfig:
     onset_window_ms: int = 300  # window of recent frames looked at for an onset
     onset_ratio: float = 0.6  # fraction of that window that must be voiced
     trailing_silence_ms: int = 300  # of a pause, what goes out before speech resumes
+    # A pause this long (at least trailing_silence_ms) is reported (UtterancePaused).
+    pause_hint_ms: int = 500
 
     def __post_init__(self) -> None:
         if self.sample_rate not in VALID_SAMPLE_RATES:
@@ -91,6 +94,8 @@ class SegmenterConfig:
             raise ValueError("onset_ratio must be in (0, 1]")
         if self.trailing_silence_ms < 0:
             raise ValueError("trailing_silence_ms must be >= 0")
+        if self.pause_hint_ms < 0:
+            raise ValueError("pause_hint_ms must be >= 0")
 
 
 def _check_silence(ms: int) -> None:
@@ -186,6 +191,9 @@ class Segmenter:
         self._silence = 0  # samples of unvoiced frames since the last voiced one
         self._tail = config.trailing_silence_ms * rate // 1000
         self._held = bytearray()  # the pause beyond ``_tail`` so far, not sent yet
+        # A pause longer than this is reported, once (``_hinted``).
+        self._hint = max(config.pause_hint_ms * rate // 1000, self._tail)
+        self._hinted = False
 
     @property
     def processed_ms(self) -> int:
@@ -247,12 +255,14 @@ class Segmenter:
         max_silence = self._max_silence
         begin = self._begin
         speech_end = self._speech_end
+        hinted = self._hinted
 
         for v in flags:
             end = pos + fs
             if is_open:
                 if v:
                     silence = 0
+                    hinted = False
                     speech_end = end
                 else:
                     silence += fs
@@ -290,15 +300,15 @@ class Segmenter:
                     voiced_q.clear()
                     speech_end = end
                     silence = 0
+                    hinted = False
             pos = end
 
         if is_open:
-            holding = bool(self._held)
             if pcm := self._release(prefix + data[seg_from:], silence):
                 events.append(UtteranceAudio(pcm))
-            # A hold that starts now: the first, or one after speech resumed in this feed.
-            if self._held and (pcm or not holding):
+            if silence > self._hint and not hinted:
                 events.append(UtterancePaused(ms(speech_end)))
+                hinted = True
         else:
             hist = self._hist
             if seg_from == 0:
@@ -312,6 +322,7 @@ class Segmenter:
         self._silence = silence
         self._begin = begin
         self._speech_end = speech_end
+        self._hinted = hinted
         return events
 
     def flush(self) -> list[SegmentEvent]:
