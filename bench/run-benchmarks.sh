@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results}
 PY=${PY:-.venv/bin/python}
 QUIET=${QUIET:-600}
-STEPS=${STEPS:-"baseline loadtest worker-layout gateways loadtest-capacity transport pocketsphinx forked engine-realtime idle soak"}
+STEPS=${STEPS:-"baseline loadtest worker-layout gateways loadtest-capacity transport pocketsphinx early-final forked engine-realtime idle soak"}
 SOAK_S=${SOAK_S:-1200}
 mkdir -p "$OUT"
 bench() { $PY -m asrd --log-level warning bench --quiet-wait "$QUIET" --retry-noisy "${RETRY:-3}" "$@"; }
@@ -80,6 +80,21 @@ for step in $STEPS; do
     # final_pass "batch" (the default): a full-utterance pass per sentence
     bench --spawn --engine pocketsphinx --workers 14 --decoders 1 --engine-baseline \
       -n "${BATCH_SESSIONS:-4}" --duration 60 --ramp 6 -o "$OUT/pocketsphinx-batch.json" ;;
+  early-final)
+    # the batch pass started at a pause (the default) against at the close, alternated
+    for i in 1 2; do
+      for shape in "4 1" "2 3"; do
+        set -- $shape
+        for mode in early close; do
+          flag=; [ $mode = close ] && flag=--no-early-final
+          bench --spawn --engine pocketsphinx --workers "$1" --decoders "$2" -n 4 \
+            --duration 60 --ramp 6 $flag -o "$OUT/early-final-$1x$2-$mode-$i.json"
+        done
+      done
+    done
+    # what its passes thrown away cost, by the pause that starts it
+    $PY bench/early_final.py --gap-ms 0 300 --pause-hint-ms 300 450 500 600 \
+      | tee "$OUT/early-final.txt" ;;
   forked)
     # worker processes forked from one that loaded the model (the default) against each
     # loading its own: memory (PSS) and CPU, alternating, each on a fresh stack
