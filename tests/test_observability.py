@@ -32,7 +32,7 @@ from asrd.gateway import Gateway
 from asrd.metrics import WorkerMetrics
 from asrd.procfs import read_proc
 from tests.audio_fixtures import load_clip, silence
-from tests.conftest import Nats, RunningGateway
+from tests.conftest import Nats, Pool, RunningGateway, open_gateway
 from tests.records import session_record
 from tests.servers import read_until, start_worker, stop
 
@@ -184,6 +184,36 @@ def test_worker_metrics_endpoint(nats: Nats) -> None:
         assert 0.8 < rss / (outside.rss_kb * 1024) < 1.25
         assert metric(text, "process_cpu_seconds_total") <= outside.cpu_s
         assert get(f"http://127.0.0.1:{port}/readyz")[0] == 200
+    finally:
+        stop(worker)
+
+
+@pytest.mark.integration
+async def test_the_final_pass_runs_at_the_pause_over_real_nats(nats: Nats) -> None:
+    """A client streaming in real time: the gateway hints the pause that closes the
+    sentence, over a real nats-server, and the `asrd worker` runs the batch final pass then;
+    its /metrics counts the pass used, and the final is the sentence's."""
+    port = free_port()
+    worker = start_worker(nats.url, "it-early", 1, "--metrics-port", str(port))
+    try:
+        events = []
+        with trio.fail_after(GUARD_S):
+            async with (
+                open_gateway(nats.url, Pool("it-early", [worker], 1)) as gw,
+                open_transcription(
+                    gw.url,
+                    pcm_chunks(load_clip("0880") + silence(1500, 16000)),
+                    16000,
+                    token="t",
+                    appkey="default",
+                    realtime=True,
+                ) as tr,
+            ):
+                events = [event async for event in tr]
+        ends = [e["payload"]["result"] for e in events if e["header"]["name"] == "SentenceEnd"]
+        assert len(ends) == 1 and "young man" in ends[0].lower(), ends
+        _, text = await trio.to_thread.run_sync(get, f"http://127.0.0.1:{port}/metrics")
+        assert metric(text, 'asrd_worker_early_final_passes_total{outcome="used"}') == 1
     finally:
         stop(worker)
 
