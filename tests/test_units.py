@@ -785,6 +785,9 @@ async def test_a_worker_runs_the_final_pass_at_a_pause_unless_more_input_waits()
         claim = wire.Claim("s", 16000, False)
         reply = await bus.request(claim_subject("asrd", "en-US"), claim.encode(), 1)
         assert wire.decode_claim_reply(reply).pauses
+        # With no utterance open (utt 0), a pause or an end is about nothing: ignored.
+        bus.publish(inbox, wire.encode_control("pause", 0))
+        bus.publish(inbox, wire.encode_control("end", 0))
         bus.publish(inbox, wire.encode_control("begin", 1))
         bus.publish(inbox, wire.encode_audio(1, frame))
         bus.publish(inbox, wire.encode_control("pause", 1))  # nothing behind it: a pass

@@ -392,7 +392,8 @@ class Worker:
                         # waiting behind the hint: speech resumed (the pass would be thrown
                         # away) or the sentence ended (the pass runs now anyway).
                         if (
-                            item.utt == utt
+                            utt
+                            and item.utt == utt
                             and self.engine.early_final
                             and not sub.pending
                             and early.allowed()
@@ -400,7 +401,7 @@ class Worker:
                             await self._early_final(rec, audio_bytes / (2 * claim.sample_rate))
                             early.ran(audio_bytes)
                     elif item.kind == "end":
-                        if item.utt == utt:
+                        if utt and item.utt == utt:  # utt 0: none is open
                             ran = early.ended()
                             if ran:
                                 self.metrics.early_finals.inc(1, "used")
