@@ -143,7 +143,6 @@ class EventFeeder:
         )
 
         if isinstance(ev, UtteranceStarted):
-            self.early.ended()
             self.rec.start()
             self.fed, self.next_partial = 0, self.step
         elif isinstance(ev, UtteranceAudio):

@@ -87,7 +87,7 @@ def add_commands(subparsers: Any) -> None:
         "--no-early-final",
         action="store_true",
         help="--spawn: [worker] early_final = false, the batch final pass runs when a sentence "
-        "closes rather than when its closing pause starts being held",
+        "closes rather than once a pause reaches --pause-hint-ms",
     )
     target.add_argument(
         "--decode-slots",
