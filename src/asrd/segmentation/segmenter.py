@@ -121,8 +121,8 @@ class UtteranceAudio:
 
 @dataclass(frozen=True, slots=True)
 class UtterancePaused:
-    """The open utterance's pause reached ``trailing_silence_ms``: what was sent is all of the
-    utterance, unless speech resumes before the pause closes it."""
+    """The open utterance's pause passed ``pause_hint_ms`` (and ``trailing_silence_ms``): what
+    was sent is all of the utterance, unless speech resumes before the pause closes it."""
 
     speech_end_ms: int  # stream time of the end of the last voiced frame
 
