@@ -1,12 +1,12 @@
 """What the batch final pass run at a pause (``[worker] early_final``) costs in CPU.
 
-A pause that reaches ``trailing_silence_ms`` (300 ms) makes the worker run the sentence's
-batch pass at once. If the pause closes the sentence (810 ms), that pass is the final result
-and costs nothing extra. If speech resumes before, the pass is thrown away: the price of the
-earlier ``SentenceEnd``. The bench recordings have no such pauses inside them, so this script
-makes some: one session of each recording followed by the next after ``--gap-ms`` of
-silence, as one sentence with a pause inside it (the recordings' own silence at their ends
-adds to the gap), then 1.5 s of silence to close it.
+A pause that passes ``[segmentation] pause_hint_ms`` (500 ms; ``--pause-hint-ms``) makes the
+worker run the sentence's batch pass at once. If the pause closes the sentence (810 ms),
+that pass is the final result and costs nothing extra. If speech resumes before, the pass
+is thrown away: the price of the earlier ``SentenceEnd``. The bench recordings have no such
+pauses inside them, so this script makes some: one session of each recording followed by
+the next after ``--gap-ms`` of silence, as one sentence with a pause inside it (the
+recordings' own silence at their ends adds to the gap), then 1.5 s of silence to close it.
 
 Each stream is segmented as the gateway does it (not timed) and fed to one pocketsphinx
 recogniser as a worker feeds it (timed with ``time.process_time()``), with the early pass
@@ -15,7 +15,7 @@ and without it, and with the worker's budget for passes thrown away
 the share of the audio that passes thrown away decoded again, and checks that both give the
 same final results.
 
-    .venv/bin/python bench/early_final.py --gap-ms 0 300 500
+    .venv/bin/python bench/early_final.py --gap-ms 0 300 --pause-hint-ms 300 500
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--gap-ms", type=int, nargs="+", default=[0, 300, 500])
     parser.add_argument(
-        "--pause-hint-ms", type=int, nargs="+", default=[300], help="[segmentation] pause_hint_ms"
+        "--pause-hint-ms", type=int, nargs="+", default=[500], help="[segmentation] pause_hint_ms"
     )
     parser.add_argument("--repeat", type=int, default=2, help="the recordings, this many times")
     parser.add_argument("--rounds", type=int, default=2, help="alternated on/off rounds")
