@@ -70,7 +70,7 @@ class Decoded:
 
 def _decode(events: list[SegmentEvent], early: bool) -> Decoded:
     """One recogniser decoding the session as a worker does."""
-    engine = PocketsphinxEngine(decoders=1, early_final=early)
+    engine = PocketsphinxEngine(decoders=1, final_pass="batch", early_final=early)
     feeder = EventFeeder(engine.acquire(16000), 2 * 16000 * PARTIAL_MS // 1000)
     t = time.process_time()
     for ev in events:

@@ -722,7 +722,10 @@ def test_markdown_tables_group_runs_by_stack() -> None:
     rows = [line for line in text.splitlines() if line.startswith("| ") and "streams" not in line]
     assert [row.split("|")[1].strip() for row in rows] == ["1", "9", "1"]
     assert "Capacity: **5** sessions held" in text
-    # The batch final pass, run early (now) or at each sentence's close.
-    for early, label in ((True, "batch"), (False, "batch, at the close")):
-        batch = {**stack, "engine": "pocketsphinx", "final_pass": "batch", "early_final": early}
-        assert f"(final_pass {label})**" in markdown_tables([{"stack": batch, "runs": [run]}])
+    # The batch final pass, run early (now) or at each sentence's close; also adaptive's.
+    for final_pass in ("batch", "adaptive"):
+        for early, label in ((True, final_pass), (False, f"{final_pass}, at the close")):
+            batch = {**stack, "engine": "pocketsphinx", "final_pass": final_pass}
+            batch["early_final"] = early
+            tables = markdown_tables([{"stack": batch, "runs": [run]}])
+            assert f"(final_pass {label})**" in tables

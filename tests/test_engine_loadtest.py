@@ -37,7 +37,8 @@ def recognise(rec: LoadtestRecognizer, pcm: bytes, chunk: int) -> tuple[Hypothes
 def test_registered_under_its_own_name_and_never_the_default() -> None:
     engine = create_engine("loadtest", decoders=3, final_pass="batch")  # worker options ignored
     assert isinstance(engine, LoadtestEngine)
-    assert (engine.name, engine.capacity, engine.final_cost) == ("loadtest", 3, 0.0)
+    assert (engine.name, engine.capacity, engine.early_final) == ("loadtest", 3, False)
+    assert (engine.acquire(16000).final_cost, engine.acquire(16000).early_final) == (0.0, False)
     from asrd.config import WorkerConfig
 
     assert WorkerConfig().engine == "pocketsphinx"

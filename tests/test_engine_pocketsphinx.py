@@ -132,7 +132,7 @@ def offline_live() -> list[Offline]:
 
 @pytest.fixture(scope="module")
 def engine() -> PocketsphinxEngine:
-    return PocketsphinxEngine(decoders=2)
+    return PocketsphinxEngine(decoders=2, final_pass="batch")
 
 
 @pytest.fixture(scope="module")
@@ -405,7 +405,7 @@ def test_audio_after_a_pause_voids_its_pass(
 def test_no_early_pass_without_a_batch_final_pass_or_when_turned_off(
     live_engine: PocketsphinxEngine,
 ) -> None:
-    off = PocketsphinxEngine(decoders=1, early_final=False)
+    off = PocketsphinxEngine(decoders=1, final_pass="batch", early_final=False)
     assert (live_engine.early_final, off.early_final) == (False, False)
     for engine in (live_engine, off):
         rec = engine.acquire(16000)
@@ -492,6 +492,7 @@ def test_misuse_is_reported(engine: PocketsphinxEngine) -> None:
 def test_create_engine(engine: PocketsphinxEngine) -> None:
     created = create_engine("pocketsphinx", decoders=1)
     assert isinstance(created, PocketsphinxEngine)
+    assert (created.final_pass, created.early_final) == ("adaptive", True)
     assert created.name == "pocketsphinx"
     assert created.capacity == 1
     foreign = created.acquire(16000)
@@ -607,3 +608,110 @@ def test_cmn_priors_are_read_as_written_or_refused() -> None:
 
 def test_normalize_handles_reference_markup() -> None:
     assert normalize(CLIPS[0].reference)[:3] == ["and", "mister", "john"]
+
+
+def _cards() -> list[Clip]:
+    """Debian pocketsphinx-testdata's cards/*.wav (tests/data/cards/README): one speaker
+    whose channel is far from the model's CMN prior, 1.1-3.5 s per clip."""
+    folder = DATA / "cards"
+    refs = {}
+    for line in (folder / "cards.transcription").read_text().splitlines():
+        m = re.fullmatch(r"<s>(.*)</s>\s*\((\S+)\)\s*", line)
+        assert m, line
+        refs[m.group(2)] = m.group(1).strip()
+    clips = []
+    for path in sorted(folder.glob("*.wav")):
+        with wave.open(str(path)) as w:
+            assert (w.getframerate(), w.getnchannels(), w.getsampwidth()) == (16000, 1, 2)
+            clips.append(Clip(path.stem, w.readframes(w.getnframes()), refs[path.stem]))
+    assert len(clips) == 5
+    return clips
+
+
+def _session(engine: PocketsphinxEngine, clips: list[Clip], rate: int = 16000) -> list[str]:
+    """One session: the clips as its utterances, in 100 ms chunks with partials."""
+    rec = engine.acquire(rate)
+    texts = []
+    try:
+        for clip in clips:
+            rec.start()
+            for n, i in enumerate(range(0, len(clip.pcm), 3200)):
+                rec.accept(clip.pcm[i : i + 3200])
+                if n % 2:
+                    rec.partial()
+            texts.append(rec.finish().text)
+    finally:
+        engine.release(rec)
+    return texts
+
+
+@pytest.fixture(scope="module")
+def adaptive_engine() -> PocketsphinxEngine:
+    return PocketsphinxEngine(decoders=1, final_pass="adaptive")
+
+
+def test_the_adaptive_pass_takes_the_batch_accuracy_to_the_live_search(
+    engine: PocketsphinxEngine,
+    live_engine: PocketsphinxEngine,
+    adaptive_engine: PocketsphinxEngine,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On a channel far from the CMN prior, live finals stay poor for the whole session; the
+    batch pass's CMN, given to the live search once 3 s have been through it, makes the later
+    finals as good as the batch pass's, with no batch pass after the first two clips."""
+    cards = _cards()
+    refs = [c.reference for c in cards]
+    batch = _session(engine, cards)
+    live = _session(live_engine, cards)
+    passes = _count_batch_passes(adaptive_engine, monkeypatch)
+    adaptive = _session(adaptive_engine, cards)
+    assert passes == [len(c.pcm) for c in cards[:2]]  # 1.1 + 2.0 s: calibrated after two
+    assert adaptive[:2] == batch[:2]
+    later = {
+        n: wer(refs[2:], texts[2:]) for n, texts in [("b", batch), ("l", live), ("a", adaptive)]
+    }
+    assert later["a"] <= later["b"] + 0.07, later  # one word of 15 at most
+    assert later["l"] >= later["a"] + 0.2, later
+
+
+def test_the_adaptive_pass_switches_to_the_live_search_once_calibrated(
+    adaptive_engine: PocketsphinxEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Until then it is the batch pass, early at a pause too (whose CMN counts); after, the
+    finals are the live search's, with nothing to announce or run at a pause; a new session
+    starts from the prior again."""
+    passes = _count_batch_passes(adaptive_engine, monkeypatch)
+    short, long = SHORTEST_TWO[0], CLIPS[0]  # 3.0 s and 7.1 s
+    for _ in range(2):  # the second session calibrates again
+        rec = adaptive_engine.acquire(16000)
+        try:
+            assert (rec.final_cost, rec.early_final) == (0.5, True)
+            prior = rec._live_decoder().get_cmn()
+            rec.start()
+            _feed(rec, short.pcm[:32000], 3200)  # 1 s: not enough
+            rec.pause()
+            assert rec.finish().text
+            assert (rec.final_cost, rec.early_final) == (0.5, True)
+            rec.start()
+            _feed(rec, long.pcm, 3200)
+            rec.pause()
+            assert adaptive_engine._batch_decoder is not None
+            measured = adaptive_engine._batch_decoder.get_cmn()
+            rec.finish()
+            assert (rec.final_cost, rec.early_final) == (0.1, False)
+            seed = rec._live_decoder().get_cmn()
+            assert seed != prior
+            # The frame-weighted mean of the two passes' CMN: mostly the long one's.
+            near = [float(v) for v in measured.split(",")]
+            assert [float(v) for v in seed.split(",")] != pytest.approx(near, abs=1e-3)
+            assert [float(v) for v in seed.split(",")] == pytest.approx(near, abs=3.0)
+            done = len(passes)
+            rec.start()
+            _feed(rec, short.pcm, 3200)
+            rec.pause()
+            assert rec._early is None
+            assert rec.finish().text
+            assert len(passes) == done  # no batch pass any more
+        finally:
+            adaptive_engine.release(rec)
+    assert passes == [32000, len(long.pcm)] * 2  # bytes: 1 s, then the long clip

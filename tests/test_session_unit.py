@@ -554,7 +554,7 @@ async def _three_pauses(
         *paced,
         _command("StopTranscription", "c" * 32),
     ]
-    engine = PocketsphinxEngine(1, early_final=early_final)
+    engine = PocketsphinxEngine(1, final_pass="batch", early_final=early_final)
     worker = await _run_with_a_worker(session, script, engine)
     received = [json.loads(m) for m in session.ws.received]  # type: ignore[attr-defined]
     ends = [m["payload"] for m in received if m["header"]["name"] == "SentenceEnd"]

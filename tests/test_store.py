@@ -726,6 +726,9 @@ async def test_routing_change_is_picked_up_live_without_disturbing_sessions(
 
 
 class FakeRecognizer:
+    final_cost = 0.0
+    early_final = False
+
     def start(self) -> None:
         pass
 
@@ -746,7 +749,6 @@ class FakeRecognizer:
 
 class FakeEngine:
     name = "fake"
-    final_cost = 0.0
     early_final = False
 
     def __init__(self, capacity: int) -> None:

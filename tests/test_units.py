@@ -655,11 +655,14 @@ async def claimed(bus: InMemoryBus, claim: wire.Claim) -> None:
 
 
 class _StepRecorder:
-    """A fake recognizer that notes the size of each accept() and what else ran between."""
+    """A fake recognizer that notes the size of each accept() and what else ran between;
+    its final pass costs what its engine's does."""
 
-    def __init__(self, log: list[str]) -> None:
+    def __init__(self, log: list[str], final_cost: float = 0.0, early_final: bool = False) -> None:
         self.log = log
         self.heard = 0
+        self.final_cost = final_cost
+        self.early_final = early_final
 
     def start(self) -> None:
         self.log.append("start")
@@ -693,7 +696,7 @@ class _StepEngine:
         self.log = log
 
     def acquire(self, sample_rate: int, *, partials: bool = True) -> Any:
-        return _StepRecorder(self.log)
+        return _StepRecorder(self.log, self.final_cost, self.early_final)
 
     def release(self, recognizer: Any) -> None:
         pass
@@ -763,13 +766,14 @@ async def test_a_worker_runs_the_final_pass_at_a_pause_unless_more_input_waits()
     bus = InMemoryBus()
     engine = _StepEngine(log)
     engine.early_final = True
+    engine.final_cost = 1.0  # CPU s per audio s: what is announced is the audio's length
     worker = Worker(WorkerConfig(decoders=1), "asrd", bus, engine)
     announced: list[float] = []  # the audio seconds of each final pass announced
     pause = worker._pause
 
-    def announce(audio_s: float) -> Any:
-        announced.append(audio_s)
-        return pause(audio_s)
+    def announce(pause_s: float) -> Any:
+        announced.append(pause_s)
+        return pause(pause_s)
 
     worker._pause = announce  # type: ignore[method-assign]
     inbox = session_in("asrd", "s")
@@ -806,6 +810,51 @@ async def test_a_worker_runs_the_final_pass_at_a_pause_unless_more_input_waits()
     assert worker.metrics.early_finals.values == {("used",): 1}
     # The pass is announced where it runs: at the pause, or at the end without one.
     assert announced == [0.1, 0.0, 0.2]
+
+
+async def test_a_worker_asks_the_recognizer_whether_a_pass_is_due() -> None:
+    """An engine whose sessions stop making a separate final pass (pocketsphinx's adaptive
+    pass, once calibrated) still asks for pause hints; the worker runs a pass at one, and
+    announces a final's pass, only as the session's recognizer stands."""
+    log: list[str] = []
+    bus = InMemoryBus()
+    engine = _StepEngine(log)
+    engine.early_final, engine.final_cost = True, 1.0
+    worker = Worker(WorkerConfig(decoders=1), "asrd", bus, engine)
+    announced: list[float] = []
+    pause = worker._pause
+
+    def announce(pause_s: float) -> Any:
+        announced.append(pause_s)
+        return pause(pause_s)
+
+    worker._pause = announce  # type: ignore[method-assign]
+    finish = _StepRecorder.finish
+
+    def calibrated(self: _StepRecorder) -> Any:
+        self.final_cost, self.early_final = 0.1, False  # the first final measured the channel
+        return finish(self)
+
+    inbox = session_in("asrd", "s")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_StepRecorder, "finish", calibrated)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(worker.run)
+            await claimed(bus, wire.Claim("s", 16000, False))
+            for utt in (1, 2):
+                bus.publish(inbox, wire.encode_control("begin", utt))
+                bus.publish(inbox, wire.encode_audio(utt, bytes(32000)))
+                bus.publish(inbox, wire.encode_control("pause", utt))
+                with trio.fail_after(5):  # taken, so the hint had nothing behind it
+                    while worker.sessions["s"].inbox.pending:  # noqa: ASYNC110
+                        await trio.sleep(0.01)
+                bus.publish(inbox, wire.encode_control("end", utt))
+                with trio.fail_after(5):
+                    while log.count("finish") < utt:  # noqa: ASYNC110 - no event to wait on
+                        await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+    assert log.count("pause") == 1  # the second utterance's hint: no pass
+    assert announced == [1.0, 0.0, pytest.approx(0.1)]  # at the pause, none at its end; live
 
 
 async def test_a_worker_behind_decodes_what_waits_before_its_next_partial() -> None:

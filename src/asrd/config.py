@@ -31,6 +31,8 @@ class _Model(BaseModel):
 
 # A language or pool name: one NATS subject token (pools name claim subjects).
 Name = Language
+# Where a pocketsphinx worker's final results come from (asrd.engines.pocketsphinx).
+FinalPass = Literal["batch", "live", "adaptive"]
 # NATS subject tokens joined by dots: every subject asrd uses starts with it.
 SubjectPrefix = Annotated[
     str, StringConstraints(pattern=rf"^{LANGUAGE_CHARS}(\.{LANGUAGE_CHARS}){{0,7}}$")
@@ -100,9 +102,9 @@ class WorkerConfig(_Model):
     decoders: int = Field(default=3, ge=1, le=MAX_DECODERS)
     # At most this many of those processes decode at once (asrd.cpugate); 0: one per core.
     decode_slots: int = Field(default=0, ge=0, le=256)
-    final_pass: Literal["batch", "live"] = "batch"  # see engines/pocketsphinx.py
-    # With final_pass "batch": run it once a pause reaches the gateway's [segmentation]
-    # pause_hint_ms, not when the sentence closes.
+    final_pass: FinalPass = "adaptive"  # see engines/pocketsphinx.py
+    # With a batch final pass ("batch", "adaptive" at first): run it once a pause reaches the
+    # gateway's [segmentation] pause_hint_ms, not when the sentence closes.
     early_final: bool = True
     # Engine-specific settings, e.g. pocketsphinx decoder options ({"maxhmmpf": 5000, "beam":
     # 1e-48, "hmm": "/path/to/model"}): passed to the engine as they are.

@@ -394,7 +394,7 @@ class Worker:
                         if (
                             utt
                             and item.utt == utt
-                            and self.engine.early_final
+                            and rec.early_final
                             and not sub.pending
                             and early.allowed()
                         ):
@@ -533,23 +533,22 @@ class Worker:
 
     async def _early_final(self, rec: Recognizer, audio_s: float) -> None:
         """The final pass run at a pause (:meth:`Recognizer.pause`), announced like any."""
-        async with self._pause(audio_s):
+        async with self._pause(audio_s * rec.final_cost):
             with self.gate:
                 rec.pause()
 
     async def _finish(self, rec: Recognizer, audio_s: float) -> Hypothesis:
         """An utterance's final pass, also one thrown away: it may take as long as a decode
         of the whole utterance, so it waits for its turn at a core and is announced."""
-        async with self._pause(audio_s):
+        async with self._pause(audio_s * rec.final_cost):
             with self.gate:
                 return rec.finish()
 
     @asynccontextmanager
-    async def _pause(self, audio_s: float) -> AsyncIterator[None]:
+    async def _pause(self, pause_s: float) -> AsyncIterator[None]:
         """Around a final pass that holds the GIL (no heartbeats): say first how long it may
         take, and take it back once every pass announced is over, so that a worker killed
         later is not covered by what is left of a generous estimate."""
-        pause_s = audio_s * self.engine.final_cost
         if pause_s <= self.config.heartbeat_interval_s:
             yield
             return

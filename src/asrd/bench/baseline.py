@@ -6,8 +6,9 @@ with no gateway, bus or worker involved:
 * **Raw decoder.** Each recording through a fresh ``pocketsphinx.Decoder`` (with the
   worker's :data:`~asrd.engines.pocketsphinx.DECODER_DEFAULTS`): live, in 100 ms
   chunks with a partial hypothesis every 200 ms (what a worker does for a session with
-  intermediate results), and in one ``full_utt`` call (the batch final pass workers make by
-  default, ``[worker] final_pass = "batch"``). Real-time factor RTF = CPU seconds / audio
+  intermediate results), and in one ``full_utt`` call (the batch final pass of
+  ``[worker] final_pass = "batch"``, and of ``"adaptive"``, the default, at the start of a
+  session). Real-time factor RTF = CPU seconds / audio
   seconds; a core sustains ``1 / RTF`` streams. With the batch final pass every utterance
   costs both: ``1 / (RTF_live + RTF_batch)``.
 * **The bench workload.** The playlists ``asrd bench`` streams (recordings separated by
@@ -153,7 +154,7 @@ class EventFeeder:
                 self.next_partial = self.fed + self.step
                 self.rec.partial()
         elif isinstance(ev, UtterancePaused):
-            if self.early.allowed():  # the batch final pass, early, as a worker runs it
+            if self.rec.early_final and self.early.allowed():  # as a worker runs it
                 self.rec.pause()
                 self.early.ran(self.fed)
         elif isinstance(ev, UtteranceEnded):
@@ -213,7 +214,7 @@ def _workload(
 def run_baseline(
     corpus: Corpus,
     *,
-    final_pass: str = "batch",
+    final_pass: str = "adaptive",
     gap_ms: int = 1500,
     max_sentence_silence_ms: int = 800,
     trailing_silence_ms: int = 300,

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import trio
 
@@ -34,7 +34,7 @@ from asrd.bench.report import (
     rss_growth,
 )
 from asrd.bench.stack import StackConfig, Target, open_stack, warn_capacity
-from asrd.config import MAX_DECODERS
+from asrd.config import MAX_DECODERS, FinalPass
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def add_commands(subparsers: Any) -> None:
         help="--spawn: start each worker as its own `asrd worker --processes 1`, loading its own "
         "model, instead of one `asrd worker` forking them all (the default, as asrd serve does)",
     )
-    target.add_argument("--final-pass", choices=("batch", "live"), default="batch")
+    target.add_argument("--final-pass", choices=get_args(FinalPass), default="adaptive")
     target.add_argument(
         "--no-early-final",
         action="store_true",

@@ -349,9 +349,10 @@ def _stack_title(report: dict[str, Any]) -> str:
 
 
 def _final_pass(stack: dict[str, Any]) -> str:
-    """``batch``, ``batch, at the close`` (early_final off) or ``live``. Reports from before
-    early_final have no such key: their batch pass ran at the close."""
-    late = stack["final_pass"] == "batch" and not stack.get("early_final", False)
+    """The final pass, with ``, at the close`` where its batch passes ran then (early_final
+    off). Reports from before early_final have no such key: their batch pass ran at the
+    close."""
+    late = stack["final_pass"] != "live" and not stack.get("early_final", False)
     return f"{stack['final_pass']}, at the close" if late else stack["final_pass"]
 
 

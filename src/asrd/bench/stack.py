@@ -47,7 +47,7 @@ class StackConfig:
     # (what `asrd serve` and the default configuration run); False: N separate `asrd worker
     # --processes 1`, each loading its own copy of the model.
     shared_workers: bool = True
-    final_pass: str = "batch"
+    final_pass: str = "adaptive"
     idle_timeout_s: float = 10.0
     max_sessions: int = 1000
     prefix: str = "asrd"

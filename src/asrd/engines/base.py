@@ -57,9 +57,21 @@ class Recognizer(Protocol):
         """The current best guess, or None before anything is recognised. Cheap."""
         ...
 
+    @property
+    def final_cost(self) -> float:
+        """CPU seconds that ``finish()`` (or ``pause()``) may block for, per second of the
+        utterance's audio, as this session stands: the worker announces a long pass, so that
+        it is not taken for dead meanwhile."""
+        ...
+
+    @property
+    def early_final(self) -> bool:
+        """``pause()`` would run the final pass now (a separate pass, started early)."""
+        ...
+
     def pause(self) -> None:
         """The utterance's speech paused: the audio accepted so far is all of it unless more
-        comes. An engine with an early final pass (``Engine.early_final``) runs it now, so
+        comes. A recognizer with an early final pass (``early_final``) runs it now, so
         that ``finish()`` right after costs nothing; ``accept()`` voids it. Others do nothing.
         """
         ...
@@ -74,10 +86,8 @@ class Engine(Protocol):
 
     name: str
     capacity: int
-    # CPU seconds that Recognizer.finish() may block for, per second of utterance audio (a
-    # second, full-utterance pass); the worker announces the pause so it is not taken for dead.
-    final_cost: float
-    # Recognizer.pause() runs the final pass: the worker asks its gateways for pause hints.
+    # Some session's Recognizer.pause() may run its final pass: the worker asks its gateways
+    # for pause hints.
     early_final: bool
 
     def acquire(self, sample_rate: int, *, partials: bool = True) -> Recognizer:

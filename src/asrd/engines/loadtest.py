@@ -22,7 +22,7 @@ audio, never on chunking:
   pocketsphinx, whose partials carry no posterior).
 
 Per 100 ms of audio the work is five strided peaks over 1/16 of the samples, in C; no
-numpy. ``final_cost`` is 0: ``finish()`` never blocks.
+numpy. A recognizer's ``final_cost`` is 0: ``finish()`` never blocks.
 """
 
 from __future__ import annotations
@@ -81,6 +81,8 @@ class LoadtestRecognizer:
         "_pending",
         "sample_rate",
     )
+    final_cost = 0.0
+    early_final = False
 
     def __init__(self, engine: LoadtestEngine, sample_rate: int, *, partials: bool) -> None:
         self._engine: LoadtestEngine | None = engine
@@ -184,7 +186,6 @@ class LoadtestEngine:
     """
 
     name = "loadtest"
-    final_cost = 0.0
     early_final = False
 
     def __init__(self, decoders: int, **_ignored: Any) -> None:

@@ -20,6 +20,14 @@ Accuracy notes (corpus WER on the five LibriVox clips in ``tests/data``, 71 word
   cepstral mean is far from the model's prior: with that prior 8 kHz sessions score 60.6%.
   For the bundled model the prior of 8 kHz sessions is shifted by
   :data:`NARROWBAND_CMN_SHIFT`: 43.7% (35.2% as one session).
+* The gap is the first utterance's: decoded live with the CMN of a batch pass over the
+  utterance itself, the live search scores the batch WER exactly (both sets below). So
+  ``final_pass = "adaptive"`` runs the batch pass only until a session has given
+  :data:`ADAPT_AFTER_S` of audio to it, then gives the live decoder the frame-weighted mean
+  of those passes' CMN and takes every later final from the live search. Each clip first in
+  a session, the others after it: 26.8% on the first, 27.5% on the rest (batch: 26.8%, live:
+  26.4%); on Debian pocketsphinx-testdata's ``cards/*.wav`` (one speaker and channel far from
+  the prior, 21 words) 4.8% and 4.8% (batch: 4.8%, live: 31.0% after the first).
 * ``confidence`` of a final result is the mean lattice posterior of its words (see
   ``PocketsphinxRecognizer._words``); on these clips correctly recognised words average
   0.74 and wrong ones 0.49.
@@ -47,7 +55,9 @@ from asrd.errors import EngineFailed, UnsupportedSampleRate
 from asrd.resample import Resampler
 
 __all__ = [
+    "ADAPT_AFTER_S",
     "DECODER_DEFAULTS",
+    "FINAL_PASSES",
     "MAX_SAMPLE_RATE",
     "MIN_SAMPLE_RATE",
     "NARROWBAND_CMN_SHIFT",
@@ -81,6 +91,20 @@ NARROWBAND_CMN_SHIFT = (
 #   delay of a live final result. Errors on both sets together: 36 instead of 38 of 96 words
 #   live, 20 instead of 21 with the batch final pass.
 DECODER_DEFAULTS: Mapping[str, Any] = {"maxhmmpf": 5000, "fwdflat": False}
+
+# final_pass = "adaptive": utterance audio (model rate) a session's batch passes must have
+# decoded before its live decoder takes their CMN and its finals come from the live search.
+# pocketsphinx's own live CMN weighs its prior as 5 s of audio; one 1.1-s utterance was enough
+# on cards/*.wav, and 3 s keeps one short word from setting a session's channel.
+ADAPT_AFTER_S = 3.0
+
+FINAL_PASSES = ("batch", "live", "adaptive")
+
+# GIL-holding work at the end of an utterance, per second of its audio, with room for a busy
+# machine: a full_utt decode runs at ~0.1-0.13 x real time; the live search's end_utt
+# (bestpath over the lattice, no fwdflat pass) at ~0.002 x.
+_BATCH_FINAL_COST = 0.5
+_LIVE_FINAL_COST = 0.1
 
 # The decoder is fed in blocks of this many ms of model-rate audio, so that its results do not
 # depend on how the client chunked the stream: pocketsphinx 5 gives (slightly) different
@@ -142,12 +166,17 @@ class PocketsphinxRecognizer:
         self._engine: PocketsphinxEngine | None = engine
         # Batch finals: the final result comes from one full_utt decode of the utterance
         # (batch CMN, the offline accuracy); the live search then runs only for partials.
-        self._batch = engine.final_pass == "batch"
+        # Adaptive: so until the batch passes have measured the session's CMN (_calibrate).
+        self._batch = engine.final_pass != "live"
         self._early_final = engine.early_final
-        self._live = partials or not self._batch
+        self._live = partials or engine.final_pass != "batch"
         self._utterance = bytearray()  # model-rate audio of the utterance (batch finals)
-        self._early: Hypothesis | None = None  # the final pass pause() ran, until more audio
+        # The final pass pause() ran (its result and batch CMN), until more audio comes.
+        self._early: tuple[Hypothesis, str] | None = None
         self._batch_cmn = decoder.get_cmn()  # the session's prior, set by acquire()
+        # Adaptive: the batch passes' CMN, summed over their frames, and the audio they had.
+        self._cmn_sum: list[float] | None = [] if engine.final_pass == "adaptive" else None
+        self._cmn_samples = 0
         self._decoder = decoder
         self.sample_rate = sample_rate
         self._model_rate = engine.model_rate
@@ -161,6 +190,14 @@ class PocketsphinxRecognizer:
         self._partial: Hypothesis | None = None
 
     # --- Recognizer protocol ---------------------------------------------------------------
+
+    @property
+    def final_cost(self) -> float:
+        return _BATCH_FINAL_COST if self._batch else _LIVE_FINAL_COST
+
+    @property
+    def early_final(self) -> bool:
+        return self._batch and self._early_final
 
     def start(self) -> None:
         decoder = self._live_decoder()
@@ -217,7 +254,7 @@ class PocketsphinxRecognizer:
         ``accept()`` voids it. The rest of the pause is never sent (``trailing_silence_ms``),
         so when the pause closes the sentence, the final is ready or well under way."""
         self._require_utterance("pause")
-        if not (self._batch and self._early_final):
+        if not self.early_final:
             return
         pending = self._pending
         if self._resampler is not None:  # its flush, on a copy: the stream may go on
@@ -247,25 +284,46 @@ class PocketsphinxRecognizer:
             raise EngineFailed(f"pocketsphinx final decode failed: {exc}") from exc
         if self._batch:
             try:
-                if early is not None:
-                    return early  # the pass pause() ran: no audio came after it
-                return self._batch_final(bytes(self._utterance), self._samples)
+                # the pass pause() ran, if no audio came after it
+                hyp, cmn = early or self._batch_final(bytes(self._utterance), self._samples)
             finally:
                 self._utterance.clear()
+            if self._cmn_sum is not None:
+                self._calibrate(cmn, self._samples)
+            return hyp
         words, probs = self._words(decoder.seg(), self._samples)
         return _hypothesis(words, sum(probs) / len(probs)) if words else EMPTY_HYPOTHESIS
 
-    def _batch_final(self, pcm: bytes, samples: int) -> Hypothesis:
-        """The final result of ``pcm``, the whole utterance, by one full-utterance decode."""
+    def _batch_final(self, pcm: bytes, samples: int) -> tuple[Hypothesis, str]:
+        """The final result of ``pcm``, the whole utterance, by one full-utterance decode, and
+        the utterance's CMN it measured."""
         assert self._engine is not None
         if not pcm:
-            return EMPTY_HYPOTHESIS  # an utterance with no audio: nothing to decode
+            return EMPTY_HYPOTHESIS, self._batch_cmn  # an utterance with no audio: nothing
         try:
             decoder = self._engine._batch_decode(pcm, self._batch_cmn)
         except RuntimeError as exc:
             raise EngineFailed(f"pocketsphinx final decode failed: {exc}") from exc
         words, probs = self._words(decoder.seg(), samples)
-        return _hypothesis(words, sum(probs) / len(probs)) if words else EMPTY_HYPOTHESIS
+        hyp = _hypothesis(words, sum(probs) / len(probs)) if words else EMPTY_HYPOTHESIS
+        return hyp, decoder.get_cmn()
+
+    def _calibrate(self, cmn: str, samples: int) -> None:
+        """Adaptive: add a batch pass's CMN; once the passes have had ADAPT_AFTER_S of audio,
+        give their mean to the live decoder (between utterances) and stop the batch passes."""
+        assert self._cmn_sum is not None
+        if samples:
+            values = [float(v) for v in cmn.split(",")]
+            if not self._cmn_sum:
+                self._cmn_sum = [0.0] * len(values)
+            self._cmn_sum = [t + v * samples for t, v in zip(self._cmn_sum, values, strict=True)]
+            self._cmn_samples += samples
+        if self._cmn_samples < ADAPT_AFTER_S * self._model_rate:
+            return
+        n = self._cmn_samples
+        self._live_decoder().set_cmn(",".join(f"{t / n:.4f}" for t in self._cmn_sum))
+        self._batch = False
+        self._cmn_sum = None
 
     # --- engine side -----------------------------------------------------------------------
 
@@ -400,10 +458,14 @@ class PocketsphinxEngine:
     pocketsphinx would misread (not numbers, more than the model's coefficients) is a ValueError.
     ``final_pass`` is ``"batch"`` (final results from a full-utterance decode with batch CMN:
     offline accuracy, at the cost of ~0.1 x the utterance length of extra CPU and latency when
-    it ends) or ``"live"`` (the streaming search's own result: no extra cost, lower accuracy).
-    ``early_final`` (batch only) runs that pass at a pause (:meth:`PocketsphinxRecognizer.pause`)
-    rather than when the sentence closes: the final comes up to the rest of the closing pause
-    sooner, and a pause that does not close the sentence costs a pass thrown away.
+    it ends), ``"live"`` (the streaming search's own result: no extra cost, lower accuracy
+    where the session's channel is far from the CMN prior) or ``"adaptive"`` (batch until a
+    session's batch passes have decoded :data:`ADAPT_AFTER_S` of audio, then live with
+    their CMN: the batch accuracy at about the live cost; see the module notes).
+    ``early_final`` (batch passes only) runs that pass at a pause
+    (:meth:`PocketsphinxRecognizer.pause`) rather than when the sentence closes: the final
+    comes up to the rest of the closing pause sooner, and a pause that does not close the
+    sentence costs a pass thrown away.
     """
 
     name = "pocketsphinx"
@@ -414,18 +476,14 @@ class PocketsphinxEngine:
         *,
         loglevel: str = "ERROR",
         cmninit_by_rate: Mapping[int, str] | None = None,
-        final_pass: str = "batch",
+        final_pass: str = "adaptive",
         early_final: bool = True,
         **config: Any,
     ) -> None:
-        if final_pass not in ("batch", "live"):
-            raise ValueError(f"final_pass must be 'batch' or 'live', got {final_pass!r}")
+        if final_pass not in FINAL_PASSES:
+            raise ValueError(f"final_pass must be one of {FINAL_PASSES}, got {final_pass!r}")
         self.final_pass = final_pass
-        self.early_final = final_pass == "batch" and early_final
-        # GIL-holding work at the end of an utterance, per second of its audio, with room for
-        # a busy machine: a full_utt decode runs at ~0.1-0.13 x real time; the live search's
-        # end_utt (bestpath over the lattice, no fwdflat pass) at ~0.002 x.
-        self.final_cost = 0.5 if final_pass == "batch" else 0.1
+        self.early_final = final_pass != "live" and early_final
         if decoders < 1:
             raise ValueError(f"decoders must be at least 1, got {decoders}")
         config = {**DECODER_DEFAULTS, **config}
@@ -466,7 +524,7 @@ class PocketsphinxEngine:
         # passes. The live decoders cannot: a live pass leaves state behind (beyond CMN and
         # the noise estimate) that costs a following full_utt decode 3-4 WER points.
         self._batch_decoder = (
-            pocketsphinx.Decoder(loglevel=loglevel, **config) if final_pass == "batch" else None
+            pocketsphinx.Decoder(loglevel=loglevel, **config) if final_pass != "live" else None
         )
         if cmninit_by_rate is None and "hmm" not in config and self.model_rate == 16000:
             priors[8000] = _shifted(self._prior_cmn, NARROWBAND_CMN_SHIFT)
