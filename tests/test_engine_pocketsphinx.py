@@ -21,6 +21,8 @@ import numpy as np
 import pocketsphinx
 import pytest
 
+from asrd.bench.corpus import Clip as BenchClip
+from asrd.bench.corpus import load_corpus
 from asrd.engines import EngineFull, Hypothesis, Recognizer, create_engine
 from asrd.engines.pocketsphinx import DECODER_DEFAULTS, PocketsphinxEngine
 from asrd.errors import TooManyRequests, UnsupportedSampleRate
@@ -610,25 +612,15 @@ def test_normalize_handles_reference_markup() -> None:
     assert normalize(CLIPS[0].reference)[:3] == ["and", "mister", "john"]
 
 
-def _cards() -> list[Clip]:
+def _cards() -> list[BenchClip]:
     """Debian pocketsphinx-testdata's cards/*.wav (tests/data/cards/README): one speaker
     whose channel is far from the model's CMN prior, 1.1-3.5 s per clip."""
-    folder = DATA / "cards"
-    refs = {}
-    for line in (folder / "cards.transcription").read_text().splitlines():
-        m = re.fullmatch(r"<s>(.*)</s>\s*\((\S+)\)\s*", line)
-        assert m, line
-        refs[m.group(2)] = m.group(1).strip()
-    clips = []
-    for path in sorted(folder.glob("*.wav")):
-        with wave.open(str(path)) as w:
-            assert (w.getframerate(), w.getnchannels(), w.getsampwidth()) == (16000, 1, 2)
-            clips.append(Clip(path.stem, w.readframes(w.getnframes()), refs[path.stem]))
+    clips = list(load_corpus(DATA / "cards").clips)
     assert len(clips) == 5
     return clips
 
 
-def _session(engine: PocketsphinxEngine, clips: list[Clip], rate: int = 16000) -> list[str]:
+def _session(engine: PocketsphinxEngine, clips: list[BenchClip], rate: int = 16000) -> list[str]:
     """One session: the clips as its utterances, in 100 ms chunks with partials."""
     rec = engine.acquire(rate)
     texts = []
