@@ -648,62 +648,171 @@ def test_the_adaptive_pass_takes_the_batch_accuracy_to_the_live_search(
     adaptive_engine: PocketsphinxEngine,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """On a channel far from the CMN prior, live finals stay poor for the whole session; the
-    batch pass's CMN, given to the live search once 3 s have been through it, makes the later
-    finals as good as the batch pass's, with no batch pass after the first two clips."""
+    """On a channel far from the CMN prior, live finals stay poor for the whole session; with
+    the CMN measured on the first 2 s of speech, the live search's finals are the batch
+    pass's, with one batch pass: for the first clip, 1.1 s, which ends before 2 s."""
     cards = _cards()
     refs = [c.reference for c in cards]
     batch = _session(engine, cards)
     live = _session(live_engine, cards)
     passes = _count_batch_passes(adaptive_engine, monkeypatch)
     adaptive = _session(adaptive_engine, cards)
-    assert passes == [len(c.pcm) for c in cards[:2]]  # 1.1 + 2.0 s: calibrated after two
-    assert adaptive[:2] == batch[:2]
-    later = {
-        n: wer(refs[2:], texts[2:]) for n, texts in [("b", batch), ("l", live), ("a", adaptive)]
-    }
-    assert later["a"] <= later["b"] + 0.07, later  # one word of 15 at most
-    assert later["l"] >= later["a"] + 0.2, later
+    assert passes == [len(cards[0].pcm)]
+    assert adaptive == batch
+    assert wer(refs[1:], live[1:]) >= wer(refs[1:], adaptive[1:]) + 0.2
 
 
-def test_the_adaptive_pass_switches_to_the_live_search_once_calibrated(
-    adaptive_engine: PocketsphinxEngine, monkeypatch: pytest.MonkeyPatch
+def _cmn(text: str) -> list[float]:
+    return [float(v) for v in text.split(",")]
+
+
+@pytest.mark.parametrize("rate", [16000, 8000])
+def test_the_adaptive_pass_measures_the_cmn_then_decodes_the_utterance_again(
+    adaptive_engine: PocketsphinxEngine,
+    live_engine: PocketsphinxEngine,
+    monkeypatch: pytest.MonkeyPatch,
+    rate: int,
 ) -> None:
-    """Until then it is the batch pass, early at a pause too (whose CMN counts); after, the
-    finals are the live search's, with nothing to announce or run at a pause; a new session
-    starts from the prior again."""
+    """A 1-s utterance gets the batch pass (whose CMN counts); the next reaches 2 s of
+    measured speech 1 s in. From there its decode is a fresh live decode that had the
+    measured CMN from the start, word for word and time for time; no batch pass or pause
+    pass follows, and a new session starts from the prior again."""
     passes = _count_batch_passes(adaptive_engine, monkeypatch)
     short, long = SHORTEST_TWO[0], CLIPS[0]  # 3.0 s and 7.1 s
-    for _ in range(2):  # the second session calibrates again
-        rec = adaptive_engine.acquire(16000)
+    first, second = short.pcm[:32000], long.pcm
+    if rate == 8000:
+        first, second = to_8k(first), to_8k(second)
+    chunk = rate // 5  # 100 ms
+    for session in (1, 2):  # the second session measures again
+        rec = adaptive_engine.acquire(rate)
         try:
             assert (rec.final_cost, rec.early_final) == (0.5, True)
             prior = rec._live_decoder().get_cmn()
             rec.start()
-            _feed(rec, short.pcm[:32000], 3200)  # 1 s: not enough
+            _feed(rec, first, chunk)
             rec.pause()
             assert rec.finish().text
             assert (rec.final_cost, rec.early_final) == (0.5, True)
             rec.start()
-            _feed(rec, long.pcm, 3200)
-            rec.pause()
-            assert adaptive_engine._batch_decoder is not None
-            measured = adaptive_engine._batch_decoder.get_cmn()
-            rec.finish()
+            # 1 s: 2 s measured (at 8 kHz less, until the resampler's delay is fed)
+            _feed(rec, second[: rate * 2 + chunk], chunk)
             assert (rec.final_cost, rec.early_final) == (0.1, False)
             seed = rec._live_decoder().get_cmn()
-            assert seed != prior
-            # The frame-weighted mean of the two passes' CMN: mostly the long one's.
-            near = [float(v) for v in measured.split(",")]
-            assert [float(v) for v in seed.split(",")] != pytest.approx(near, abs=1e-3)
-            assert [float(v) for v in seed.split(",")] == pytest.approx(near, abs=3.0)
-            done = len(passes)
-            rec.start()
-            _feed(rec, short.pcm, 3200)
+            assert _cmn(seed) != pytest.approx(_cmn(prior), abs=1.0)
+            _feed(rec, second[rate * 2 + chunk :], chunk)
             rec.pause()
             assert rec._early is None
-            assert rec.finish().text
-            assert len(passes) == done  # no batch pass any more
+            adapted = rec.finish()
+            assert len(passes) == session  # the first utterance's only
         finally:
             adaptive_engine.release(rec)
-    assert passes == [32000, len(long.pcm)] * 2  # bytes: 1 s, then the long clip
+        fresh = live_engine.acquire(rate, state=f"cmn:{seed}")
+        try:
+            fresh.start()
+            _feed(fresh, second, chunk)
+            assert fresh.finish() == adapted
+        finally:
+            live_engine.release(fresh)
+    assert len(passes) == 2
+
+
+def test_the_adaptive_seed_is_the_sample_weighted_mean_of_what_was_measured(
+    adaptive_engine: PocketsphinxEngine,
+) -> None:
+    """The one-word grammar measures the batch pass's own CMN; the seed weighs a 1-s
+    utterance's and the next one's first second equally."""
+    short, long = SHORTEST_TWO[0], CLIPS[0]
+    prior = adaptive_engine._prior_cmn
+    for pcm in (short.pcm, long.pcm[:32000]):
+        batch = adaptive_engine._batch_decode(pcm, prior).get_cmn()
+        assert _cmn(adaptive_engine._measure_cmn(pcm, prior)) == pytest.approx(_cmn(batch))
+    before = adaptive_engine._batch_decode(short.pcm, prior).hyp().hypstr
+    expected = [
+        (a + b) / 2
+        for a, b in zip(
+            _cmn(adaptive_engine._measure_cmn(short.pcm[:32000], prior)),
+            _cmn(adaptive_engine._measure_cmn(long.pcm[:32000], prior)),
+            strict=True,
+        )
+    ]
+    assert adaptive_engine._batch_decode(short.pcm, prior).hyp().hypstr == before  # LM again
+    rec = adaptive_engine.acquire(16000)
+    try:
+        rec.start()
+        _feed(rec, short.pcm[:32000], 3200)
+        rec.finish()
+        rec.start()
+        _feed(rec, long.pcm[:32000], 3200)
+        assert _cmn(rec._live_decoder().get_cmn()) == pytest.approx(expected, abs=0.01)
+    finally:
+        adaptive_engine.release(rec)
+
+
+def _handed_over(
+    engines: tuple[PocketsphinxEngine, PocketsphinxEngine], clips: list[BenchClip]
+) -> tuple[list[Hypothesis], list[str]]:
+    """One session whose every utterance goes to the other engine (another worker), which
+    takes the ``state`` the last one left: the finals, and the states."""
+    hyps: list[Hypothesis] = []
+    states = [""]
+    for n, clip in enumerate(clips):
+        engine = engines[n % 2]
+        rec = engine.acquire(16000, state=states[-1])
+        try:
+            rec.start()
+            _feed(rec, clip.pcm, 3200)
+            hyps.append(rec.finish())
+            states.append(rec.state)
+        finally:
+            engine.release(rec)
+    return hyps, states[1:]
+
+
+@pytest.mark.parametrize("final_pass", ["live", "adaptive", "batch"])
+def test_a_session_handed_to_another_engine_with_its_state_decodes_the_same(
+    final_pass: str,
+) -> None:
+    """What a failover does: the next worker, given the state of the last final, decodes the
+    rest of the session as the first would have, word for word and time for time. Cards:
+    the first clip (1.1 s) leaves adaptive's CMN half measured, the second measured."""
+    engines = (
+        PocketsphinxEngine(decoders=1, final_pass=final_pass),
+        PocketsphinxEngine(decoders=1, final_pass=final_pass),
+    )
+    cards = _cards()
+    rec = engines[0].acquire(16000)
+    try:
+        alone = []
+        for clip in cards:
+            rec.start()
+            _feed(rec, clip.pcm, 3200)
+            alone.append(rec.finish())
+    finally:
+        engines[0].release(rec)
+    handed, states = _handed_over(engines, cards)
+    # The same words and times; the posteriors to the 6th digit (a decoder that decoded a
+    # session before sums its lattice in another order).
+    assert [(h.text, h.words) for h in handed] == [(h.text, h.words) for h in alone]
+    assert [h.confidence for h in handed] == pytest.approx([h.confidence for h in alone], abs=1e-5)
+    kinds = [state.partition(":")[0] for state in states]
+    assert (
+        kinds
+        == {
+            "live": ["cmn"] * 5,
+            "adaptive": ["measuring"] + ["cmn"] * 4,
+            "batch": [""] * 5,
+        }[final_pass]
+    )
+
+
+def test_a_state_the_engine_cannot_read_is_ignored_with_a_warning(
+    adaptive_engine: PocketsphinxEngine, caplog: pytest.LogCaptureFixture
+) -> None:
+    for state in ("cmn:abc", "measuring:x:1,2", "measuring:5:1,2", "other:1", "cmn"):
+        caplog.clear()
+        rec = adaptive_engine.acquire(16000, state=state)
+        try:
+            assert rec.state == "" and rec.early_final  # from the prior, nothing measured
+        finally:
+            adaptive_engine.release(rec)
+        assert "session state ignored" in caplog.text, state

@@ -728,6 +728,7 @@ async def test_routing_change_is_picked_up_live_without_disturbing_sessions(
 class FakeRecognizer:
     final_cost = 0.0
     early_final = False
+    state = ""
 
     def start(self) -> None:
         pass
@@ -755,7 +756,7 @@ class FakeEngine:
         self.capacity = capacity
         self.taken = 0
 
-    def acquire(self, sample_rate: int, *, partials: bool = True) -> Recognizer:
+    def acquire(self, sample_rate: int, *, partials: bool = True, state: str = "") -> Recognizer:
         if self.taken >= self.capacity:
             raise EngineFull("full")
         self.taken += 1

@@ -235,6 +235,50 @@ def test_wire_round_trips() -> None:
     assert wire.decode_heartbeat(hb.encode()) == hb
 
 
+def test_wire_carries_a_sessions_engine_state_from_final_to_claim() -> None:
+    r = wire.Result(True, 2, 1500, "hi", (("hi", 10, 400),), 0.75, 1, state="cmn:40,3")
+    assert wire.decode_output(r.encode()) == r
+    assert b"state" not in wire.Result(True, 2, 1500, "hi", (), 0.7).encode()  # none: no key
+    c = wire.Claim("s", 8000, True, state="cmn:40,3")
+    assert wire.decode_claim(c.encode()) == c
+    for bad in ("7", '["x"]', '"' + "x" * (wire.MAX_STATE_CHARS + 1) + '"'):
+        with pytest.raises(BusError, match="state"):
+            wire.decode_claim(b'{"session_id":"s","sample_rate":8000,"state":%s}' % bad.encode())
+        with pytest.raises(BusError, match="state"):
+            wire.decode_output(b'{"type":"final","utt":1,"text":"","state":%s}' % bad.encode())
+
+
+async def test_a_failover_claim_carries_the_state_of_the_last_final(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """The worker taking a session over starts from the engine state the last final result
+    left, as the worker before it did: so its results are what that one's would have been."""
+    bus = InMemoryBus()
+    registry = WorkerRegistry(bus, "asrd", timeout_s=1.0)
+    claims = await bus.subscribe(claim_subject("asrd", "en-US"), queue="q")
+    states: list[str] = []
+
+    async def worker() -> None:
+        async for msg in claims:
+            states.append(wire.decode_claim(msg.data).state)
+            bus.publish(msg.reply, wire.ClaimReply(True, f"w{len(states)}").encode())
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(registry.run)
+        nursery.start_soon(worker)
+        link = _link(bus, registry, "s1")
+        await link.open()
+        link.begin(1)
+        link.end(1)
+        link.finalized(1, "cmn:40,3")
+        link.begin(2)
+        await link._failover("test")
+        link.finalized(2, "cmn:41,2")
+        await link._failover("test")
+        assert states == ["", "cmn:40,3", "cmn:41,2"]
+        nursery.cancel_scope.cancel()
+
+
 @pytest.mark.parametrize("junk", [b"", b"{", b"[1]", b'{"type":"partial"}', b"A\x00", b'{"ok":1}'])
 def test_wire_junk_is_a_bus_error(junk: bytes) -> None:
     for decode in (wire.decode_output, wire.decode_input, wire.decode_heartbeat, wire.decode_claim):
@@ -658,6 +702,8 @@ class _StepRecorder:
     """A fake recognizer that notes the size of each accept() and what else ran between;
     its final pass costs what its engine's does."""
 
+    state = ""
+
     def __init__(self, log: list[str], final_cost: float = 0.0, early_final: bool = False) -> None:
         self.log = log
         self.heard = 0
@@ -695,7 +741,7 @@ class _StepEngine:
     def __init__(self, log: list[str]) -> None:
         self.log = log
 
-    def acquire(self, sample_rate: int, *, partials: bool = True) -> Any:
+    def acquire(self, sample_rate: int, *, partials: bool = True, state: str = "") -> Any:
         return _StepRecorder(self.log, self.final_cost, self.early_final)
 
     def release(self, recognizer: Any) -> None:
@@ -1763,7 +1809,7 @@ class _FaultyEngine(_StepEngine):
             self.fails_in = ""
             raise RuntimeError(f"bug in {where}")
 
-    def acquire(self, sample_rate: int, *, partials: bool = True) -> Any:
+    def acquire(self, sample_rate: int, *, partials: bool = True, state: str = "") -> Any:
         self._fail("acquire")
         return super().acquire(sample_rate, partials=partials)
 

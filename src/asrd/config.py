@@ -103,8 +103,8 @@ class WorkerConfig(_Model):
     # At most this many of those processes decode at once (asrd.cpugate); 0: one per core.
     decode_slots: int = Field(default=0, ge=0, le=256)
     final_pass: FinalPass = "adaptive"  # see engines/pocketsphinx.py
-    # With a batch final pass ("batch", "adaptive" at first): run it once a pause reaches the
-    # gateway's [segmentation] pause_hint_ms, not when the sentence closes.
+    # With a batch final pass ("batch"; "adaptive" before 2 s of speech): run it once a pause
+    # reaches the gateway's [segmentation] pause_hint_ms, not when the sentence closes.
     early_final: bool = True
     # Engine-specific settings, e.g. pocketsphinx decoder options ({"maxhmmpf": 5000, "beam":
     # 1e-48, "hmm": "/path/to/model"}): passed to the engine as they are.

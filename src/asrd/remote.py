@@ -279,8 +279,10 @@ class RemoteRecognizer:
         if self._pause_hints and not self._paused:
             self._publish(wire.encode_control("pause", utt))
 
-    def finalized(self, utt: int) -> None:
-        """Forget journal entries of utterances up to ``utt``: they can never be needed again."""
+    def finalized(self, utt: int, state: str = "") -> None:
+        """Forget journal entries of utterances up to ``utt``: they can never be needed again.
+        A worker that takes the session over starts from ``state``, the engine's after it."""
+        self._claim = dataclasses.replace(self._claim, state=state)
         keep = 0
         journal = self.journal
         while keep < len(journal) and journal[keep][0] <= utt:

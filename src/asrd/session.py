@@ -394,7 +394,7 @@ class Session:
             for ev in self.tracker.result(item):
                 await self._out_send.send(ev)
             if item.final:
-                self.remote.finalized(item.utt)
+                self.remote.finalized(item.utt, item.state)
             if self._flushed and self.tracker.idle:
                 self._idle.set()
 

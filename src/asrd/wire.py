@@ -23,6 +23,7 @@ _UTT = struct.Struct(">I")
 # A session id becomes a NATS subject token (docs/engine-protocol.md): no '.', '*', '>' or space.
 _SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 MAX_GRACE_S = 600.0  # the longest pause a heartbeat may announce (a foreign one may say more)
+MAX_STATE_CHARS = 4096  # a session's engine state (pocketsphinx's: ~100-400 characters)
 
 
 def _wire_errors(fn: Callable[[bytes], T]) -> Callable[[bytes], T]:
@@ -65,6 +66,9 @@ class Claim:
     # The gateway understands progress results (flow control): a worker sends them only
     # then, since a gateway older than them ends the session on a result it does not know.
     progress: bool = False
+    # The session's engine state (Recognizer.state) with its last final result: a claim after
+    # a failover carries it, so that the next worker decodes the rest as the last one would.
+    state: str = ""
 
     def encode(self) -> bytes:
         obj: dict[str, Any] = {
@@ -76,6 +80,8 @@ class Claim:
         }
         if self.progress:
             obj["progress"] = True
+        if self.state:
+            obj["state"] = self.state
         return _dumps(obj)
 
 
@@ -121,6 +127,7 @@ def decode_claim(data: bytes) -> Claim:
         int(obj.get("epoch", 0)),
         task_id,
         bool(obj.get("progress")),
+        _state(obj.get("state", "")),
     )
 
 
@@ -189,19 +196,21 @@ class Result:
     words: tuple[tuple[str, int, int], ...]  # (text, start_ms, end_ms) from the utterance start
     confidence: float
     epoch: int = 0  # of the claim this result was decoded under
+    state: str = ""  # a final's: the session's engine state after it (Claim.state)
 
     def encode(self) -> bytes:
-        return _dumps(
-            {
-                "type": "final" if self.final else "partial",
-                "utt": self.utt,
-                "audio_ms": self.audio_ms,
-                "text": self.text,
-                "words": [list(w) for w in self.words],
-                "confidence": round(self.confidence, 4),
-                "epoch": self.epoch,
-            }
-        )
+        obj: dict[str, Any] = {
+            "type": "final" if self.final else "partial",
+            "utt": self.utt,
+            "audio_ms": self.audio_ms,
+            "text": self.text,
+            "words": [list(w) for w in self.words],
+            "confidence": round(self.confidence, 4),
+            "epoch": self.epoch,
+        }
+        if self.state:
+            obj["state"] = self.state
+        return _dumps(obj)
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,7 +268,14 @@ def decode_output(data: bytes) -> Result | Failure | Handoff | Progress:
         words=tuple((str(w[0]), int(w[1]), int(w[2])) for w in obj.get("words", ())),
         confidence=float(obj.get("confidence", 0.0)),
         epoch=int(obj.get("epoch", 0)),
+        state=_state(obj.get("state", "")),
     )
+
+
+def _state(state: object) -> str:
+    if not (isinstance(state, str) and len(state) <= MAX_STATE_CHARS):
+        raise BusError(f"malformed state: not a string of at most {MAX_STATE_CHARS} characters")
+    return state
 
 
 # --- worker -> everyone: heartbeat -----------------------------------------------------------

@@ -267,7 +267,9 @@ class Worker:
             self.metrics.claims.inc(1, "draining")
             return wire.ClaimReply(False, self.id, TooManyRequests.code, "worker is draining")
         try:
-            recognizer = self.engine.acquire(claim.sample_rate, partials=claim.partials)
+            recognizer = self.engine.acquire(
+                claim.sample_rate, partials=claim.partials, state=claim.state
+            )
         except AsrdError as exc:
             self.metrics.claims.inc(1, "refused")
             return wire.ClaimReply(False, self.id, exc.code, exc.reason)
@@ -411,7 +413,14 @@ class Worker:
                             self.metrics.utterances.inc()
                             self.bus.publish(
                                 out,
-                                _result(True, utt, audio_bytes // bytes_per_ms, hyp, claim.epoch),
+                                _result(
+                                    True,
+                                    utt,
+                                    audio_bytes // bytes_per_ms,
+                                    hyp,
+                                    claim.epoch,
+                                    rec.state,
+                                ),
                             )
                             utt = 0
                             served.in_utterance = False
@@ -567,6 +576,8 @@ class Worker:
                 self._pause_until = 0.0
 
 
-def _result(final: bool, utt: int, audio_ms: int, hyp: Hypothesis, epoch: int) -> bytes:
+def _result(
+    final: bool, utt: int, audio_ms: int, hyp: Hypothesis, epoch: int, state: str = ""
+) -> bytes:
     words = tuple((w.text, w.start_ms, w.end_ms) for w in hyp.words)
-    return wire.Result(final, utt, audio_ms, hyp.text, words, hyp.confidence, epoch).encode()
+    return wire.Result(final, utt, audio_ms, hyp.text, words, hyp.confidence, epoch, state).encode()

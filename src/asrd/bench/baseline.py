@@ -7,8 +7,8 @@ with no gateway, bus or worker involved:
   worker's :data:`~asrd.engines.pocketsphinx.DECODER_DEFAULTS`): live, in 100 ms
   chunks with a partial hypothesis every 200 ms (what a worker does for a session with
   intermediate results), and in one ``full_utt`` call (the batch final pass of
-  ``[worker] final_pass = "batch"``, and of ``"adaptive"``, the default, at the start of a
-  session). Real-time factor RTF = CPU seconds / audio
+  ``[worker] final_pass = "batch"``, and of ``"adaptive"``, the default, for a session's
+  sentences that end within its first 2 s of speech). Real-time factor RTF = CPU seconds / audio
   seconds; a core sustains ``1 / RTF`` streams. With the batch final pass every utterance
   costs both: ``1 / (RTF_live + RTF_batch)``.
 * **The bench workload.** The playlists ``asrd bench`` streams (recordings separated by

@@ -3,8 +3,10 @@
 An :class:`Engine` owns a fixed pool of recognizers, preloaded because creating one is slow
 (a pocketsphinx decoder: ~0.3 s and ~91 MB). A session acquires one recognizer for its whole
 life, so per-speaker state (cepstral mean, noise estimate) carries from one utterance to the
-next, and releases it at the end. Recognizers are synchronous and CPU-bound: they run in
-worker processes, never on the gateway's event loop.
+next, and releases it at the end. What of it a recognizer needs to decode the session's next
+utterances as it would (its ``state``) goes with each final result to the gateway, which
+gives it to the next worker if the session moves. Recognizers are synchronous and CPU-bound:
+they run in worker processes, never on the gateway's event loop.
 """
 
 from __future__ import annotations
@@ -80,6 +82,13 @@ class Recognizer(Protocol):
         """End the utterance and return its final result."""
         ...
 
+    @property
+    def state(self) -> str:
+        """Between utterances: what the session's next utterance starts from (a speaker's
+        cepstral mean, say), as text for :meth:`Engine.acquire`, so that another worker
+        decodes the rest of the session as this one would. ``""``: nothing to carry."""
+        ...
+
 
 class Engine(Protocol):
     """A pool of ``capacity`` recognizers of one kind."""
@@ -90,10 +99,12 @@ class Engine(Protocol):
     # for pause hints.
     early_final: bool
 
-    def acquire(self, sample_rate: int, *, partials: bool = True) -> Recognizer:
+    def acquire(self, sample_rate: int, *, partials: bool = True, state: str = "") -> Recognizer:
         """Take a free recognizer for audio at ``sample_rate``; raises :class:`EngineFull`.
 
         ``partials`` False lets an engine skip work that only intermediate results need.
+        ``state`` is a :attr:`Recognizer.state` of the session from the worker that had it;
+        one the engine cannot read (another engine's) is ignored.
         """
         ...
 

@@ -83,6 +83,7 @@ class LoadtestRecognizer:
     )
     final_cost = 0.0
     early_final = False
+    state = ""  # each utterance's text depends on that utterance alone
 
     def __init__(self, engine: LoadtestEngine, sample_rate: int, *, partials: bool) -> None:
         self._engine: LoadtestEngine | None = engine
@@ -198,7 +199,9 @@ class LoadtestEngine:
     def available(self) -> int:
         return self.capacity - self._lent
 
-    def acquire(self, sample_rate: int, *, partials: bool = True) -> LoadtestRecognizer:
+    def acquire(
+        self, sample_rate: int, *, partials: bool = True, state: str = ""
+    ) -> LoadtestRecognizer:
         if not MIN_SAMPLE_RATE <= sample_rate <= MAX_SAMPLE_RATE:
             raise UnsupportedSampleRate(
                 f"sample rate {sample_rate} Hz not supported "

@@ -13,21 +13,28 @@ Accuracy notes (corpus WER on the five LibriVox clips in ``tests/data``, 71 word
   costs nothing: the streamed results equal a one-call live decode, word for word.
 * The CMN estimate (and pocketsphinx's noise estimate) is reset when a session acquires a
   decoder, so one speaker's channel never leaks into the next session and results are
-  reproducible, and carried from one utterance to the next within a session, where it
-  improves: the five clips as one session score 28.2%. Operators whose channel differs a lot
-  from the prior can pass ``cmninit``.
+  reproducible. The CMN is carried from one utterance to the next within a session, where it
+  improves: each utterance of the live search starts from the CMN the last one ended with
+  and a fresh noise estimate. So an utterance's result depends on that CMN and its own audio
+  alone, and the CMN is all a worker taking the session over needs (``state``). Operators
+  whose channel differs a lot from the prior can pass ``cmninit``.
 * 8 kHz audio is up-sampled, so the 4-8 kHz band the wideband model expects is empty and the
   cepstral mean is far from the model's prior: with that prior 8 kHz sessions score 60.6%.
   For the bundled model the prior of 8 kHz sessions is shifted by
   :data:`NARROWBAND_CMN_SHIFT`: 43.7% (35.2% as one session).
 * The gap is the first utterance's: decoded live with the CMN of a batch pass over the
-  utterance itself, the live search scores the batch WER exactly (both sets below). So
-  ``final_pass = "adaptive"`` runs the batch pass only until a session has given
-  :data:`ADAPT_AFTER_S` of audio to it, then gives the live decoder the frame-weighted mean
-  of those passes' CMN and takes every later final from the live search. Each clip first in
-  a session, the others after it: 26.8% on the first, 27.5% on the rest (batch: 26.8%, live:
-  26.4%); on Debian pocketsphinx-testdata's ``cards/*.wav`` (one speaker and channel far from
-  the prior, 21 words) 4.8% and 4.8% (batch: 4.8%, live: 31.0% after the first).
+  utterance itself, the live search scores the batch WER exactly (both sets below), and the
+  CMN of the utterance's first 2 s nearly so (28.2% on the LibriVox clips, 4.8% on cards).
+  The batch CMN needs no search: a full-utterance pass through a one-word grammar measures
+  the same CMN for ~3 ms per audio-second, against ~100 for the batch pass. So
+  ``final_pass = "adaptive"`` measures a session's CMN on its first :data:`ADAPT_AFTER_S` of
+  speech, gives it to the live decoder and decodes the utterance so far again with it, once;
+  every later final, that utterance's included, is the live search's. A session's
+  utterances that end before then get the batch pass, whose CMN counts. Each clip first in
+  a session, the others after it: 28.2% on the first, 27.1% on the rest (batch: 26.8%,
+  live: 35.2% and 26.1%); on Debian pocketsphinx-testdata's ``cards/*.wav`` (one speaker
+  and channel far from the prior, 21 words) 4.8% and 4.8% (batch: 4.8%, live: 47.6% and
+  23.8%).
 * ``confidence`` of a final result is the mean lattice posterior of its words (see
   ``PocketsphinxRecognizer._words``); on these clips correctly recognised words average
   0.74 and wrong ones 0.49.
@@ -36,6 +43,7 @@ Accuracy notes (corpus WER on the five LibriVox clips in ``tests/data``, 71 word
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import os
 import warnings
@@ -65,6 +73,8 @@ __all__ = [
     "PocketsphinxRecognizer",
 ]
 
+log = logging.getLogger(__name__)
+
 # Mean cepstral shift caused by band-limiting 16 kHz speech to 8 kHz and up-sampling it back
 # with asrd.resample, for the bundled model's front end (13 MFCCs, 25 filters 130-6800 Hz).
 # Measured with batch CMN on the eight non-LibriVox recordings of Debian's
@@ -92,13 +102,17 @@ NARROWBAND_CMN_SHIFT = (
 #   live, 20 instead of 21 with the batch final pass.
 DECODER_DEFAULTS: Mapping[str, Any] = {"maxhmmpf": 5000, "fwdflat": False}
 
-# final_pass = "adaptive": utterance audio (model rate) a session's batch passes must have
-# decoded before its live decoder takes their CMN and its finals come from the live search.
-# pocketsphinx's own live CMN weighs its prior as 5 s of audio; one 1.1-s utterance was enough
-# on cards/*.wav, and 3 s keeps one short word from setting a session's channel.
-ADAPT_AFTER_S = 3.0
+# final_pass = "adaptive": speech (model rate) whose CMN a session measures before its live
+# decoder takes it and its finals come from the live search. pocketsphinx's own live CMN
+# weighs its prior as 5 s of audio. The first 1 s was enough on the LibriVox clips, not on
+# cards/*.wav (19.0% against 4.8%); 2 s was on both. The utterance that reaches it is decoded
+# again from its start, so more costs more: ~0.15 x this in one go, once per session.
+ADAPT_AFTER_S = 2.0
 
 FINAL_PASSES = ("batch", "live", "adaptive")
+
+# The batch decoder's one-word grammar, which measures an utterance's CMN (_measure_cmn).
+_CMN_SEARCH = "asrd-cmn"
 
 # GIL-holding work at the end of an utterance, per second of its audio, with room for a busy
 # machine: a full_utt decode runs at ~0.1-0.13 x real time; the live search's end_utt
@@ -166,17 +180,24 @@ class PocketsphinxRecognizer:
         self._engine: PocketsphinxEngine | None = engine
         # Batch finals: the final result comes from one full_utt decode of the utterance
         # (batch CMN, the offline accuracy); the live search then runs only for partials.
-        # Adaptive: so until the batch passes have measured the session's CMN (_calibrate).
+        # Adaptive: so until the session's CMN is measured (_calibrate, _adapt).
         self._batch = engine.final_pass != "live"
         self._early_final = engine.early_final
+        self._final_pass = engine.final_pass
         self._live = partials or engine.final_pass != "batch"
         self._utterance = bytearray()  # model-rate audio of the utterance (batch finals)
         # The final pass pause() ran (its result and batch CMN), until more audio comes.
         self._early: tuple[Hypothesis, str] | None = None
         self._batch_cmn = decoder.get_cmn()  # the session's prior, set by acquire()
-        # Adaptive: the batch passes' CMN, summed over their frames, and the audio they had.
+        # Adaptive: the CMN measured so far, summed over its samples, and those samples.
         self._cmn_sum: list[float] | None = [] if engine.final_pass == "adaptive" else None
         self._cmn_samples = 0
+        self._adapt_samples = int(ADAPT_AFTER_S * engine.model_rate)
+        # The CMN each utterance of the live search starts from, with a fresh noise estimate:
+        # what the last one ended with. So an utterance's result depends on this string and
+        # its audio alone, and the session's ``state`` is all another worker needs. None
+        # while the batch pass makes the finals.
+        self._next_cmn: str | None = self._batch_cmn if engine.final_pass == "live" else None
         self._decoder = decoder
         self.sample_rate = sample_rate
         self._model_rate = engine.model_rate
@@ -199,6 +220,37 @@ class PocketsphinxRecognizer:
     def early_final(self) -> bool:
         return self._batch and self._early_final
 
+    @property
+    def state(self) -> str:
+        """``cmn:<mean>``: the CMN the live search's next utterance starts from (``live``, and
+        ``adaptive`` once measured); ``measuring:<samples>:<sums>``: ``adaptive``'s CMN
+        measured so far; ``""`` with ``batch``, whose finals start from the session's prior."""
+        if self._next_cmn is not None:
+            return f"cmn:{self._next_cmn}"
+        if self._cmn_sum:
+            sums = ",".join(repr(t) for t in self._cmn_sum)
+            return f"measuring:{self._cmn_samples}:{sums}"
+        return ""
+
+    def _restore(self, state: str) -> None:
+        """Take over a session's ``state`` from another worker; ValueError if unreadable."""
+        kind, _, rest = state.partition(":")
+        if kind == "cmn" and self._next_cmn is not None:  # live
+            self._next_cmn = _cmn_prior(rest, "state")
+        elif kind == "cmn" and self._cmn_sum is not None:  # adaptive: measured already
+            self._next_cmn = _cmn_prior(rest, "state")
+            self._batch = False
+            self._cmn_sum = None
+        elif kind == "measuring" and self._cmn_sum is not None:
+            samples, _, sums = rest.partition(":")
+            values = [float(v) for v in _cmn_prior(sums, "state").split(",")]
+            if not samples.isdigit() or len(values) != self._batch_cmn.count(",") + 1:
+                raise ValueError(f"state: malformed {state!r}")
+            self._cmn_samples = int(samples)
+            self._cmn_sum = values
+        else:
+            raise ValueError(f"state {state[:40]!r} is not for final_pass {self._final_pass!r}")
+
     def start(self) -> None:
         decoder = self._live_decoder()
         if self._in_utterance:
@@ -213,6 +265,8 @@ class PocketsphinxRecognizer:
         self._partial = None
         if self._live:
             try:
+                if self._next_cmn is not None:
+                    _restart_stream(decoder, self._next_cmn)
                 decoder.start_utt()
             except RuntimeError as exc:
                 raise EngineFailed(f"pocketsphinx start_utt failed: {exc}") from exc
@@ -231,6 +285,10 @@ class PocketsphinxRecognizer:
             for k in range(blocks):
                 self._feed(bytes(pending[k * size : (k + 1) * size]))
             del pending[: blocks * size]
+            if self._cmn_sum is not None and self._cmn_samples + self._samples >= (
+                self._adapt_samples
+            ):
+                self._adapt()
 
     def partial(self) -> Hypothesis | None:
         """Best path so far, from the decoder's backpointer table (~0.1 ms).
@@ -290,7 +348,11 @@ class PocketsphinxRecognizer:
                 self._utterance.clear()
             if self._cmn_sum is not None:
                 self._calibrate(cmn, self._samples)
+                if self._cmn_samples >= self._adapt_samples:
+                    self._next_cmn = self._measured_cmn()  # between utterances
             return hyp
+        if self._next_cmn is not None:
+            self._next_cmn = str(decoder.get_cmn())
         words, probs = self._words(decoder.seg(), self._samples)
         return _hypothesis(words, sum(probs) / len(probs)) if words else EMPTY_HYPOTHESIS
 
@@ -309,21 +371,48 @@ class PocketsphinxRecognizer:
         return hyp, decoder.get_cmn()
 
     def _calibrate(self, cmn: str, samples: int) -> None:
-        """Adaptive: add a batch pass's CMN; once the passes have had ADAPT_AFTER_S of audio,
-        give their mean to the live decoder (between utterances) and stop the batch passes."""
+        """Adaptive: add the CMN measured on ``samples`` of the session's speech."""
         assert self._cmn_sum is not None
-        if samples:
-            values = [float(v) for v in cmn.split(",")]
-            if not self._cmn_sum:
-                self._cmn_sum = [0.0] * len(values)
-            self._cmn_sum = [t + v * samples for t, v in zip(self._cmn_sum, values, strict=True)]
-            self._cmn_samples += samples
-        if self._cmn_samples < ADAPT_AFTER_S * self._model_rate:
+        if not samples:
             return
+        values = [float(v) for v in cmn.split(",")]
+        if not self._cmn_sum:
+            self._cmn_sum = [0.0] * len(values)
+        self._cmn_sum = [t + v * samples for t, v in zip(self._cmn_sum, values, strict=True)]
+        self._cmn_samples += samples
+
+    def _measured_cmn(self) -> str:
+        """Adaptive, once ``ADAPT_AFTER_S`` is measured: the sample-weighted mean CMN, for the
+        live decoder. The batch passes stop here; the live search makes every later final."""
+        assert self._cmn_sum is not None
         n = self._cmn_samples
-        self._live_decoder().set_cmn(",".join(f"{t / n:.4f}" for t in self._cmn_sum))
+        cmn = ",".join(f"{t / n:.4f}" for t in self._cmn_sum)
         self._batch = False
         self._cmn_sum = None
+        return cmn
+
+    def _adapt(self) -> None:
+        """Adaptive, mid-utterance: with this utterance's speech so far the session has
+        ``ADAPT_AFTER_S`` of it. Measure its CMN (no search, a few ms), and decode the
+        utterance again from its start with the measured CMN: what the prior's CMN decoded
+        is thrown away, and this utterance's final is the live search's already."""
+        assert self._engine is not None
+        pcm = bytes(self._utterance)
+        try:
+            self._calibrate(self._engine._measure_cmn(pcm, self._batch_cmn), self._samples)
+            decoder = self._live_decoder()
+            decoder.end_utt()
+            self._next_cmn = self._measured_cmn()
+            _restart_stream(decoder, self._next_cmn)
+            decoder.start_utt()
+            for i in range(0, len(pcm), self._block):  # the blocks it had the first time
+                decoder.process_raw(pcm[i : i + self._block])
+        except RuntimeError as exc:
+            raise EngineFailed(f"pocketsphinx decode failed: {exc}") from exc
+        finally:
+            self._utterance.clear()
+        self._early = None
+        self._partial_frames = -1
 
     # --- engine side -----------------------------------------------------------------------
 
@@ -434,6 +523,36 @@ def _check_options(config: Mapping[str, Any]) -> None:
             raise ValueError(f"{key}: no such directory: {value!r}")
 
 
+def _restart_stream(decoder: Any, cmn: str) -> None:
+    """A fresh noise estimate and CMN ``cmn``: what a session's first utterance starts from.
+    (pocketsphinx 5 calls start_stream deprecated, but without it the noise statistics of
+    the audio before change the result.)"""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        decoder.start_stream()
+    decoder.set_cmn(cmn)
+
+
+def _decode_whole(decoder: Any, pcm: bytes, cmn: str) -> None:
+    """One full-utterance decode (batch CMN) from a session's initial state, ``cmn``."""
+    _restart_stream(decoder, cmn)
+    decoder.start_utt()
+    try:
+        decoder.process_raw(pcm, False, True)
+    finally:
+        decoder.end_utt()  # or the shared batch decoder stays mid-utterance for good
+
+
+def _add_cmn_search(decoder: Any) -> None:
+    """Give ``decoder`` a grammar of one word (the dictionary's first) as ``_CMN_SEARCH``."""
+    with open(str(decoder.config["dict"]), encoding="utf-8", errors="replace") as f:
+        word = next((line.split()[0] for line in f if line.strip()), None)
+    if word is None:
+        raise ValueError(f"dict {decoder.config['dict']!r} has no words")
+    fsg = decoder.create_fsg(_CMN_SEARCH, 0, 1, [(0, 1, 1.0, word)])
+    decoder.add_fsg(_CMN_SEARCH, fsg)
+
+
 def _shifted(cmn: str, shift: Sequence[float]) -> str:
     values = [float(v) for v in cmn.split(",")]
     if len(values) != len(shift):
@@ -459,9 +578,10 @@ class PocketsphinxEngine:
     ``final_pass`` is ``"batch"`` (final results from a full-utterance decode with batch CMN:
     offline accuracy, at the cost of ~0.1 x the utterance length of extra CPU and latency when
     it ends), ``"live"`` (the streaming search's own result: no extra cost, lower accuracy
-    where the session's channel is far from the CMN prior) or ``"adaptive"`` (batch until a
-    session's batch passes have decoded :data:`ADAPT_AFTER_S` of audio, then live with
-    their CMN: the batch accuracy at about the live cost; see the module notes).
+    where the session's channel is far from the CMN prior) or ``"adaptive"`` (live, once the
+    session's CMN is measured on its first :data:`ADAPT_AFTER_S` of speech; batch for
+    utterances that end before: about the batch accuracy at the live cost; see the module
+    notes).
     ``early_final`` (batch passes only) runs that pass at a pause
     (:meth:`PocketsphinxRecognizer.pause`) rather than when the sentence closes: the final
     comes up to the rest of the closing pause sooner, and a pause that does not close the
@@ -526,6 +646,11 @@ class PocketsphinxEngine:
         self._batch_decoder = (
             pocketsphinx.Decoder(loglevel=loglevel, **config) if final_pass != "live" else None
         )
+        self._lm_search = ""
+        if self._batch_decoder is not None:
+            self._lm_search = str(self._batch_decoder.current_search())
+            if final_pass == "adaptive":
+                _add_cmn_search(self._batch_decoder)
         if cmninit_by_rate is None and "hmm" not in config and self.model_rate == 16000:
             priors[8000] = _shifted(self._prior_cmn, NARROWBAND_CMN_SHIFT)
         self._cmn_by_rate = priors
@@ -535,7 +660,9 @@ class PocketsphinxEngine:
         """Recognizers that can be acquired now."""
         return len(self._free)
 
-    def acquire(self, sample_rate: int, *, partials: bool = True) -> PocketsphinxRecognizer:
+    def acquire(
+        self, sample_rate: int, *, partials: bool = True, state: str = ""
+    ) -> PocketsphinxRecognizer:
         if not MIN_SAMPLE_RATE <= sample_rate <= MAX_SAMPLE_RATE:
             raise UnsupportedSampleRate(
                 f"sample rate {sample_rate} Hz not supported "
@@ -544,28 +671,33 @@ class PocketsphinxEngine:
         if not self._free:
             raise EngineFull(f"all {self.capacity} pocketsphinx decoders are busy")
         decoder = self._free.pop()
-        # A new session starts from the model's prior, not from the last speaker's channel:
-        # reset the noise estimate (start_stream; pocketsphinx 5 calls it deprecated, but
-        # without it the previous session's noise statistics change the result) and the CMN.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            decoder.start_stream()
-        decoder.set_cmn(self._cmn_by_rate.get(sample_rate, self._prior_cmn))
-        return PocketsphinxRecognizer(self, decoder, sample_rate, partials=partials)
+        # A new session starts from the model's prior, not from the last speaker's channel.
+        _restart_stream(decoder, self._cmn_by_rate.get(sample_rate, self._prior_cmn))
+        rec = PocketsphinxRecognizer(self, decoder, sample_rate, partials=partials)
+        if state:
+            try:
+                rec._restore(state)
+            except ValueError as exc:  # another engine's, or another final pass's
+                log.warning("session state ignored, starting from the prior: %s", exc)
+        return rec
+
+    def _measure_cmn(self, pcm: bytes, cmn: str) -> str:
+        """The batch CMN of ``pcm``, measured through a one-word grammar: the features and
+        their mean are those of a batch pass, the search over them almost nothing."""
+        decoder = self._batch_decoder
+        assert decoder is not None
+        decoder.activate_search(_CMN_SEARCH)
+        try:
+            _decode_whole(decoder, pcm, cmn)
+            return str(decoder.get_cmn())
+        finally:
+            decoder.activate_search(self._lm_search)
 
     def _batch_decode(self, pcm: bytes, cmn: str) -> Any:
         """Decode a whole utterance from the session's initial state; return the decoder."""
         decoder = self._batch_decoder
         assert decoder is not None
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            decoder.start_stream()
-        decoder.set_cmn(cmn)
-        decoder.start_utt()
-        try:
-            decoder.process_raw(pcm, False, True)
-        finally:
-            decoder.end_utt()  # or the shared batch decoder stays mid-utterance for good
+        _decode_whole(decoder, pcm, cmn)
         return decoder
 
     def release(self, recognizer: Recognizer) -> None:
