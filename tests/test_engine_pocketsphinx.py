@@ -808,7 +808,15 @@ def test_a_session_handed_to_another_engine_with_its_state_decodes_the_same(
 def test_a_state_the_engine_cannot_read_is_ignored_with_a_warning(
     adaptive_engine: PocketsphinxEngine, caplog: pytest.LogCaptureFixture
 ) -> None:
-    for state in ("cmn:abc", "measuring:x:1,2", "measuring:5:1,2", "other:1", "cmn"):
+    thirteen = ",".join(["1.5"] * 13)
+    for state in (
+        "cmn:abc",
+        "cmn:1,2",  # not the model's 13 coefficients
+        "measuring:x:" + thirteen,
+        "measuring:5:1,2",
+        "other:1",
+        "cmn",
+    ):
         caplog.clear()
         rec = adaptive_engine.acquire(16000, state=state)
         try:
@@ -816,3 +824,8 @@ def test_a_state_the_engine_cannot_read_is_ignored_with_a_warning(
         finally:
             adaptive_engine.release(rec)
         assert "session state ignored" in caplog.text, state
+    rec = adaptive_engine.acquire(16000, state="measuring:5:" + thirteen)
+    try:
+        assert rec.state == "measuring:5:" + thirteen and rec.early_final
+    finally:
+        adaptive_engine.release(rec)

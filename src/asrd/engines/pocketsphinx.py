@@ -235,19 +235,26 @@ class PocketsphinxRecognizer:
     def _restore(self, state: str) -> None:
         """Take over a session's ``state`` from another worker; ValueError if unreadable."""
         kind, _, rest = state.partition(":")
+        coefficients = self._batch_cmn.count(",") + 1
+
+        def vector(text: str) -> str:
+            values = _cmn_prior(text, "state")
+            if values.count(",") + 1 != coefficients:
+                raise ValueError(f"state: not {coefficients} coefficients: {state[:80]!r}")
+            return values
+
         if kind == "cmn" and self._next_cmn is not None:  # live
-            self._next_cmn = _cmn_prior(rest, "state")
+            self._next_cmn = vector(rest)
         elif kind == "cmn" and self._cmn_sum is not None:  # adaptive: measured already
-            self._next_cmn = _cmn_prior(rest, "state")
+            self._next_cmn = vector(rest)
             self._batch = False
             self._cmn_sum = None
         elif kind == "measuring" and self._cmn_sum is not None:
             samples, _, sums = rest.partition(":")
-            values = [float(v) for v in _cmn_prior(sums, "state").split(",")]
-            if not samples.isdigit() or len(values) != self._batch_cmn.count(",") + 1:
-                raise ValueError(f"state: malformed {state!r}")
+            if not samples.isdigit():
+                raise ValueError(f"state: malformed {state[:80]!r}")
+            self._cmn_sum = [float(v) for v in vector(sums).split(",")]
             self._cmn_samples = int(samples)
-            self._cmn_sum = values
         else:
             raise ValueError(f"state {state[:40]!r} is not for final_pass {self._final_pass!r}")
 
