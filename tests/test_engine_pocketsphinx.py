@@ -829,3 +829,25 @@ def test_a_state_the_engine_cannot_read_is_ignored_with_a_warning(
         assert rec.state == "measuring:5:" + thirteen and rec.early_final
     finally:
         adaptive_engine.release(rec)
+
+
+def test_where_the_stream_was_cut_does_not_change_the_measured_cmn(
+    adaptive_engine: PocketsphinxEngine,
+) -> None:
+    """A replay merges a sentence's frames into messages of up to 64 KiB: the CMN is measured
+    on exactly the first 2 s of speech, so the session's finals and state are the same
+    whatever the cut."""
+    short, long = SHORTEST_TWO[0], CLIPS[0]
+    results = set()
+    for chunk in (3200, 25_000, 65_536):  # 100 ms; 0.78 s; a replay's 2.05 s
+        rec = adaptive_engine.acquire(16000)
+        try:
+            finals = []
+            for pcm in (short.pcm[:16000], long.pcm):  # 0.5 s, then 7.1 s: 2 s 1.5 s in
+                rec.start()
+                _feed(rec, pcm, chunk)
+                finals.append(rec.finish())
+            results.add((tuple(finals), rec.state))
+        finally:
+            adaptive_engine.release(rec)
+    assert len(results) == 1

@@ -400,13 +400,17 @@ class PocketsphinxRecognizer:
 
     def _adapt(self) -> None:
         """Adaptive, mid-utterance: with this utterance's speech so far the session has
-        ``ADAPT_AFTER_S`` of it. Measure its CMN (no search, a few ms), and decode the
-        utterance again from its start with the measured CMN: what the prior's CMN decoded
-        is thrown away, and this utterance's final is the live search's already."""
+        ``ADAPT_AFTER_S`` of it. Measure the CMN of the part that makes it up (no search, a
+        few ms), and decode the utterance again from its start with the measured CMN: what
+        the prior's CMN decoded is thrown away, and this utterance's final is the live
+        search's already. Exactly that part, not all the audio so far: how the stream was cut
+        into messages (a replay merges them) must not change the CMN."""
         assert self._engine is not None
         pcm = bytes(self._utterance)
+        needed = self._adapt_samples - self._cmn_samples
         try:
-            self._calibrate(self._engine._measure_cmn(pcm, self._batch_cmn), self._samples)
+            measured = self._engine._measure_cmn(pcm[: 2 * needed], self._batch_cmn)
+            self._calibrate(measured, needed)
             decoder = self._live_decoder()
             decoder.end_utt()
             self._next_cmn = self._measured_cmn()
