@@ -620,10 +620,12 @@ def _cards() -> list[BenchClip]:
     return clips
 
 
-def _session(engine: PocketsphinxEngine, clips: list[BenchClip], rate: int = 16000) -> list[str]:
+def _session(
+    engine: PocketsphinxEngine, clips: list[BenchClip], rate: int = 16000
+) -> list[Hypothesis]:
     """One session: the clips as its utterances, in 100 ms chunks with partials."""
     rec = engine.acquire(rate)
-    texts = []
+    finals = []
     try:
         for clip in clips:
             rec.start()
@@ -631,10 +633,10 @@ def _session(engine: PocketsphinxEngine, clips: list[BenchClip], rate: int = 160
                 rec.accept(clip.pcm[i : i + 3200])
                 if n % 2:
                     rec.partial()
-            texts.append(rec.finish().text)
+            finals.append(rec.finish())
     finally:
         engine.release(rec)
-    return texts
+    return finals
 
 
 @pytest.fixture(scope="module")
@@ -653,10 +655,10 @@ def test_the_adaptive_pass_takes_the_batch_accuracy_to_the_live_search(
     pass's, with one batch pass: for the first clip, 1.1 s, which ends before 2 s."""
     cards = _cards()
     refs = [c.reference for c in cards]
-    batch = _session(engine, cards)
-    live = _session(live_engine, cards)
+    batch = [h.text for h in _session(engine, cards)]
+    live = [h.text for h in _session(live_engine, cards)]
     passes = _count_batch_passes(adaptive_engine, monkeypatch)
-    adaptive = _session(adaptive_engine, cards)
+    adaptive = [h.text for h in _session(adaptive_engine, cards)]
     assert passes == [len(cards[0].pcm)]
     assert adaptive == batch
     assert wer(refs[1:], live[1:]) >= wer(refs[1:], adaptive[1:]) + 0.2
@@ -780,15 +782,7 @@ def test_a_session_handed_to_another_engine_with_its_state_decodes_the_same(
         PocketsphinxEngine(decoders=1, final_pass=final_pass),
     )
     cards = _cards()
-    rec = engines[0].acquire(16000)
-    try:
-        alone = []
-        for clip in cards:
-            rec.start()
-            _feed(rec, clip.pcm, 3200)
-            alone.append(rec.finish())
-    finally:
-        engines[0].release(rec)
+    alone = _session(engines[0], cards)
     handed, states = _handed_over(engines, cards)
     # The same words and times; the posteriors to the 6th digit (a decoder that decoded a
     # session before sums its lattice in another order).
