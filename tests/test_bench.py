@@ -667,12 +667,54 @@ def _one_recording(tmp_path: Path) -> Path:
 @pytest.mark.integration
 def test_engine_baseline_on_one_short_recording(tmp_path: Path) -> None:
     _one_recording(tmp_path)
-    report = _bench("--engine-baseline", "--baseline-repeat", "1", "--data", str(tmp_path))
+    report = _bench(
+        "--engine-baseline", "--baseline-repeat", "1", "--data", str(tmp_path), "--duration", "5"
+    )
     b = report["engine_baseline"]
+    assert b["session_s"] == 5.0 and b["workload_audio_s"] >= 5.0
     assert b["rtf_live"] > 0 and b["rtf_batch"] > 0
     assert b["streams_per_core_live"] == pytest.approx(1 / b["rtf_live"], rel=0.01)
     assert b["engine_limit_streams"] > 0 and b["cores"] == os.cpu_count()
     assert 0.0 <= b["wer_batch"] <= 1.0
+
+
+def test_the_engine_baseline_decodes_the_bench_sessions_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The engine's limit is the cost of the sessions the bench sends, whole: ``adaptive``
+    decodes one sentence twice per session, and a one-recording stream per session charged
+    that to every recording (16-34% on the cost per stream-second)."""
+    from asrd.bench.baseline import run_baseline
+    from asrd.bench.load import playlists_for
+    from asrd.engines import pocketsphinx as ps
+
+    names = [
+        "sense_and_sensibility_01_austen_64kb-0880",
+        "sense_and_sensibility_01_austen_64kb-0920",
+    ]
+    lines = (DATA / "librivox.transcription").read_text().splitlines()
+    for name in names:
+        shutil.copy(DATA / f"{name}.wav", tmp_path)
+    (tmp_path / "two.transcription").write_text(
+        "".join(next(x for x in lines if n in x) + "\n" for n in names)
+    )
+    corpus = load_corpus(tmp_path)
+    calibrations: list[int] = []
+    adapt = ps.PocketsphinxRecognizer._adapt
+
+    def counted(self: ps.PocketsphinxRecognizer) -> None:
+        calibrations.append(id(self))
+        adapt(self)
+
+    monkeypatch.setattr(ps.PocketsphinxRecognizer, "_adapt", counted)
+    b = run_baseline(corpus, final_pass="adaptive", session_s=9.0, repeat=1)
+    specs = tuple(SessionSpec(i, 0.0, i) for i in range(len(names)))
+    bench = playlists_for(LoadPlan("ws://x/ws/v1", specs, str(tmp_path), 9.0), corpus)
+    # One session starting at each recording, each as long as the bench's, 4 recordings in all.
+    assert all(p.duration_s >= 9.0 and len(p.items) == 2 for p in bench.values())
+    assert b.workload_audio_s == pytest.approx(sum(p.duration_s for p in bench.values()), abs=1e-3)
+    assert b.session_s == 9.0
+    assert len(calibrations) == len(names)  # once per session, not per recording
 
 
 @pytest.mark.integration
