@@ -102,13 +102,14 @@ def main() -> None:
     corpus = load_corpus(args.data)
     engine_per_stream_s = args.cores / args.limit
     counts = range(max(1, int(args.limit * 0.5)), int(args.limit * 1.05) + 1)
+    schedules = {n: schedule(corpus, n, args.ramp, args.duration, args.gap_ms) for n in counts}
     print("| engine factor | overhead ms/s | " + " | ".join(f"{n}" for n in counts) + " | held |")
     print("|---:|---:|" + "---:|" * len(counts) + "---|")
     for factor in args.engine_factor:
         for overhead in args.overhead_ms:
             lags = []
             for n in counts:
-                active, fed, stream = schedule(corpus, n, args.ramp, args.duration, args.gap_ms)
+                active, fed, stream = schedules[n]
                 cost = factor * engine_per_stream_s * stream / fed
                 cores = args.cores - n * overhead / 1000
                 lag = worst_p95_lag_s(active, cost, cores, args.base_lag_ms / 1000)

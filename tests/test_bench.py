@@ -655,13 +655,20 @@ async def test_in_process_and_sharded_clients_give_the_same_kind_of_results(
     assert usage["gateway"].cpu_s > 0
 
 
+def _recordings(tmp_path: Path, *names: str) -> Path:
+    """A corpus of these recordings of tests/data and their transcripts."""
+    lines = (DATA / "librivox.transcription").read_text().splitlines()
+    for name in names:
+        shutil.copy(DATA / f"{name}.wav", tmp_path)
+    (tmp_path / "some.transcription").write_text(
+        "".join(next(x for x in lines if name in x) + "\n" for name in names)
+    )
+    return tmp_path
+
+
 def _one_recording(tmp_path: Path) -> Path:
     """A corpus of one short recording and its transcript."""
-    name = "sense_and_sensibility_01_austen_64kb-0880"
-    shutil.copy(DATA / f"{name}.wav", tmp_path)
-    line = next(x for x in (DATA / "librivox.transcription").read_text().splitlines() if name in x)
-    (tmp_path / "one.transcription").write_text(line + "\n")
-    return tmp_path
+    return _recordings(tmp_path, "sense_and_sensibility_01_austen_64kb-0880")
 
 
 @pytest.mark.integration
@@ -692,13 +699,7 @@ def test_the_engine_baseline_decodes_the_bench_sessions_whole(
         "sense_and_sensibility_01_austen_64kb-0880",
         "sense_and_sensibility_01_austen_64kb-0920",
     ]
-    lines = (DATA / "librivox.transcription").read_text().splitlines()
-    for name in names:
-        shutil.copy(DATA / f"{name}.wav", tmp_path)
-    (tmp_path / "two.transcription").write_text(
-        "".join(next(x for x in lines if n in x) + "\n" for n in names)
-    )
-    corpus = load_corpus(tmp_path)
+    corpus = load_corpus(_recordings(tmp_path, *names))
     calibrations: list[int] = []
     adapt = ps.PocketsphinxRecognizer._adapt
 
