@@ -444,6 +444,25 @@ def test_ctrl_c_while_the_gateway_connects_to_nats_ends_with_130(
     assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
 
 
+def test_a_ctrl_c_while_starting_comes_at_a_checkpoint_not_mid_code() -> None:
+    """trio's own delivery raises KeyboardInterrupt wherever the main thread is, once inside
+    trio itself as the gateway connected to NATS (a TypeError and a traceback in CI, not 130).
+    Until the stop task takes SIGINT over, a task of ours raises it, at a checkpoint."""
+    from asrd.cli import _ctrl_c_at_checkpoints, _run_command
+
+    steps = []
+
+    async def starting() -> int:
+        os.kill(os.getpid(), signal.SIGINT)  # the handler runs before the next line
+        steps.append("the line after the signal")
+        await trio.sleep(GUARD_S)  # a checkpoint: the interrupt ends the start here
+        steps.append("never")
+        return 0
+
+    assert _run_command(lambda: trio.run(_ctrl_c_at_checkpoints, starting)) == 130
+    assert steps == ["the line after the signal"]
+
+
 def test_under_log_json_a_failing_transcribe_says_why_in_json(tmp_path: Path) -> None:
     """Its reasons went to stderr as plain ``asrd transcribe: ...`` text even then."""
     result = run_asrd(tmp_path, "--log-json", "transcribe", "missing.wav")
