@@ -55,7 +55,13 @@ from asrd.bench.report import (
     rss_growth,
 )
 from asrd.bench.stack import StackConfig, open_stack, render_toml
-from asrd.bench.stats import FrameClock, endpoint_latency_s, percentile, summarize
+from asrd.bench.stats import (
+    FrameClock,
+    by_window,
+    endpoint_latency_s,
+    percentile,
+    summarize,
+)
 
 DATA = Path(__file__).parent / "data"
 GUARD_S = 240  # hang guard for the real runs, not a speed threshold
@@ -99,6 +105,18 @@ def test_summarize() -> None:
         **{"count": 3, "avg": 200.0, "p50": 200.0},
         **{"p90": 280.0, "p95": 290.0, "p99": 298.0, "max": 300.0},
     }
+
+
+def test_by_window_sums_up_each_window_from_the_start() -> None:
+    points = [(99.0, 7.0), (100.0, 1.0), (109.9, 3.0), (110.0, 5.0), (135.0, 2.0)]
+    windows = by_window(points, 100.0, 10.0)
+    assert [t for t, _ in windows] == [0.0, 10.0, 30.0]  # none in 20-30: not listed
+    first = windows[0][1]
+    assert (first.count, first.p50, first.max) == (3, 3.0, 7.0)  # 99.0 counts in the first
+    assert [s.max for _, s in windows[1:]] == [5.0, 2.0]
+    assert by_window([], 0.0, 10.0) == []
+    with pytest.raises(ValueError):
+        by_window(points, 100.0, 0.0)
 
 
 def test_frame_clock_maps_stream_time_to_the_frame_that_completes_it() -> None:
@@ -246,6 +264,29 @@ def test_report_holds_only_when_every_session_keeps_its_p95_under_the_limit() ->
     assert rep["sessions"]["failed"] == {"40000005": 1}
     assert rep["wer_sessions"] == 2  # failed sessions are not scored
     assert "40000005: busy" in format_reports([rep])
+
+
+def test_report_shows_when_in_the_run_the_partials_were_late() -> None:
+    """Partial lag per 10 s from the first session's scheduled start, over every session."""
+    early = _result(0, [0.5, 0.05, 0.04], started_at=1000.0)
+    early.partial_received = [1003.0, 1012.0, 1025.0]
+    late = _result(1, [0.9, 0.03], started_at=1004.0)
+    late.partial_received = [1008.0, 1031.0]
+    rep = _report([early, late])
+    by_time = rep["partial_lag_by_time"]
+    assert by_time["window_s"] == 10.0
+    windows = by_time["windows"]
+    assert [(w["from_s"], w["count"], w["max"]) for w in windows] == [
+        (0.0, 2, 900.0),
+        (10.0, 1, 50.0),
+        (20.0, 1, 40.0),
+        (30.0, 1, 30.0),
+    ]
+    assert sum(w["count"] for w in windows) == rep["partial_lag_ms"]["count"]
+    assert "partial lag p95 (ms) by time since the first start: 0-10 s 880, 10-20 s 50" in (
+        format_reports([rep])
+    )
+    assert _report([_result(0, [0.05])])["partial_lag_by_time"] is None  # no start known
 
 
 def test_a_session_whose_lag_was_never_measured_does_not_hold() -> None:
@@ -586,6 +627,9 @@ def test_bench_spawn_with_the_loadtest_engine_reports_every_figure() -> None:
         assert run[key]["count"] > 0
     assert isinstance(run["wer"], float)  # placeholder text: high, but scored
     assert run["sentences"]["unmapped_results"] == 0
+    by_time = run["partial_lag_by_time"]["windows"]
+    assert by_time[0]["from_s"] == 0.0
+    assert sum(w["count"] for w in by_time) == run["partial_lag_ms"]["count"]
     assert run["audio_s"] >= 9.0
     for role, count in (("gateway", 1), ("worker", 3), ("nats", 1)):  # workers: parent + 2
         proc = run["procs"][role]
@@ -649,7 +693,14 @@ async def test_in_process_and_sharded_clients_give_the_same_kind_of_results(
     for results in (local, remote):
         assert [r.outcome for r in results] == [COMPLETED, COMPLETED]
         assert all(r.partial_lags and r.endpoint and r.sends for r in results)
+        assert all(len(r.partial_received) == len(r.partial_lags) for r in results)
         assert [r.refs for r in results] == [r.refs for r in local]
+    # One clock for every process: when each partial came is comparable across shards.
+    assert [r.started_at for r in local] == [x.start_at for x in plan.sessions]
+    assert [r.started_at for r in remote] == [x.start_at for x in shard_plan.sessions]
+    for r in remote:
+        assert r.started_at is not None
+        assert r.started_at < min(r.partial_received) < time.monotonic()
     usage = sampler.usage()
     assert set(usage) == {"gateway", "worker", "nats"}
     assert usage["gateway"].cpu_s > 0

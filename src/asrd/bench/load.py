@@ -11,8 +11,9 @@ Before each run the load generator tunes its garbage collector as the services d
 (:func:`asrd.gctune.tune`): a full collection of its hundreds of sessions paused every one of
 them at once, and each result received meanwhile was measured late by that pause.
 
-For each session the load generator keeps only what the report needs: the partial lags,
-the endpointing latencies, the sentence texts per recording, and how late its own sends
+For each session the load generator keeps only what the report needs: the partial lags and
+when each partial came (the report shows when in the run the late ones were), the endpointing
+latencies, the sentence texts per recording, and how late its own sends
 were (a late client means the measurement, not the server, is the bottleneck).
 """
 
@@ -96,7 +97,9 @@ class SessionResult:
     reason: str = ""
     start_s: float | None = None  # connect -> TranscriptionStarted
     audio_s: float = 0.0  # audio sent
+    started_at: float | None = None  # time.monotonic() of its scheduled start
     partial_lags: list[float] = field(default_factory=list)  # seconds
+    partial_received: list[float] = field(default_factory=list)  # time.monotonic() of each
     endpoint: list[float] = field(default_factory=list)  # seconds, from the last word's end
     endpoint_vad: list[float] = field(default_factory=list)  # seconds, from the VAD's end
     sentences: int = 0
@@ -115,7 +118,7 @@ class SessionResult:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        for key in ("partial_lags", "endpoint", "endpoint_vad"):
+        for key in ("partial_lags", "partial_received", "endpoint", "endpoint_vad"):
             d[key] = [round(v, 6) for v in d[key]]
         return d
 
@@ -133,7 +136,7 @@ class _Failed(Exception):
 
 async def run_session(plan: LoadPlan, spec: SessionSpec, playlist: Playlist) -> SessionResult:
     """Run one session to its end; never raises (failures are in the result)."""
-    result = SessionResult(spec.index, refs=playlist.references())
+    result = SessionResult(spec.index, started_at=spec.start_at, refs=playlist.references())
     result.hyps = ["" for _ in playlist.items]
     offset = trio.current_time() - time.monotonic()
     await trio.sleep_until(spec.start_at + offset)
@@ -263,6 +266,7 @@ class _Stream:
                 result.unmapped += 1
             else:
                 result.partial_lags.append(received - sent)
+                result.partial_received.append(received)
         elif name == "SentenceEnd":
             self._sentence_end(payload, received)
         elif name == "TranscriptionCompleted":

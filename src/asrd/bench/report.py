@@ -14,12 +14,13 @@ from typing import Any
 
 from asrd.bench.load import LATE_S, SessionResult
 from asrd.bench.procs import RoleUsage
-from asrd.bench.stats import Summary, percentile, summarize
+from asrd.bench.stats import Summary, by_window, percentile, summarize
 from asrd.wer import wer
 
 __all__ = ["HoldCriteria", "build_report", "format_table", "machine_info", "report_text"]
 
 _MB = 1024.0
+LAG_WINDOW_S = 10.0  # partial lag is also summed up per this much of the run
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,26 @@ def _ms(summary: Summary | None) -> dict[str, float | int] | None:
 
 def _session_p95s(results: Sequence[SessionResult]) -> list[float]:
     return [percentile(sorted(r.partial_lags), 95) for r in results if r.partial_lags]
+
+
+def _lag_by_time(results: Sequence[SessionResult]) -> dict[str, Any] | None:
+    """Partial lag per ``LAG_WINDOW_S`` of the run, from the first session's scheduled start:
+    whether the late partials came as the sessions started, or all through the run."""
+    if any(len(r.partial_received) != len(r.partial_lags) for r in results):
+        return None  # results without the receive times (from before them)
+    starts = [r.started_at for r in results if r.started_at is not None]
+    points = [
+        point for r in results for point in zip(r.partial_received, r.partial_lags, strict=True)
+    ]
+    if not starts or not points:
+        return None
+    return {
+        "window_s": LAG_WINDOW_S,
+        "windows": [
+            {"from_s": t, **summary.scaled(1000.0).as_dict(1)}
+            for t, summary in by_window(points, min(starts), LAG_WINDOW_S)
+        ],
+    }
 
 
 def count(n: int, noun: str, nouns: str = "") -> str:
@@ -151,6 +172,7 @@ def build_report(
         "audio_s": round(audio_s, 1),
         "wall_s": round(wall_s, 1),
         "partial_lag_ms": _ms(summarize(lags)),
+        "partial_lag_by_time": _lag_by_time(results),
         "session_partial_lag_p95_max_ms": (
             round(session_p95_max, 1) if session_p95_max is not None else None
         ),
@@ -317,6 +339,16 @@ def format_reports(reports: Sequence[dict[str, Any]]) -> str:
             elif steal is not None and steal > 0.25:
                 line += " - WARNING: the hypervisor took CPU (steal), figures are not clean"
             out.append(line)
+        by_time = r.get("partial_lag_by_time")  # None in reports from before it
+        if by_time:
+            w = by_time["window_s"]
+            cells = ", ".join(
+                f"{x['from_s']:g}-{x['from_s'] + w:g} s {x['p95']:.0f}" for x in by_time["windows"]
+            )
+            out.append(
+                f"  {r['sessions']['requested']} streams: partial lag p95 (ms) by time since "
+                f"the first start: {cells}"
+            )
         for role, g in (r.get("rss_growth") or {}).items():
             metric = role if role.endswith(" PSS") else f"{role} RSS"
             out.append(

@@ -15,6 +15,7 @@ __all__ = [
     "PERCENTILES",
     "FrameClock",
     "Summary",
+    "by_window",
     "endpoint_latency_s",
     "percentile",
     "summarize",
@@ -83,6 +84,25 @@ def summarize(values: Iterable[float]) -> Summary | None:
         return None
     p50, p90, p95, p99 = (percentile(ordered, q) for q in PERCENTILES)
     return Summary(len(ordered), math.fsum(ordered) / len(ordered), p50, p90, p95, p99, ordered[-1])
+
+
+def by_window(
+    points: Iterable[tuple[float, float]], start: float, width: float
+) -> list[tuple[float, Summary]]:
+    """Summaries of the values of ``(time, value)`` points in consecutive windows of
+    ``width`` from ``start``: ``(window start - start, summary)`` for each window that has
+    any, in time order. A point before ``start`` counts in the first window."""
+    if width <= 0:
+        raise ValueError(f"window width must be positive, got {width}")
+    windows: dict[int, list[float]] = {}
+    for t, value in points:
+        windows.setdefault(max(0, math.floor((t - start) / width)), []).append(value)
+    out: list[tuple[float, Summary]] = []
+    for k in sorted(windows):
+        summary = summarize(windows[k])
+        assert summary is not None
+        out.append((k * width, summary))
+    return out
 
 
 class FrameClock:
