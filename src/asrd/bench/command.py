@@ -82,7 +82,12 @@ def add_commands(subparsers: Any) -> None:
         help="--spawn: start each worker as its own `asrd worker --processes 1`, loading its own "
         "model, instead of one `asrd worker` forking them all (the default, as asrd serve does)",
     )
-    target.add_argument("--final-pass", choices=get_args(FinalPass), default="adaptive")
+    target.add_argument(
+        "--final-pass",
+        choices=get_args(FinalPass),
+        default="adaptive",
+        help="--spawn and --engine-baseline: [worker] final_pass (default adaptive)",
+    )
     target.add_argument(
         "--no-early-final",
         action="store_true",
@@ -131,17 +136,34 @@ def add_commands(subparsers: Any) -> None:
     load.add_argument("--ramp", type=float, default=5.0, help="sessions start over this many s")
     load.add_argument("--frame-ms", type=int, default=100, help="audio per frame (20..100 ms)")
     load.add_argument("--speed", type=float, default=1.0, help="times real time")
-    load.add_argument("--max-sentence-silence", type=int, default=800, metavar="MS")
+    load.add_argument(
+        "--max-sentence-silence",
+        type=int,
+        default=800,
+        metavar="MS",
+        help="the sessions' max_sentence_silence (default 800)",
+    )
     load.add_argument(
         "--gap-ms", type=int, default=None, help="silence after each recording (mss + 700)"
     )
     load.add_argument("--data", default=None, help="recordings + *.transcription (tests/data)")
-    load.add_argument("--token", default=os.environ.get("ASRD_TOKEN"))
-    load.add_argument("--appkey", default=os.environ.get("ASRD_APPKEY", "default"))
+    load.add_argument(
+        "--token", default=os.environ.get("ASRD_TOKEN"), help="access token (ASRD_TOKEN)"
+    )
+    load.add_argument(
+        "--appkey",
+        default=os.environ.get("ASRD_APPKEY", "default"),
+        help="app key of the sessions (ASRD_APPKEY, default 'default')",
+    )
     load.add_argument(
         "--processes", type=int, default=1, help="client processes sharing the sessions"
     )
-    load.add_argument("--reply-timeout", type=float, default=30.0)
+    load.add_argument(
+        "--reply-timeout",
+        type=float,
+        default=30.0,
+        help="s to wait for the connection, TranscriptionStarted, and the end after the stop",
+    )
     load.add_argument("--sample-interval", type=float, default=1.0, help="RSS sampling, s")
     load.add_argument(
         "--quiet-wait",
@@ -160,7 +182,13 @@ def add_commands(subparsers: Any) -> None:
         help="rerun a run that did not hold real time, up to N times, while other jobs used "
         "more than --noise-limit cores during it (keeps the cleanest)",
     )
-    load.add_argument("--noise-limit", type=float, default=0.25, metavar="CORES")
+    load.add_argument(
+        "--noise-limit",
+        type=float,
+        default=0.25,
+        metavar="CORES",
+        help="--retry-noisy: a run with more other load than this is noisy (default 0.25)",
+    )
 
     modes = b.add_argument_group("modes")
     modes.add_argument(
