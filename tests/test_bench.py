@@ -286,7 +286,10 @@ def test_report_shows_when_in_the_run_the_partials_were_late() -> None:
     assert "partial lag p95 (ms) by time since the first start: 0-10 s 880, 10-20 s 50" in (
         format_reports([rep])
     )
-    assert _report([_result(0, [0.05])])["partial_lag_by_time"] is None  # no start known
+    unscheduled = _result(0, [0.05], partial_received=[5.0])
+    assert _report([unscheduled])["partial_lag_by_time"] is None  # no start known
+    untimed = _result(0, [0.05], started_at=1.0)  # a result from before the receive times
+    assert _report([untimed])["partial_lag_by_time"] is None
 
 
 def test_a_session_whose_lag_was_never_measured_does_not_hold() -> None:
