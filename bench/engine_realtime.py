@@ -135,7 +135,7 @@ def main() -> None:
     )
     parser.add_argument("--pace", choices=("realtime", "batch"), default="realtime")
     parser.add_argument("--load", choices=("per-process", "shared"), default="per-process")
-    parser.add_argument("--final-pass", choices=("live", "batch"), default="live")
+    parser.add_argument("--final-pass", choices=("live", "batch", "adaptive"), default="live")
     parser.add_argument("--duration", type=float, default=60.0)
     parser.add_argument("--pin", action="store_true", help="pin process k to CPU k mod cores")
     parser.add_argument(
