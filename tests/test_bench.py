@@ -615,11 +615,12 @@ def test_bench_spawn_with_the_loadtest_engine_reports_every_figure() -> None:
     # Two forked workers and one decode slot: the sessions take turns through asrd.cpugate.
     report = _bench(
         *("--spawn", "--engine", "loadtest", "--workers", "2", "--decoders", "2"),
-        *("--decode-slots", "1", "--trailing-silence-ms", "6000"),
+        *("--decode-slots", "1", "--trailing-silence-ms", "6000", "--no-sched-batch"),
         *("--sessions", "3", "--duration", "3", "--ramp", "0.5", "--speed", "2"),
     )
     assert report["stack"]["engine"] == "loadtest"
     assert report["stack"]["decode_slots"] == 1
+    assert report["stack"]["sched_batch"] is False
     assert report["stack"]["trailing_silence_ms"] == 6000
     assert report["machine"]["cpus"] == os.cpu_count()
     (run,) = report["runs"]

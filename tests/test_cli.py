@@ -306,6 +306,33 @@ def test_under_log_json_every_line_of_a_failing_gateway_is_json(tmp_path: Path) 
     assert not [line for line in lines if line["logger"] == "asyncio"], lines
 
 
+@pytest.mark.parametrize("sched_batch", [True, False])
+def test_forked_workers_decode_under_sched_batch(
+    tmp_path: Path, nats: Nats, sched_batch: bool
+) -> None:
+    """Every thread of each forked worker process (its NATS thread too), not the parent that
+    supervises them: a worker's wake-up must not preempt another's decode, and a heartbeat
+    of the parent must."""
+    (tmp_path / "c.toml").write_text(f"[worker]\nsched_batch = {str(sched_batch).lower()}\n")
+    argv = ["worker", "--config", "c.toml", "--processes", "2", "--engine", "loadtest"]
+    proc = spawn_asrd(tmp_path, *argv, "--nats-url", nats.url)
+    try:
+        assert proc.stderr is not None
+        for _ in range(2):
+            read_until(proc.stderr, "serving pool")
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        assert len(children) == 2, children
+        want = os.SCHED_BATCH if sched_batch else os.SCHED_OTHER
+        for child in children:
+            threads = [int(t) for t in os.listdir(f"/proc/{child}/task")]
+            assert len(threads) > 1, threads  # the event loop's and NATS's at least
+            assert [os.sched_getscheduler(t) for t in threads] == [want] * len(threads)
+        assert os.sched_getscheduler(proc.pid) == os.SCHED_OTHER
+    finally:
+        proc.terminate()
+        proc.wait(GUARD_S)
+
+
 @pytest.mark.parametrize("which", ["gateway port", "gateway metrics port", "worker metrics port"])
 def test_a_port_in_use_ends_the_command_with_a_reason(
     tmp_path: Path, nats: Nats, which: str

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from asrd.cpugate import WAIT_S, CpuGate
+from asrd.cpugate import WAIT_S, CpuGate, batch_policy
 
 FORK = multiprocessing.get_context("fork")
 
@@ -105,3 +105,16 @@ def test_a_gate_needs_a_slot_and_each_process_its_index() -> None:
         CpuGate(0, 2)
     with pytest.raises(RuntimeError, match="bind"), CpuGate(1, 2):
         pass
+
+
+def test_a_refused_batch_policy_is_logged_and_decoding_goes_on(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def refuse(pid: int, policy: int, param: object) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "sched_setscheduler", refuse)
+    assert batch_policy() is False
+    assert "SCHED_BATCH refused" in caplog.text
+    monkeypatch.delattr(os, "SCHED_BATCH")
+    assert batch_policy() is False  # a platform without it: nothing to say

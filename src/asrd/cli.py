@@ -21,7 +21,7 @@ import trio
 from asrd import control, gctune, logs, sdnotify
 from asrd.children import die_at_once_with_parent
 from asrd.config import Config, ConfigError, load_config
-from asrd.cpugate import CpuGate
+from asrd.cpugate import CpuGate, batch_policy
 from asrd.errors import AsrdError, ShuttingDown
 from asrd.reuseport import Reservation
 
@@ -309,6 +309,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     def work(index: int) -> int:
         if gate is not None:
             gate.bind(index)
+        if config.worker.sched_batch:
+            batch_policy()
         return run(index)
 
     if processes == 1:

@@ -102,6 +102,9 @@ class WorkerConfig(_Model):
     decoders: int = Field(default=3, ge=1, le=MAX_DECODERS)
     # At most this many of those processes decode at once (asrd.cpugate); 0: one per core.
     decode_slots: int = Field(default=0, ge=0, le=256)
+    # Worker processes under the kernel's SCHED_BATCH policy: their wake-ups do not preempt
+    # each other's decodes (asrd.cpugate.batch_policy).
+    sched_batch: bool = True
     final_pass: FinalPass = "adaptive"  # see engines/pocketsphinx.py
     # With a batch final pass ("batch"; "adaptive" before 2 s of speech): run it once a pause
     # reaches the gateway's [segmentation] pause_hint_ms, not when the sentence closes.

@@ -95,6 +95,12 @@ def add_commands(subparsers: Any) -> None:
         "closes rather than once a pause reaches --pause-hint-ms",
     )
     target.add_argument(
+        "--no-sched-batch",
+        action="store_true",
+        help="--spawn: [worker] sched_batch = false, the workers' wake-ups preempt each "
+        "other's decodes (the kernel's default policy)",
+    )
+    target.add_argument(
         "--decode-slots",
         type=int,
         default=0,
@@ -311,7 +317,11 @@ async def open_target(args: argparse.Namespace) -> AsyncIterator[Target]:
         max_sessions=100_000,
         nats_monitor_port=args.nats_monitor_port,
         extra={
-            "worker": {"decode_slots": args.decode_slots, "early_final": not args.no_early_final},
+            "worker": {
+                "decode_slots": args.decode_slots,
+                "early_final": not args.no_early_final,
+                "sched_batch": not args.no_sched_batch,
+            },
             "segmentation": {
                 "trailing_silence_ms": args.trailing_silence_ms,
                 "pause_hint_ms": args.pause_hint_ms,
@@ -343,6 +353,7 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
                 "decode_slots": args.decode_slots,
                 "final_pass": target.stack.final_pass,
                 "early_final": target.stack.extra["worker"]["early_final"],
+                "sched_batch": target.stack.extra["worker"]["sched_batch"],
                 "trailing_silence_ms": target.stack.extra["segmentation"]["trailing_silence_ms"],
                 "pause_hint_ms": target.stack.extra["segmentation"]["pause_hint_ms"],
                 "idle_timeout_s": target.stack.idle_timeout_s,
