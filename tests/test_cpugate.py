@@ -118,3 +118,17 @@ def test_a_refused_batch_policy_is_logged_and_decoding_goes_on(
     assert "SCHED_BATCH refused" in caplog.text
     monkeypatch.delattr(os, "SCHED_BATCH")
     assert batch_policy() is False  # a platform without it: nothing to say
+
+
+def test_a_batch_policy_set_already_needs_no_call(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Under the worker unit systemd sets it, and its system-call filter refuses the call."""
+
+    def refuse(pid: int, policy: int, param: object) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "sched_getscheduler", lambda pid: os.SCHED_BATCH)
+    monkeypatch.setattr(os, "sched_setscheduler", refuse)
+    assert batch_policy() is True
+    assert "refused" not in caplog.text

@@ -167,6 +167,9 @@ def test_service_settings(name: str) -> None:
     assert set(one("RestrictAddressFamilies").split()) == {"AF_INET", "AF_INET6", "AF_UNIX"}
     assert unit["Unit"]["PartOf"] == ["asrd.target"]
     assert unit["Install"]["WantedBy"] == ["asrd.target"]
+    if command == "worker":  # [worker] sched_batch: the filter refuses the process the call
+        assert one("CPUSchedulingPolicy") == "batch"
+        assert "@resources" in " ".join(service["SystemCallFilter"])
     if command == "gateway":
         assert int(one("LimitNOFILE")) >= 10 * ServerConfig().max_sessions
         # stops before the workers: its sessions drain while they still serve them

@@ -97,6 +97,8 @@ def batch_policy() -> bool:
     policy = getattr(os, "SCHED_BATCH", None)
     if policy is None:
         return False
+    if os.sched_getscheduler(0) == policy:  # set by systemd (the worker unit), whose
+        return True  # system-call filter refuses the call itself
     try:
         os.sched_setscheduler(0, policy, os.sched_param(0))
     except OSError as exc:
