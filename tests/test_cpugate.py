@@ -107,13 +107,15 @@ def test_a_gate_needs_a_slot_and_each_process_its_index() -> None:
         pass
 
 
+def _refuse(pid: int, policy: int, param: object) -> None:
+    """sched_setscheduler as a system-call filter (systemd's @resources) answers it."""
+    raise PermissionError(1, "Operation not permitted")
+
+
 def test_a_refused_batch_policy_is_logged_and_decoding_goes_on(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    def refuse(pid: int, policy: int, param: object) -> None:
-        raise PermissionError(1, "Operation not permitted")
-
-    monkeypatch.setattr(os, "sched_setscheduler", refuse)
+    monkeypatch.setattr(os, "sched_setscheduler", _refuse)
     assert batch_policy() is False
     assert "SCHED_BATCH refused" in caplog.text
     monkeypatch.delattr(os, "SCHED_BATCH")
@@ -124,11 +126,7 @@ def test_a_batch_policy_set_already_needs_no_call(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Under the worker unit systemd sets it, and its system-call filter refuses the call."""
-
-    def refuse(pid: int, policy: int, param: object) -> None:
-        raise PermissionError(1, "Operation not permitted")
-
     monkeypatch.setattr(os, "sched_getscheduler", lambda pid: os.SCHED_BATCH)
-    monkeypatch.setattr(os, "sched_setscheduler", refuse)
+    monkeypatch.setattr(os, "sched_setscheduler", _refuse)
     assert batch_policy() is True
     assert "refused" not in caplog.text
