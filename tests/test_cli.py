@@ -310,9 +310,8 @@ def test_under_log_json_every_line_of_a_failing_gateway_is_json(tmp_path: Path) 
 def test_forked_workers_decode_under_sched_batch(
     tmp_path: Path, nats: Nats, sched_batch: bool
 ) -> None:
-    """Every thread of each forked worker process (its NATS thread too), not the parent that
-    supervises them: a worker's wake-up must not preempt another's decode, and a heartbeat
-    of the parent must."""
+    """Every thread of each forked worker process (its NATS thread too), so that a worker's
+    wake-up does not preempt another's decode; not the parent, which only supervises them."""
     (tmp_path / "c.toml").write_text(f"[worker]\nsched_batch = {str(sched_batch).lower()}\n")
     argv = ["worker", "--config", "c.toml", "--processes", "2", "--engine", "loadtest"]
     proc = spawn_asrd(tmp_path, *argv, "--nats-url", nats.url)
