@@ -10,9 +10,10 @@ the others wait a few milliseconds for a slot instead of thrashing.
 Worker processes also run under the kernel's ``SCHED_BATCH`` policy (:func:`batch_policy`,
 ``[worker] sched_batch``): a worker woken by a message or a timer then waits for the running
 decoder's time slice to end instead of preempting it in the middle of its step. The gateway and
-nats-server keep their normal wake-up preemption over the workers. Alternated at 10 streams
-(docs/benchmarks.md, "Workers under SCHED_BATCH"), the workers took 2-9% less CPU and the partial
-lag p95 a third to a quarter of the lag without it, in 4 alternated pairs of 4.
+nats-server keep their normal wake-up preemption over the workers. Alternated at 10 streams on
+the Intel machine (docs/benchmarks.md, "Workers under SCHED_BATCH"), the workers took 2-9% less
+CPU and the partial lag p95 a third to a quarter of the lag without it, in 4 alternated pairs
+of 4; on the AMD machine each policy won 2 of 4, within the spread of the hour's minutes.
 
 A process killed while it holds a slot (the watchdog's SIGABRT, the OOM killer) would keep it
 forever, so each process marks in shared memory whether it waits for a slot or holds one, and
