@@ -333,6 +333,48 @@ async def test_a_drained_subscription_still_delivers_what_was_sent_to_it(nats: N
         assert received == list(range(500))
 
 
+async def test_periodic_messages_of_two_buses_are_due_at_the_same_times(nats: Nats) -> None:
+    """Each bus schedules its beats on the grid of the interval on the monotonic clock, which
+    every process of a host shares, not an interval after its own start: so a host's workers
+    beat together and a gateway reads their beats in one wake-up."""
+    interval = 0.2
+    due: dict[str, list[float]] = {"a": [], "b": []}
+
+    def record(bus: Any, name: str) -> None:
+        loop = bus._loop
+        call_at = loop.call_at
+
+        def recording_call_at(when: float, callback: Any, *args: Any, **kw: Any) -> Any:
+            if getattr(callback, "__name__", "") == "beat":
+                due[name].append(when)
+            return call_at(when, callback, *args, **kw)
+
+        loop.call_at = recording_call_at  # call_later goes through it too
+
+    async with (
+        open_nats_bus(NatsConfig(), nats.url, name="beat-a") as a,
+        open_nats_bus(NatsConfig(), nats.url, name="beat-b") as b,
+    ):
+        sub = await a.subscribe("it-beats", max_pending=1000)
+        await a.flush()
+        record(a, "a")
+        record(b, "b")
+        stop_a = a.publish_every("it-beats", lambda: b"a", interval)
+        await trio.sleep(interval / 3)  # b starts at another phase
+        stop_b = b.publish_every("it-beats", lambda: b"b", interval)
+        seen = {b"a": 0, b"b": 0}
+        with trio.fail_after(GUARD_S):
+            while min(seen.values()) < 4:
+                seen[(await sub.receive()).data] += 1
+        stop_a()
+        stop_b()
+    for name, times in due.items():
+        assert len(times) >= 3, name
+        ticks = [when / interval for when in times]
+        assert all(abs(t - round(t)) < 1e-6 for t in ticks), (name, times)
+        assert ticks == sorted(set(ticks)), (name, times)
+
+
 async def test_every_nats_failure_counts_as_an_error(
     nats: Nats, monkeypatch: pytest.MonkeyPatch
 ) -> None:

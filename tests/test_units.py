@@ -28,6 +28,7 @@ from asrd.bus import (
     session_out,
 )
 from asrd.bus.memory import InMemoryBus
+from asrd.bus.natsbus import next_tick
 from asrd.clientstream import ClientStream
 from asrd.config import AuthConfig, ConfigError, WorkerConfig, load_config
 from asrd.engines.loadtest import LoadtestEngine
@@ -320,6 +321,15 @@ def test_a_heartbeat_pause_is_bounded() -> None:
     assert wire.decode_heartbeat(beat % b"-5").grace_s == 0.0
     assert wire.decode_heartbeat(beat % b"1e9").grace_s == wire.MAX_GRACE_S
     assert wire.decode_heartbeat(beat % b"2.5").grace_s == 2.5
+
+
+def test_heartbeats_are_due_on_the_grid_of_their_interval() -> None:
+    """Ticks of 0.25 s on the monotonic clock: the next after now, never the same twice, and
+    none made up for after a stall."""
+    assert next_tick(10.03, 0.25, 0) == 41  # the first: 10.25 s
+    assert next_tick(10.2499999, 0.25, 41) == 42  # run a moment early: not 41 again
+    assert next_tick(10.26, 0.25, 41) == 42  # a little late: still 10.5 s, not 10.51
+    assert next_tick(11.1, 0.25, 42) == 45  # held up 0.6 s: 11.25 s, the missed ones skipped
 
 
 async def test_the_registry_survives_junk_and_a_flood_of_heartbeats() -> None:

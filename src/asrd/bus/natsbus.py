@@ -14,6 +14,7 @@ import asyncio
 import collections
 import concurrent.futures
 import logging
+import math
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
@@ -141,8 +142,10 @@ class NatsBus:
     ) -> Callable[[], None]:
         stopped = False
         loop = self._loop
+        tick = 0  # of the beat scheduled last (see next_tick)
 
         def beat() -> None:  # on the asyncio thread
+            nonlocal tick
             if stopped:
                 return
             try:
@@ -153,7 +156,8 @@ class NatsBus:
             if data is not None:
                 self._outbox.append((subject, data, ""))
                 self._start_drain()
-            loop.call_later(interval_s, beat)
+            tick = next_tick(loop.time(), interval_s, tick)
+            loop.call_at(tick * interval_s, beat)
 
         def stop() -> None:
             nonlocal stopped
@@ -301,3 +305,13 @@ async def open_nats_bus(
                     await bus._call(nc.close())
                 except BusError:
                     pass
+
+
+def next_tick(now: float, interval_s: float, last: int) -> int:
+    """The next beat's time, in multiples of ``interval_s`` on the monotonic clock: the first
+    after ``now`` and after ``last``. Every process of a host shares that clock, so all of its
+    workers beat together and a gateway reads their beats in one wake-up instead of one each
+    (an idle gateway with 14 workers: 8 ms of CPU a second instead of 17-25,
+    docs/benchmarks.md). A late beat does not shift the ones after it, and one that asyncio
+    runs a little early does not come twice."""
+    return max(last + 1, math.floor(now / interval_s) + 1)
