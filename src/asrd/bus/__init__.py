@@ -108,7 +108,8 @@ class Bus(Protocol):
     ) -> Callable[[], None]:
         """Publish ``make()`` every ``interval_s`` (skipping a beat when it returns None)
         until the returned function is called. For heartbeats: the NATS bus calls ``make``
-        on its own I/O thread, so a busy event loop does not silence them."""
+        on its own I/O thread, so a busy event loop does not silence them, and at the
+        multiples of ``interval_s`` on the monotonic clock (``natsbus.next_tick``)."""
 
     @property
     def connected(self) -> bool: ...
