@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 from typing import Any
 
@@ -578,3 +579,32 @@ async def test_a_pause_starts_the_batch_final_pass_within_a_budget_for_passes_th
     assert worker.metrics.early_finals.values == {}
     assert len(early) == 2 and all(end["result"] for end in early)
     assert early == at_close
+
+
+async def test_arrival_times_are_kept_per_step_of_stream_as_nothing_the_collector_tracks(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """The latency metrics count from when the audio arrived: the session keeps one arrival
+    time per ARRIVAL_STEP_MS of stream. Kept as a tuple each, they made a large part of a
+    loaded gateway's young generation, whose collections pause every session
+    (docs/benchmarks.md): what they are kept in must hold nothing the cyclic collector
+    tracks."""
+    session, _ = make_session()
+    speech = load_clip("0880")[: 2 * 16000 * 2]
+    frames = _frames(speech)
+    script: list[str | bytes | float] = [_command("StartTranscription", "a" * 32)]
+    for frame in frames:
+        script += [frame, 0.1]  # real time: 100 ms frames, 100 ms apart
+    script.append(_command("StopTranscription", "c" * 32))
+    start = trio.current_time()
+    await _run_with_a_worker(session, script)
+    kept_ms, kept_at = list(session._arrival_ms), list(session._arrival_at)
+    assert len(kept_ms) == len(frames) and kept_ms == sorted(kept_ms), kept_ms
+    assert not [
+        x for x in gc.get_referents(session._arrival_ms, session._arrival_at) if gc.is_tracked(x)
+    ]
+    # The audio up to a point arrived with the first frame that took the stream past it.
+    for k, ms in enumerate(kept_ms):
+        assert kept_at[k] == pytest.approx(start + 0.1 * k, abs=1e-6)
+        since = session._since_arrival(ms - 10)
+        assert since == pytest.approx(trio.current_time() - kept_at[k], abs=1e-6)

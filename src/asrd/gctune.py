@@ -20,6 +20,13 @@ emptied without a pause", "575 streams"):
   session. It runs :func:`empty_free_lists` instead, a collection of nothing (0.9-1.7 ms):
   of two gateway processes sharing 140 streams, the one that ran it grew 2.9 MB in 11
   minutes, the one that did not 7.5 MB.
+* The threshold counts allocations less deallocations, so tracked objects that a session
+  makes per audio frame and keeps for seconds let the young generation grow far past it as
+  they die: with a tuple per frame in two places, a gateway at 450 streams collected 31,000-
+  67,000 young objects every few seconds, a pause of every session of 8-85 ms. So what a
+  session keeps per frame holds nothing the collector tracks (``asrd.remote``'s journal,
+  ``asrd.session``'s arrival times): one such collection every 14-15 s instead
+  ("SCHED_BATCH on the AMD machine, the stack at rest, and young collections").
 * The load generator of ``asrd bench`` tunes itself the same way before each run: with
   Python's defaults it paused for gen-2 collections of 56-163 ms, up to twelve times a
   minute at 400 sessions, and every partial it received during one was measured that much

@@ -11,10 +11,11 @@ every sentence exactly once, with the same index and times.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import dataclasses
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import trio
 
@@ -86,8 +87,12 @@ class RemoteRecognizer:
         self._in_subject = session_in(prefix, session_id)
         self.worker_id = ""
         self.results: Subscription | None = None
-        # Messages sent since the last finalised utterance, in order, with their utterance.
-        self.journal: list[tuple[int, bytes]] = []
+        # Messages sent since the last finalised utterance, in order, and the utterance of
+        # each: two lists, not a tuple per message, which would be one more object for the
+        # cyclic collector to examine, thousands a second in a loaded gateway (its pauses
+        # stop every session: docs/benchmarks.md).
+        self.journal: list[bytes] = []
+        self._journal_utts: list[int] = []
         self._journal_bytes = 0
         self._paused = False  # failing over: journal only, publish at replay
         self._pause_hints = False  # the worker asked for ``pause`` (wire.ClaimReply.pauses)
@@ -196,10 +201,11 @@ class RemoteRecognizer:
     # --- input -----------------------------------------------------------------------------
 
     def _send(self, utt: int, data: bytes) -> None:
-        self.journal.append((utt, data))
+        self.journal.append(data)
+        self._journal_utts.append(utt)
         self._journal_bytes += len(data)
         if self._journal_bytes > self._journal_max_bytes:
-            if self.journal[0][0] == utt:  # all of it is the open sentence: the client's doing
+            if self._journal_utts[0] == utt:  # all of it is the open sentence: the client's doing
                 raise ClientError(
                     f"a sentence longer than {self._journal_max_bytes} bytes of audio cannot "
                     "be kept for failover: leave enable_ignore_sentence_timeout off, or let "
@@ -283,13 +289,12 @@ class RemoteRecognizer:
         """Forget journal entries of utterances up to ``utt``: they can never be needed again.
         A worker that takes the session over starts from ``state``, the engine's after it."""
         self._claim = dataclasses.replace(self._claim, state=state)
-        keep = 0
-        journal = self.journal
-        while keep < len(journal) and journal[keep][0] <= utt:
-            self._journal_bytes -= len(journal[keep][1])
-            keep += 1
+        keep = bisect.bisect_right(self._journal_utts, utt)  # utterances only go up
         if keep:
+            journal = self.journal
+            self._journal_bytes -= sum(len(data) for data in journal[:keep])
             del journal[:keep]
+            del self._journal_utts[:keep]
 
     def current_epoch(self, item: wire.Failure | wire.Handoff) -> bool:
         """Whether a failure or handoff comes from the worker of the current claim."""
@@ -382,12 +387,12 @@ class RemoteRecognizer:
             await self._bus.unsubscribe(self.results)
 
 
-def _replay(journal: list[tuple[int, bytes]]) -> Iterator[bytes]:
+def _replay(journal: Iterable[bytes]) -> Iterator[bytes]:
     """The journal as messages to replay, consecutive audio of one utterance merged into
     messages of up to REPLAY_AUDIO_BYTES: a worker's input holds a bounded number of messages
     (4096), and a journal of 10 ms frames can hold many more."""
     utt, pcm = 0, bytearray()
-    for _, data in journal:
+    for data in journal:
         item = wire.decode_input(data)
         if isinstance(item, wire.AudioIn):
             if pcm and (item.utt != utt or len(pcm) + len(item.pcm) > REPLAY_AUDIO_BYTES):

@@ -161,11 +161,12 @@ class Session:
         self._finals = 0  # final sentences sent
         self._transcript: list[dict[str, object]] = []  # for the SessionRecord, if recorded
         self._utt = 0  # index of the latest sentence opened by the segmenter
-        # (stream ms processed, arrival time) of recent audio frames, for latency metrics:
-        # at most one per ARRIVAL_STEP_MS of stream, ARRIVALS_KEPT of them (~35 KB)
-        self._arrivals: collections.deque[tuple[int, float]] = collections.deque(
-            maxlen=ARRIVALS_KEPT
-        )
+        # Stream ms processed and arrival time of recent audio frames, for latency metrics:
+        # at most one per ARRIVAL_STEP_MS of stream, ARRIVALS_KEPT of them. Two deques, not a
+        # tuple per frame: the cyclic collector examines each tuple in the young collection
+        # that finds it, and their deaths let that generation grow (docs/benchmarks.md).
+        self._arrival_ms: collections.deque[int] = collections.deque(maxlen=ARRIVALS_KEPT)
+        self._arrival_at: collections.deque[float] = collections.deque(maxlen=ARRIVALS_KEPT)
         self._stopping = False  # Stop received: no idle timeout any more
         # When the receive loop started waiting for a message / the send loop started
         # sending one; inf while not waiting. _timeouts_loop reads them.
@@ -469,9 +470,10 @@ class Session:
         self.state.metrics.audio.inc(len(data) / (2 * self.params.sample_rate))
         events = self.segmenter.feed(data)
         processed_ms = self.segmenter.processed_ms
-        arrivals = self._arrivals
-        if not arrivals or processed_ms - arrivals[-1][0] >= ARRIVAL_STEP_MS:
-            arrivals.append((processed_ms, trio.current_time()))
+        arrival_ms = self._arrival_ms
+        if not arrival_ms or processed_ms - arrival_ms[-1] >= ARRIVAL_STEP_MS:
+            arrival_ms.append(processed_ms)
+            self._arrival_at.append(trio.current_time())
         if events:
             await self._segment(events)
 
@@ -479,11 +481,11 @@ class Session:
         """Seconds since the audio up to ``stream_ms`` arrived: the first arrival kept at or
         after it (the oldest kept, once it is forgotten; the newest, if not there yet), or 0
         with none kept."""
-        arrivals = self._arrivals
-        i = bisect.bisect_left(arrivals, (stream_ms, 0.0))
-        if i == len(arrivals):
-            i -= 1
-        return max(0.0, trio.current_time() - arrivals[i][1]) if arrivals else 0.0
+        arrival_ms = self._arrival_ms
+        if not arrival_ms:
+            return 0.0
+        i = min(bisect.bisect_left(arrival_ms, stream_ms), len(arrival_ms) - 1)
+        return max(0.0, trio.current_time() - self._arrival_at[i])
 
     def _since_end(self, end: SentenceEnd) -> float:
         """Seconds since the sentence was closed: by the audio that closed it, or by the Stop
